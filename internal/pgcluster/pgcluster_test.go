@@ -1,0 +1,238 @@
+package pgcluster_test
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"cascata/internal/pgcluster"
+	"cascata/internal/pgtest"
+
+	"github.com/jackc/pgx/v5"
+)
+
+var cluster *pgcluster.Cluster
+
+func TestMain(m *testing.M) {
+	os.Exit(pgtest.Main(m, pgcluster.Options{Replica: true}, &cluster))
+}
+
+func TestFindBinaries(t *testing.T) {
+	b, err := pgcluster.FindBinaries(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{b.Initdb, b.Postgres, b.PgCtl, b.PgBasebackup} {
+		if !filepath.IsAbs(p) {
+			t.Errorf("binary path %q is not absolute", p)
+		}
+	}
+	if !strings.Contains(pgcluster.ErrNoBinaries.Error(), "apt-get install -y postgresql") {
+		t.Errorf("ErrNoBinaries = %q, want install hint", pgcluster.ErrNoBinaries)
+	}
+}
+
+func TestURL(t *testing.T) {
+	s := &pgcluster.Server{Host: "127.0.0.1", Port: 5433}
+	if got, want := s.Addr(), "127.0.0.1:5433"; got != want {
+		t.Errorf("Addr() = %q, want %q", got, want)
+	}
+	if got, want := s.SuperuserURL("app"), "postgres://postgres@127.0.0.1:5433/app?sslmode=disable"; got != want {
+		t.Errorf("SuperuserURL = %q, want %q", got, want)
+	}
+	u := s.URL("us er", "p@ss/w:rd?", "my db")
+	cfg, err := pgx.ParseConfig(u)
+	if err != nil {
+		t.Fatalf("parse %q: %v", u, err)
+	}
+	if cfg.User != "us er" || cfg.Password != "p@ss/w:rd?" || cfg.Database != "my db" || cfg.Port != 5433 {
+		t.Errorf("URL %q parsed to user=%q password=%q db=%q port=%d", u, cfg.User, cfg.Password, cfg.Database, cfg.Port)
+	}
+}
+
+func TestReplication(t *testing.T) {
+	primary := cluster.Primary.SuperuserURL("postgres")
+	replica := cluster.Replica.SuperuserURL("postgres")
+	pgtest.Exec(t, primary, "CREATE TABLE repl_test (id int PRIMARY KEY, v text)")
+	pgtest.Exec(t, primary, "INSERT INTO repl_test VALUES (1, $1)", "hello")
+	waitCaughtUp(t)
+	if got := pgtest.QueryValue(t, replica, "SELECT v FROM repl_test WHERE id = 1"); got != "hello" {
+		t.Errorf("replica value = %q, want hello", got)
+	}
+	if got := pgtest.QueryValue(t, replica, "SELECT pg_is_in_recovery()"); got != "t" {
+		t.Errorf("replica pg_is_in_recovery() = %q, want t", got)
+	}
+	if got := pgtest.QueryValue(t, primary, "SELECT pg_is_in_recovery()"); got != "f" {
+		t.Errorf("primary pg_is_in_recovery() = %q, want f", got)
+	}
+	if got := pgtest.QueryValue(t, primary, "SHOW max_connections"); got != "200" {
+		t.Errorf("max_connections = %q, want 200", got)
+	}
+}
+
+func TestReplicaRestart(t *testing.T) {
+	ctx := t.Context()
+	primary := cluster.Primary.SuperuserURL("postgres")
+	replica := cluster.Replica.SuperuserURL("postgres")
+	port := cluster.Replica.Port
+	pgtest.Exec(t, primary, "CREATE TABLE restart_test (id int)")
+
+	if err := cluster.Replica.Stop(ctx, "immediate"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cluster.Replica.Stop(ctx, "fast"); err != nil {
+		t.Fatalf("stopping a stopped server: %v", err)
+	}
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	if conn, err := pgx.Connect(cctx, replica); err == nil {
+		_ = conn.Close(ctx)
+		t.Error("connected to a stopped replica")
+	}
+	cancel()
+	pgtest.Exec(t, primary, "INSERT INTO restart_test VALUES (42)")
+
+	if err := cluster.Replica.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if cluster.Replica.Port != port {
+		t.Errorf("replica port changed from %d to %d", port, cluster.Replica.Port)
+	}
+	waitCaughtUp(t)
+	if got := pgtest.QueryValue(t, replica, "SELECT id FROM restart_test"); got != "42" {
+		t.Errorf("replica value after restart = %q, want 42", got)
+	}
+	if got := pgtest.QueryValue(t, replica, "SELECT pg_is_in_recovery()"); got != "t" {
+		t.Errorf("replica pg_is_in_recovery() after restart = %q, want t", got)
+	}
+}
+
+func TestSetupProject(t *testing.T) {
+	ctx := t.Context()
+	spec := pgcluster.ProjectSpec{Database: "app db", LoginPassword: "s3cr'et \"pw\""}
+	for i := range 2 {
+		if err := pgcluster.SetupProject(ctx, cluster.Primary, spec); err != nil {
+			t.Fatalf("SetupProject #%d: %v", i+1, err)
+		}
+	}
+	su := cluster.Primary.SuperuserURL("app db")
+	if got := pgtest.QueryValue(t, su, "SELECT rolbypassrls FROM pg_roles WHERE rolname = 'service_role'"); got != "t" {
+		t.Errorf("service_role bypassrls = %q, want t", got)
+	}
+	if got := pgtest.QueryValue(t, su, "SELECT rolinherit::text || rolcanlogin::text FROM pg_roles WHERE rolname = 'authenticator'"); got != "falsetrue" {
+		t.Errorf("authenticator inherit/login = %q, want falsetrue", got)
+	}
+	if got := pgtest.QueryValue(t, su, "SELECT rolpassword LIKE 'SCRAM-SHA-256$%' FROM pg_authid WHERE rolname = 'authenticator'"); got != "t" {
+		t.Errorf("authenticator password is not a SCRAM verifier")
+	}
+	if got := pgtest.QueryValue(t, su, "SELECT count(*) FROM pg_extension WHERE extname = 'pgcrypto'"); got != "1" {
+		t.Errorf("pgcrypto extensions = %q, want 1", got)
+	}
+
+	conn := pgtest.Connect(t, cluster.Primary.URL("authenticator", spec.LoginPassword, "app db"))
+	var user string
+	if err := conn.QueryRow(ctx, "SELECT current_user").Scan(&user); err != nil {
+		t.Fatal(err)
+	}
+	if user != "authenticator" {
+		t.Errorf("current_user = %q, want authenticator", user)
+	}
+	for _, role := range pgcluster.DefaultRoles() {
+		if _, err := conn.Exec(ctx, "SET ROLE "+pgx.Identifier{role}.Sanitize()); err != nil {
+			t.Fatalf("SET ROLE %s: %v", role, err)
+		}
+		if err := conn.QueryRow(ctx, "SELECT current_user").Scan(&user); err != nil {
+			t.Fatal(err)
+		}
+		if user != role {
+			t.Errorf("current_user after SET ROLE = %q, want %q", user, role)
+		}
+		if _, err := conn.Exec(ctx, "SELECT has_schema_privilege('public', 'USAGE') AND gen_random_uuid() IS NOT NULL"); err != nil {
+			t.Errorf("as %s: %v", role, err)
+		}
+		if _, err := conn.Exec(ctx, "RESET ROLE"); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	bad, err := pgx.Connect(cctx, cluster.Primary.URL("authenticator", "wrong", "app db"))
+	if err == nil {
+		_ = bad.Close(ctx)
+		t.Fatal("login with a wrong password succeeded")
+	}
+	if !strings.Contains(err.Error(), "password authentication failed") {
+		t.Errorf("wrong password error = %v", err)
+	}
+}
+
+// TestStartExisting checks the demo flow: a kept Dir is started again on
+// its recorded ports with its data, and removed by Stop without KeepDir.
+func TestStartExisting(t *testing.T) {
+	ctx := t.Context()
+	base, err := os.MkdirTemp("", "pgcluster-existing-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(base) })
+	if err := os.Chmod(base, 0o755); err != nil { // postgres user must traverse it when root
+		t.Fatal(err)
+	}
+	dir := filepath.Join(base, "demo")
+
+	c1, err := pgcluster.Start(ctx, pgcluster.Options{Dir: dir, KeepDir: true, Logical: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			_ = c1.Stop(context.Background())
+		}
+	})
+	if got := pgtest.QueryValue(t, c1.Primary.SuperuserURL("postgres"), "SHOW wal_level"); got != "logical" {
+		t.Errorf("wal_level = %q, want logical", got)
+	}
+	pgtest.Exec(t, c1.Primary.SuperuserURL("postgres"), "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('still here')")
+	if err := c1.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	stopped = true
+	if _, err := os.Stat(filepath.Join(dir, "primary", "PG_VERSION")); err != nil {
+		t.Fatalf("KeepDir did not keep the data dir: %v", err)
+	}
+
+	c2, err := pgcluster.Start(ctx, pgcluster.Options{Dir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = c2.Stop(context.Background()) })
+	if c2.Primary.Port != c1.Primary.Port {
+		t.Errorf("restarted on port %d, want recorded %d", c2.Primary.Port, c1.Primary.Port)
+	}
+	if got := pgtest.QueryValue(t, c2.Primary.SuperuserURL("postgres"), "SELECT v FROM kept"); got != "still here" {
+		t.Errorf("kept value = %q", got)
+	}
+	if err := c2.Stop(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(dir); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("Stop without KeepDir left %s: %v", dir, err)
+	}
+	if err := c2.Stop(ctx); err != nil {
+		t.Errorf("second Stop: %v", err)
+	}
+}
+
+func waitCaughtUp(t *testing.T) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
+	defer cancel()
+	if err := cluster.WaitReplicaCaughtUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

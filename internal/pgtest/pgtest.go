@@ -1,0 +1,146 @@
+package pgtest
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"cascata/internal/pgcluster"
+
+	"github.com/jackc/pgx/v5"
+)
+
+const (
+	startTimeout = 3 * time.Minute
+	stopTimeout  = time.Minute
+	sqlTimeout   = 30 * time.Second
+)
+
+// Main starts a cluster with opts, stores it in *cluster, runs the tests
+// and stops and removes the cluster, and returns the exit code for
+// os.Exit. When the cluster cannot be started (e.g. binaries missing) or
+// stopped it prints the reason to stderr and returns 1. SIGINT/SIGTERM
+// during the tests stop the cluster before exiting. A nil opts.Logger logs
+// warnings to stderr.
+func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster) int {
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	c, err := pgcluster.Start(ctx, opts)
+	cancel()
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
+		return 1
+	}
+	*cluster = c
+
+	stop := sync.OnceValue(func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
+		defer cancel()
+		return c.Stop(ctx)
+	})
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() {
+		select {
+		case sig := <-sigs:
+			fmt.Fprintf(os.Stderr, "pgtest: %v: stopping postgres cluster\n", sig)
+			if err := stop(); err != nil {
+				fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
+			}
+			os.Exit(1)
+		case <-done:
+		}
+	}()
+
+	code := m.Run()
+	signal.Stop(sigs)
+	close(done)
+	if err := stop(); err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
+		return 1
+	}
+	return code
+}
+
+// Connect opens a connection to url, closed when the test ends.
+func Connect(t testing.TB, url string) *pgx.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), sqlTimeout)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatalf("pgtest: connect: %v", err)
+	}
+	t.Cleanup(func() { _ = conn.Close(context.Background()) })
+	return conn
+}
+
+// Exec runs sql (with optional arguments) on a new connection to url and
+// fails the test on error.
+func Exec(t testing.TB, url, sql string, args ...any) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), sqlTimeout)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatalf("pgtest: connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	if _, err := conn.Exec(ctx, sql, args...); err != nil {
+		t.Fatalf("pgtest: exec %q: %v", sql, err)
+	}
+}
+
+// QueryValue runs sql on a new connection to url and returns the first
+// column of the first row in PostgreSQL's text format ("" for NULL). It
+// fails the test on error or when there is no row.
+func QueryValue(t testing.TB, url, sql string, args ...any) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), sqlTimeout)
+	defer cancel()
+	conn, err := pgx.Connect(ctx, url)
+	if err != nil {
+		t.Fatalf("pgtest: connect: %v", err)
+	}
+	defer conn.Close(context.Background())
+	rows, err := conn.Query(ctx, sql, append([]any{pgx.QueryResultFormats{pgx.TextFormatCode}}, args...)...)
+	if err != nil {
+		t.Fatalf("pgtest: query %q: %v", sql, err)
+	}
+	defer rows.Close()
+	if !rows.Next() {
+		if err := rows.Err(); err != nil {
+			t.Fatalf("pgtest: query %q: %v", sql, err)
+		}
+		t.Fatalf("pgtest: query %q: no rows", sql)
+	}
+	raw := rows.RawValues()
+	if len(raw) == 0 {
+		t.Fatalf("pgtest: query %q: no columns", sql)
+	}
+	v := string(raw[0])
+	rows.Close()
+	if err := rows.Err(); err != nil {
+		t.Fatalf("pgtest: query %q: %v", sql, err)
+	}
+	return v
+}
+
+// FreePort returns a loopback TCP port that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	port, err := pgcluster.FreePort()
+	if err != nil {
+		t.Fatalf("pgtest: %v", err)
+	}
+	return port
+}

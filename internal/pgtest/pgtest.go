@@ -28,7 +28,10 @@ const (
 // stopped it prints the reason to stderr and returns 1. SIGINT/SIGTERM
 // during the tests stop the cluster before exiting. A nil opts.Logger logs
 // warnings to stderr.
-func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster) int {
+//
+// Each setup function runs once after the cluster is up (create databases,
+// roles, tables); a failing one fails the package.
+func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster, setup ...func(context.Context, *pgcluster.Cluster) error) int {
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
@@ -61,7 +64,21 @@ func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster) int
 		}
 	}()
 
-	code := m.Run()
+	code := 1
+	setupFailed := false
+	for _, fn := range setup {
+		sctx, scancel := context.WithTimeout(context.Background(), startTimeout)
+		err := fn(sctx, c)
+		scancel()
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "pgtest: setup: %v\n", err)
+			setupFailed = true
+			break
+		}
+	}
+	if !setupFailed {
+		code = m.Run()
+	}
 	signal.Stop(sigs)
 	close(done)
 	if err := stop(); err != nil {

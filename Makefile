@@ -1,0 +1,40 @@
+# Cascata — `make help` lists the targets.
+GO      ?= go
+BIN     := bin/cascata
+PKGS    := ./...
+export PATH := /usr/local/go/bin:$(PATH)
+
+.PHONY: help build run test test-go test-e2e lint fuzz bench pg clean
+
+help: ## list the targets
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+build: ## build bin/cascata
+	$(GO) build -o $(BIN) ./cmd/cascata
+
+pg: ## make sure the PostgreSQL server binaries are installed (installs them as root)
+	@scripts/install-postgres.sh
+
+run: build pg ## the embedded default: a local primary + replica, a demo project, the proxy
+	./$(BIN) demo
+
+test: pg build ## all tests against real PostgreSQL (race detector on), then the psql/pgbench end-to-end script
+	$(GO) vet $(PKGS)
+	$(GO) test -race -count=1 -timeout 9m $(PKGS)
+	scripts/e2e.sh
+
+lint: ## go vet, gofmt, and golangci-lint where installed
+	$(GO) vet $(PKGS)
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
+	@if command -v golangci-lint >/dev/null; then golangci-lint run; fi
+
+fuzz: ## run each fuzz target for 30 s
+	$(GO) test ./proxy -run '^$$' -fuzz FuzzReadStartup -fuzztime 30s
+	$(GO) test ./proxy -run '^$$' -fuzz FuzzMsgReader -fuzztime 30s
+	$(GO) test ./router -run '^$$' -fuzz FuzzClassify -fuzztime 30s
+
+bench: build pg ## pgbench through cascata, PgBouncer and direct; writes bench/RESULTS.md
+	bench/run.sh
+
+clean: ## remove build output and demo state
+	rm -rf bin .cascata

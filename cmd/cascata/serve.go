@@ -1,0 +1,240 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"cascata/admin"
+	"cascata/auth"
+	"cascata/internal/config"
+	"cascata/proxy"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+)
+
+// app is the running process: the proxy, the verifier and the admin plane,
+// wired together. Only this file knows all of them.
+type app struct {
+	cfgPath string
+	cfg     *config.Config
+	log     *slog.Logger
+	ver     *auth.Verifier
+	srv     *proxy.Server
+	reg     *prometheus.Registry
+}
+
+// verifierAuth adapts auth.Verifier to proxy.Authenticator.
+type verifierAuth struct{ v *auth.Verifier }
+
+func (a verifierAuth) Authenticate(ctx context.Context, ref, userRole, token string) (proxy.Identity, error) {
+	id, err := a.v.Verify(ctx, ref, userRole, token)
+	var ae *auth.Error
+	if errors.As(err, &ae) {
+		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
+	}
+	if err != nil {
+		return proxy.Identity{}, err
+	}
+	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
+}
+
+func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) {
+	a := &app{cfgPath: cfgPath, cfg: cfg, log: log, reg: prometheus.NewRegistry()}
+	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	a.ver = auth.NewVerifier(auth.WithLogger(log))
+	var tlsConf *tls.Config
+	if cfg.Proxy.TLSCertFile != "" {
+		cert, err := tls.LoadX509KeyPair(cfg.Proxy.TLSCertFile, cfg.Proxy.TLSKeyFile)
+		if err != nil {
+			return nil, fmt.Errorf("load proxy TLS key pair: %w", err)
+		}
+		tlsConf = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	p := cfg.Proxy
+	srv, err := proxy.NewServer(proxy.Options{
+		MaxClientConn:        p.MaxClientConn,
+		MaxServerConnPerHost: p.MaxServerConnPerHost,
+		ClientLoginTimeout:   p.ClientLoginTimeout.Duration,
+		QueryWaitTimeout:     p.QueryWaitTimeout.Duration,
+		ServerIdleTimeout:    p.ServerIdleTimeout.Duration,
+		ServerConnectTimeout: p.ServerConnectTimeout.Duration,
+		MaxMessageBytes:      p.MaxMessageBytes,
+		TLS:                  tlsConf,
+		Cleartext:            p.AllowCleartextWithoutTLS,
+		Auth:                 verifierAuth{a.ver},
+		Metrics:              proxy.NewMetrics(a.reg),
+		Logger:               log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	a.srv = srv
+	if err := a.applyProjects(cfg.Projects); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+// applyProjects puts a set of projects in force: keys in the verifier,
+// pools and routes in the proxy. Projects not in the set are removed.
+func (a *app) applyProjects(projects []config.Project) error {
+	cfgs := make([]proxy.ProjectConfig, 0, len(projects))
+	keep := map[string]bool{}
+	for i := range projects {
+		p := &projects[i]
+		secrets, err := p.JWTSecrets()
+		if err != nil {
+			return err
+		}
+		keys := auth.KeyConfig{Secrets: secrets, JWKSFile: p.JWKSFile, JWKSURL: p.JWKSURL}
+		pol := auth.Policy{
+			Roles: p.Roles, RoleClaim: p.RoleClaim, AnonRole: p.AnonRole,
+			Issuer: p.JWTIssuer, Audience: p.JWTAudience, AllowNoExp: p.JWTAllowNoExp, Leeway: p.JWTLeeway.Duration,
+		}
+		if err := a.ver.SetProject(p.Ref, keys, pol); err != nil {
+			return fmt.Errorf("project %s: %w", p.Ref, err)
+		}
+		keep[p.Ref] = true
+		cfgs = append(cfgs, proxy.ProjectConfig{
+			Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs,
+			PoolSize: p.PoolSize, SessionMode: p.PoolMode == config.PoolModeSession,
+		})
+	}
+	if err := a.srv.SetProjects(cfgs); err != nil {
+		return err
+	}
+	for _, old := range a.cfg.Projects {
+		if !keep[old.Ref] {
+			a.ver.RemoveProject(old.Ref)
+		}
+	}
+	return nil
+}
+
+// reload re-reads the config file (SIGHUP). A bad file changes nothing.
+func (a *app) reload() {
+	cfg, err := config.Load(a.cfgPath)
+	if err != nil {
+		a.log.Error("reload refused: config has problems", "error", err)
+		return
+	}
+	if err := a.applyProjects(cfg.Projects); err != nil {
+		a.log.Error("reload failed", "error", err)
+		return
+	}
+	a.cfg = cfg
+	a.log.Info("config reloaded", "projects", len(cfg.Projects))
+}
+
+func (a *app) adminHandler() (http.Handler, error) {
+	return admin.New(admin.Options{
+		Token:       a.cfg.Admin.AdminToken(),
+		CORSOrigins: a.cfg.Admin.CORSOrigins,
+		Gatherer:    a.reg,
+		Logger:      a.log,
+	})
+}
+
+// serve runs until ctx ends, then shuts down gracefully. ready, if not nil,
+// receives the proxy's and admin's listen addresses once both accept.
+func (a *app) serve(ctx context.Context, hup <-chan os.Signal, ready func(proxyAddr, adminAddr string)) error {
+	ln, err := net.Listen("tcp", a.cfg.Proxy.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", a.cfg.Proxy.Listen, err)
+	}
+	errc := make(chan error, 2)
+	go func() { errc <- a.srv.Serve(ln) }()
+	var hs *http.Server
+	adminAddr := ""
+	if a.cfg.Admin.Listen != "" {
+		h, err := a.adminHandler()
+		if err != nil {
+			_ = ln.Close()
+			return err
+		}
+		aln, err := net.Listen("tcp", a.cfg.Admin.Listen)
+		if err != nil {
+			_ = ln.Close()
+			return fmt.Errorf("listen %s: %w", a.cfg.Admin.Listen, err)
+		}
+		adminAddr = aln.Addr().String()
+		hs = &http.Server{Handler: h, ReadHeaderTimeout: 10 * time.Second}
+		go func() {
+			if err := hs.Serve(aln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("admin: %w", err)
+			}
+		}()
+	}
+	a.log.Info("cascata listening", "proxy", ln.Addr().String(), "admin", adminAddr, "projects", len(a.cfg.Projects))
+	if ready != nil {
+		ready(ln.Addr().String(), adminAddr)
+	}
+	var runErr error
+loop:
+	for {
+		select {
+		case <-ctx.Done():
+			break loop
+		case <-hup:
+			a.reload()
+		case err := <-errc:
+			runErr = err
+			break loop
+		}
+	}
+	a.log.Info("shutting down", "timeout", a.cfg.Proxy.ShutdownTimeout.Duration)
+	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.Proxy.ShutdownTimeout.Duration)
+	defer cancel()
+	if hs != nil {
+		_ = hs.Shutdown(sctx)
+	}
+	if err := a.srv.Shutdown(sctx); err != nil && runErr == nil {
+		runErr = err
+	}
+	return runErr
+}
+
+func newLogger(w io.Writer) *slog.Logger {
+	level := slog.LevelInfo
+	if os.Getenv("CASCATA_LOG_LEVEL") == "debug" {
+		level = slog.LevelDebug
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
+
+// cmdServe runs the proxy and the admin plane until SIGTERM/SIGINT; SIGHUP reloads.
+func cmdServe(args []string, stderr io.Writer) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	path := fs.String("config", "cascata.toml", "config file")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	cfg, err := config.Load(*path)
+	if err != nil {
+		return err
+	}
+	log := newLogger(stderr)
+	a, err := newApp(*path, cfg, log)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, os.Interrupt)
+	defer stop()
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+	return a.serve(ctx, hup, nil)
+}

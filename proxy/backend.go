@@ -1,0 +1,151 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"syscall"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// identStmt is prepared on every backend once: it puts a client's identity in
+// force with two parameters, so role names and claims are never spliced into SQL.
+const (
+	identStmtName = "cascata_ident"
+	identStmtSQL  = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false)"
+)
+
+// backend is one hijacked server connection.
+type backend struct {
+	conn     net.Conn
+	rd       *msgReader
+	wr       *bufio.Writer
+	pid      uint32
+	secret   []byte
+	addr     string // host:port, for cancel requests
+	tlsConf  *tls.Config
+	params   map[string]string
+	identity string // key of the identity in force; "" = unknown or none
+	created  time.Time
+}
+
+// dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
+// the identity statement, then takes over the raw connection.
+func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend, error) {
+	pc, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
+	}
+	if _, err := pc.Prepare(ctx, identStmtName, identStmtSQL, nil); err != nil {
+		pc.Close(ctx)
+		return nil, fmt.Errorf("prepare identity statement on %s:%d: %w", cfg.Host, cfg.Port, err)
+	}
+	if err := pc.SyncConn(ctx); err != nil {
+		pc.Close(ctx)
+		return nil, fmt.Errorf("sync backend: %w", err)
+	}
+	hj, err := pc.Hijack()
+	if err != nil {
+		pc.Close(ctx)
+		return nil, fmt.Errorf("hijack backend: %w", err)
+	}
+	return &backend{
+		conn:    hj.Conn,
+		rd:      newMsgReader(hj.Conn, 1<<30+1024),
+		wr:      bufio.NewWriterSize(hj.Conn, ioBufSize),
+		pid:     hj.PID,
+		secret:  hj.SecretKey,
+		addr:    net.JoinHostPort(cfg.Host, fmt.Sprint(cfg.Port)),
+		tlsConf: cfg.TLSConfig,
+		params:  hj.ParameterStatuses,
+		created: time.Now(),
+	}, nil
+}
+
+func (b *backend) close() { _ = b.conn.Close() }
+
+// alive reports whether an idle backend is still usable: the server has not
+// closed it and sent nothing while it sat idle (an idle server only speaks to
+// say it is going away). It peeks at the socket without blocking.
+func (b *backend) alive() bool {
+	if b.rd.buffered() {
+		return false
+	}
+	c := b.conn
+	if tc, ok := c.(*tls.Conn); ok {
+		c = tc.NetConn()
+	}
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return true
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	alive := true
+	var buf [1]byte
+	err = raw.Read(func(fd uintptr) bool {
+		n, _, rerr := syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+		switch {
+		case n > 0:
+			alive = false // unsolicited bytes: a FATAL on its way
+		case rerr == syscall.EAGAIN || rerr == syscall.EINTR:
+		default:
+			alive = false // 0 bytes: closed; other errors: broken
+		}
+		return true
+	})
+	return alive && err == nil
+}
+
+// cancel asks the server to cancel what this backend runs, and waits until
+// the server has taken the request (it closes the socket), so the cancel
+// cannot land on a later transaction of another client.
+func (b *backend) cancel(ctx context.Context) error {
+	d := net.Dialer{Timeout: 5 * time.Second}
+	c, err := d.DialContext(ctx, "tcp", b.addr)
+	if err != nil {
+		return fmt.Errorf("dial for cancel: %w", err)
+	}
+	defer c.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = c.SetDeadline(dl)
+	} else {
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	}
+	if b.tlsConf != nil {
+		// The server wants TLS before any other message.
+		if _, err := c.Write(mustEncode(&pgproto3.SSLRequest{})); err != nil {
+			return fmt.Errorf("ssl request for cancel: %w", err)
+		}
+		var resp [1]byte
+		if _, err := io.ReadFull(c, resp[:]); err != nil {
+			return fmt.Errorf("ssl response for cancel: %w", err)
+		}
+		if resp[0] == 'S' {
+			tc := tls.Client(c, b.tlsConf)
+			if err := tc.HandshakeContext(ctx); err != nil {
+				return fmt.Errorf("tls for cancel: %w", err)
+			}
+			c = tc
+		}
+	}
+	msg := mustEncode(&pgproto3.CancelRequest{ProcessID: b.pid, SecretKey: b.secret})
+	if _, err := c.Write(msg); err != nil {
+		return fmt.Errorf("send cancel: %w", err)
+	}
+	var one [1]byte
+	_, err = c.Read(one[:])
+	if err != nil && !errors.Is(err, io.EOF) {
+		return fmt.Errorf("wait for cancel: %w", err)
+	}
+	return nil
+}

@@ -1,0 +1,112 @@
+package proxy_test
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"testing"
+)
+
+// TestIdentityInForce: current_user and request.jwt.claims are the client's.
+func TestIdentityInForce(t *testing.T) {
+	h := startProxy(t, harnessOpts{})
+	ctx := context.Background()
+	c := h.connect("p1", "authenticated", "user-1")
+	var user, claims, db string
+	if err := c.QueryRow(ctx, "SELECT current_user, current_setting('request.jwt.claims'), current_database()").Scan(&user, &claims, &db); err != nil {
+		t.Fatal(err)
+	}
+	if user != "authenticated" || db != "p1" {
+		t.Fatalf("current_user=%q db=%q", user, db)
+	}
+	var m map[string]any
+	if err := json.Unmarshal([]byte(claims), &m); err != nil || m["sub"] != "user-1" {
+		t.Fatalf("claims %q (%v)", claims, err)
+	}
+}
+
+// TestManyUsersShareTwoBackends: 50 users over 2 backends always see their own identity.
+func TestManyUsersShareTwoBackends(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	ctx := context.Background()
+	roles := []string{"anon", "authenticated", "service_role"}
+	var wg sync.WaitGroup
+	errs := make(chan error, 50)
+	for i := range 50 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			role := roles[i%len(roles)]
+			sub := fmt.Sprintf("user-%d", i)
+			c, err := h.tryConnect("p2", role, token(t, "p2", role, sub, nil))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer c.Close(ctx)
+			for range 20 {
+				var user, gotSub string
+				// Two statements in one transaction, and autocommit ones between.
+				tx, err := c.Begin(ctx)
+				if err != nil {
+					errs <- err
+					return
+				}
+				if err := tx.QueryRow(ctx, "SELECT current_user, current_setting('request.jwt.claims')::jsonb->>'sub'").Scan(&user, &gotSub); err != nil {
+					errs <- err
+					return
+				}
+				if err := tx.Commit(ctx); err != nil {
+					errs <- err
+					return
+				}
+				if user != role || gotSub != sub {
+					errs <- fmt.Errorf("client %s/%s saw %s/%s", role, sub, user, gotSub)
+					return
+				}
+				if err := c.QueryRow(ctx, "SELECT current_setting('request.jwt.claims')::jsonb->>'sub'").Scan(&gotSub); err != nil || gotSub != sub {
+					errs <- fmt.Errorf("autocommit: client %s saw %s (%v)", sub, gotSub, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	if n := proxyBackends(t, "p2"); n > 2 {
+		t.Fatalf("%d backends for p2, pool_size is 2", n)
+	}
+}
+
+// TestRolledBackIdentity: a transaction that rolls back after the identity
+// was applied inside it must not leave the backend with a stale identity.
+func TestRolledBackIdentity(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	a := h.connect("p3", "anon", "a")
+	b := h.connect("p3", "authenticated", "b")
+	for range 5 {
+		tx, err := a.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		_ = tx.Rollback(ctx)
+		var ua, ub string
+		if err := b.QueryRow(ctx, "SELECT current_user").Scan(&ub); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.QueryRow(ctx, "SELECT current_user").Scan(&ua); err != nil {
+			t.Fatal(err)
+		}
+		if ua != "anon" || ub != "authenticated" {
+			t.Fatalf("a=%s b=%s", ua, ub)
+		}
+	}
+}

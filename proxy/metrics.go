@@ -1,0 +1,90 @@
+package proxy
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the proxy's Prometheus collectors. Label values are bounded:
+// project refs come from the configuration, states and results are constants.
+type Metrics struct {
+	clients      *prometheus.GaugeVec
+	logins       *prometheus.CounterVec
+	servers      *prometheus.GaugeVec
+	serverOpens  *prometheus.CounterVec
+	transactions *prometheus.CounterVec
+	queries      *prometheus.CounterVec
+	poolWait     *prometheus.HistogramVec
+	waitTimeouts *prometheus.CounterVec
+	routes       *prometheus.CounterVec
+}
+
+// NewMetrics creates the collectors and registers them with reg. A nil reg
+// leaves them unregistered (tests).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		clients: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_client_connections", Help: "Client connections by project.",
+		}, []string{"project"}),
+		logins: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_client_logins_total", Help: "Client login attempts by result.",
+		}, []string{"result"}),
+		servers: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_server_connections", Help: "Open backend connections by project.",
+		}, []string{"project"}),
+		serverOpens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_server_connects_total", Help: "Backend connections opened by project.",
+		}, []string{"project"}),
+		transactions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_transactions_total", Help: "Transactions (units of backend use) by project and pool mode.",
+		}, []string{"project"}),
+		queries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_queries_total", Help: "Query and Execute messages by project.",
+		}, []string{"project"}),
+		poolWait: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "cascata_pool_wait_seconds", Help: "Time a client waited for a backend connection.",
+			Buckets: []float64{.0001, .0005, .001, .005, .01, .05, .1, .5, 1, 5, 30},
+		}, []string{"project"}),
+		waitTimeouts: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_pool_wait_timeouts_total", Help: "Clients that got no backend within query_wait_timeout.",
+		}, []string{"project"}),
+		routes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_route_decisions_total", Help: "Routing decisions by project, target and reason.",
+		}, []string{"project", "target", "reason"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.routes)
+	}
+	return m
+}
+
+func (m *Metrics) serverOpened(ref string) {
+	m.servers.WithLabelValues(ref).Inc()
+	m.serverOpens.WithLabelValues(ref).Inc()
+}
+
+func (m *Metrics) serverClosed(ref string) { m.servers.WithLabelValues(ref).Dec() }
+
+// projectMetrics caches the per-project children so the hot path does no label lookups.
+type projectMetrics struct {
+	clients      prometheus.Gauge
+	transactions prometheus.Counter
+	queries      prometheus.Counter
+	poolWait     prometheus.Observer
+	waitTimeouts prometheus.Counter
+}
+
+func (m *Metrics) forProject(ref string) *projectMetrics {
+	return &projectMetrics{
+		clients:      m.clients.WithLabelValues(ref),
+		transactions: m.transactions.WithLabelValues(ref),
+		queries:      m.queries.WithLabelValues(ref),
+		poolWait:     m.poolWait.WithLabelValues(ref),
+		waitTimeouts: m.waitTimeouts.WithLabelValues(ref),
+	}
+}
+
+func (m *Metrics) login(result string) { m.logins.WithLabelValues(result).Inc() }
+
+func observeWait(o prometheus.Observer, start time.Time) { o.Observe(time.Since(start).Seconds()) }

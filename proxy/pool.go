@@ -1,0 +1,326 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/puddle/v2"
+	"golang.org/x/sync/semaphore"
+)
+
+// pool holds the backend connections of one project to one server (one
+// database URL). Its size is the project's pool_size; the host limiter above
+// it caps the connections to that server over all projects.
+type pool struct {
+	key     string // project ref + URL
+	ref     string
+	hostKey string
+	cfg     *pgconn.Config
+	host    *hostLimiter
+	p       *puddle.Pool[*backend]
+	params  atomic.Pointer[map[string]string]
+	lastUse atomic.Int64 // unix nanos of the last acquire or release
+	waiting atomic.Int32 // acquirers blocked in this pool
+	log     *slog.Logger
+}
+
+// hostLimiter is the hard cap of backend connections to one host:port. Its
+// semaphore is FIFO, so waiters of all tenants are served in arrival order.
+type hostLimiter struct {
+	key string
+	cap int64
+	sem *semaphore.Weighted
+
+	mu      sync.Mutex
+	pools   map[*pool]struct{}
+	waiters map[*pool]int
+	open    atomic.Int64
+}
+
+// pools is the registry of all pools and host limiters of a server.
+type pools struct {
+	maxPerHost     int
+	connectTimeout time.Duration
+	waitTimeout    time.Duration
+	maxBody        int
+	log            *slog.Logger
+	metrics        *Metrics
+
+	mu    sync.Mutex
+	byKey map[string]*pool
+	hosts map[string]*hostLimiter
+}
+
+func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, maxBody int, log *slog.Logger, m *Metrics) *pools {
+	return &pools{
+		maxPerHost:     maxPerHost,
+		connectTimeout: connectTimeout,
+		waitTimeout:    waitTimeout,
+		maxBody:        maxBody,
+		log:            log,
+		metrics:        m,
+		byKey:          map[string]*pool{},
+		hosts:          map[string]*hostLimiter{},
+	}
+}
+
+// get returns the pool of a project for a URL, creating it on first use.
+func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, error) {
+	key := ref + "\x00" + url
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	if p, ok := ps.byKey[key]; ok {
+		return p, nil
+	}
+	hostKey := fmt.Sprintf("%s:%d", cfg.Host, cfg.Port)
+	h, ok := ps.hosts[hostKey]
+	if !ok {
+		h = &hostLimiter{key: hostKey, cap: int64(ps.maxPerHost), sem: semaphore.NewWeighted(int64(ps.maxPerHost)),
+			pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
+		ps.hosts[hostKey] = h
+	}
+	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: cfg, host: h, log: ps.log}
+	pp, err := puddle.NewPool(&puddle.Config[*backend]{
+		Constructor: pl.construct(ps),
+		Destructor: func(b *backend) {
+			b.close()
+			h.sem.Release(1)
+			h.open.Add(-1)
+			ps.metrics.serverClosed(ref)
+		},
+		MaxSize: int32(size),
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create pool: %w", err)
+	}
+	pl.p = pp
+	pl.lastUse.Store(time.Now().UnixNano())
+	ps.byKey[key] = pl
+	h.mu.Lock()
+	h.pools[pl] = struct{}{}
+	h.mu.Unlock()
+	return pl, nil
+}
+
+// construct dials a backend once the host has a free slot. When the host is
+// full it first closes an idle connection of another pool on that host, so a
+// busy tenant takes capacity from idle ones.
+func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
+	return func(ctx context.Context) (*backend, error) {
+		ctx, cancel := context.WithTimeout(ctx, ps.waitTimeout)
+		defer cancel()
+		if err := pl.host.acquire(ctx, pl); err != nil {
+			return nil, err
+		}
+		dctx, dcancel := context.WithTimeout(ctx, ps.connectTimeout)
+		defer dcancel()
+		b, err := dialBackend(dctx, pl.cfg, ps.maxBody)
+		if err != nil {
+			pl.host.sem.Release(1)
+			pl.log.Warn("backend dial failed", "project", pl.ref, "host", pl.hostKey, "error", err)
+			return nil, err
+		}
+		pl.host.open.Add(1)
+		ps.metrics.serverOpened(pl.ref)
+		if pl.params.Load() == nil {
+			params := b.params
+			pl.params.Store(&params)
+		}
+		return b, nil
+	}
+}
+
+// acquire takes one slot of the host's cap, waiting in FIFO order.
+func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
+	if h.sem.TryAcquire(1) {
+		return nil
+	}
+	h.mu.Lock()
+	h.waiters[p]++
+	h.mu.Unlock()
+	defer func() {
+		h.mu.Lock()
+		if h.waiters[p]--; h.waiters[p] <= 0 {
+			delete(h.waiters, p)
+		}
+		h.mu.Unlock()
+	}()
+	h.evictIdle(p)
+	if err := h.sem.Acquire(ctx, 1); err != nil {
+		return fmt.Errorf("wait for a connection slot on %s: %w", h.key, err)
+	}
+	return nil
+}
+
+// othersWaiting reports whether pools other than p wait for a slot on this host.
+func (h *hostLimiter) othersWaiting(p *pool) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for q, n := range h.waiters {
+		if q != p && n > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// evictIdle closes one idle connection of a pool other than p, freeing a slot.
+func (h *hostLimiter) evictIdle(p *pool) bool {
+	h.mu.Lock()
+	others := make([]*pool, 0, len(h.pools))
+	for q := range h.pools {
+		if q != p {
+			others = append(others, q)
+		}
+	}
+	h.mu.Unlock()
+	for _, q := range others {
+		idle := q.p.AcquireAllIdle()
+		if len(idle) == 0 {
+			continue
+		}
+		idle[0].Destroy()
+		for _, r := range idle[1:] {
+			r.ReleaseUnused()
+		}
+		return true
+	}
+	return false
+}
+
+// acquireBackend gets a live backend from the pool within ctx.
+func (pl *pool) acquireBackend(ctx context.Context) (*puddle.Resource[*backend], error) {
+	pl.lastUse.Store(time.Now().UnixNano())
+	pl.waiting.Add(1)
+	defer pl.waiting.Add(-1)
+	for {
+		res, err := pl.p.Acquire(ctx)
+		if err != nil {
+			return nil, err
+		}
+		if res.CreationTime().After(time.Now().Add(-time.Millisecond)) || res.Value().alive() {
+			return res, nil
+		}
+		pl.log.Debug("dropping dead idle backend", "project", pl.ref, "host", pl.hostKey)
+		res.Destroy()
+	}
+}
+
+// release returns a clean backend, or closes it when another tenant waits
+// for a slot on this host (fair sharing of the host cap).
+func (pl *pool) release(res *puddle.Resource[*backend]) {
+	pl.lastUse.Store(time.Now().UnixNano())
+	if pl.host.othersWaiting(pl) {
+		res.Destroy()
+		return
+	}
+	res.Release()
+}
+
+// reap closes backends idle longer than idle and drops pools that are empty
+// and unused for that long. It returns how many pools remain.
+func (ps *pools) reap(idle time.Duration) int {
+	ps.mu.Lock()
+	all := make([]*pool, 0, len(ps.byKey))
+	for _, p := range ps.byKey {
+		all = append(all, p)
+	}
+	ps.mu.Unlock()
+	now := time.Now()
+	for _, p := range all {
+		for _, r := range p.p.AcquireAllIdle() {
+			if r.IdleDuration() >= idle {
+				r.Destroy()
+			} else {
+				r.ReleaseUnused()
+			}
+		}
+		st := p.p.Stat()
+		if st.TotalResources() == 0 && p.waiting.Load() == 0 && now.Sub(time.Unix(0, p.lastUse.Load())) >= idle {
+			ps.drop(p)
+		}
+	}
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return len(ps.byKey)
+}
+
+func (ps *pools) drop(p *pool) {
+	ps.mu.Lock()
+	if ps.byKey[p.key] == p {
+		delete(ps.byKey, p.key)
+	}
+	ps.mu.Unlock()
+	p.host.mu.Lock()
+	delete(p.host.pools, p)
+	p.host.mu.Unlock()
+	p.p.Close()
+}
+
+// dropProject closes all pools of a project (removed or changed at reload).
+// Connections in use are closed when their client releases them.
+func (ps *pools) dropProject(ref string, keepURLs map[string]bool) {
+	ps.mu.Lock()
+	var victims []*pool
+	for _, p := range ps.byKey {
+		if p.ref == ref && !keepURLs[p.key[len(ref)+1:]] {
+			victims = append(victims, p)
+		}
+	}
+	ps.mu.Unlock()
+	for _, p := range victims {
+		ps.drop(p)
+	}
+}
+
+// closeAll closes every pool (shutdown).
+func (ps *pools) closeAll() {
+	ps.mu.Lock()
+	all := make([]*pool, 0, len(ps.byKey))
+	for _, p := range ps.byKey {
+		all = append(all, p)
+	}
+	ps.mu.Unlock()
+	for _, p := range all {
+		ps.drop(p)
+	}
+}
+
+// PoolStat is a snapshot of one pool for the admin plane and metrics.
+type PoolStat struct {
+	Project      string  `json:"project"`
+	Host         string  `json:"host"`
+	ServerActive int     `json:"servers_active"`
+	ServerIdle   int     `json:"servers_idle"`
+	ClientsWait  int     `json:"clients_waiting"`
+	MaxSize      int     `json:"pool_size"`
+	Acquires     int64   `json:"acquires"`
+	WaitSeconds  float64 `json:"wait_seconds_total"`
+}
+
+func (ps *pools) stats() []PoolStat {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	out := make([]PoolStat, 0, len(ps.byKey))
+	for _, p := range ps.byKey {
+		st := p.p.Stat()
+		out = append(out, PoolStat{
+			Project: p.ref, Host: p.hostKey,
+			ServerActive: int(st.AcquiredResources()), ServerIdle: int(st.IdleResources()),
+			ClientsWait: int(p.waiting.Load()), MaxSize: int(st.MaxResources()),
+			Acquires: st.AcquireCount(), WaitSeconds: st.EmptyAcquireWaitTime().Seconds(),
+		})
+	}
+	return out
+}
+
+// errPoolClosed is what Acquire returns on a pool dropped under the caller.
+var errPoolClosed = puddle.ErrClosedPool
+
+func isPoolClosed(err error) bool { return errors.Is(err, errPoolClosed) }

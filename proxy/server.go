@@ -1,0 +1,357 @@
+package proxy
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"crypto/tls"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Identity is who a client is: the Postgres role its JWT claims and the
+// claims themselves as JSON, put in force on every backend it uses.
+type Identity struct {
+	Role   string
+	Claims string
+}
+
+// Authenticator verifies a client's password (a JWT) for a project. An error
+// with a SQLState method decides the SQLSTATE the client sees (28P01 otherwise).
+type Authenticator interface {
+	Authenticate(ctx context.Context, ref, userRole, password string) (Identity, error)
+}
+
+// ProjectConfig is what the proxy needs of a project.
+type ProjectConfig struct {
+	Ref         string
+	DatabaseURL string
+	ReplicaURLs []string
+	PoolSize    int
+	SessionMode bool
+}
+
+// Options configure a Server. Zero values take the defaults named.
+type Options struct {
+	MaxClientConn        int           // 0 = 10000
+	MaxServerConnPerHost int           // 0 = 90
+	ClientLoginTimeout   time.Duration // 0 = 10s
+	QueryWaitTimeout     time.Duration // 0 = 30s
+	ServerIdleTimeout    time.Duration // 0 = 60s
+	ServerConnectTimeout time.Duration // 0 = 5s
+	MaxMessageBytes      int           // 0 = 1 GiB
+	// TLS enables client-side TLS; nil answers SSLRequest with 'N'.
+	TLS *tls.Config
+	// Cleartext says where a cleartext password is accepted without TLS:
+	// "never", "loopback" (default) or "always".
+	Cleartext string
+	Auth      Authenticator
+	Metrics   *Metrics     // nil = unregistered collectors
+	Logger    *slog.Logger // nil = discard
+}
+
+func (o *Options) defaults() {
+	if o.MaxClientConn <= 0 {
+		o.MaxClientConn = 10000
+	}
+	if o.MaxServerConnPerHost <= 0 {
+		o.MaxServerConnPerHost = 90
+	}
+	if o.ClientLoginTimeout <= 0 {
+		o.ClientLoginTimeout = 10 * time.Second
+	}
+	if o.QueryWaitTimeout <= 0 {
+		o.QueryWaitTimeout = 30 * time.Second
+	}
+	if o.ServerIdleTimeout <= 0 {
+		o.ServerIdleTimeout = 60 * time.Second
+	}
+	if o.ServerConnectTimeout <= 0 {
+		o.ServerConnectTimeout = 5 * time.Second
+	}
+	if o.MaxMessageBytes <= 0 {
+		o.MaxMessageBytes = 1 << 30
+	}
+	if o.Cleartext == "" {
+		o.Cleartext = "loopback"
+	}
+	if o.Metrics == nil {
+		o.Metrics = NewMetrics(nil)
+	}
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+}
+
+// project is the immutable run-time view of one project; a reload replaces it.
+type project struct {
+	cfg     ProjectConfig
+	primary *pgconn.Config
+	metrics *projectMetrics
+	gate    *gate
+}
+
+// Server is the client-facing side of the proxy.
+type Server struct {
+	opts     Options
+	log      *slog.Logger
+	metrics  *Metrics
+	pools    *pools
+	projects atomic.Pointer[map[string]*project]
+	gates    sync.Map // ref -> *gate, kept across reloads
+
+	clients atomic.Int64
+
+	mu       sync.Mutex
+	sessions map[uint32]*session // by synthetic backend pid
+	lns      []net.Listener
+	closing  bool
+	wg       sync.WaitGroup
+	stopReap context.CancelFunc
+	reapDone chan struct{}
+}
+
+// NewServer creates a server; call SetProjects and Serve.
+func NewServer(opts Options) (*Server, error) {
+	opts.defaults()
+	if opts.Auth == nil {
+		return nil, errors.New("proxy: Options.Auth is required")
+	}
+	switch opts.Cleartext {
+	case "never", "loopback", "always":
+	default:
+		return nil, fmt.Errorf("proxy: Cleartext must be never, loopback or always, not %q", opts.Cleartext)
+	}
+	s := &Server{
+		opts:     opts,
+		log:      opts.Logger,
+		metrics:  opts.Metrics,
+		sessions: map[uint32]*session{},
+	}
+	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, opts.MaxMessageBytes, s.log, s.metrics)
+	empty := map[string]*project{}
+	s.projects.Store(&empty)
+	ctx, cancel := context.WithCancel(context.Background())
+	s.stopReap = cancel
+	s.reapDone = make(chan struct{})
+	go s.reapLoop(ctx)
+	return s, nil
+}
+
+// SetProjects replaces the set of projects. Clients of projects that did not
+// change are untouched; pools of removed or re-pointed projects are closed
+// once their connections come back.
+func (s *Server) SetProjects(cfgs []ProjectConfig) error {
+	next := make(map[string]*project, len(cfgs))
+	for _, c := range cfgs {
+		pc, err := pgconn.ParseConfig(c.DatabaseURL)
+		if err != nil {
+			return fmt.Errorf("project %s: database_url: %w", c.Ref, err)
+		}
+		if c.PoolSize <= 0 {
+			c.PoolSize = 20
+		}
+		g, _ := s.gates.LoadOrStore(c.Ref, newGate())
+		next[c.Ref] = &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate)}
+	}
+	prev := s.projects.Swap(&next)
+	for ref, old := range *prev {
+		nw, ok := next[ref]
+		keep := map[string]bool{}
+		if ok {
+			keep[nw.cfg.DatabaseURL] = true
+			for _, r := range nw.cfg.ReplicaURLs {
+				keep[r] = true
+			}
+		} else {
+			s.gates.Delete(ref)
+		}
+		if !ok || old.cfg.DatabaseURL != nw.cfg.DatabaseURL {
+			s.pools.dropProject(ref, keep)
+		}
+	}
+	return nil
+}
+
+func (s *Server) project(ref string) *project {
+	return (*s.projects.Load())[ref]
+}
+
+// Serve accepts clients on ln until Shutdown. It returns nil after Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closing {
+		s.mu.Unlock()
+		return errors.New("proxy: server is shut down")
+	}
+	s.lns = append(s.lns, ln)
+	s.mu.Unlock()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closing := s.closing
+			s.mu.Unlock()
+			if closing {
+				return nil
+			}
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				time.Sleep(10 * time.Millisecond)
+				continue
+			}
+			return fmt.Errorf("accept: %w", err)
+		}
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			s.handle(c)
+		}()
+	}
+}
+
+// Shutdown stops accepting, lets running transactions finish until ctx ends,
+// then closes every client and backend.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing = true
+	for _, ln := range s.lns {
+		_ = ln.Close()
+	}
+	sessions := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		sessions = append(sessions, ss)
+	}
+	s.mu.Unlock()
+	for _, ss := range sessions {
+		ss.shutdown()
+	}
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = fmt.Errorf("shutdown: clients still running: %w", ctx.Err())
+		s.mu.Lock()
+		for _, ss := range s.sessions {
+			ss.kill()
+		}
+		s.mu.Unlock()
+		<-done
+	}
+	s.stopReap()
+	<-s.reapDone
+	s.pools.closeAll()
+	return err
+}
+
+// PoolStats is a snapshot of every pool.
+func (s *Server) PoolStats() []PoolStat { return s.pools.stats() }
+
+// PoolCount is how many backend pools exist (idle ones are dropped).
+func (s *Server) PoolCount() int { return len(s.pools.stats()) }
+
+// ClientCount is the number of connected clients.
+func (s *Server) ClientCount() int { return int(s.clients.Load()) }
+
+func (s *Server) reapLoop(ctx context.Context) {
+	defer close(s.reapDone)
+	every := s.opts.ServerIdleTimeout / 4
+	every = max(min(every, 5*time.Second), 50*time.Millisecond)
+	t := time.NewTicker(every)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			s.pools.reap(s.opts.ServerIdleTimeout)
+		}
+	}
+}
+
+// register gives a session its synthetic BackendKeyData.
+func (s *Server) register(ss *session) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing {
+		return fatalError(CodeAdminShutdown, "the proxy is shutting down")
+	}
+	for {
+		var b [12]byte
+		if _, err := rand.Read(b[:]); err != nil {
+			return fmt.Errorf("random key: %w", err)
+		}
+		pid := binary.BigEndian.Uint32(b[:4]) & 0x7fffffff
+		if pid == 0 || s.sessions[pid] != nil {
+			continue
+		}
+		ss.keyPID = pid
+		ss.keySecret = append([]byte(nil), b[4:12]...)
+		s.sessions[pid] = ss
+		return nil
+	}
+}
+
+func (s *Server) unregister(ss *session) {
+	s.mu.Lock()
+	if s.sessions[ss.keyPID] == ss {
+		delete(s.sessions, ss.keyPID)
+	}
+	s.mu.Unlock()
+}
+
+// cancelRequest forwards a client's CancelRequest to the backend running its
+// statement, if the key matches and something runs.
+func (s *Server) cancelRequest(pid uint32, secret []byte) {
+	s.mu.Lock()
+	ss := s.sessions[pid]
+	s.mu.Unlock()
+	if ss == nil || subtle.ConstantTimeCompare(ss.keySecret, secret) != 1 {
+		return
+	}
+	ss.cancelRunning()
+}
+
+// Pause holds new transactions of a project (PgBouncer PAUSE) and waits until
+// its running ones have finished or ctx ends. Waiting clients get 57P03 once
+// query_wait_timeout passes.
+func (s *Server) Pause(ctx context.Context, ref string) error {
+	g, ok := s.gates.Load(ref)
+	if !ok {
+		return fmt.Errorf("pause: unknown project %q", ref)
+	}
+	g.(*gate).pause()
+	if err := g.(*gate).waitIdle(ctx); err != nil {
+		return fmt.Errorf("pause %s: running transactions did not finish: %w", ref, err)
+	}
+	return nil
+}
+
+// Resume lets a paused project's transactions run again.
+func (s *Server) Resume(ref string) {
+	if g, ok := s.gates.Load(ref); ok {
+		g.(*gate).resume()
+	}
+}
+
+// Paused reports whether a project is paused.
+func (s *Server) Paused(ref string) bool {
+	g, ok := s.gates.Load(ref)
+	if !ok {
+		return false
+	}
+	gt := g.(*gate)
+	gt.mu.Lock()
+	defer gt.mu.Unlock()
+	return gt.paused
+}

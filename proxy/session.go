@@ -1,0 +1,828 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+	"github.com/jackc/puddle/v2"
+)
+
+// session is one client connection after login. Two goroutines serve it: run
+// reads the client and writes to the attached backend; backendLoop reads the
+// attached backend and writes to the client. A backend is attached from the
+// first message that needs one until ReadyForQuery 'I' with nothing left in
+// flight (transaction mode) or until the client leaves (session mode).
+type session struct {
+	srv         *Server
+	conn        net.Conn
+	rd          *msgReader // client side
+	wmu         sync.Mutex // guards wr and every write to the client
+	wr          *bufio.Writer
+	ref         string
+	ident       Identity
+	identKey    string
+	params      map[string]string
+	sessionMode bool
+	keyPID      uint32
+	keySecret   []byte
+	metrics     *projectMetrics
+
+	mu           sync.Mutex
+	cond         *sync.Cond // broadcast when the backend is detached
+	be           *backend
+	res          *puddle.Resource[*backend]
+	pl           *pool
+	proj         *project
+	pending      int  // Sync and Query messages forwarded and not yet answered
+	dirty        bool // messages forwarded since the last Sync
+	writing      bool // the client goroutine is writing to the backend
+	txStatus     byte
+	copyIn       bool
+	identPending bool  // identity applied in this unit and not yet committed
+	clientGone   bool  // the client left; the backend is being cleaned
+	drainFailed  bool  // an error happened while cleaning
+	pendingErr   error // backend lost mid-batch: told at the next Sync or Query
+	stopping     bool  // server shutdown: close when idle
+
+	skipToSync bool // client side: an extended batch failed locally
+	attach     chan attachment
+	beDone     chan struct{}
+	scratch    []byte
+}
+
+type attachment struct {
+	be    *backend
+	setup bool // identity statement sent first; its replies are swallowed
+}
+
+func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
+	rd.maxBody = s.opts.MaxMessageBytes
+	ss := &session{
+		srv:         s,
+		conn:        c,
+		rd:          rd,
+		wr:          bufio.NewWriterSize(c, ioBufSize),
+		ref:         ref,
+		ident:       id,
+		identKey:    id.Role + "\x00" + id.Claims,
+		params:      params,
+		sessionMode: proj.cfg.SessionMode,
+		metrics:     proj.metrics,
+		txStatus:    'I',
+		attach:      make(chan attachment),
+		beDone:      make(chan struct{}),
+	}
+	ss.cond = sync.NewCond(&ss.mu)
+	return ss
+}
+
+// greet finishes the startup: AuthenticationOk, the server's parameters,
+// the synthetic BackendKeyData and ReadyForQuery.
+func (ss *session) greet(ctx context.Context) error {
+	if enc, ok := ss.params["client_encoding"]; ok && !isUTF8(enc) {
+		return &Error{Code: "22023", Fatal: true, Message: "client_encoding " + enc + " is not supported; cascata speaks UTF8"}
+	}
+	params, err := ss.serverParams(ctx)
+	if err != nil {
+		return err
+	}
+	params["application_name"] = ss.params["application_name"]
+	params["client_encoding"] = "UTF8"
+	params["session_authorization"] = ss.ident.Role
+	params["is_superuser"] = "off"
+	w := ss.wr
+	var buf []byte
+	if buf, err = encodeTo(w, &pgproto3.AuthenticationOk{}, buf); err != nil {
+		return err
+	}
+	for k, v := range params {
+		if buf, err = encodeTo(w, &pgproto3.ParameterStatus{Name: k, Value: v}, buf); err != nil {
+			return err
+		}
+	}
+	if _, err = encodeTo(w, &pgproto3.BackendKeyData{ProcessID: ss.keyPID, SecretKey: ss.keySecret}, buf); err != nil {
+		return err
+	}
+	if _, err := w.Write(msgRFQIdle); err != nil {
+		return err
+	}
+	return w.Flush()
+}
+
+// serverParams returns the ParameterStatus set of the project's primary,
+// dialing a backend the first time.
+func (ss *session) serverParams(ctx context.Context) (map[string]string, error) {
+	proj := ss.srv.project(ss.ref)
+	if proj == nil {
+		return nil, fatalError(CodeInvalidCatalog, "project %q does not exist", ss.ref)
+	}
+	pl, err := ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+	if err != nil {
+		return nil, err
+	}
+	if p := pl.params.Load(); p != nil {
+		return copyParams(*p), nil
+	}
+	res, err := pl.acquireBackend(ctx)
+	if err != nil {
+		return nil, &Error{Code: CodeConnectionFailure, Fatal: true, Message: "could not connect to the project's database", Err: err}
+	}
+	params := copyParams(res.Value().params)
+	pl.release(res)
+	return params, nil
+}
+
+func copyParams(p map[string]string) map[string]string {
+	out := make(map[string]string, len(p)+4)
+	for k, v := range p {
+		out[k] = v
+	}
+	return out
+}
+
+func isUTF8(enc string) bool {
+	e := strings.ToLower(strings.NewReplacer("-", "", "_", "", "'", "").Replace(enc))
+	return e == "utf8" || e == "unicode"
+}
+
+// run is the client goroutine.
+func (ss *session) run() {
+	ss.metrics.clients.Inc()
+	go ss.backendLoop()
+	defer func() {
+		ss.finish()
+		ss.metrics.clients.Dec()
+		ss.srv.unregister(ss)
+	}()
+	for {
+		typ, _, err := ss.rd.next()
+		if err != nil {
+			var tooLarge *errMessageTooLarge
+			if errors.As(err, &tooLarge) {
+				ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "%s", tooLarge.Error()), true), 0)
+			}
+			return
+		}
+		if ss.skipToSync && typ != 'S' {
+			continue // the body is skipped by the next call to next
+		}
+		switch typ {
+		case 'X':
+			return
+		case 'S':
+			if err := ss.onSync(); err != nil {
+				return
+			}
+		case 'H':
+			if err := ss.onFlush(); err != nil {
+				return
+			}
+		case 'Q', 'P', 'B', 'D', 'E', 'C', 'F':
+			if err := ss.forward(typ); err != nil {
+				return
+			}
+		case 'd', 'c', 'f':
+			if err := ss.forwardCopy(typ); err != nil {
+				return
+			}
+		default:
+			ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "invalid frontend message type %q", typ), true), 0)
+			return
+		}
+	}
+}
+
+// onSync ends an extended-protocol batch.
+func (ss *session) onSync() error {
+	_ = ss.rd.skip()
+	if ss.skipToSync {
+		ss.skipToSync = false
+		ss.writeLocal(nil, ss.currentStatus())
+		return nil
+	}
+	ss.mu.Lock()
+	if perr := ss.pendingErr; perr != nil && ss.be == nil {
+		ss.pendingErr = nil
+		ss.mu.Unlock()
+		ss.writeLocal(toErrorResponse(perr, false), 'I')
+		return nil
+	}
+	be := ss.be
+	if be == nil {
+		ss.mu.Unlock()
+		ss.writeLocal(nil, 'I')
+		return nil
+	}
+	ss.mark(true)
+	ss.mu.Unlock()
+	defer ss.doneWriting()
+	if _, err := be.wr.Write(msgSync); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return ss.maybeFlushBackend(be, true)
+}
+
+// doneWriting ends a write to the attached backend; a release waiting for it may go on.
+func (ss *session) doneWriting() {
+	ss.mu.Lock()
+	ss.writing = false
+	ss.cond.Broadcast()
+	ss.mu.Unlock()
+}
+
+// onFlush asks the backend to send what it has.
+func (ss *session) onFlush() error {
+	_ = ss.rd.skip()
+	ss.mu.Lock()
+	be := ss.be
+	if !ss.dirty {
+		be = nil // nothing unanswered to push out; Sync or ReadyForQuery already flushes
+	} else {
+		ss.writing = true
+	}
+	ss.mu.Unlock()
+	if be == nil {
+		return nil
+	}
+	defer ss.doneWriting()
+	if err := writeMsg(be.wr, 'H', nil); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return ss.maybeFlushBackend(be, true)
+}
+
+// forward relays one message that needs a backend, attaching one first.
+func (ss *session) forward(typ byte) error {
+	if typ == 'Q' || typ == 'E' {
+		ss.metrics.queries.Inc()
+	}
+	ss.mu.Lock()
+	perr := ss.pendingErr
+	if perr != nil && ss.be == nil {
+		ss.pendingErr = nil
+	}
+	ss.mu.Unlock()
+	if perr != nil {
+		ss.failLocal(typ, perr)
+		return nil
+	}
+	be, err := ss.claim(typ == 'Q')
+	if err != nil {
+		ss.failLocal(typ, err)
+		return nil
+	}
+	defer ss.doneWriting()
+	if err := ss.rd.forward(be.wr); err != nil {
+		if isNetWriteErr(err) {
+			return ss.backendWriteFailed(be, err)
+		}
+		return err
+	}
+	return ss.maybeFlushBackend(be, typ == 'Q')
+}
+
+// mark records one forwarded message: a boundary (Query) waits for its
+// ReadyForQuery, anything else leaves the batch open. Call with mu held.
+func (ss *session) mark(boundary bool) {
+	ss.writing = true
+	if boundary {
+		ss.pending++
+		ss.dirty = false
+	} else {
+		ss.dirty = true
+	}
+}
+
+// forwardCopy relays CopyData, CopyDone and CopyFail during COPY FROM STDIN.
+func (ss *session) forwardCopy(typ byte) error {
+	ss.mu.Lock()
+	be := ss.be
+	if typ != 'd' {
+		ss.copyIn = false
+	}
+	if be != nil {
+		ss.writing = true
+	}
+	ss.mu.Unlock()
+	if be == nil {
+		return nil // PostgreSQL ignores copy messages outside COPY, so does the proxy
+	}
+	defer ss.doneWriting()
+	if err := ss.rd.forward(be.wr); err != nil {
+		if isNetWriteErr(err) {
+			return ss.backendWriteFailed(be, err)
+		}
+		return err
+	}
+	return ss.maybeFlushBackend(be, typ != 'd')
+}
+
+func (ss *session) maybeFlushBackend(be *backend, boundary bool) error {
+	if !boundary && ss.rd.fullMessageBuffered() {
+		return nil
+	}
+	if ss.rd.fullMessageBuffered() && be.wr.Available() > 512 {
+		return nil // more pipelined messages are here: send them together
+	}
+	if err := be.wr.Flush(); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return nil
+}
+
+// isNetWriteErr tells a failed write (to the backend, in the client
+// goroutine) from a failed read of the client.
+func isNetWriteErr(err error) bool {
+	var ne *net.OpError
+	return errors.As(err, &ne) && ne.Op == "write"
+}
+
+// backendWriteFailed handles a dead backend found while writing: the reader
+// side reports it to the client; the client goroutine carries on.
+func (ss *session) backendWriteFailed(be *backend, err error) error {
+	ss.srv.log.Warn("backend write failed", "project", ss.ref, "error", err)
+	be.close() // the backend goroutine sees the read error and reports it
+	return nil
+}
+
+// claim returns the attached backend, or attaches one, and records the
+// message about to be forwarded in the same critical section, so the backend
+// cannot be released in between. Attaching waits at the project's gate
+// (pause), takes a backend from the pool within query_wait_timeout and puts
+// the client's identity in force, pipelined in front of the first message.
+func (ss *session) claim(boundary bool) (*backend, error) {
+	ss.mu.Lock()
+	if be := ss.be; be != nil {
+		ss.mark(boundary)
+		ss.mu.Unlock()
+		return be, nil
+	}
+	ss.mu.Unlock()
+	proj := ss.srv.project(ss.ref)
+	if proj == nil {
+		return nil, fatalError(CodeInvalidCatalog, "project %q no longer exists", ss.ref)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.opts.QueryWaitTimeout)
+	defer cancel()
+	start := time.Now()
+	if err := proj.gate.enter(ctx); err != nil {
+		return nil, newError(CodeCannotConnectNow, "project %q is paused", ss.ref)
+	}
+	var (
+		res *puddle.Resource[*backend]
+		pl  *pool
+		err error
+	)
+	for range 3 {
+		pl, err = ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+		if err != nil {
+			break
+		}
+		res, err = pl.acquireBackend(ctx)
+		if !isPoolClosed(err) {
+			break
+		}
+	}
+	observeWait(proj.metrics.poolWait, start)
+	if err != nil {
+		proj.gate.leave()
+		if errors.Is(err, context.DeadlineExceeded) {
+			proj.metrics.waitTimeouts.Inc()
+			return nil, &Error{Code: CodeTooManyConnections, Message: "no server connection available within query_wait_timeout", Err: err}
+		}
+		return nil, &Error{Code: CodeConnectionFailure, Message: "could not connect to the project's database", Err: err}
+	}
+	be := res.Value()
+	setup := be.identity != ss.identKey
+	ss.mu.Lock()
+	ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
+	ss.identPending = setup
+	ss.txStatus = 'I'
+	ss.mark(boundary)
+	ss.mu.Unlock()
+	ss.attach <- attachment{be: be, setup: setup}
+	if setup {
+		be.identity = ss.identKey
+		bind := pgproto3.Bind{PreparedStatement: identStmtName, Parameters: [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims)}}
+		ss.scratch, err = encodeTo(be.wr, &bind, ss.scratch)
+		if err == nil {
+			ss.scratch, err = encodeTo(be.wr, &pgproto3.Execute{}, ss.scratch)
+		}
+		if err != nil {
+			be.close()
+		}
+	}
+	return be, nil
+}
+
+// failLocal answers a message the proxy could not run: an error, then
+// ReadyForQuery for a simple query or a skip to the next Sync for an
+// extended-protocol batch (as PostgreSQL does after an error).
+func (ss *session) failLocal(typ byte, err error) {
+	var pe *Error
+	if errors.As(err, &pe) && pe.Fatal {
+		ss.writeLocal(toErrorResponse(err, true), 0)
+		_ = ss.conn.Close()
+		return
+	}
+	if typ == 'Q' {
+		ss.writeLocal(toErrorResponse(err, false), ss.currentStatus())
+		return
+	}
+	ss.writeLocal(toErrorResponse(err, false), 0)
+	ss.skipToSync = true
+}
+
+func (ss *session) currentStatus() byte {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.be == nil {
+		return 'I'
+	}
+	return ss.txStatus
+}
+
+// writeLocal writes a proxy-made reply: an optional error and, if status is
+// non-zero, ReadyForQuery. It waits until the backend has answered everything
+// in flight, so replies stay in order.
+func (ss *session) writeLocal(e *pgproto3.ErrorResponse, status byte) {
+	ss.mu.Lock()
+	for ss.be != nil && ss.pending > 0 && !ss.clientGone {
+		ss.cond.Wait()
+	}
+	ss.mu.Unlock()
+	ss.wmu.Lock()
+	defer ss.wmu.Unlock()
+	if e != nil {
+		ss.scratch, _ = encodeTo(ss.wr, e, ss.scratch)
+	}
+	if status != 0 {
+		_, _ = ss.wr.Write(rfq(status))
+	}
+	_ = ss.wr.Flush()
+}
+
+// backendLoop is the backend goroutine: it relays each attached backend.
+func (ss *session) backendLoop() {
+	defer close(ss.beDone)
+	for a := range ss.attach {
+		ss.relay(a)
+	}
+}
+
+// relay copies one backend's replies to the client until the backend is
+// released or lost.
+func (ss *session) relay(a attachment) {
+	be := a.be
+	setup := a.setup
+	locked := false
+	unlock := func() {
+		if locked {
+			_ = ss.wr.Flush()
+			ss.wmu.Unlock()
+			locked = false
+		}
+	}
+	defer unlock()
+	var fatal *pgproto3.ErrorResponse
+	for {
+		if !be.rd.fullMessageBuffered() {
+			unlock()
+		}
+		typ, _, err := be.rd.next()
+		if err != nil {
+			unlock()
+			ss.backendLost(be, err, fatal)
+			return
+		}
+		if setup {
+			switch typ {
+			case 'C':
+				setup = false
+				continue
+			case 'E':
+				body, _ := be.rd.body()
+				var er pgproto3.ErrorResponse
+				_ = er.Decode(body)
+				ss.srv.log.Warn("identity could not be applied", "project", ss.ref, "role", ss.ident.Role, "sqlstate", er.Code, "message", er.Message)
+				unlock()
+				be.close()
+				ss.backendLost(be, errors.New("identity statement failed"),
+					&pgproto3.ErrorResponse{Code: CodeInsufficientPrivs, Message: "cascata could not assume role " + ss.ident.Role + ": " + er.Message})
+				return
+			default:
+				continue // BindComplete, DataRow, notices of the identity statement
+			}
+		}
+		if !locked {
+			ss.wmu.Lock()
+			locked = true
+		}
+		switch typ {
+		case 'Z':
+			body, err := be.rd.body()
+			if err != nil || len(body) != 1 {
+				unlock()
+				ss.backendLost(be, errors.New("invalid ReadyForQuery"), nil)
+				return
+			}
+			status := body[0]
+			ss.mu.Lock()
+			ss.pending--
+			ss.txStatus = status
+			if status == 'I' {
+				ss.identPending = false
+			}
+			gone := ss.clientGone
+			var u *unit
+			releasable := func() bool {
+				return ss.pending <= 0 && !ss.dirty && (ss.clientGone || (status == 'I' && !ss.sessionMode))
+			}
+			for releasable() && ss.writing {
+				// The client goroutine is finishing the write this reply
+				// answers; the backend is not ours to give until it is done.
+				ss.cond.Wait()
+			}
+			if releasable() {
+				// Decide and detach in one critical section: once the lock is
+				// released, the client goroutine must not find this backend.
+				u = ss.detachLocked(status == 'I' && !ss.drainFailed)
+			}
+			ss.mu.Unlock()
+			if !gone {
+				_, _ = ss.wr.Write(rfq(status))
+			}
+			if u != nil {
+				unlock()
+				ss.finishUnit(u)
+				return
+			}
+		case 'E':
+			body, err := be.rd.body()
+			if err != nil {
+				unlock()
+				ss.backendLost(be, err, nil)
+				return
+			}
+			var er pgproto3.ErrorResponse
+			if derr := er.Decode(body); derr == nil && (er.Severity == "FATAL" || er.Severity == "PANIC") {
+				f := er
+				fatal = &f
+				continue // the server closes next; told to the client then
+			}
+			ss.mu.Lock()
+			if ss.identPending {
+				be.identity = ""
+			}
+			if ss.clientGone {
+				ss.drainFailed = true
+			}
+			gone := ss.clientGone
+			ss.mu.Unlock()
+			if !gone {
+				_ = writeMsg(ss.wr, 'E', body)
+			}
+		case 'C':
+			body, err := be.rd.body()
+			if err != nil {
+				unlock()
+				ss.backendLost(be, err, nil)
+				return
+			}
+			ss.mu.Lock()
+			if ss.identPending && len(body) >= 8 && string(body[:8]) == "ROLLBACK" {
+				be.identity = ""
+			}
+			gone := ss.clientGone
+			ss.mu.Unlock()
+			if !gone {
+				_ = writeMsg(ss.wr, 'C', body)
+			}
+		case 'G':
+			ss.mu.Lock()
+			ss.copyIn = true
+			gone := ss.clientGone
+			ss.mu.Unlock()
+			if gone {
+				_ = be.rd.skip()
+			} else if err := be.rd.forward(ss.wr); err != nil {
+				unlock()
+				ss.backendLost(be, err, nil)
+				return
+			}
+		default:
+			ss.mu.Lock()
+			gone := ss.clientGone
+			ss.mu.Unlock()
+			if gone {
+				_ = be.rd.skip()
+				continue
+			}
+			if err := be.rd.forward(ss.wr); err != nil {
+				if isNetWriteErr(err) {
+					// The client is gone; keep draining the backend.
+					ss.mu.Lock()
+					ss.clientGone = true
+					ss.mu.Unlock()
+					_ = ss.conn.Close()
+					continue
+				}
+				unlock()
+				ss.backendLost(be, err, nil)
+				return
+			}
+		}
+	}
+}
+
+// unit is a finished attachment: the backend to give back or close.
+type unit struct {
+	res      *puddle.Resource[*backend]
+	pl       *pool
+	proj     *project
+	clean    bool
+	stopping bool
+}
+
+// detachLocked clears the attachment; call with mu held, then finishUnit
+// without it.
+func (ss *session) detachLocked(clean bool) *unit {
+	u := &unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
+	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
+	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
+	ss.cond.Broadcast()
+	return u
+}
+
+// finishUnit gives the backend back (clean) or closes it, and ends the unit.
+func (ss *session) finishUnit(u *unit) {
+	if u.clean {
+		u.pl.release(u.res)
+	} else {
+		u.res.Destroy()
+	}
+	u.proj.gate.leave()
+	u.proj.metrics.transactions.Inc()
+	if u.stopping {
+		ss.sayShutdown()
+	}
+}
+
+// backendLost handles a backend that died or broke the protocol: it is
+// destroyed, and the client gets an error for what was in flight (transaction
+// mode) or is disconnected (session mode: its session state is gone).
+func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorResponse) {
+	be.close()
+	ss.mu.Lock()
+	res, proj := ss.res, ss.proj
+	pend, dirty, status := ss.pending, ss.dirty, ss.txStatus
+	gone := ss.clientGone
+	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
+	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
+	e := &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: CodeConnectionFailure,
+		Message: "server connection lost; the transaction was rolled back"}
+	if fatal != nil {
+		e.Code, e.Message = fatal.Code, fatal.Message
+		if fatal.Code != CodeInsufficientPrivs {
+			e.Message += " (the transaction was rolled back)"
+		}
+	}
+	if !gone && !ss.sessionMode && pend == 0 && (dirty || status != 'I') {
+		ss.pendingErr = &Error{Code: e.Code, Message: e.Message}
+	}
+	ss.cond.Broadcast()
+	ss.mu.Unlock()
+	if res != nil {
+		res.Destroy()
+	}
+	if proj != nil {
+		proj.gate.leave()
+	}
+	ss.srv.log.Warn("backend lost", "project", ss.ref, "error", cause)
+	if gone {
+		return
+	}
+	if ss.sessionMode {
+		e.Severity, e.SeverityUnlocalized = "FATAL", "FATAL"
+		ss.writeLocal(e, 0)
+		_ = ss.conn.Close()
+		return
+	}
+	if pend > 0 {
+		ss.wmu.Lock()
+		ss.scratch, _ = encodeTo(ss.wr, e, ss.scratch)
+		for range pend {
+			_, _ = ss.wr.Write(msgRFQIdle)
+		}
+		_ = ss.wr.Flush()
+		ss.wmu.Unlock()
+	}
+}
+
+// finish runs when the client has left: a backend still attached is rolled
+// back (and, in session mode, reset with DISCARD ALL) before it goes back to
+// the pool; a running statement is cancelled first.
+func (ss *session) finish() {
+	_ = ss.conn.Close() // unblocks a backend goroutine stuck writing to a dead client
+	ss.mu.Lock()
+	ss.clientGone = true
+	be := ss.be
+	if be == nil {
+		ss.mu.Unlock()
+		close(ss.attach)
+		<-ss.beDone
+		return
+	}
+	running := ss.pending > 0
+	var out []byte
+	if ss.copyIn {
+		out = append(out, msgCopyFailEOF...)
+	}
+	if ss.dirty {
+		out = append(out, msgSync...)
+		ss.pending++
+		ss.dirty = false
+	}
+	out = append(out, queryMsg("ROLLBACK")...)
+	ss.pending++
+	if ss.sessionMode {
+		out = append(out, queryMsg("DISCARD ALL")...)
+		out = append(out, mustEncode(&pgproto3.Parse{Name: identStmtName, Query: identStmtSQL})...)
+		out = append(out, msgSync...)
+		ss.pending += 2
+		be.identity = ""
+	}
+	ss.writing = true
+	ss.mu.Unlock()
+	if running {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = be.cancel(ctx)
+		cancel()
+	}
+	if _, err := be.wr.Write(out); err == nil {
+		_ = be.wr.Flush()
+	}
+	ss.doneWriting()
+	// Wait for the backend goroutine to release or destroy the backend.
+	timer := time.AfterFunc(5*time.Second, func() { be.close() })
+	ss.mu.Lock()
+	for ss.be == be {
+		ss.cond.Wait()
+	}
+	ss.mu.Unlock()
+	timer.Stop()
+	close(ss.attach)
+	<-ss.beDone
+}
+
+// cancelRunning forwards a cancel request to the backend running the
+// client's statement. The session lock is held until the server has taken
+// the request, so the backend cannot pass to another client meanwhile.
+func (ss *session) cancelRunning() {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.be == nil || ss.pending == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if err := ss.be.cancel(ctx); err != nil {
+		ss.srv.log.Warn("cancel request failed", "project", ss.ref, "error", err)
+	}
+}
+
+// shutdown asks the session to end at its next idle moment.
+func (ss *session) shutdown() {
+	ss.mu.Lock()
+	ss.stopping = true
+	idle := ss.be == nil
+	ss.mu.Unlock()
+	if idle {
+		ss.sayShutdown()
+	}
+}
+
+func (ss *session) sayShutdown() {
+	ss.wmu.Lock()
+	ss.scratch, _ = encodeTo(ss.wr, toErrorResponse(fatalError(CodeAdminShutdown, "terminating connection: cascata is shutting down"), true), ss.scratch)
+	_ = ss.wr.Flush()
+	ss.wmu.Unlock()
+	_ = ss.conn.Close()
+}
+
+// kill closes the client and its backend at once (shutdown deadline).
+func (ss *session) kill() {
+	ss.mu.Lock()
+	be := ss.be
+	ss.mu.Unlock()
+	if be != nil {
+		be.close()
+	}
+	_ = ss.conn.Close()
+}

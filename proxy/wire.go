@@ -1,0 +1,237 @@
+package proxy
+
+import (
+	"bufio"
+	"encoding/binary"
+	"fmt"
+	"io"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// ioBufSize is the read and write buffer of each side of a relay. Messages up
+// to this size are relayed straight out of the read buffer without a copy.
+const ioBufSize = 32 * 1024
+
+// msgReader frames PostgreSQL protocol messages (type byte, int32 length,
+// body) from a buffered stream. It decodes nothing: callers look at the type
+// and either take the body (small messages they act on) or stream it on.
+type msgReader struct {
+	r       *bufio.Reader
+	maxBody int
+	typ     byte
+	n       int // body length of the current message
+	taken   bool
+	scratch []byte
+}
+
+func newMsgReader(r io.Reader, maxBody int) *msgReader {
+	return &msgReader{r: bufio.NewReaderSize(r, ioBufSize), maxBody: maxBody, taken: true}
+}
+
+// errMessageTooLarge is returned for a message over the configured maximum.
+type errMessageTooLarge struct {
+	typ    byte
+	n, max int
+}
+
+func (e *errMessageTooLarge) Error() string {
+	return fmt.Sprintf("message %q of %d bytes exceeds the maximum of %d", e.typ, e.n, e.max)
+}
+
+// next reads the header of the next message. The previous message's body must
+// have been consumed with body, forward or skip.
+func (m *msgReader) next() (byte, int, error) {
+	if !m.taken {
+		if err := m.skip(); err != nil {
+			return 0, 0, err
+		}
+	}
+	hdr, err := m.r.Peek(5)
+	if err != nil {
+		if len(hdr) > 0 && err == io.EOF {
+			err = io.ErrUnexpectedEOF
+		}
+		return 0, 0, err
+	}
+	typ := hdr[0]
+	l := int(int32(binary.BigEndian.Uint32(hdr[1:5])))
+	if l < 4 {
+		return 0, 0, fmt.Errorf("invalid message length %d for message %q", l, typ)
+	}
+	if l-4 > m.maxBody {
+		return 0, 0, &errMessageTooLarge{typ: typ, n: l - 4, max: m.maxBody}
+	}
+	if _, err := m.r.Discard(5); err != nil {
+		return 0, 0, err
+	}
+	m.typ, m.n, m.taken = typ, l-4, false
+	return typ, l - 4, nil
+}
+
+// body returns the whole body of the current message. The slice is valid
+// until the next call on m.
+func (m *msgReader) body() ([]byte, error) {
+	m.taken = true
+	if m.n <= m.r.Size() {
+		b, err := m.r.Peek(m.n)
+		if err != nil {
+			return nil, unexpectedEOF(err)
+		}
+		// The bytes stay in the buffer until the next read; discarding now is
+		// safe because bufio does not overwrite them before the next fill.
+		_, _ = m.r.Discard(m.n)
+		return b, nil
+	}
+	if cap(m.scratch) < m.n {
+		m.scratch = make([]byte, m.n)
+	}
+	b := m.scratch[:m.n]
+	if _, err := io.ReadFull(m.r, b); err != nil {
+		return nil, unexpectedEOF(err)
+	}
+	return b, nil
+}
+
+// forward writes the current message, header and body, to w without decoding it.
+func (m *msgReader) forward(w *bufio.Writer) error {
+	m.taken = true
+	var hdr [5]byte
+	hdr[0] = m.typ
+	binary.BigEndian.PutUint32(hdr[1:], uint32(m.n+4))
+	if _, err := w.Write(hdr[:]); err != nil {
+		return err
+	}
+	if m.n <= m.r.Size() {
+		b, err := m.r.Peek(m.n)
+		if err != nil {
+			return unexpectedEOF(err)
+		}
+		if _, err := w.Write(b); err != nil {
+			return err
+		}
+		_, _ = m.r.Discard(m.n)
+		return nil
+	}
+	if _, err := io.CopyN(w, m.r, int64(m.n)); err != nil {
+		return unexpectedEOF(err)
+	}
+	return nil
+}
+
+// skip drops the body of the current message.
+func (m *msgReader) skip() error {
+	m.taken = true
+	if _, err := m.r.Discard(m.n); err != nil {
+		return unexpectedEOF(err)
+	}
+	return nil
+}
+
+// buffered reports whether more bytes are waiting, so writers know when to flush.
+func (m *msgReader) buffered() bool { return m.r.Buffered() > 0 }
+
+func unexpectedEOF(err error) error {
+	if err == io.EOF {
+		return io.ErrUnexpectedEOF
+	}
+	return err
+}
+
+// writeMsg appends header and body of one message to w.
+func writeMsg(w *bufio.Writer, typ byte, body []byte) error {
+	var hdr [5]byte
+	hdr[0] = typ
+	binary.BigEndian.PutUint32(hdr[1:], uint32(len(body)+4))
+	if _, err := w.Write(hdr[:]); err != nil {
+		return err
+	}
+	_, err := w.Write(body)
+	return err
+}
+
+// encodeTo encodes a pgproto3 message into w.
+func encodeTo(w *bufio.Writer, msg interface {
+	Encode([]byte) ([]byte, error)
+}, scratch []byte) ([]byte, error) {
+	buf, err := msg.Encode(scratch[:0])
+	if err != nil {
+		return scratch, fmt.Errorf("encode message: %w", err)
+	}
+	_, err = w.Write(buf)
+	return buf, err
+}
+
+// Precomputed messages the proxy sends often.
+var (
+	msgSync        = []byte{'S', 0, 0, 0, 4}
+	msgRFQIdle     = []byte{'Z', 0, 0, 0, 5, 'I'}
+	msgParseOK     = []byte{'1', 0, 0, 0, 4}
+	msgCloseOK     = []byte{'3', 0, 0, 0, 4}
+	msgEmptyQuery  = []byte{'I', 0, 0, 0, 4}
+	msgNoData      = []byte{'n', 0, 0, 0, 4}
+	msgBindOK      = []byte{'2', 0, 0, 0, 4}
+	msgCopyFailEOF = mustEncode(&pgproto3.CopyFail{Message: "client connection closed"})
+)
+
+func mustEncode(msg interface {
+	Encode([]byte) ([]byte, error)
+}) []byte {
+	b, err := msg.Encode(nil)
+	if err != nil {
+		panic(err)
+	}
+	return b
+}
+
+// rfq returns a ReadyForQuery message with the given transaction status.
+func rfq(status byte) []byte {
+	return []byte{'Z', 0, 0, 0, 5, status}
+}
+
+// queryMsg encodes a simple Query message.
+func queryMsg(sql string) []byte {
+	return mustEncode(&pgproto3.Query{String: sql})
+}
+
+// cstring reads a NUL-terminated string from b.
+func cstring(b []byte) (string, []byte, bool) {
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i]), b[i+1:], true
+		}
+	}
+	return "", nil, false
+}
+
+// queryText extracts the SQL of a Query message body without copying twice.
+func queryText(body []byte) (string, bool) {
+	if len(body) == 0 || body[len(body)-1] != 0 {
+		return "", false
+	}
+	return string(body[:len(body)-1]), true
+}
+
+// parseText extracts statement name and SQL text of a Parse message body.
+func parseText(body []byte) (name, sql string, ok bool) {
+	name, rest, ok := cstring(body)
+	if !ok {
+		return "", "", false
+	}
+	sql, _, ok = cstring(rest)
+	return name, sql, ok
+}
+
+// fullMessageBuffered reports whether a whole next message already sits in
+// the read buffer, so the relay may keep batching instead of flushing.
+func (m *msgReader) fullMessageBuffered() bool {
+	n := m.r.Buffered()
+	if n < 5 {
+		return false
+	}
+	hdr, err := m.r.Peek(5)
+	if err != nil {
+		return false
+	}
+	return n >= 1+int(int32(binary.BigEndian.Uint32(hdr[1:5])))
+}

@@ -34,6 +34,10 @@ type backend struct {
 	params   map[string]string
 	identity string // key of the identity in force; "" = unknown or none
 	created  time.Time
+	// stmts are the proxy-named statements prepared here (transaction
+	// mode), guarded by the lock of the session the backend is attached to.
+	stmts map[string]*backendStmt
+	clock uint64
 }
 
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares

@@ -48,6 +48,9 @@ type Options struct {
 	ServerIdleTimeout    time.Duration // 0 = 60s
 	ServerConnectTimeout time.Duration // 0 = 5s
 	MaxMessageBytes      int           // 0 = 1 GiB
+	// MaxPreparedStatements bounds the statements the proxy keeps prepared
+	// on one backend in transaction mode; the least recently used is closed. 0 = 200.
+	MaxPreparedStatements int
 	// TLS enables client-side TLS; nil answers SSLRequest with 'N'.
 	TLS *tls.Config
 	// Cleartext says where a cleartext password is accepted without TLS:
@@ -79,6 +82,9 @@ func (o *Options) defaults() {
 	}
 	if o.MaxMessageBytes <= 0 {
 		o.MaxMessageBytes = 1 << 30
+	}
+	if o.MaxPreparedStatements <= 0 {
+		o.MaxPreparedStatements = 200
 	}
 	if o.Cleartext == "" {
 		o.Cleartext = "loopback"

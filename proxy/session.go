@@ -50,6 +50,17 @@ type session struct {
 	pendingErr   error // backend lost mid-batch: told at the next Sync or Query
 	stopping     bool  // server shutdown: close when idle
 
+	// Prepared statements (transaction mode), see prepared.go. The maps and
+	// the out buffer belong to the client goroutine; the queues and the
+	// backends' statement tables are shared and guarded by mu.
+	stmts            map[string]*stmt
+	unnamed          *stmt
+	unnamedOnBackend bool
+	parseQ, closeQ   []queued
+	renames          []errRename
+	syncSeq, rfqSeq  uint64
+	out              []byte
+
 	skipToSync bool // client side: an extended batch failed locally
 	attach     chan attachment
 	beDone     chan struct{}
@@ -76,6 +87,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		metrics:     proj.metrics,
 		txStatus:    'I',
 		attach:      make(chan attachment),
+		stmts:       map[string]*stmt{},
 		beDone:      make(chan struct{}),
 	}
 	ss.cond = sync.NewCond(&ss.mu)
@@ -183,7 +195,16 @@ func (ss *session) run() {
 			if err := ss.onFlush(); err != nil {
 				return
 			}
-		case 'Q', 'P', 'B', 'D', 'E', 'C', 'F':
+		case 'P', 'B', 'D', 'C':
+			if ss.sessionMode {
+				err = ss.forward(typ)
+			} else {
+				err = ss.forwardExtended(typ)
+			}
+			if err != nil {
+				return
+			}
+		case 'Q', 'E', 'F':
 			if err := ss.forward(typ); err != nil {
 				return
 			}
@@ -278,6 +299,9 @@ func (ss *session) forward(typ byte) error {
 		return nil
 	}
 	defer ss.doneWriting()
+	if typ == 'Q' {
+		ss.unnamedOnBackend = false // a simple query drops the unnamed statement
+	}
 	if err := ss.rd.forward(be.wr); err != nil {
 		if isNetWriteErr(err) {
 			return ss.backendWriteFailed(be, err)
@@ -292,6 +316,7 @@ func (ss *session) forward(typ byte) error {
 func (ss *session) mark(boundary bool) {
 	ss.writing = true
 	if boundary {
+		ss.syncSeq++
 		ss.pending++
 		ss.dirty = false
 	} else {
@@ -405,6 +430,7 @@ func (ss *session) claim(boundary bool) (*backend, error) {
 	ss.identPending = setup
 	ss.txStatus = 'I'
 	ss.mark(boundary)
+	ss.unnamedOnBackend = false
 	ss.mu.Unlock()
 	ss.attach <- attachment{be: be, setup: setup}
 	if setup {
@@ -534,6 +560,8 @@ func (ss *session) relay(a attachment) {
 			}
 			status := body[0]
 			ss.mu.Lock()
+			ss.rfqSeq++
+			ss.dropUnanswered(be)
 			ss.pending--
 			ss.txStatus = status
 			if status == 'I' {
@@ -584,6 +612,12 @@ func (ss *session) relay(a attachment) {
 				ss.drainFailed = true
 			}
 			gone := ss.clientGone
+			if len(ss.renames) > 0 {
+				if nb, ok := renameInError(body, ss.renames[0].from, ss.renames[0].to); ok {
+					body = nb
+					ss.renames = ss.renames[1:]
+				}
+			}
 			ss.mu.Unlock()
 			if !gone {
 				_ = writeMsg(ss.wr, 'E', body)
@@ -603,6 +637,34 @@ func (ss *session) relay(a attachment) {
 			ss.mu.Unlock()
 			if !gone {
 				_ = writeMsg(ss.wr, 'C', body)
+			}
+		case '1', '3':
+			ss.mu.Lock()
+			gone := ss.clientGone
+			action := replyPass
+			if !gone {
+				q := &ss.parseQ
+				if typ == '3' {
+					q = &ss.closeQ
+				}
+				if len(*q) > 0 {
+					action = (*q)[0].action
+					*q = (*q)[1:]
+				}
+			}
+			ss.mu.Unlock()
+			switch {
+			case gone || action == replyDrop:
+				_ = be.rd.skip()
+			case action == replyAsParseComplete:
+				_ = be.rd.skip()
+				_, _ = ss.wr.Write(msgParseOK)
+			default:
+				if err := be.rd.forward(ss.wr); err != nil {
+					unlock()
+					ss.backendLost(be, err, nil)
+					return
+				}
 			}
 		case 'G':
 			ss.mu.Lock()
@@ -656,6 +718,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	u := &unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
+	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
 	ss.cond.Broadcast()
 	return u
 }
@@ -685,6 +748,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	gone := ss.clientGone
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
+	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
 	e := &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: CodeConnectionFailure,
 		Message: "server connection lost; the transaction was rolled back"}
 	if fatal != nil {
@@ -757,6 +821,7 @@ func (ss *session) finish() {
 		out = append(out, msgSync...)
 		ss.pending += 2
 		be.identity = ""
+		be.stmts = nil // DISCARD ALL deallocates them
 	}
 	ss.writing = true
 	ss.mu.Unlock()

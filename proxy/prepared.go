@@ -1,0 +1,360 @@
+package proxy
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"strconv"
+)
+
+// Named prepared statements in transaction mode.
+//
+// A client's statement names are its own: the proxy keeps them per client
+// and prepares each statement on whichever backend runs the client's next
+// transaction, under a proxy-owned name derived from the statement's text and
+// parameter types. A statement prepared by a thousand clients is therefore
+// prepared once per backend. Replies stay in order because the proxy never
+// answers an extended-protocol message itself: every message it must answer
+// becomes a message to the backend that yields exactly one reply of a known
+// kind, and a FIFO per reply kind says what to do with it:
+//
+//   - a Parse of a statement the backend already has becomes Close of a
+//     name that does not exist (CloseComplete, never an error), turned back
+//     into ParseComplete on the way out;
+//   - a Parse the proxy adds (the backend lacks a statement the client Binds)
+//     has its ParseComplete dropped;
+//   - an unknown or duplicate name becomes a reference to a name that fails
+//     with the same SQLSTATE (26000, 42P05), and the error text gets the
+//     client's name back.
+//
+// After an error PostgreSQL skips to Sync, so entries of a batch that never
+// got their reply are dropped at its ReadyForQuery; a statement whose Parse
+// or Close was skipped is marked unsure and is closed and parsed again
+// before its next use.
+
+const (
+	noopStmtName    = "cascata_noop"    // never prepared: Close of it is a no-op
+	missingStmtName = "cascata_missing" // never prepared: Bind/Describe of it fails with 26000
+)
+
+// stmt is one of a client's prepared statements.
+type stmt struct {
+	proxyName string
+	rest      []byte // query text and parameter types as in Parse, after the name
+}
+
+// replyAction says what to do with one ParseComplete or CloseComplete.
+type replyAction uint8
+
+const (
+	replyPass replyAction = iota
+	replyDrop
+	replyAsParseComplete
+)
+
+// queued is one expected reply: its action, the Sync that ends its batch,
+// and the backend statement it concerns (for bookkeeping when it is skipped).
+type queued struct {
+	action  replyAction
+	seq     uint64
+	stmt    string // proxy name whose state depends on this reply, or ""
+	evicted bool   // a Close that evicts stmt
+}
+
+// errRename maps an error about a stand-in name back to the client's name.
+type errRename struct {
+	from, to string
+	seq      uint64
+}
+
+// backendStmt is a statement prepared on one backend.
+type backendStmt struct {
+	lastUse uint64
+	unsure  bool // a Parse or Close of it was skipped: close and parse again
+}
+
+// statementName returns the proxy-owned name of a statement: same text and
+// types, same name, on every backend.
+func statementName(rest []byte) string {
+	sum := sha256.Sum256(rest)
+	return "cs_" + hex.EncodeToString(sum[:16])
+}
+
+// appendCString appends s and a NUL.
+func appendCString(b []byte, s string) []byte {
+	b = append(b, s...)
+	return append(b, 0)
+}
+
+// writeParts writes one message made of parts.
+func writeParts(w *bufio.Writer, typ byte, parts ...[]byte) error {
+	n := 4
+	for _, p := range parts {
+		n += len(p)
+	}
+	var hdr [5]byte
+	hdr[0] = typ
+	binary.BigEndian.PutUint32(hdr[1:], uint32(n))
+	if _, err := w.Write(hdr[:]); err != nil {
+		return err
+	}
+	for _, p := range parts {
+		if _, err := w.Write(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// closeMsgBody is the body of Close of a statement.
+func closeMsgBody(name string) []byte {
+	return appendCString([]byte{'S'}, name)
+}
+
+// renameInError replaces a stand-in statement name in an ErrorResponse body
+// with the client's name, if the message mentions it.
+func renameInError(body []byte, from, to string) ([]byte, bool) {
+	quoted := []byte(strconv.Quote(from))
+	if !bytes.Contains(body, quoted) {
+		return body, false
+	}
+	return bytes.ReplaceAll(body, quoted, []byte(strconv.Quote(to))), true
+}
+
+// push queues an expected reply for the batch now being sent. Call with mu held.
+func (ss *session) push(q *[]queued, e queued) {
+	e.seq = ss.syncSeq + 1
+	*q = append(*q, e)
+}
+
+func (ss *session) pushRename(from, to string) {
+	ss.renames = append(ss.renames, errRename{from: from, to: to, seq: ss.syncSeq + 1})
+}
+
+// dropUnanswered forgets the expected replies of batches that have ended
+// (their messages were skipped after an error) and marks the statements they
+// concerned unsure on the backend. Call with mu held, at ReadyForQuery.
+func (ss *session) dropUnanswered(be *backend) {
+	for len(ss.parseQ) > 0 && ss.parseQ[0].seq <= ss.rfqSeq {
+		if name := ss.parseQ[0].stmt; name != "" && be.stmts != nil {
+			if bs := be.stmts[name]; bs != nil {
+				bs.unsure = true
+			}
+		}
+		ss.parseQ = ss.parseQ[1:]
+	}
+	for len(ss.closeQ) > 0 && ss.closeQ[0].seq <= ss.rfqSeq {
+		if e := ss.closeQ[0]; e.stmt != "" && be.stmts != nil {
+			if bs := be.stmts[e.stmt]; bs != nil {
+				bs.unsure = true
+			} else if e.evicted {
+				be.stmts[e.stmt] = &backendStmt{unsure: true}
+			}
+		}
+		ss.closeQ = ss.closeQ[1:]
+	}
+	for len(ss.renames) > 0 && ss.renames[0].seq <= ss.rfqSeq {
+		ss.renames = ss.renames[1:]
+	}
+}
+
+// forwardExtended relays Parse, Bind, Describe and Close in transaction
+// mode, translating the client's statement names to the backend's.
+func (ss *session) forwardExtended(typ byte) error {
+	body, err := ss.rd.body()
+	if err != nil {
+		return err
+	}
+	ss.mu.Lock()
+	perr := ss.pendingErr
+	if perr != nil && ss.be == nil {
+		ss.pendingErr = nil
+	}
+	ss.mu.Unlock()
+	if perr != nil {
+		ss.failLocal(typ, perr)
+		return nil
+	}
+	be, err := ss.claim(false)
+	if err != nil {
+		ss.failLocal(typ, err)
+		return nil
+	}
+	defer ss.doneWriting()
+	ss.mu.Lock()
+	ss.out = ss.out[:0]
+	perr = ss.translate(be, typ, body)
+	out := ss.out
+	ss.mu.Unlock()
+	if perr != nil {
+		ss.writeLocal(toErrorResponse(perr, true), 0)
+		return perr
+	}
+	if _, err := be.wr.Write(out); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return ss.maybeFlushBackend(be, false)
+}
+
+// translate appends to ss.out what the backend gets for one client message
+// and queues what to do with the replies. Call with mu held.
+func (ss *session) translate(be *backend, typ byte, body []byte) error {
+	bad := func() error {
+		return fatalError(CodeProtocolViolation, "invalid %q message", typ)
+	}
+	switch typ {
+	case 'P':
+		name, rest, ok := cstring(body)
+		if !ok {
+			return bad()
+		}
+		if name == "" {
+			ss.unnamed = &stmt{rest: bytes.Clone(rest)}
+			ss.unnamedOnBackend = true
+			ss.push(&ss.parseQ, queued{action: replyPass})
+			ss.appendMsg('P', body)
+			return nil
+		}
+		if _, dup := ss.stmts[name]; dup {
+			// Parse under a name every backend has: 42P05, renamed back.
+			ss.pushRename(identStmtName, name)
+			ss.push(&ss.parseQ, queued{action: replyPass})
+			ss.appendMsg('P', appendCString(nil, identStmtName), rest)
+			return nil
+		}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest)}
+		ss.stmts[name] = st
+		ss.prepareOn(be, st, true)
+	case 'B':
+		portal, r1, ok := cstring(body)
+		if !ok {
+			return bad()
+		}
+		name, r2, ok := cstring(r1)
+		if !ok {
+			return bad()
+		}
+		if name == "" {
+			ss.ensureUnnamed()
+			ss.appendMsg('B', body)
+			return nil
+		}
+		target := ss.stmtTarget(be, name)
+		ss.appendMsg('B', appendCString(nil, portal), appendCString(nil, target), r2)
+	case 'D':
+		if len(body) < 2 {
+			return bad()
+		}
+		name, _, ok := cstring(body[1:])
+		if !ok {
+			return bad()
+		}
+		if body[0] != 'S' {
+			ss.appendMsg('D', body)
+			return nil
+		}
+		if name == "" {
+			ss.ensureUnnamed()
+			ss.appendMsg('D', body)
+			return nil
+		}
+		ss.appendMsg('D', []byte{'S'}, appendCString(nil, ss.stmtTarget(be, name)))
+	case 'C':
+		if len(body) < 2 {
+			return bad()
+		}
+		name, _, ok := cstring(body[1:])
+		if !ok {
+			return bad()
+		}
+		ss.push(&ss.closeQ, queued{action: replyPass})
+		if body[0] == 'S' && name != "" {
+			// The backend's statement may serve other clients: keep it.
+			delete(ss.stmts, name)
+			ss.appendMsg('C', closeMsgBody(noopStmtName))
+			return nil
+		}
+		if body[0] == 'S' {
+			ss.unnamed = nil
+		}
+		ss.appendMsg('C', body)
+	}
+	return nil
+}
+
+// stmtTarget returns the backend name to use for a client's statement,
+// preparing it there first if needed; an unknown name maps to a stand-in
+// that fails with 26000.
+func (ss *session) stmtTarget(be *backend, name string) string {
+	st := ss.stmts[name]
+	if st == nil {
+		ss.pushRename(missingStmtName, name)
+		return missingStmtName
+	}
+	ss.prepareOn(be, st, false)
+	return st.proxyName
+}
+
+// prepareOn makes sure the backend has st. clientParse says the client sent
+// this Parse and expects a ParseComplete for it.
+func (ss *session) prepareOn(be *backend, st *stmt, clientParse bool) {
+	if be.stmts == nil {
+		be.stmts = map[string]*backendStmt{}
+	}
+	be.clock++
+	if bs := be.stmts[st.proxyName]; bs != nil && !bs.unsure {
+		bs.lastUse = be.clock
+		if clientParse {
+			ss.push(&ss.closeQ, queued{action: replyAsParseComplete})
+			ss.appendMsg('C', closeMsgBody(noopStmtName))
+		}
+		return
+	} else if bs != nil {
+		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: st.proxyName})
+		ss.appendMsg('C', closeMsgBody(st.proxyName))
+	} else if len(be.stmts) >= ss.srv.opts.MaxPreparedStatements {
+		victim, oldest := "", uint64(0)
+		for n, v := range be.stmts {
+			if victim == "" || v.lastUse < oldest {
+				victim, oldest = n, v.lastUse
+			}
+		}
+		delete(be.stmts, victim)
+		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: victim, evicted: true})
+		ss.appendMsg('C', closeMsgBody(victim))
+	}
+	be.stmts[st.proxyName] = &backendStmt{lastUse: be.clock}
+	action := replyDrop
+	if clientParse {
+		action = replyPass
+	}
+	ss.push(&ss.parseQ, queued{action: action, stmt: st.proxyName})
+	ss.appendMsg('P', appendCString(nil, st.proxyName), st.rest)
+}
+
+// ensureUnnamed re-creates the client's unnamed statement on a backend that
+// has not seen it in this attachment (the client parsed it in an earlier
+// transaction, on another backend).
+func (ss *session) ensureUnnamed() {
+	if ss.unnamedOnBackend || ss.unnamed == nil {
+		return
+	}
+	ss.push(&ss.parseQ, queued{action: replyDrop})
+	ss.appendMsg('P', []byte{0}, ss.unnamed.rest)
+	ss.unnamedOnBackend = true
+}
+
+// appendMsg appends one message made of parts to ss.out.
+func (ss *session) appendMsg(typ byte, parts ...[]byte) {
+	n := 4
+	for _, p := range parts {
+		n += len(p)
+	}
+	ss.out = append(ss.out, typ)
+	ss.out = binary.BigEndian.AppendUint32(ss.out, uint32(n))
+	for _, p := range parts {
+		ss.out = append(ss.out, p...)
+	}
+}

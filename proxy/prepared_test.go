@@ -1,0 +1,138 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// connectMode connects with a given pgx query exec mode (no simple-protocol override).
+func (h *harness) connectMode(ref, role, sub, mode string) *pgx.Conn {
+	h.t.Helper()
+	u := strings.Replace(h.url(ref, role, token(h.t, ref, role, sub, nil)), "default_query_exec_mode=simple_protocol", "default_query_exec_mode="+mode, 1)
+	c, err := pgx.Connect(context.Background(), u)
+	if err != nil {
+		h.t.Fatalf("connect (%s): %v", mode, err)
+	}
+	h.t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+// TestPreparedStatementsEveryExecMode: every pgx exec mode works in
+// transaction mode while clients share few backends.
+func TestPreparedStatementsEveryExecMode(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	ctx := context.Background()
+	modes := []string{"cache_statement", "cache_describe", "describe_exec", "exec", "simple_protocol"}
+	var wg sync.WaitGroup
+	errs := make(chan error, 100)
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			mode := modes[i%len(modes)]
+			sub := fmt.Sprintf("u%d", i)
+			c := h.connectMode("p1", "authenticated", sub, mode)
+			for j := range 30 {
+				var got int
+				var who string
+				if err := c.QueryRow(ctx, "SELECT $1::int + 1, current_setting('request.jwt.claims')::jsonb->>'sub'", j).Scan(&got, &who); err != nil {
+					errs <- fmt.Errorf("%s: %w", mode, err)
+					return
+				}
+				if got != j+1 || who != sub {
+					errs <- fmt.Errorf("%s: got %d/%s want %d/%s", mode, got, who, j+1, sub)
+					return
+				}
+				tx, err := c.Begin(ctx)
+				if err != nil {
+					errs <- fmt.Errorf("%s: begin: %w", mode, err)
+					return
+				}
+				if _, err := tx.Exec(ctx, "INSERT INTO items (body) VALUES ($1)", mode); err != nil {
+					errs <- fmt.Errorf("%s: insert: %w", mode, err)
+					return
+				}
+				if err := tx.Rollback(ctx); err != nil {
+					errs <- fmt.Errorf("%s: rollback: %w", mode, err)
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
+
+// TestPreparedOncePerBackend: the same text prepared by many clients is
+// prepared once on the shared backend.
+func TestPreparedOncePerBackend(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	for i := range 30 {
+		c := h.connectMode("p2", "anon", fmt.Sprint(i), "cache_statement")
+		var n int
+		if err := c.QueryRow(ctx, "SELECT 42 + $1::int", 1).Scan(&n); err != nil || n != 43 {
+			t.Fatalf("client %d: %v %d", i, err, n)
+		}
+		c.Close(ctx)
+	}
+	c := h.connectMode("p2", "anon", "x", "simple_protocol")
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 42 + $1::int'").Scan(&n); err != nil {
+		t.Fatal(err)
+	}
+	if n != 1 {
+		t.Fatalf("statement prepared %d times on the backend, want 1", n)
+	}
+}
+
+// TestPreparedErrors: unknown and duplicate names give PostgreSQL's SQLSTATEs
+// with the client's names, and the session stays usable.
+func TestPreparedErrors(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	c := h.connectMode("p3", "anon", "x", "cache_statement")
+	pc := c.PgConn()
+	if _, err := pc.Prepare(ctx, "mine", "SELECT 1", nil); err != nil {
+		t.Fatal(err)
+	}
+	_, err := pc.Prepare(ctx, "mine", "SELECT 2", nil)
+	if sqlstate(err) != "42P05" || !strings.Contains(err.Error(), `"mine"`) {
+		t.Fatalf("duplicate prepare: %v", err)
+	}
+	res := pc.ExecPrepared(ctx, "nope", nil, nil, nil).Read()
+	if sqlstate(res.Err) != "26000" || !strings.Contains(res.Err.Error(), `"nope"`) {
+		t.Fatalf("unknown statement: %v", res.Err)
+	}
+	if _, err := pc.Prepare(ctx, "q2", "SELECT $1::text || 'x'", nil); err != nil {
+		t.Fatal(err)
+	}
+	// Used in a later transaction, after other clients had the backend.
+	other := h.connectMode("p3", "authenticated", "y", "cache_statement")
+	if _, err := other.Exec(ctx, "SELECT 'other'"); err != nil {
+		t.Fatal(err)
+	}
+	res = pc.ExecPrepared(ctx, "q2", [][]byte{[]byte("a")}, nil, nil).Read()
+	if res.Err != nil || string(res.Rows[0][0]) != "ax" {
+		t.Fatalf("reuse: %v %v", res.Err, res.Rows)
+	}
+	if err := pc.Deallocate(ctx, "q2"); err != nil {
+		t.Fatal(err)
+	}
+	res = pc.ExecPrepared(ctx, "q2", [][]byte{[]byte("a")}, nil, nil).Read()
+	if sqlstate(res.Err) != "26000" {
+		t.Fatalf("after close: %v", res.Err)
+	}
+	var one int
+	if err := c.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"cascata/auth"
+	"cascata/internal/glue"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
 	"cascata/proxy"
@@ -58,21 +59,6 @@ func setupProjects(ctx context.Context, c *pgcluster.Cluster) error {
 	return nil
 }
 
-// verifierAuth adapts auth.Verifier to proxy.Authenticator, as main does.
-type verifierAuth struct{ v *auth.Verifier }
-
-func (a verifierAuth) Authenticate(ctx context.Context, ref, userRole, token string) (proxy.Identity, error) {
-	id, err := a.v.Verify(ctx, ref, userRole, token)
-	var ae *auth.Error
-	if errors.As(err, &ae) {
-		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
-	}
-	if err != nil {
-		return proxy.Identity{}, err
-	}
-	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
-}
-
 // harness is a running proxy in front of the shared cluster.
 type harness struct {
 	t    testing.TB
@@ -83,6 +69,8 @@ type harness struct {
 
 type harnessOpts struct {
 	opts        proxy.Options
+	replicas    bool   // give projects the streaming replica
+	consistency string // proxy.Consistency*
 	poolSize    int
 	sessionMode bool
 	projects    []string
@@ -91,7 +79,10 @@ type harnessOpts struct {
 func startProxy(t testing.TB, ho harnessOpts) *harness {
 	t.Helper()
 	ver := auth.NewVerifier()
-	ho.opts.Auth = verifierAuth{ver}
+	ho.opts.Auth = glue.Authenticator{V: ver}
+	if ho.opts.Classifier == nil {
+		ho.opts.Classifier = glue.NewClassifier()
+	}
 	if ho.opts.Logger == nil {
 		ho.opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
@@ -111,12 +102,17 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 			auth.Policy{Roles: []string{"anon", "authenticated", "service_role"}}); err != nil {
 			t.Fatal(err)
 		}
-		cfgs = append(cfgs, proxy.ProjectConfig{
+		pc := proxy.ProjectConfig{
 			Ref:         ref,
 			DatabaseURL: cluster.Primary.URL("authenticator", loginPassword, ref),
 			PoolSize:    ho.poolSize,
 			SessionMode: ho.sessionMode,
-		})
+			Consistency: ho.consistency,
+		}
+		if ho.replicas {
+			pc.ReplicaURLs = []string{cluster.Replica.URL("authenticator", loginPassword, ref)}
+		}
+		cfgs = append(cfgs, pc)
 	}
 	if err := srv.SetProjects(cfgs); err != nil {
 		t.Fatal(err)
@@ -202,7 +198,7 @@ func proxyBackends(t testing.TB, db string) int {
 }
 
 var (
-	superOnce sync.Mutex
+	superOnce  sync.Mutex
 	superConns = map[testing.TB]*pgx.Conn{}
 )
 
@@ -231,4 +227,8 @@ func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+func connectURL(t testing.TB, u string) *pgx.Conn {
+	return pgtest.Connect(t, u)
 }

@@ -18,6 +18,8 @@ type Metrics struct {
 	poolWait     *prometheus.HistogramVec
 	waitTimeouts *prometheus.CounterVec
 	routes       *prometheus.CounterVec
+	replicaLSNs  *prometheus.GaugeVec
+	replicaUp    *prometheus.GaugeVec
 }
 
 // NewMetrics creates the collectors and registers them with reg. A nil reg
@@ -52,9 +54,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		routes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cascata_route_decisions_total", Help: "Routing decisions by project, target and reason.",
 		}, []string{"project", "target", "reason"}),
+		replicaLSNs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_replica_replay_lsn_bytes", Help: "Replay WAL position of each replica server, in bytes.",
+		}, []string{"server"}),
+		replicaUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_replica_healthy", Help: "1 when a replica server is used for reads.",
+		}, []string{"server"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.routes)
+		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.routes, m.replicaLSNs, m.replicaUp)
 	}
 	return m
 }
@@ -88,3 +96,17 @@ func (m *Metrics) forProject(ref string) *projectMetrics {
 func (m *Metrics) login(result string) { m.logins.WithLabelValues(result).Inc() }
 
 func observeWait(o prometheus.Observer, start time.Time) { o.Observe(time.Since(start).Seconds()) }
+
+func (m *Metrics) route(ref, target, reason string) {
+	if reason == "" {
+		reason = "other"
+	}
+	m.routes.WithLabelValues(ref, target, reason).Inc()
+}
+
+func (m *Metrics) replicaLSN(server string, lsn uint64) {
+	m.replicaLSNs.WithLabelValues(server).Set(float64(lsn))
+	m.replicaUp.WithLabelValues(server).Set(1)
+}
+
+func (m *Metrics) replicaDown(server string) { m.replicaUp.WithLabelValues(server).Set(0) }

@@ -43,6 +43,8 @@ const (
 type stmt struct {
 	proxyName string
 	rest      []byte // query text and parameter types as in Parse, after the name
+	primary   bool   // its text must run on the primary
+	writes    bool
 }
 
 // replyAction says what to do with one ParseComplete or CloseComplete.
@@ -63,9 +65,11 @@ type queued struct {
 	evicted bool   // a Close that evicts stmt
 }
 
-// errRename maps an error about a stand-in name back to the client's name.
+// errRename maps an error about a stand-in name back to the client's name,
+// or, with whole set, replaces an error that mentions from entirely.
 type errRename struct {
 	from, to string
+	whole    []byte
 	seq      uint64
 }
 
@@ -133,6 +137,11 @@ func (ss *session) pushRename(from, to string) {
 	ss.renames = append(ss.renames, errRename{from: from, to: to, seq: ss.syncSeq + 1})
 }
 
+// pushReplace says: the next error that mentions marker is replaced by body.
+func (ss *session) pushReplace(marker string, body []byte) {
+	ss.renames = append(ss.renames, errRename{from: marker, whole: body, seq: ss.syncSeq + 1})
+}
+
 // dropUnanswered forgets the expected replies of batches that have ended
 // (their messages were skipped after an error) and marks the statements they
 // concerned unsure on the backend. Call with mu held, at ReadyForQuery.
@@ -160,49 +169,28 @@ func (ss *session) dropUnanswered(be *backend) {
 	}
 }
 
-// forwardExtended relays Parse, Bind, Describe and Close in transaction
-// mode, translating the client's statement names to the backend's.
-func (ss *session) forwardExtended(typ byte) error {
-	body, err := ss.rd.body()
-	if err != nil {
-		return err
-	}
-	ss.mu.Lock()
-	perr := ss.pendingErr
-	if perr != nil && ss.be == nil {
-		ss.pendingErr = nil
-	}
-	ss.mu.Unlock()
-	if perr != nil {
-		ss.failLocal(typ, perr)
-		return nil
-	}
-	be, err := ss.claim(false)
-	if err != nil {
-		ss.failLocal(typ, err)
-		return nil
-	}
-	defer ss.doneWriting()
-	ss.mu.Lock()
-	ss.out = ss.out[:0]
-	perr = ss.translate(be, typ, body)
-	out := ss.out
-	ss.mu.Unlock()
-	if perr != nil {
-		ss.writeLocal(toErrorResponse(perr, true), 0)
-		return perr
-	}
-	if _, err := be.wr.Write(out); err != nil {
-		return ss.backendWriteFailed(be, err)
-	}
-	return ss.maybeFlushBackend(be, false)
-}
-
 // translate appends to ss.out what the backend gets for one client message
 // and queues what to do with the replies. Call with mu held.
-func (ss *session) translate(be *backend, typ byte, body []byte) error {
+func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error {
 	bad := func() error {
 		return fatalError(CodeProtocolViolation, "invalid %q message", typ)
+	}
+	if typ == 'P' && r != nil && r.Refusal != nil {
+		// Fail in place, so PostgreSQL skips the rest of the batch as after
+		// any error; the syntax error is replaced by the refusal.
+		ss.pushReplace(refusedSQL, refusalBody(r.Refusal))
+		ss.push(&ss.parseQ, queued{action: replyPass})
+		ss.appendMsg('P', []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
+		ss.unnamedOnBackend = false
+		return nil
+	}
+	if ss.sessionMode {
+		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
+		return nil
+	}
+	var w want
+	if r != nil {
+		w = want{primary: r.Primary, writes: r.Writes}
 	}
 	switch typ {
 	case 'P':
@@ -211,7 +199,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte) error {
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest)}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
@@ -224,7 +212,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte) error {
 			ss.appendMsg('P', appendCString(nil, identStmtName), rest)
 			return nil
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest)}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes}
 		ss.stmts[name] = st
 		ss.prepareOn(be, st, true)
 	case 'B':
@@ -280,6 +268,8 @@ func (ss *session) translate(be *backend, typ byte, body []byte) error {
 			ss.unnamed = nil
 		}
 		ss.appendMsg('C', body)
+	default:
+		ss.appendMsg(typ, body)
 	}
 	return nil
 }

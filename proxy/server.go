@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,6 +38,13 @@ type ProjectConfig struct {
 	ReplicaURLs []string
 	PoolSize    int
 	SessionMode bool
+	// TrustedRoles may run DO blocks and CREATE FUNCTION (the Classifier decides).
+	TrustedRoles []string
+	// MaxReplicaLag: a replica further behind is not used. 0 = 1s.
+	MaxReplicaLag time.Duration
+	// Consistency of reads: ConsistencyReadYourWrites (default),
+	// ConsistencyEventual or ConsistencyPrimaryOnly.
+	Consistency string
 }
 
 // Options configure a Server. Zero values take the defaults named.
@@ -57,8 +65,14 @@ type Options struct {
 	// "never", "loopback" (default) or "always".
 	Cleartext string
 	Auth      Authenticator
-	Metrics   *Metrics     // nil = unregistered collectors
-	Logger    *slog.Logger // nil = discard
+	// Classifier guards and routes statements; nil sends everything to the
+	// primary and refuses nothing.
+	Classifier Classifier
+	// ReplicaCheckInterval is how often replicas' replay positions are
+	// polled. 0 = 100ms.
+	ReplicaCheckInterval time.Duration
+	Metrics              *Metrics     // nil = unregistered collectors
+	Logger               *slog.Logger // nil = discard
 }
 
 func (o *Options) defaults() {
@@ -92,6 +106,12 @@ func (o *Options) defaults() {
 	if o.Metrics == nil {
 		o.Metrics = NewMetrics(nil)
 	}
+	if o.Classifier == nil {
+		o.Classifier = allPrimary{}
+	}
+	if o.ReplicaCheckInterval <= 0 {
+		o.ReplicaCheckInterval = 100 * time.Millisecond
+	}
 	if o.Logger == nil {
 		o.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -99,20 +119,25 @@ func (o *Options) defaults() {
 
 // project is the immutable run-time view of one project; a reload replaces it.
 type project struct {
-	cfg     ProjectConfig
-	primary *pgconn.Config
-	metrics *projectMetrics
-	gate    *gate
+	cfg        ProjectConfig
+	primary    *pgconn.Config
+	primaryMon *monitor // nil without replicas
+	replicas   []replicaTarget
+	turn       atomic.Uint64 // round robin among fit replicas
+	metrics    *projectMetrics
+	gate       *gate
 }
 
 // Server is the client-facing side of the proxy.
 type Server struct {
-	opts     Options
-	log      *slog.Logger
-	metrics  *Metrics
-	pools    *pools
-	projects atomic.Pointer[map[string]*project]
-	gates    sync.Map // ref -> *gate, kept across reloads
+	opts       Options
+	log        *slog.Logger
+	metrics    *Metrics
+	pools      *pools
+	classifier Classifier
+	replicas   *replicaSet
+	projects   atomic.Pointer[map[string]*project]
+	gates      sync.Map // ref -> *gate, kept across reloads
 
 	clients atomic.Int64
 
@@ -123,6 +148,7 @@ type Server struct {
 	wg       sync.WaitGroup
 	stopReap context.CancelFunc
 	reapDone chan struct{}
+	monDone  chan struct{}
 }
 
 // NewServer creates a server; call SetProjects and Serve.
@@ -137,18 +163,25 @@ func NewServer(opts Options) (*Server, error) {
 		return nil, fmt.Errorf("proxy: Cleartext must be never, loopback or always, not %q", opts.Cleartext)
 	}
 	s := &Server{
-		opts:     opts,
-		log:      opts.Logger,
-		metrics:  opts.Metrics,
-		sessions: map[uint32]*session{},
+		opts:       opts,
+		log:        opts.Logger,
+		metrics:    opts.Metrics,
+		classifier: opts.Classifier,
+		sessions:   map[uint32]*session{},
 	}
+	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
 	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, opts.MaxMessageBytes, s.log, s.metrics)
 	empty := map[string]*project{}
 	s.projects.Store(&empty)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stopReap = cancel
 	s.reapDone = make(chan struct{})
+	s.monDone = make(chan struct{})
 	go s.reapLoop(ctx)
+	go func() {
+		defer close(s.monDone)
+		s.replicas.run(ctx)
+	}()
 	return s, nil
 }
 
@@ -157,6 +190,7 @@ func NewServer(opts Options) (*Server, error) {
 // once their connections come back.
 func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 	next := make(map[string]*project, len(cfgs))
+	used := map[*monitor]bool{}
 	for _, c := range cfgs {
 		pc, err := pgconn.ParseConfig(c.DatabaseURL)
 		if err != nil {
@@ -165,9 +199,30 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 		if c.PoolSize <= 0 {
 			c.PoolSize = 20
 		}
+		if c.MaxReplicaLag <= 0 {
+			c.MaxReplicaLag = time.Second
+		}
+		if c.Consistency == "" {
+			c.Consistency = ConsistencyReadYourWrites
+		}
 		g, _ := s.gates.LoadOrStore(c.Ref, newGate())
-		next[c.Ref] = &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate)}
+		p := &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate)}
+		for _, u := range c.ReplicaURLs {
+			rc, err := pgconn.ParseConfig(u)
+			if err != nil {
+				return fmt.Errorf("project %s: replica url: %w", c.Ref, err)
+			}
+			mon := s.replicas.monitorFor(rc, true)
+			used[mon] = true
+			p.replicas = append(p.replicas, replicaTarget{url: u, cfg: rc, mon: mon})
+		}
+		if len(p.replicas) > 0 {
+			p.primaryMon = s.replicas.monitorFor(pc, false)
+			used[p.primaryMon] = true
+		}
+		next[c.Ref] = p
 	}
+	s.replicas.retain(used)
 	prev := s.projects.Swap(&next)
 	for ref, old := range *prev {
 		nw, ok := next[ref]
@@ -180,7 +235,7 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 		} else {
 			s.gates.Delete(ref)
 		}
-		if !ok || old.cfg.DatabaseURL != nw.cfg.DatabaseURL {
+		if !ok || old.cfg.DatabaseURL != nw.cfg.DatabaseURL || !slices.Equal(old.cfg.ReplicaURLs, nw.cfg.ReplicaURLs) {
 			s.pools.dropProject(ref, keep)
 		}
 	}
@@ -256,6 +311,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 	s.stopReap()
 	<-s.reapDone
+	<-s.monDone
 	s.pools.closeAll()
 	return err
 }

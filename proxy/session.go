@@ -2,9 +2,11 @@ package proxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"net"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -61,6 +63,15 @@ type session struct {
 	syncSeq, rfqSeq  uint64
 	out              []byte
 
+	// Routing (transaction mode).
+	trusted      bool   // the role may run DO and CREATE FUNCTION
+	routePrimary bool   // SET cascata.route = 'primary'
+	beReplica    bool   // the attached backend is a replica
+	unitWrites   bool   // the unit on the primary may have written
+	lastWriteLSN uint64 // primary WAL position after the client's last write
+	lsnPending   bool   // that position is being fetched
+	batch        []byte // extended-protocol messages held until Sync/Flush to route the batch whole
+
 	skipToSync bool // client side: an extended batch failed locally
 	attach     chan attachment
 	beDone     chan struct{}
@@ -88,6 +99,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		txStatus:    'I',
 		attach:      make(chan attachment),
 		stmts:       map[string]*stmt{},
+		trusted:     slices.Contains(proj.cfg.TrustedRoles, id.Role),
 		beDone:      make(chan struct{}),
 	}
 	ss.cond = sync.NewCond(&ss.mu)
@@ -195,17 +207,12 @@ func (ss *session) run() {
 			if err := ss.onFlush(); err != nil {
 				return
 			}
-		case 'P', 'B', 'D', 'C':
-			if ss.sessionMode {
-				err = ss.forward(typ)
-			} else {
-				err = ss.forwardExtended(typ)
-			}
-			if err != nil {
+		case 'Q':
+			if err := ss.onQuery(); err != nil {
 				return
 			}
-		case 'Q', 'E', 'F':
-			if err := ss.forward(typ); err != nil {
+		case 'P', 'B', 'D', 'C', 'E', 'F':
+			if err := ss.onExtended(typ); err != nil {
 				return
 			}
 		case 'd', 'c', 'f':
@@ -222,6 +229,9 @@ func (ss *session) run() {
 // onSync ends an extended-protocol batch.
 func (ss *session) onSync() error {
 	_ = ss.rd.skip()
+	if len(ss.batch) > 0 {
+		return ss.flushBatch('S')
+	}
 	if ss.skipToSync {
 		ss.skipToSync = false
 		ss.writeLocal(nil, ss.currentStatus())
@@ -260,6 +270,9 @@ func (ss *session) doneWriting() {
 // onFlush asks the backend to send what it has.
 func (ss *session) onFlush() error {
 	_ = ss.rd.skip()
+	if len(ss.batch) > 0 {
+		return ss.flushBatch('H')
+	}
 	ss.mu.Lock()
 	be := ss.be
 	if !ss.dirty {
@@ -276,39 +289,6 @@ func (ss *session) onFlush() error {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
-}
-
-// forward relays one message that needs a backend, attaching one first.
-func (ss *session) forward(typ byte) error {
-	if typ == 'Q' || typ == 'E' {
-		ss.metrics.queries.Inc()
-	}
-	ss.mu.Lock()
-	perr := ss.pendingErr
-	if perr != nil && ss.be == nil {
-		ss.pendingErr = nil
-	}
-	ss.mu.Unlock()
-	if perr != nil {
-		ss.failLocal(typ, perr)
-		return nil
-	}
-	be, err := ss.claim(typ == 'Q')
-	if err != nil {
-		ss.failLocal(typ, err)
-		return nil
-	}
-	defer ss.doneWriting()
-	if typ == 'Q' {
-		ss.unnamedOnBackend = false // a simple query drops the unnamed statement
-	}
-	if err := ss.rd.forward(be.wr); err != nil {
-		if isNetWriteErr(err) {
-			return ss.backendWriteFailed(be, err)
-		}
-		return err
-	}
-	return ss.maybeFlushBackend(be, typ == 'Q')
 }
 
 // mark records one forwarded message: a boundary (Query) waits for its
@@ -376,18 +356,36 @@ func (ss *session) backendWriteFailed(be *backend, err error) error {
 	return nil
 }
 
+// want is what the next unit needs of a backend.
+type want struct {
+	primary bool // must run on the primary
+	writes  bool // may write: read-your-writes bookkeeping
+	reason  string
+}
+
 // claim returns the attached backend, or attaches one, and records the
 // message about to be forwarded in the same critical section, so the backend
 // cannot be released in between. Attaching waits at the project's gate
-// (pause), takes a backend from the pool within query_wait_timeout and puts
-// the client's identity in force, pipelined in front of the first message.
-func (ss *session) claim(boundary bool) (*backend, error) {
+// (pause), picks the primary or a fit replica, takes a backend from its pool
+// within query_wait_timeout and puts the client's identity in force,
+// pipelined in front of the first message.
+func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.mu.Lock()
+	// A read unit still running on a replica (pipelined autocommit reads)
+	// must end before a statement for the primary starts its own unit.
+	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && !ss.clientGone {
+		ss.cond.Wait()
+	}
 	if be := ss.be; be != nil {
 		ss.mark(boundary)
+		ss.unitWrites = ss.unitWrites || w.writes
 		ss.mu.Unlock()
 		return be, nil
 	}
+	for ss.lsnPending {
+		ss.cond.Wait() // the last write's WAL position is on its way
+	}
+	needLSN := ss.lastWriteLSN
 	ss.mu.Unlock()
 	proj := ss.srv.project(ss.ref)
 	if proj == nil {
@@ -400,18 +398,39 @@ func (ss *session) claim(boundary bool) (*backend, error) {
 		return nil, newError(CodeCannotConnectNow, "project %q is paused", ss.ref)
 	}
 	var (
-		res *puddle.Resource[*backend]
-		pl  *pool
-		err error
+		res     *puddle.Resource[*backend]
+		pl      *pool
+		err     error
+		replica bool
 	)
-	for range 3 {
-		pl, err = ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
-		if err != nil {
-			break
+	if !w.primary && !ss.routePrimary && !ss.sessionMode {
+		if rt := ss.srv.replicas.pick(proj, needLSN); rt != nil {
+			pl, err = ss.srv.pools.get(ss.ref, rt.url, proj.cfg.PoolSize, rt.cfg)
+			if err == nil {
+				res, err = pl.acquireBackend(ctx)
+			}
+			if err == nil {
+				replica = true
+				ss.srv.metrics.route(ss.ref, "replica", w.reason)
+			} else {
+				// Nothing reached the client yet: the primary serves the read.
+				ss.srv.log.Debug("replica unavailable, reading from the primary", "project", ss.ref, "error", err)
+				ss.srv.replicas.markDown(rt)
+				res, err = nil, nil
+			}
 		}
-		res, err = pl.acquireBackend(ctx)
-		if !isPoolClosed(err) {
-			break
+	}
+	if res == nil {
+		ss.srv.metrics.route(ss.ref, "primary", w.reason)
+		for range 3 {
+			pl, err = ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+			if err != nil {
+				break
+			}
+			res, err = pl.acquireBackend(ctx)
+			if !isPoolClosed(err) {
+				break
+			}
 		}
 	}
 	observeWait(proj.metrics.poolWait, start)
@@ -427,6 +446,8 @@ func (ss *session) claim(boundary bool) (*backend, error) {
 	setup := be.identity != ss.identKey
 	ss.mu.Lock()
 	ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
+	ss.beReplica = replica
+	ss.unitWrites = w.writes && !replica
 	ss.identPending = setup
 	ss.txStatus = 'I'
 	ss.mark(boundary)
@@ -613,7 +634,12 @@ func (ss *session) relay(a attachment) {
 			}
 			gone := ss.clientGone
 			if len(ss.renames) > 0 {
-				if nb, ok := renameInError(body, ss.renames[0].from, ss.renames[0].to); ok {
+				if rn := ss.renames[0]; rn.whole != nil {
+					if bytes.Contains(body, []byte(rn.from)) {
+						body = rn.whole
+						ss.renames = ss.renames[1:]
+					}
+				} else if nb, ok := renameInError(body, rn.from, rn.to); ok {
 					body = nb
 					ss.renames = ss.renames[1:]
 				}
@@ -710,12 +736,18 @@ type unit struct {
 	proj     *project
 	clean    bool
 	stopping bool
+	fetchLSN bool // ask the primary for its WAL position before release
 }
 
 // detachLocked clears the attachment; call with mu held, then finishUnit
 // without it.
 func (ss *session) detachLocked(clean bool) *unit {
 	u := &unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
+	if clean && ss.unitWrites && !ss.clientGone && len(ss.proj.replicas) > 0 {
+		u.fetchLSN = true
+		ss.lsnPending = true
+	}
+	ss.unitWrites = false
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
 	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
@@ -725,6 +757,23 @@ func (ss *session) detachLocked(clean bool) *unit {
 
 // finishUnit gives the backend back (clean) or closes it, and ends the unit.
 func (ss *session) finishUnit(u *unit) {
+	if u.fetchLSN {
+		lsn, err := u.res.Value().currentLSN()
+		ss.mu.Lock()
+		if err == nil && lsn > ss.lastWriteLSN {
+			ss.lastWriteLSN = lsn
+		}
+		ss.lsnPending = false
+		ss.cond.Broadcast()
+		ss.mu.Unlock()
+		if err != nil {
+			ss.srv.log.Warn("could not read the primary's WAL position; reads go to the primary", "project", ss.ref, "error", err)
+			ss.mu.Lock()
+			ss.lastWriteLSN = ^uint64(0) >> 1 // no replica qualifies until a later write succeeds
+			ss.mu.Unlock()
+			u.clean = false
+		}
+	}
 	if u.clean {
 		u.pl.release(u.res)
 	} else {

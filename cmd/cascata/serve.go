@@ -18,6 +18,7 @@ import (
 	"cascata/admin"
 	"cascata/auth"
 	"cascata/internal/config"
+	"cascata/internal/glue"
 	"cascata/proxy"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -33,21 +34,6 @@ type app struct {
 	ver     *auth.Verifier
 	srv     *proxy.Server
 	reg     *prometheus.Registry
-}
-
-// verifierAuth adapts auth.Verifier to proxy.Authenticator.
-type verifierAuth struct{ v *auth.Verifier }
-
-func (a verifierAuth) Authenticate(ctx context.Context, ref, userRole, token string) (proxy.Identity, error) {
-	id, err := a.v.Verify(ctx, ref, userRole, token)
-	var ae *auth.Error
-	if errors.As(err, &ae) {
-		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
-	}
-	if err != nil {
-		return proxy.Identity{}, err
-	}
-	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
 }
 
 func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) {
@@ -73,7 +59,8 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 		MaxMessageBytes:      p.MaxMessageBytes,
 		TLS:                  tlsConf,
 		Cleartext:            p.AllowCleartextWithoutTLS,
-		Auth:                 verifierAuth{a.ver},
+		Auth:                 glue.Authenticator{V: a.ver},
+		Classifier:           glue.NewClassifier(),
 		Metrics:              proxy.NewMetrics(a.reg),
 		Logger:               log,
 	})
@@ -110,6 +97,7 @@ func (a *app) applyProjects(projects []config.Project) error {
 		cfgs = append(cfgs, proxy.ProjectConfig{
 			Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs,
 			PoolSize: p.PoolSize, SessionMode: p.PoolMode == config.PoolModeSession,
+			TrustedRoles: p.TrustedRoles, MaxReplicaLag: p.MaxReplicaLag.Duration, Consistency: p.Consistency,
 		})
 	}
 	if err := a.srv.SetProjects(cfgs); err != nil {

@@ -148,6 +148,8 @@ type Project struct {
 	PoolSize int `toml:"pool_size"`
 	// MaxReplicaLag: a replica further behind is not used. Default 1s.
 	MaxReplicaLag Duration `toml:"max_replica_lag"`
+	// Consistency of reads: "read_your_writes" (default), "eventual" or "primary_only".
+	Consistency string `toml:"consistency"`
 	// StorageDir holds the project's files. Default [provision].storage_root/<ref>.
 	StorageDir string `toml:"storage_dir"`
 }
@@ -241,6 +243,7 @@ func (pr *Project) applyDefaults(c *Config) {
 	setString(&pr.PoolMode, c.Proxy.PoolMode)
 	setInt(&pr.PoolSize, 20)
 	setDuration(&pr.MaxReplicaLag, time.Second)
+	setString(&pr.Consistency, "read_your_writes")
 	setDuration(&pr.JWTLeeway, 30*time.Second)
 	if pr.StorageDir == "" && pr.Ref != "" {
 		pr.StorageDir = c.Provision.StorageRoot + "/" + pr.Ref
@@ -409,6 +412,11 @@ func (pr *Project) Validate() Problems {
 	}
 	if pr.PoolSize <= 0 {
 		add("pool_size", "must be positive")
+	}
+	switch pr.Consistency {
+	case "read_your_writes", "eventual", "primary_only":
+	default:
+		add("consistency", "must be \"read_your_writes\", \"eventual\" or \"primary_only\", not %q", pr.Consistency)
 	}
 	if pr.MaxReplicaLag.Duration <= 0 {
 		add("max_replica_lag", "must be a positive duration")

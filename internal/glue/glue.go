@@ -1,0 +1,64 @@
+// Package glue adapts auth/ and router/ to the interfaces the proxy declares.
+// The proxy knows nothing of JWTs or SQL; this is the one place that turns
+// their answers into what the wire layer needs.
+package glue
+
+import (
+	"context"
+	"errors"
+
+	"cascata/auth"
+	"cascata/proxy"
+	"cascata/router"
+)
+
+// Authenticator verifies JWT passwords with an auth.Verifier.
+type Authenticator struct{ V *auth.Verifier }
+
+// Authenticate implements proxy.Authenticator.
+func (a Authenticator) Authenticate(ctx context.Context, ref, userRole, token string) (proxy.Identity, error) {
+	id, err := a.V.Verify(ctx, ref, userRole, token)
+	var ae *auth.Error
+	if errors.As(err, &ae) {
+		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
+	}
+	if err != nil {
+		return proxy.Identity{}, err
+	}
+	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
+}
+
+// Classifier guards and routes statements with a router.Classifier.
+type Classifier struct{ C *router.Classifier }
+
+// NewClassifier returns a Classifier with the router's default caches.
+func NewClassifier() Classifier {
+	return Classifier{C: router.NewClassifier(router.Options{})}
+}
+
+// Classify implements proxy.Classifier.
+func (rc Classifier) Classify(_ string, sql string, trusted bool) proxy.Route {
+	d := rc.C.Classify(sql, router.Policy{TrustedRole: trusted})
+	r := proxy.Route{
+		Primary:       d.Target == router.Primary,
+		Reason:        d.Reason.String(),
+		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
+	}
+	if d.Refusal != nil {
+		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message}
+	}
+	switch d.Reason {
+	case router.ReasonTxControl, router.ReasonSessionState, router.ReasonHint, router.ReasonRead, router.ReasonEmpty, router.ReasonCursor:
+	default:
+		r.Writes = r.Primary
+	}
+	switch d.RouteHint {
+	case router.ForcePrimaryOnce:
+		r.Hint = proxy.HintPrimaryOnce
+	case router.SessionPrimary:
+		r.Hint = proxy.HintSessionPrimary
+	case router.SessionAuto:
+		r.Hint = proxy.HintSessionAuto
+	}
+	return r
+}

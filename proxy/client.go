@@ -1,0 +1,274 @@
+package proxy
+
+import (
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// maxBatchHold is how many bytes of extended-protocol messages the proxy
+// holds to route a batch whole; a larger batch goes to the primary as it comes.
+const maxBatchHold = 1 << 20
+
+// classify asks the configured Classifier about one SQL text.
+func (ss *session) classify(sql string) Route {
+	return ss.srv.classifier.Classify(ss.ref, sql, ss.trusted)
+}
+
+// attached reports whether a backend is attached.
+func (ss *session) attached() bool {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	return ss.be != nil
+}
+
+// takePendingErr returns and clears the error owed for a lost backend.
+func (ss *session) takePendingErr() error {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	perr := ss.pendingErr
+	if perr != nil && ss.be == nil {
+		ss.pendingErr = nil
+		return perr
+	}
+	return nil
+}
+
+// onQuery handles a simple query: guard, route hints, routing.
+func (ss *session) onQuery() error {
+	ss.metrics.queries.Inc()
+	body, err := ss.rd.body()
+	if err != nil {
+		return err
+	}
+	sql, ok := queryText(body)
+	if !ok {
+		ss.failLocal('Q', fatalError(CodeProtocolViolation, "invalid Query message"))
+		return nil
+	}
+	if perr := ss.takePendingErr(); perr != nil {
+		ss.failLocal('Q', perr)
+		return nil
+	}
+	r := ss.classify(sql)
+	if r.Hint == HintSessionPrimary || r.Hint == HintSessionAuto {
+		ss.routePrimary = r.Hint == HintSessionPrimary
+		if !ss.attached() {
+			ss.writeLocalComplete("SET")
+			return nil
+		}
+		// Inside a transaction it also goes to PostgreSQL, which takes it as
+		// a custom setting, so the replies keep their order.
+	}
+	var be *backend
+	if r.Refusal != nil {
+		if !ss.attached() {
+			ss.writeLocal(toErrorResponse(r.Refusal, false), 'I')
+			return nil
+		}
+		be, err = ss.claim(true, want{primary: true, reason: r.Reason})
+		if err != nil {
+			ss.failLocal('Q', err)
+			return nil
+		}
+		ss.mu.Lock()
+		ss.pushReplace(refusedSQL, refusalBody(r.Refusal))
+		ss.mu.Unlock()
+		body = appendCString(ss.scratch[:0], refusedSQL)
+		ss.scratch = body
+	} else {
+		be, err = ss.claim(true, want{primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason})
+		if err != nil {
+			ss.failLocal('Q', err)
+			return nil
+		}
+	}
+	defer ss.doneWriting()
+	ss.unnamedOnBackend = false // a simple query drops the unnamed statement
+	if err := writeMsg(be.wr, 'Q', body); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return ss.maybeFlushBackend(be, true)
+}
+
+// writeLocalComplete answers a statement the proxy consumed itself.
+func (ss *session) writeLocalComplete(tag string) {
+	ss.wmu.Lock()
+	defer ss.wmu.Unlock()
+	ss.scratch, _ = encodeTo(ss.wr, &pgproto3.CommandComplete{CommandTag: []byte(tag)}, ss.scratch)
+	_, _ = ss.wr.Write(msgRFQIdle)
+	_ = ss.wr.Flush()
+}
+
+// onExtended handles Parse, Bind, Describe, Close, Execute and FunctionCall.
+// With no backend attached the message is held until the batch's Sync or
+// Flush, so the batch is routed as a whole; otherwise it goes to the
+// attached backend at once.
+func (ss *session) onExtended(typ byte) error {
+	if typ == 'E' {
+		ss.metrics.queries.Inc()
+	}
+	body, err := ss.rd.body()
+	if err != nil {
+		return err
+	}
+	if !ss.attached() {
+		ss.batch = append(ss.batch, typ)
+		ss.batch = append(ss.batch, byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4))
+		ss.batch = append(ss.batch, body...)
+		if len(ss.batch) > maxBatchHold {
+			return ss.flushBatch(0)
+		}
+		return nil
+	}
+	var r *Route
+	w := ss.wantOf(typ, body, &r, nil)
+	be, err := ss.claim(false, w)
+	if err != nil {
+		ss.failLocal(typ, err)
+		return nil
+	}
+	defer ss.doneWriting()
+	ss.mu.Lock()
+	ss.out = ss.out[:0]
+	perr := ss.translate(be, typ, body, r)
+	out := ss.out
+	ss.mu.Unlock()
+	if perr != nil {
+		ss.writeLocal(toErrorResponse(perr, true), 0)
+		return perr
+	}
+	if _, err := be.wr.Write(out); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return ss.maybeFlushBackend(be, false)
+}
+
+// wantOf says what one extended-protocol message needs; a Parse is
+// classified and its Route stored in *r. parsed holds the statements parsed
+// earlier in the same held batch.
+func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]want) want {
+	switch typ {
+	case 'P':
+		name, rest, ok := cstring(body)
+		if !ok {
+			return want{primary: true}
+		}
+		sql, _, _ := cstring(rest)
+		rr := ss.classify(sql)
+		*r = &rr
+		w := want{primary: rr.Primary || rr.Refusal != nil || rr.Hint == HintPrimaryOnce, writes: rr.Writes, reason: rr.Reason}
+		if parsed != nil {
+			parsed[name] = w
+		}
+		return w
+	case 'B', 'D':
+		var name string
+		var ok bool
+		if typ == 'B' {
+			_, rest, ok1 := cstring(body)
+			if !ok1 {
+				return want{primary: true}
+			}
+			name, _, ok = cstring(rest)
+		} else {
+			if len(body) < 2 || body[0] != 'S' {
+				return want{reason: "read"}
+			}
+			name, _, ok = cstring(body[1:])
+		}
+		if !ok {
+			return want{primary: true}
+		}
+		if w, here := parsed[name]; here {
+			return w
+		}
+		st := ss.stmts[name]
+		if name == "" {
+			st = ss.unnamed
+		}
+		if st == nil {
+			return want{reason: "read"}
+		}
+		return want{primary: st.primary, writes: st.writes, reason: "prepared"}
+	case 'F':
+		return want{primary: true, writes: true, reason: "function_call"}
+	}
+	return want{reason: "read"}
+}
+
+// flushBatch routes and sends the held batch, ended by term ('S' Sync,
+// 'H' Flush, or 0 when the batch grew too large to hold).
+func (ss *session) flushBatch(term byte) error {
+	batch := ss.batch
+	ss.batch = nil
+	if perr := ss.takePendingErr(); perr != nil {
+		ss.failBatch(term, perr)
+		return nil
+	}
+	// Decide where the whole batch runs.
+	parsed := map[string]want{}
+	routes := make([]*Route, 0, 4)
+	w := want{reason: "read"}
+	for off := 0; off < len(batch); {
+		typ, body, next := splitMsg(batch, off)
+		var r *Route
+		mw := ss.wantOf(typ, body, &r, parsed)
+		routes = append(routes, r)
+		if mw.primary && !w.primary {
+			w.primary, w.reason = true, mw.reason
+		}
+		w.writes = w.writes || mw.writes
+		off = next
+	}
+	if term == 0 {
+		w.primary = true // the rest of a large batch is not seen yet
+	}
+	be, err := ss.claim(term == 'S', w)
+	if err != nil {
+		ss.failBatch(term, err)
+		return nil
+	}
+	defer ss.doneWriting()
+	ss.mu.Lock()
+	ss.out = ss.out[:0]
+	var perr error
+	i := 0
+	for off := 0; off < len(batch) && perr == nil; i++ {
+		typ, body, next := splitMsg(batch, off)
+		perr = ss.translate(be, typ, body, routes[i])
+		off = next
+	}
+	if term != 0 {
+		ss.appendMsg(term)
+	}
+	out := ss.out
+	ss.mu.Unlock()
+	if perr != nil {
+		ss.writeLocal(toErrorResponse(perr, true), 0)
+		return perr
+	}
+	if _, err := be.wr.Write(out); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	if term == 0 {
+		return nil
+	}
+	if err := be.wr.Flush(); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return nil
+}
+
+// failBatch answers a held batch that could not run.
+func (ss *session) failBatch(term byte, err error) {
+	if term == 'S' {
+		ss.writeLocal(toErrorResponse(err, false), 'I')
+		return
+	}
+	ss.failLocal('P', err)
+}
+
+// splitMsg returns the message at off in a held batch and the next offset.
+func splitMsg(b []byte, off int) (byte, []byte, int) {
+	n := int(b[off+1])<<24 | int(b[off+2])<<16 | int(b[off+3])<<8 | int(b[off+4])
+	return b[off], b[off+5 : off+1+n], off + 1 + n
+}

@@ -1,0 +1,84 @@
+package proxy
+
+import (
+	"errors"
+	"strconv"
+	"strings"
+)
+
+// Classifier decides for one SQL text whether it is refused and where it
+// may run. The proxy asks it for every simple query and every Parse; it
+// knows nothing of SQL itself. cmd/cascata adapts router.Classifier to it.
+type Classifier interface {
+	Classify(project, sql string, trustedRole bool) Route
+}
+
+// Route is a Classifier's answer.
+type Route struct {
+	// Primary: the text must run on the primary; otherwise it only reads.
+	Primary bool
+	// Writes: the text may change data, so a later read of the same client
+	// must see its effect (read-your-writes).
+	Writes bool
+	// Refusal, when set, is answered instead of running the text; it should
+	// have a SQLState method (42501 for the escalation guard).
+	Refusal error
+	// BeginReadOnly: the text starts a read-only transaction, which may run
+	// on a replica.
+	BeginReadOnly bool
+	// Hint is a routing instruction consumed by the proxy.
+	Hint Hint
+	// Reason is a short bounded label for metrics.
+	Reason string
+}
+
+// Hint is a client's routing instruction.
+type Hint uint8
+
+// Hints.
+const (
+	HintNone Hint = iota
+	// HintPrimaryOnce: /* cascata:primary */ in front of the statement.
+	HintPrimaryOnce
+	// HintSessionPrimary: SET cascata.route = 'primary'.
+	HintSessionPrimary
+	// HintSessionAuto: SET cascata.route = 'auto' (or RESET).
+	HintSessionAuto
+)
+
+// allPrimary is the Classifier used when none is configured: no guard, no
+// replica reads.
+type allPrimary struct{}
+
+func (allPrimary) Classify(string, string, bool) Route {
+	return Route{Primary: true, Writes: true, Reason: "no_router"}
+}
+
+// refusedSQL is sent in place of a refused statement inside a transaction:
+// it fails to parse, so PostgreSQL aborts the transaction (or skips to Sync)
+// exactly as for any error, and the proxy replaces the syntax error with
+// the refusal. The marker appears verbatim in PostgreSQL's message.
+const refusedSQL = "cascata_refused_statement"
+
+// refusalBody encodes a refusal as an ErrorResponse body.
+func refusalBody(err error) []byte {
+	msg, _ := toErrorResponse(err, false).Encode(nil)
+	return msg[5:]
+}
+
+// parseLSN parses a pg_lsn text such as "0/16B3748".
+func parseLSN(s string) (uint64, error) {
+	hi, lo, ok := strings.Cut(strings.TrimSpace(s), "/")
+	if !ok {
+		return 0, errors.New("invalid LSN " + strconv.Quote(s))
+	}
+	h, err := strconv.ParseUint(hi, 16, 32)
+	if err != nil {
+		return 0, err
+	}
+	l, err := strconv.ParseUint(lo, 16, 32)
+	if err != nil {
+		return 0, err
+	}
+	return h<<32 | l, nil
+}

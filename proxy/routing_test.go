@@ -1,0 +1,158 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+)
+
+// onReplica runs a query on c and reports whether the replica answered.
+func onReplica(t *testing.T, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}, sql string) bool {
+	t.Helper()
+	var rec bool
+	if err := q.QueryRow(context.Background(), sql).Scan(&rec); err != nil {
+		t.Fatalf("%s: %v", sql, err)
+	}
+	return rec
+}
+
+// waitReplicaRouting waits until the monitor has seen the replica.
+func waitReplicaRouting(t *testing.T, c *pgx.Conn) {
+	t.Helper()
+	waitFor(t, "reads to reach the replica", 5*time.Second, func() bool {
+		return onReplica(t, c, "SELECT pg_is_in_recovery()")
+	})
+}
+
+// TestRoutingTargets: reads land on the replica, writes, locking reads,
+// volatile functions and transactions on the primary.
+func TestRoutingTargets(t *testing.T) {
+	h := startProxy(t, harnessOpts{replicas: true})
+	for _, mode := range []string{"simple_protocol", "cache_statement"} {
+		t.Run(mode, func(t *testing.T) {
+			c := h.connectMode("p1", "service_role", "router", mode)
+			waitReplicaRouting(t, c)
+			// Reads of a client that has not written go to the replica.
+			for _, q := range []string{"SELECT pg_is_in_recovery()", "select PG_IS_IN_RECOVERY() where random() >= 0", "/* note */ SELECT pg_is_in_recovery()"} {
+				if !onReplica(t, c, q) {
+					t.Errorf("%s ran on the primary", q)
+				}
+			}
+			// Everything that writes or locks goes to the primary (a separate
+			// client: after a write, read-your-writes may hold reads back).
+			w := h.connectMode("p1", "service_role", "router-w", mode)
+			for _, q := range []string{
+				"SELECT pg_is_in_recovery() FROM (SELECT 1) s FOR UPDATE",
+				"SELECT pg_is_in_recovery() FROM (SELECT nextval('items_id_seq')) s",
+				"WITH x AS (INSERT INTO items (body) VALUES ('r') RETURNING id) SELECT pg_is_in_recovery() FROM x",
+				"/* cascata:primary */ SELECT pg_is_in_recovery()",
+				"SELECT pg_is_in_recovery() FROM (SELECT set_config('search_path', 'public', false)) s",
+			} {
+				if onReplica(t, w, q) {
+					t.Errorf("%s ran on the replica", q)
+				}
+			}
+			tx, err := c.Begin(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if onReplica(t, tx, "SELECT pg_is_in_recovery()") {
+				t.Error("a read inside BEGIN ran on the replica")
+			}
+			_ = tx.Rollback(context.Background())
+			ro, err := c.BeginTx(context.Background(), pgx.TxOptions{AccessMode: pgx.ReadOnly})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !onReplica(t, ro, "SELECT pg_is_in_recovery()") {
+				t.Error("a read inside BEGIN READ ONLY ran on the primary")
+			}
+			_ = ro.Rollback(context.Background())
+		})
+	}
+}
+
+// TestSessionRouteHint: SET cascata.route = 'primary' pins the session's
+// reads to the primary until 'auto'.
+func TestSessionRouteHint(t *testing.T) {
+	h := startProxy(t, harnessOpts{replicas: true})
+	c := h.connect("p2", "anon", "hint")
+	waitReplicaRouting(t, c)
+	if _, err := c.Exec(context.Background(), "SET cascata.route = 'primary'"); err != nil {
+		t.Fatal(err)
+	}
+	for range 3 {
+		if onReplica(t, c, "SELECT pg_is_in_recovery()") {
+			t.Fatal("read went to the replica with route = primary")
+		}
+	}
+	if _, err := c.Exec(context.Background(), "SET cascata.route TO 'auto'"); err != nil {
+		t.Fatal(err)
+	}
+	if !onReplica(t, c, "SELECT pg_is_in_recovery()") {
+		t.Fatal("read stayed on the primary with route = auto")
+	}
+}
+
+// TestReadYourWrites: with the replica applying WAL late, a client that
+// just wrote reads its row every time, while a client that never wrote
+// keeps reading from the replica.
+func TestReadYourWrites(t *testing.T) {
+	h := startProxy(t, harnessOpts{replicas: true})
+	ctx := context.Background()
+	writer := h.connect("p3", "service_role", "ryw")
+	reader := h.connect("p3", "service_role", "reader")
+	waitReplicaRouting(t, reader)
+	// Hold the replica's apply back by 300 ms for this test only.
+	rs := connectURL(t, cluster.Replica.SuperuserURL("postgres"))
+	setDelay := func(d string) {
+		if _, err := rs.Exec(ctx, "ALTER SYSTEM SET recovery_min_apply_delay = '"+d+"'"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := rs.Exec(ctx, "SELECT pg_reload_conf()"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	replicaP3 := connectURL(t, cluster.Replica.SuperuserURL("p3"))
+	setDelay("300ms")
+	t.Cleanup(func() { setDelay("0") })
+	time.Sleep(200 * time.Millisecond)
+	replicaReads, lagged := 0, 0
+	for i := range 500 {
+		body := fmt.Sprintf("ryw-%d", i)
+		if _, err := writer.Exec(ctx, "INSERT INTO items (body) VALUES ($1)", body); err != nil {
+			t.Fatal(err)
+		}
+		var n int
+		if err := writer.QueryRow(ctx, "SELECT count(*) FROM items WHERE body = $1", body).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n != 1 {
+			t.Fatalf("round %d: the writer did not see its own row", i)
+		}
+		// The replica really is behind: the row is not there yet.
+		if i%50 == 0 {
+			var m int
+			if err := replicaP3.QueryRow(ctx, "SELECT count(*) FROM items WHERE body = $1", body).Scan(&m); err != nil {
+				t.Fatal(err)
+			}
+			if m == 0 {
+				lagged++
+			}
+		}
+		if onReplica(t, reader, "SELECT pg_is_in_recovery()") {
+			replicaReads++
+		}
+	}
+	if lagged == 0 {
+		t.Fatal("the replica was never behind the writer: the test proves nothing")
+	}
+	if replicaReads < 400 {
+		t.Fatalf("only %d of 500 reads of a client without writes went to the replica", replicaReads)
+	}
+}

@@ -38,6 +38,8 @@ type backend struct {
 	// mode), guarded by the lock of the session the backend is attached to.
 	stmts map[string]*backendStmt
 	clock uint64
+	// settings are the client settings put in force here (see settings.go).
+	settings map[string]string
 }
 
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
@@ -47,9 +49,11 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
-	if _, err := pc.Prepare(ctx, identStmtName, identStmtSQL, nil); err != nil {
-		pc.Close(ctx)
-		return nil, fmt.Errorf("prepare identity statement on %s:%d: %w", cfg.Host, cfg.Port, err)
+	for _, st := range [][2]string{{identStmtName, identStmtSQL}, {setStmtName, setStmtSQL}, {resetStmtName, resetStmtSQL}} {
+		if _, err := pc.Prepare(ctx, st[0], st[1], nil); err != nil {
+			pc.Close(ctx)
+			return nil, fmt.Errorf("prepare %s on %s:%d: %w", st[0], cfg.Host, cfg.Port, err)
+		}
 	}
 	if err := pc.SyncConn(ctx); err != nil {
 		pc.Close(ctx)
@@ -152,4 +156,65 @@ func (b *backend) cancel(ctx context.Context) error {
 		return fmt.Errorf("wait for cancel: %w", err)
 	}
 	return nil
+}
+
+// simpleQuery runs one query on an idle backend that no client holds and
+// returns its rows as text (nil for NULL). The backend must be idle after it.
+func (b *backend) simpleQuery(sql string) ([][]*string, error) {
+	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
+	defer func() { _ = b.conn.SetDeadline(time.Time{}) }()
+	if err := writeMsg(b.wr, 'Q', append([]byte(sql), 0)); err != nil {
+		return nil, err
+	}
+	if err := b.wr.Flush(); err != nil {
+		return nil, err
+	}
+	var rows [][]*string
+	var qerr error
+	for {
+		typ, _, err := b.rd.next()
+		if err != nil {
+			return nil, err
+		}
+		switch typ {
+		case 'D':
+			body, err := b.rd.body()
+			if err != nil {
+				return nil, err
+			}
+			var dr pgproto3.DataRow
+			if err := dr.Decode(body); err != nil {
+				return nil, fmt.Errorf("decode row: %w", err)
+			}
+			row := make([]*string, len(dr.Values))
+			for i, v := range dr.Values {
+				if v != nil {
+					s := string(v)
+					row[i] = &s
+				}
+			}
+			rows = append(rows, row)
+		case 'E':
+			body, err := b.rd.body()
+			if err != nil {
+				return nil, err
+			}
+			var er pgproto3.ErrorResponse
+			_ = er.Decode(body)
+			qerr = fmt.Errorf("server error %s: %s", er.Code, er.Message)
+		case 'Z':
+			body, err := b.rd.body()
+			if err != nil {
+				return nil, err
+			}
+			if len(body) != 1 || body[0] != 'I' {
+				return nil, errors.New("backend not idle after an internal query")
+			}
+			return rows, qerr
+		default:
+			if err := b.rd.skip(); err != nil {
+				return nil, err
+			}
+		}
+	}
 }

@@ -75,7 +75,7 @@ func (ss *session) onQuery() error {
 		body = appendCString(ss.scratch[:0], refusedSQL)
 		ss.scratch = body
 	} else {
-		be, err = ss.claim(true, want{primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason})
+		be, err = ss.claim(true, want{primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 		if err != nil {
 			ss.failLocal('Q', err)
 			return nil
@@ -155,7 +155,7 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 		sql, _, _ := cstring(rest)
 		rr := ss.classify(sql)
 		*r = &rr
-		w := want{primary: rr.Primary || rr.Refusal != nil || rr.Hint == HintPrimaryOnce, writes: rr.Writes, reason: rr.Reason}
+		w := want{primary: rr.Primary || rr.Refusal != nil || rr.Hint == HintPrimaryOnce, writes: rr.Writes, reason: rr.Reason, gucs: rr.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
 		}
@@ -188,7 +188,7 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 		if st == nil {
 			return want{reason: "read"}
 		}
-		return want{primary: st.primary, writes: st.writes, reason: "prepared"}
+		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs}
 	case 'F':
 		return want{primary: true, writes: true, reason: "function_call"}
 	}
@@ -217,6 +217,7 @@ func (ss *session) flushBatch(term byte) error {
 			w.primary, w.reason = true, mw.reason
 		}
 		w.writes = w.writes || mw.writes
+		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}
 	if term == 0 {

@@ -27,6 +27,7 @@ type pool struct {
 	params  atomic.Pointer[map[string]string]
 	lastUse atomic.Int64 // unix nanos of the last acquire or release
 	waiting atomic.Int32 // acquirers blocked in this pool
+	open    atomic.Int32 // backends of this pool that exist
 	log     *slog.Logger
 }
 
@@ -92,6 +93,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 			b.close()
 			h.sem.Release(1)
 			h.open.Add(-1)
+			pl.open.Add(-1)
 			ps.metrics.serverClosed(ref)
 		},
 		MaxSize: int32(size),
@@ -127,6 +129,7 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 			return nil, err
 		}
 		pl.host.open.Add(1)
+		pl.open.Add(1)
 		ps.metrics.serverOpened(pl.ref)
 		if pl.params.Load() == nil {
 			params := b.params
@@ -136,7 +139,17 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 	}
 }
 
-// acquire takes one slot of the host's cap, waiting in FIFO order.
+// errHostBusy is returned by a constructor of a pool that already has
+// connections when the host has no free slot: its acquirer goes back to wait
+// for one of the pool's own connections instead of a new one.
+var errHostBusy = errors.New("host connection cap reached")
+
+// hostBusyWait is how long a pool that has connections waits for a new slot
+// before its acquirer looks at the pool's own connections again.
+const hostBusyWait = 20 * time.Millisecond
+
+// acquire takes one slot of the host's cap, waiting in FIFO order. A pool
+// that already has connections waits only briefly (errHostBusy).
 func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 	if h.sem.TryAcquire(1) {
 		return nil
@@ -151,19 +164,49 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 		}
 		h.mu.Unlock()
 	}()
-	h.evictIdle(p)
-	if err := h.sem.Acquire(ctx, 1); err != nil {
-		return fmt.Errorf("wait for a connection slot on %s: %w", h.key, err)
+	for {
+		// Idle connections of other pools free a slot at once.
+		h.evictIdle(p)
+		wctx, cancel := context.WithTimeout(ctx, hostBusyWait)
+		err := h.sem.Acquire(wctx, 1)
+		cancel()
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("wait for a connection slot on %s: %w", h.key, ctx.Err())
+		}
+		if p.open.Load() > 0 {
+			return errHostBusy
+		}
 	}
-	return nil
 }
 
-// othersWaiting reports whether pools other than p wait for a slot on this host.
-func (h *hostLimiter) othersWaiting(p *pool) bool {
+// shouldYield reports whether p should close a released connection so that
+// its slot goes to another pool: only when a pool waits for a slot that has
+// fewer connections than its fair share (the host's cap divided among the
+// pools that have connections or waiters) and p has at least two more than
+// that pool. Capacity so moves from rich to starved tenants, and balanced
+// load causes no reconnects.
+func (h *hostLimiter) shouldYield(p *pool) bool {
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
+		return false
+	}
+	active := 0
+	for q := range h.pools {
+		if q.open.Load() > 0 || h.waiters[q] > 0 {
+			active++
+		}
+	}
+	share := int32(h.cap / int64(max(active, 1)))
+	mine := p.open.Load()
 	for q, n := range h.waiters {
-		if q != p && n > 0 {
+		if q == p || n == 0 {
+			continue
+		}
+		if theirs := q.open.Load(); theirs < share && mine > theirs+1 {
 			return true
 		}
 	}
@@ -201,6 +244,9 @@ func (pl *pool) acquireBackend(ctx context.Context) (*puddle.Resource[*backend],
 	defer pl.waiting.Add(-1)
 	for {
 		res, err := pl.p.Acquire(ctx)
+		if errors.Is(err, errHostBusy) {
+			continue // the host is full: wait for one of this pool's own connections
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -213,10 +259,10 @@ func (pl *pool) acquireBackend(ctx context.Context) (*puddle.Resource[*backend],
 }
 
 // release returns a clean backend, or closes it when another tenant waits
-// for a slot on this host (fair sharing of the host cap).
+// for a slot on this host and this pool is above its fair share.
 func (pl *pool) release(res *puddle.Resource[*backend]) {
 	pl.lastUse.Store(time.Now().UnixNano())
-	if pl.host.othersWaiting(pl) {
+	if pl.host.shouldYield(pl) {
 		res.Destroy()
 		return
 	}

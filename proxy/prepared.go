@@ -45,6 +45,7 @@ type stmt struct {
 	rest      []byte // query text and parameter types as in Parse, after the name
 	primary   bool   // its text must run on the primary
 	writes    bool
+	gucs      []string // session settings it changes
 }
 
 // replyAction says what to do with one ParseComplete or CloseComplete.
@@ -190,7 +191,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 	}
 	var w want
 	if r != nil {
-		w = want{primary: r.Primary, writes: r.Writes}
+		w = want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs}
 	}
 	switch typ {
 	case 'P':
@@ -199,7 +200,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
@@ -212,7 +213,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.appendMsg('P', appendCString(nil, identStmtName), rest)
 			return nil
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs}
 		ss.stmts[name] = st
 		ss.prepareOn(be, st, true)
 	case 'B':

@@ -225,50 +225,12 @@ func (rs *replicaSet) pick(p *project, need uint64) *replicaTarget {
 // currentLSN asks the primary for its WAL position on an idle backend that
 // no client holds.
 func (b *backend) currentLSN() (uint64, error) {
-	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
-	defer b.conn.SetDeadline(time.Time{})
-	if err := writeMsg(b.wr, 'Q', []byte("SELECT pg_current_wal_lsn()\x00")); err != nil {
+	rows, err := b.simpleQuery("SELECT pg_current_wal_lsn()")
+	if err != nil {
 		return 0, err
 	}
-	if err := b.wr.Flush(); err != nil {
-		return 0, err
+	if len(rows) != 1 || len(rows[0]) != 1 || rows[0][0] == nil {
+		return 0, errors.New("no WAL position in reply")
 	}
-	var lsn uint64
-	var lsnErr error = errors.New("no WAL position in reply")
-	for {
-		typ, _, err := b.rd.next()
-		if err != nil {
-			return 0, err
-		}
-		switch typ {
-		case 'D':
-			body, err := b.rd.body()
-			if err != nil {
-				return 0, err
-			}
-			// one column: int16 count, int32 length, text
-			if len(body) >= 6 {
-				n := int(int32(uint32(body[2])<<24 | uint32(body[3])<<16 | uint32(body[4])<<8 | uint32(body[5])))
-				if n > 0 && 6+n <= len(body) {
-					lsn, lsnErr = parseLSN(string(body[6 : 6+n]))
-				}
-			}
-		case 'E':
-			body, _ := b.rd.body()
-			lsnErr = fmt.Errorf("server error: %q", body)
-		case 'Z':
-			body, err := b.rd.body()
-			if err != nil {
-				return 0, err
-			}
-			if len(body) != 1 || body[0] != 'I' {
-				return 0, errors.New("backend not idle after WAL position query")
-			}
-			return lsn, lsnErr
-		default:
-			if err := b.rd.skip(); err != nil {
-				return 0, err
-			}
-		}
-	}
+	return parseLSN(*rows[0][0])
 }

@@ -30,6 +30,10 @@ type Route struct {
 	Hint Hint
 	// Reason is a short bounded label for metrics.
 	Reason string
+	// SessionGUCs names the settings the text changes at session level;
+	// in transaction mode the proxy carries them to the client's later
+	// transactions.
+	SessionGUCs []string
 }
 
 // Hint is a client's routing instruction.

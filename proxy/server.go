@@ -349,7 +349,7 @@ func (s *Server) register(ss *session) error {
 		return fatalError(CodeAdminShutdown, "the proxy is shutting down")
 	}
 	for {
-		var b [12]byte
+		var b [8]byte
 		if _, err := rand.Read(b[:]); err != nil {
 			return fmt.Errorf("random key: %w", err)
 		}
@@ -358,7 +358,8 @@ func (s *Server) register(ss *session) error {
 			continue
 		}
 		ss.keyPID = pid
-		ss.keySecret = append([]byte(nil), b[4:12]...)
+		// Protocol 3.0 has a 4-byte secret; libpq refuses any other length.
+		ss.keySecret = append([]byte(nil), b[4:8]...)
 		s.sessions[pid] = ss
 		return nil
 	}

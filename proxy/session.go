@@ -64,13 +64,16 @@ type session struct {
 	out              []byte
 
 	// Routing (transaction mode).
-	trusted      bool   // the role may run DO and CREATE FUNCTION
-	routePrimary bool   // SET cascata.route = 'primary'
-	beReplica    bool   // the attached backend is a replica
-	unitWrites   bool   // the unit on the primary may have written
-	lastWriteLSN uint64 // primary WAL position after the client's last write
-	lsnPending   bool   // that position is being fetched
-	batch        []byte // extended-protocol messages held until Sync/Flush to route the batch whole
+	trusted      bool              // the role may run DO and CREATE FUNCTION
+	routePrimary bool              // SET cascata.route = 'primary'
+	beReplica    bool              // the attached backend is a replica
+	unitWrites   bool              // the unit on the primary may have written
+	lastWriteLSN uint64            // primary WAL position after the client's last write
+	lsnPending   bool              // that position is being fetched
+	settings     map[string]string // the client's session settings (transaction mode: carried across backends)
+	unitGUCs     []string          // settings changed in the running unit
+	gucsPending  bool              // their values are being read back
+	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
 
 	skipToSync bool // client side: an extended batch failed locally
 	attach     chan attachment
@@ -80,7 +83,7 @@ type session struct {
 
 type attachment struct {
 	be    *backend
-	setup bool // identity statement sent first; its replies are swallowed
+	setup int // identity and settings statements sent first; their replies are swallowed
 }
 
 func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
@@ -100,6 +103,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		attach:      make(chan attachment),
 		stmts:       map[string]*stmt{},
 		trusted:     slices.Contains(proj.cfg.TrustedRoles, id.Role),
+		settings:    startupSettings(params),
 		beDone:      make(chan struct{}),
 	}
 	ss.cond = sync.NewCond(&ss.mu)
@@ -112,14 +116,31 @@ func (ss *session) greet(ctx context.Context) error {
 	if enc, ok := ss.params["client_encoding"]; ok && !isUTF8(enc) {
 		return &Error{Code: "22023", Fatal: true, Message: "client_encoding " + enc + " is not supported; cascata speaks UTF8"}
 	}
+	// Startup settings are put in force with set_config, so they pass the
+	// same guard as a SET statement would: options=-c role=... is refused.
+	for name, v := range ss.settings {
+		stmt := `SET "` + strings.ReplaceAll(name, `"`, `""`) + `" TO '` + strings.ReplaceAll(v, "'", "''") + `'`
+		if r := ss.classify(stmt); r.Refusal != nil {
+			return &Error{Code: CodeInsufficientPrivs, Fatal: true, Message: "startup parameter " + name + " refused: " + r.Refusal.Error()}
+		}
+	}
 	params, err := ss.serverParams(ctx)
 	if err != nil {
 		return err
+	}
+	for name, v := range ss.settings {
+		for k := range params {
+			if strings.EqualFold(k, name) {
+				params[k] = v // the client's own value, as PostgreSQL would report it
+			}
+		}
 	}
 	params["application_name"] = ss.params["application_name"]
 	params["client_encoding"] = "UTF8"
 	params["session_authorization"] = ss.ident.Role
 	params["is_superuser"] = "off"
+	ss.wmu.Lock() // a shutdown may write to this client concurrently
+	defer ss.wmu.Unlock()
 	w := ss.wr
 	var buf []byte
 	if buf, err = encodeTo(w, &pgproto3.AuthenticationOk{}, buf); err != nil {
@@ -323,6 +344,9 @@ func (ss *session) forwardCopy(typ byte) error {
 		if isNetWriteErr(err) {
 			return ss.backendWriteFailed(be, err)
 		}
+		if isPartial(err) {
+			be.close() // half a message went out: the backend stream is lost
+		}
 		return err
 	}
 	return ss.maybeFlushBackend(be, typ != 'd')
@@ -361,6 +385,7 @@ type want struct {
 	primary bool // must run on the primary
 	writes  bool // may write: read-your-writes bookkeeping
 	reason  string
+	gucs    []string // session settings the message changes
 }
 
 // claim returns the attached backend, or attaches one, and records the
@@ -379,11 +404,12 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	if be := ss.be; be != nil {
 		ss.mark(boundary)
 		ss.unitWrites = ss.unitWrites || w.writes
+		ss.unitGUCs = append(ss.unitGUCs, w.gucs...)
 		ss.mu.Unlock()
 		return be, nil
 	}
-	for ss.lsnPending {
-		ss.cond.Wait() // the last write's WAL position is on its way
+	for ss.lsnPending || ss.gucsPending {
+		ss.cond.Wait() // the last unit's WAL position or settings are on their way
 	}
 	needLSN := ss.lastWriteLSN
 	ss.mu.Unlock()
@@ -443,27 +469,40 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		return nil, &Error{Code: CodeConnectionFailure, Message: "could not connect to the project's database", Err: err}
 	}
 	be := res.Value()
-	setup := be.identity != ss.identKey
+	identSetup := be.identity != ss.identKey
 	ss.mu.Lock()
 	ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
 	ss.beReplica = replica
 	ss.unitWrites = w.writes && !replica
-	ss.identPending = setup
+	ss.identPending = identSetup
 	ss.txStatus = 'I'
 	ss.mark(boundary)
 	ss.unnamedOnBackend = false
+	ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
 	ss.mu.Unlock()
-	ss.attach <- attachment{be: be, setup: setup}
-	if setup {
+	// The identity and the client's settings go first, in one write with
+	// the client's message: no extra round trip.
+	buf := ss.scratch[:0]
+	n := 0
+	if identSetup {
 		be.identity = ss.identKey
 		bind := pgproto3.Bind{PreparedStatement: identStmtName, Parameters: [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims)}}
-		ss.scratch, err = encodeTo(be.wr, &bind, ss.scratch)
-		if err == nil {
-			ss.scratch, err = encodeTo(be.wr, &pgproto3.Execute{}, ss.scratch)
+		if buf, err = bind.Encode(buf); err == nil {
+			buf, err = (&pgproto3.Execute{}).Encode(buf)
 		}
-		if err != nil {
-			be.close()
-		}
+		n++
+	}
+	var ns int
+	if err == nil {
+		buf, ns, err = settingsSetup(buf, be, ss.settings)
+		n += ns
+	}
+	ss.scratch = buf
+	ss.attach <- attachment{be: be, setup: n}
+	if err != nil {
+		be.close()
+	} else if _, err := be.wr.Write(buf); err != nil {
+		be.close()
 	}
 	return be, nil
 }
@@ -548,20 +587,24 @@ func (ss *session) relay(a attachment) {
 			ss.backendLost(be, err, fatal)
 			return
 		}
-		if setup {
+		if setup > 0 {
 			switch typ {
 			case 'C':
-				setup = false
+				setup--
 				continue
 			case 'E':
 				body, _ := be.rd.body()
 				var er pgproto3.ErrorResponse
 				_ = er.Decode(body)
-				ss.srv.log.Warn("identity could not be applied", "project", ss.ref, "role", ss.ident.Role, "sqlstate", er.Code, "message", er.Message)
+				ss.srv.log.Warn("identity or settings could not be applied", "project", ss.ref, "role", ss.ident.Role, "sqlstate", er.Code, "message", er.Message)
 				unlock()
 				be.close()
-				ss.backendLost(be, errors.New("identity statement failed"),
-					&pgproto3.ErrorResponse{Code: CodeInsufficientPrivs, Message: "cascata could not assume role " + ss.ident.Role + ": " + er.Message})
+				code := er.Code
+				if code == "" || strings.HasPrefix(code, "28") || code == "42704" {
+					code = CodeInsufficientPrivs
+				}
+				ss.backendLost(be, errors.New("identity or settings statement failed"),
+					&pgproto3.ErrorResponse{Code: code, Message: "cascata could not put the session in force (role " + ss.ident.Role + "): " + er.Message})
 				return
 			default:
 				continue // BindComplete, DataRow, notices of the identity statement
@@ -713,6 +756,11 @@ func (ss *session) relay(a attachment) {
 				continue
 			}
 			if err := be.rd.forward(ss.wr); err != nil {
+				if isPartial(err) && !isNetWriteErr(err) {
+					// Half a reply reached the client: it cannot be told
+					// apart from the rest any more, so it is disconnected.
+					_ = ss.conn.Close()
+				}
 				if isNetWriteErr(err) {
 					// The client is gone; keep draining the backend.
 					ss.mu.Lock()
@@ -736,7 +784,8 @@ type unit struct {
 	proj     *project
 	clean    bool
 	stopping bool
-	fetchLSN bool // ask the primary for its WAL position before release
+	fetchLSN bool     // ask the primary for its WAL position before release
+	readGUCs []string // read back the settings the unit changed before release
 }
 
 // detachLocked clears the attachment; call with mu held, then finishUnit
@@ -747,7 +796,12 @@ func (ss *session) detachLocked(clean bool) *unit {
 		u.fetchLSN = true
 		ss.lsnPending = true
 	}
+	if clean && len(ss.unitGUCs) > 0 && !ss.clientGone && !ss.sessionMode {
+		u.readGUCs = slices.Clone(ss.unitGUCs)
+		ss.gucsPending = true
+	}
 	ss.unitWrites = false
+	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
 	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
@@ -757,6 +811,32 @@ func (ss *session) detachLocked(clean bool) *unit {
 
 // finishUnit gives the backend back (clean) or closes it, and ends the unit.
 func (ss *session) finishUnit(u *unit) {
+	if u.readGUCs != nil {
+		be := u.res.Value()
+		vals, err := be.readSettings(u.readGUCs)
+		ss.mu.Lock()
+		if err == nil {
+			if be.settings == nil {
+				be.settings = map[string]string{}
+			}
+			for _, name := range u.readGUCs {
+				if v := vals[name]; v != nil {
+					ss.settings[name] = *v
+					be.settings[name] = *v
+				} else {
+					delete(ss.settings, name)
+					delete(be.settings, name)
+				}
+			}
+		}
+		ss.gucsPending = false
+		ss.cond.Broadcast()
+		ss.mu.Unlock()
+		if err != nil {
+			ss.srv.log.Warn("could not read back session settings", "project", ss.ref, "error", err)
+			u.clean = false
+		}
+	}
 	if u.fetchLSN {
 		lsn, err := u.res.Value().currentLSN()
 		ss.mu.Lock()
@@ -867,10 +947,13 @@ func (ss *session) finish() {
 	if ss.sessionMode {
 		out = append(out, queryMsg("DISCARD ALL")...)
 		out = append(out, mustEncode(&pgproto3.Parse{Name: identStmtName, Query: identStmtSQL})...)
+		out = append(out, mustEncode(&pgproto3.Parse{Name: setStmtName, Query: setStmtSQL})...)
+		out = append(out, mustEncode(&pgproto3.Parse{Name: resetStmtName, Query: resetStmtSQL})...)
 		out = append(out, msgSync...)
 		ss.pending += 2
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
+		be.settings = nil
 	}
 	ss.writing = true
 	ss.mu.Unlock()

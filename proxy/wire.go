@@ -3,6 +3,7 @@ package proxy
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 
@@ -93,28 +94,47 @@ func (m *msgReader) body() ([]byte, error) {
 	return b, nil
 }
 
-// forward writes the current message, header and body, to w without decoding it.
+// errPartial wraps a failure after part of a message was written: the
+// stream it was written to is out of step and must be closed.
+type errPartial struct{ err error }
+
+func (e *errPartial) Error() string { return "message cut short: " + e.err.Error() }
+func (e *errPartial) Unwrap() error { return e.err }
+
+// isPartial reports whether err left a half-written message behind.
+func isPartial(err error) bool {
+	var p *errPartial
+	return errors.As(err, &p)
+}
+
+// forward writes the current message, header and body, to w without
+// decoding it. A message that fits the read buffer is read whole before
+// anything is written; a larger one is streamed, and a failure midway
+// returns an errPartial.
 func (m *msgReader) forward(w *bufio.Writer) error {
 	m.taken = true
 	var hdr [5]byte
 	hdr[0] = m.typ
 	binary.BigEndian.PutUint32(hdr[1:], uint32(m.n+4))
-	if _, err := w.Write(hdr[:]); err != nil {
-		return err
-	}
 	if m.n <= m.r.Size() {
 		b, err := m.r.Peek(m.n)
 		if err != nil {
 			return unexpectedEOF(err)
 		}
-		if _, err := w.Write(b); err != nil {
+		if _, err := w.Write(hdr[:]); err != nil {
 			return err
+		}
+		if _, err := w.Write(b); err != nil {
+			return &errPartial{err}
 		}
 		_, _ = m.r.Discard(m.n)
 		return nil
 	}
+	if _, err := w.Write(hdr[:]); err != nil {
+		return err
+	}
 	if _, err := io.CopyN(w, m.r, int64(m.n)); err != nil {
-		return unexpectedEOF(err)
+		return &errPartial{unexpectedEOF(err)}
 	}
 	return nil
 }

@@ -43,6 +43,7 @@ func (rc Classifier) Classify(_ string, sql string, trusted bool) proxy.Route {
 		Primary:       d.Target == router.Primary,
 		Reason:        d.Reason.String(),
 		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
+		SessionGUCs:   d.SessionGUCs,
 	}
 	if d.Refusal != nil {
 		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message}

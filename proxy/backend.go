@@ -19,7 +19,7 @@ import (
 // force with two parameters, so role names and claims are never spliced into SQL.
 const (
 	identStmtName = "cascata_ident"
-	identStmtSQL  = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false)"
+	identStmtSQL  = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false), pg_catalog.set_config('request.jwt.claims_mac', $3, false)"
 )
 
 // backend is one hijacked server connection.

@@ -16,6 +16,7 @@ import (
 	"cascata/internal/glue"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
+	"cascata/internal/projectdb"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -31,6 +32,9 @@ const (
 
 // testProjects are created once in the shared cluster.
 var testProjects = []string{"p1", "p2", "p3"}
+
+// claimKeys are the projects' cascata.keys, for signed claims.
+var claimKeys = map[string][]byte{}
 
 func TestMain(m *testing.M) {
 	os.Exit(pgtest.Main(m, pgcluster.Options{Replica: true}, &cluster, setupProjects))
@@ -55,6 +59,11 @@ func setupProjects(ctx context.Context, c *pgcluster.Cluster) error {
 		if err != nil {
 			return fmt.Errorf("set up %s: %w", ref, err)
 		}
+		key, err := projectdb.Install(ctx, c.Primary.SuperuserURL(ref))
+		if err != nil {
+			return err
+		}
+		claimKeys[ref] = key
 	}
 	return nil
 }
@@ -108,6 +117,7 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 			PoolSize:    ho.poolSize,
 			SessionMode: ho.sessionMode,
 			Consistency: ho.consistency,
+			ClaimsMAC:   func(claims string) string { return projectdb.ClaimsMAC(claimKeys[ref], claims) },
 		}
 		if ho.replicas {
 			pc.ReplicaURLs = []string{cluster.Replica.URL("authenticator", loginPassword, ref)}

@@ -45,6 +45,12 @@ type ProjectConfig struct {
 	// Consistency of reads: ConsistencyReadYourWrites (default),
 	// ConsistencyEventual or ConsistencyPrimaryOnly.
 	Consistency string
+	// ClaimsMAC, when set, signs a client's claims; the MAC is put in force
+	// as request.jwt.claims_mac next to the claims, for cascata.claims().
+	ClaimsMAC func(claims string) string
+	// RoleURLs gives roles their own login (role_logins): backends of a
+	// client with that role log in as it, in pools of their own.
+	RoleURLs map[string]string
 }
 
 // Options configure a Server. Zero values take the defaults named.
@@ -121,7 +127,8 @@ func (o *Options) defaults() {
 type project struct {
 	cfg        ProjectConfig
 	primary    *pgconn.Config
-	primaryMon *monitor // nil without replicas
+	rolePrim   map[string]*pgconn.Config // role_logins
+	primaryMon *monitor                  // nil without replicas
 	replicas   []replicaTarget
 	turn       atomic.Uint64 // round robin among fit replicas
 	metrics    *projectMetrics
@@ -207,6 +214,16 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 		}
 		g, _ := s.gates.LoadOrStore(c.Ref, newGate())
 		p := &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate)}
+		for role, u := range c.RoleURLs {
+			rc, err := pgconn.ParseConfig(u)
+			if err != nil {
+				return fmt.Errorf("project %s: role_logins.%s: %w", c.Ref, role, err)
+			}
+			if p.rolePrim == nil {
+				p.rolePrim = map[string]*pgconn.Config{}
+			}
+			p.rolePrim[role] = rc
+		}
 		for _, u := range c.ReplicaURLs {
 			rc, err := pgconn.ParseConfig(u)
 			if err != nil {

@@ -29,6 +29,7 @@ type session struct {
 	ref         string
 	ident       Identity
 	identKey    string
+	claimsMAC   string
 	params      map[string]string
 	sessionMode bool
 	keyPID      uint32
@@ -96,6 +97,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		ref:         ref,
 		ident:       id,
 		identKey:    id.Role + "\x00" + id.Claims,
+		claimsMAC:   macOf(proj.cfg.ClaimsMAC, id.Claims),
 		params:      params,
 		sessionMode: proj.cfg.SessionMode,
 		metrics:     proj.metrics,
@@ -429,7 +431,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		err     error
 		replica bool
 	)
-	if !w.primary && !ss.routePrimary && !ss.sessionMode {
+	if !w.primary && !ss.routePrimary && !ss.sessionMode && proj.rolePrim[ss.ident.Role] == nil {
 		if rt := ss.srv.replicas.pick(proj, needLSN); rt != nil {
 			pl, err = ss.srv.pools.get(ss.ref, rt.url, proj.cfg.PoolSize, rt.cfg)
 			if err == nil {
@@ -448,8 +450,12 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	}
 	if res == nil {
 		ss.srv.metrics.route(ss.ref, "primary", w.reason)
+		url, cfg := proj.cfg.DatabaseURL, proj.primary
+		if rc := proj.rolePrim[ss.ident.Role]; rc != nil {
+			url, cfg = proj.cfg.RoleURLs[ss.ident.Role], rc
+		}
 		for range 3 {
-			pl, err = ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+			pl, err = ss.srv.pools.get(ss.ref, url, proj.cfg.PoolSize, cfg)
 			if err != nil {
 				break
 			}
@@ -486,7 +492,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	n := 0
 	if identSetup {
 		be.identity = ss.identKey
-		bind := pgproto3.Bind{PreparedStatement: identStmtName, Parameters: [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims)}}
+		bind := pgproto3.Bind{PreparedStatement: identStmtName, Parameters: [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}}
 		if buf, err = bind.Encode(buf); err == nil {
 			buf, err = (&pgproto3.Execute{}).Encode(buf)
 		}
@@ -1022,4 +1028,11 @@ func (ss *session) kill() {
 		be.close()
 	}
 	_ = ss.conn.Close()
+}
+
+func macOf(f func(string) string, claims string) string {
+	if f == nil {
+		return ""
+	}
+	return f(claims)
 }

@@ -142,6 +142,10 @@ type Project struct {
 	AnonRole string `toml:"anon_role"`
 	// TrustedRoles may run DO blocks and CREATE FUNCTION. Default none.
 	TrustedRoles []string `toml:"trusted_roles"`
+	// RoleLogins gives roles their own login URL: backends of such clients
+	// log in as the role (no SET ROLE into it, no membership needed), in
+	// pools of their own, on the primary. Default none.
+	RoleLogins map[string]string `toml:"role_logins"`
 	// PoolMode overrides [proxy].pool_mode for this project.
 	PoolMode string `toml:"pool_mode"`
 	// PoolSize is the number of backend connections of this project per host. Default 20.
@@ -401,6 +405,14 @@ func (pr *Project) Validate() Problems {
 	}
 	if pr.AnonRole != "" && !slices.Contains(pr.Roles, pr.AnonRole) {
 		add("anon_role", "%q is not in roles", pr.AnonRole)
+	}
+	for role, u := range pr.RoleLogins {
+		if !slices.Contains(pr.Roles, role) {
+			add("role_logins."+role, "%q is not in roles", role)
+		}
+		if err := checkPostgresURL(u); err != nil {
+			add("role_logins."+role, "%v", err)
+		}
 	}
 	for i, r := range pr.TrustedRoles {
 		if !slices.Contains(pr.Roles, r) {

@@ -242,3 +242,7 @@ func waitFor(t testing.TB, what string, d time.Duration, cond func() bool) {
 func connectURL(t testing.TB, u string) *pgx.Conn {
 	return pgtest.Connect(t, u)
 }
+
+func connectRaw(ctx context.Context, u string) (*pgx.Conn, error) {
+	return pgx.Connect(ctx, u)
+}

@@ -90,7 +90,12 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 	ver := auth.NewVerifier()
 	ho.opts.Auth = glue.Authenticator{V: ver}
 	if ho.opts.Classifier == nil {
-		ho.opts.Classifier = glue.NewClassifier()
+		cls := glue.NewClassifier()
+		for _, ref := range testProjects {
+			cls.SetFunctions(ref, glue.NewFunctions(cluster.Primary.URL("authenticator", loginPassword, ref), nil, nil, slog.Default()))
+		}
+		t.Cleanup(cls.Close)
+		ho.opts.Classifier = cls
 	}
 	if ho.opts.Logger == nil {
 		ho.opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))

@@ -156,3 +156,33 @@ func TestReadYourWrites(t *testing.T) {
 		t.Fatalf("only %d of 500 reads of a client without writes went to the replica", replicaReads)
 	}
 }
+
+// TestFunctionVolatilityLearnt: a read calling the project's own STABLE
+// function goes to the primary until its volatility is learnt from
+// pg_proc, then to the replica; a VOLATILE one stays on the primary.
+func TestFunctionVolatilityLearnt(t *testing.T) {
+	ctx := context.Background()
+	owner := connectURL(t, cluster.Primary.SuperuserURL("p2"))
+	for _, q := range []string{
+		`CREATE OR REPLACE FUNCTION public.where_am_i_stable() RETURNS bool STABLE LANGUAGE sql AS 'SELECT pg_is_in_recovery()'`,
+		`CREATE OR REPLACE FUNCTION public.where_am_i_volatile() RETURNS bool VOLATILE LANGUAGE sql AS 'SELECT pg_is_in_recovery()'`,
+	} {
+		if _, err := owner.Exec(ctx, q); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cluster.WaitReplicaCaughtUp(ctx); err != nil {
+		t.Fatal(err)
+	}
+	h := startProxy(t, harnessOpts{replicas: true})
+	c := h.connect("p2", "anon", "fn")
+	waitReplicaRouting(t, c)
+	waitFor(t, "the stable function to be learnt and read on the replica", 5*time.Second, func() bool {
+		return onReplica(t, c, "SELECT where_am_i_stable()")
+	})
+	for range 5 {
+		if onReplica(t, c, "SELECT where_am_i_volatile()") {
+			t.Fatal("a volatile function ran on the replica")
+		}
+	}
+}

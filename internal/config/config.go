@@ -154,6 +154,10 @@ type Project struct {
 	MaxReplicaLag Duration `toml:"max_replica_lag"`
 	// Consistency of reads: "read_your_writes" (default), "eventual" or "primary_only".
 	Consistency string `toml:"consistency"`
+	// ReadOnlyFunctions and WriteFunctions override what pg_proc says of the
+	// project's functions for routing ("name" or "schema.name"). Default none.
+	ReadOnlyFunctions []string `toml:"read_only_functions"`
+	WriteFunctions    []string `toml:"write_functions"`
 	// StorageDir holds the project's files. Default [provision].storage_root/<ref>.
 	StorageDir string `toml:"storage_dir"`
 }

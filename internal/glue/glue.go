@@ -6,6 +6,7 @@ package glue
 import (
 	"context"
 	"errors"
+	"sync"
 
 	"cascata/auth"
 	"cascata/proxy"
@@ -28,17 +29,50 @@ func (a Authenticator) Authenticate(ctx context.Context, ref, userRole, token st
 	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
 }
 
-// Classifier guards and routes statements with a router.Classifier.
-type Classifier struct{ C *router.Classifier }
+// Classifier guards and routes statements with a router.Classifier, with a
+// table of each project's own functions.
+type Classifier struct {
+	C     *router.Classifier
+	funcs sync.Map // project ref -> *Functions
+}
 
 // NewClassifier returns a Classifier with the router's default caches.
-func NewClassifier() Classifier {
-	return Classifier{C: router.NewClassifier(router.Options{})}
+func NewClassifier() *Classifier {
+	return &Classifier{C: router.NewClassifier(router.Options{})}
+}
+
+// SetFunctions installs (or, with nil, removes) a project's function table.
+func (rc *Classifier) SetFunctions(ref string, f *Functions) {
+	if old, ok := rc.funcs.Load(ref); ok && old.(*Functions) != f {
+		old.(*Functions).Close()
+	}
+	if f == nil {
+		rc.funcs.Delete(ref)
+		return
+	}
+	rc.funcs.Store(ref, f)
+}
+
+// Close stops every function lookup.
+func (rc *Classifier) Close() {
+	rc.funcs.Range(func(_, v any) bool {
+		v.(*Functions).Close()
+		return true
+	})
 }
 
 // Classify implements proxy.Classifier.
-func (rc Classifier) Classify(_ string, sql string, trusted bool) proxy.Route {
-	d := rc.C.Classify(sql, router.Policy{TrustedRole: trusted})
+func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.Route {
+	pol := router.Policy{TrustedRole: trusted}
+	var fns *Functions
+	if v, ok := rc.funcs.Load(project); ok {
+		fns = v.(*Functions)
+		pol.Functions = fns
+	}
+	d := rc.C.Classify(sql, pol)
+	if fns != nil && len(d.UnknownFunctions) > 0 {
+		fns.learn(d.UnknownFunctions)
+	}
 	r := proxy.Route{
 		Primary:       d.Target == router.Primary,
 		Reason:        d.Reason.String(),

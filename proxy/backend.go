@@ -20,6 +20,9 @@ import (
 const (
 	identStmtName = "cascata_ident"
 	identStmtSQL  = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false), pg_catalog.set_config('request.jwt.claims_mac', $3, false)"
+	// checkStmt fails (division by zero) unless the identity is in force.
+	checkStmtName = "cascata_check"
+	checkStmtSQL  = "SELECT pg_catalog.int4div(1, (pg_catalog.current_setting('role') = $1 AND pg_catalog.current_setting('request.jwt.claims', true) IS NOT DISTINCT FROM $2)::int)"
 )
 
 // backend is one hijacked server connection.
@@ -49,7 +52,7 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
-	for _, st := range [][2]string{{identStmtName, identStmtSQL}, {setStmtName, setStmtSQL}, {resetStmtName, resetStmtSQL}} {
+	for _, st := range [][2]string{{identStmtName, identStmtSQL}, {setStmtName, setStmtSQL}, {resetStmtName, resetStmtSQL}, {checkStmtName, checkStmtSQL}} {
 		if _, err := pc.Prepare(ctx, st[0], st[1], nil); err != nil {
 			pc.Close(ctx)
 			return nil, fmt.Errorf("prepare %s on %s:%d: %w", st[0], cfg.Host, cfg.Port, err)

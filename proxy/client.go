@@ -58,35 +58,60 @@ func (ss *session) onQuery() error {
 		// Inside a transaction it also goes to PostgreSQL, which takes it as
 		// a custom setting, so the replies keep their order.
 	}
-	var be *backend
 	if r.Refusal != nil {
-		if !ss.attached() {
-			ss.writeLocal(toErrorResponse(r.Refusal, false), 'I')
-			return nil
-		}
-		be, err = ss.claim(true, want{primary: true, reason: r.Reason})
-		if err != nil {
-			ss.failLocal('Q', err)
-			return nil
-		}
-		ss.mu.Lock()
-		ss.pushReplace(refusedSQL, refusalBody(r.Refusal))
-		ss.mu.Unlock()
-		body = appendCString(ss.scratch[:0], refusedSQL)
-		ss.scratch = body
-	} else {
-		be, err = ss.claim(true, want{primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
-		if err != nil {
-			ss.failLocal('Q', err)
-			return nil
-		}
+		return ss.refuse(r.Refusal)
+	}
+	be, err := ss.claim(true, want{primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	if err != nil {
+		ss.failLocal('Q', err)
+		return nil
 	}
 	defer ss.doneWriting()
 	ss.unnamedOnBackend = false // a simple query drops the unnamed statement
+	ss.mu.Lock()
+	if ss.be == be && ss.replayOK && len(ss.replay) == 0 {
+		ss.keepReplay(append(append(ss.out[:0], 'Q', byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4)), body...))
+	}
+	ss.mu.Unlock()
 	if err := writeMsg(be.wr, 'Q', body); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
+}
+
+// refuse answers a refused simple query or function call (both end with
+// ReadyForQuery). Outside a transaction the proxy answers itself; inside one
+// a statement that fails to parse goes to the backend in its place, so the
+// transaction is aborted as by any error, and its error is replaced.
+func (ss *session) refuse(refusal error) error {
+	if !ss.attached() {
+		ss.writeLocal(toErrorResponse(refusal, false), 'I')
+		return nil
+	}
+	be, err := ss.claim(true, want{primary: true, reason: "refused"})
+	if err != nil {
+		ss.failLocal('Q', err)
+		return nil
+	}
+	defer ss.doneWriting()
+	ss.mu.Lock()
+	ss.pushReplace(refusedSQL, refusalBody(refusal))
+	ss.mu.Unlock()
+	ss.scratch = appendCString(ss.scratch[:0], refusedSQL)
+	if err := writeMsg(be.wr, 'Q', ss.scratch); err != nil {
+		return ss.backendWriteFailed(be, err)
+	}
+	return ss.maybeFlushBackend(be, true)
+}
+
+// onFunctionCall refuses the fast-path FunctionCall message: it names a
+// function by OID with arguments the guard cannot see as SQL (set_config
+// among them), and no driver needs it for ordinary work.
+func (ss *session) onFunctionCall() error {
+	if err := ss.rd.skip(); err != nil {
+		return err
+	}
+	return ss.refuse(&Error{Code: CodeInsufficientPrivs, Message: "the fast-path function call protocol is not allowed through cascata; call the function in a query"})
 }
 
 // writeLocalComplete answers a statement the proxy consumed itself.
@@ -189,8 +214,6 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 			return want{reason: "read"}
 		}
 		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs}
-	case 'F':
-		return want{primary: true, writes: true, reason: "function_call"}
 	}
 	return want{reason: "read"}
 }
@@ -242,6 +265,11 @@ func (ss *session) flushBatch(term byte) error {
 		ss.appendMsg(term)
 	}
 	out := ss.out
+	if term == 'S' && ss.replayOK && len(ss.replay) == 0 {
+		ss.keepReplay(out)
+	} else {
+		ss.replayOK = false
+	}
 	ss.mu.Unlock()
 	if perr != nil {
 		ss.writeLocal(toErrorResponse(perr, true), 0)

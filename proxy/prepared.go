@@ -215,6 +215,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		}
 		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs}
 		ss.stmts[name] = st
+		ss.replayOK = false // its translation depends on this backend
 		ss.prepareOn(be, st, true)
 	case 'B':
 		portal, r1, ok := cstring(body)
@@ -260,6 +261,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		}
 		ss.push(&ss.closeQ, queued{action: replyPass})
 		if body[0] == 'S' && name != "" {
+			ss.replayOK = false
 			// The backend's statement may serve other clients: keep it.
 			delete(ss.stmts, name)
 			ss.appendMsg('C', closeMsgBody(noopStmtName))
@@ -279,6 +281,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 // preparing it there first if needed; an unknown name maps to a stand-in
 // that fails with 26000.
 func (ss *session) stmtTarget(be *backend, name string) string {
+	ss.replayOK = false // the translation depends on this backend's statements
 	st := ss.stmts[name]
 	if st == nil {
 		ss.pushRename(missingStmtName, name)

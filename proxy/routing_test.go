@@ -3,6 +3,8 @@ package proxy_test
 import (
 	"context"
 	"fmt"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -185,4 +187,79 @@ func TestFunctionVolatilityLearnt(t *testing.T) {
 			t.Fatal("a volatile function ran on the replica")
 		}
 	}
+}
+
+// TestReplicaStoppedUnderLoad: 20 clients read while the replica is
+// stopped with -m immediate: no client sees an error, reads move to the
+// primary, and come back to the replica after it restarts.
+func TestReplicaStoppedUnderLoad(t *testing.T) {
+	h := startProxy(t, harnessOpts{replicas: true})
+	ctx := context.Background()
+	probe := h.connect("p1", "anon", "probe")
+	waitReplicaRouting(t, probe)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	var reads, onRep, onPrim atomic.Int64
+	errs := make(chan error, 20)
+	for i := range 20 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			// Reads using named prepared statements are not replayed on the
+			// primary (their translation belongs to the replica's backend):
+			// this test covers simple and unnamed extended queries.
+			mode := []string{"simple_protocol", "exec", "describe_exec"}[i%3]
+			c := h.connectMode("p1", "anon", fmt.Sprintf("load-%d", i), mode)
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				var rec bool
+				if err := c.QueryRow(ctx, "SELECT pg_is_in_recovery() FROM (SELECT count(*) FROM items) s").Scan(&rec); err != nil {
+					errs <- fmt.Errorf("client %d (%s): %w", i, mode, err)
+					return
+				}
+				reads.Add(1)
+				if rec {
+					onRep.Add(1)
+				} else {
+					onPrim.Add(1)
+				}
+			}
+		}()
+	}
+	time.Sleep(500 * time.Millisecond)
+	before := onRep.Load()
+	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := cluster.Replica.Stop(sctx, "immediate"); err != nil {
+		t.Fatal(err)
+	}
+	restarted := false
+	defer func() {
+		if !restarted {
+			_ = cluster.Replica.Start(context.Background())
+		}
+	}()
+	time.Sleep(700 * time.Millisecond)
+	primBefore := onPrim.Load()
+	time.Sleep(300 * time.Millisecond)
+	if onPrim.Load() == primBefore {
+		t.Error("reads did not move to the primary while the replica was down")
+	}
+	if err := cluster.Replica.Start(sctx); err != nil {
+		t.Fatal(err)
+	}
+	restarted = true
+	repAfter := onRep.Load()
+	waitFor(t, "reads to come back to the replica", 10*time.Second, func() bool { return onRep.Load() > repAfter+20 })
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	t.Logf("%d reads: %d on the replica (%d before the stop), %d on the primary", reads.Load(), onRep.Load(), before, onPrim.Load())
 }

@@ -75,6 +75,13 @@ type session struct {
 	unitGUCs     []string          // settings changed in the running unit
 	gucsPending  bool              // their values are being read back
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
+	// A read unit on a replica whose replica dies before any reply reached
+	// the client is run again on the primary (see retryOnPrimary).
+	replay   []byte         // the unit's bytes as sent (without identity/settings)
+	replayQ  [2][]queued    // parseQ and closeQ right after they were sent
+	replayOK bool           // the unit is one send and may be replayed
+	retrying bool           // the backend goroutine is moving the unit
+	beTarget *replicaTarget // the replica of the attached backend
 
 	skipToSync bool // client side: an extended batch failed locally
 	attach     chan attachment
@@ -84,8 +91,22 @@ type session struct {
 
 type attachment struct {
 	be    *backend
-	setup int // identity and settings statements sent first; their replies are swallowed
+	setup setupPlan // sent first; its replies are swallowed
 }
+
+// setupPlan is what precedes a client's first message on a backend: a
+// group of statements (identity, settings) ended by its own Sync, so they
+// commit on their own and no ROLLBACK of the client can undo them, then,
+// after an identity change, a check in the client's own batch that fails
+// unless the identity is in force. If the group failed (or was cancelled),
+// the check fails too and PostgreSQL skips the client's messages: nothing
+// ever runs under another identity.
+type setupPlan struct {
+	group int  // statements in the committed group (0 = no group, no Sync)
+	check bool // the identity check follows the group
+}
+
+func (p setupPlan) empty() bool { return p.group == 0 && !p.check }
 
 func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
 	rd.maxBody = s.opts.MaxMessageBytes
@@ -234,8 +255,12 @@ func (ss *session) run() {
 			if err := ss.onQuery(); err != nil {
 				return
 			}
-		case 'P', 'B', 'D', 'C', 'E', 'F':
+		case 'P', 'B', 'D', 'C', 'E':
 			if err := ss.onExtended(typ); err != nil {
+				return
+			}
+		case 'F':
+			if err := ss.onFunctionCall(); err != nil {
 				return
 			}
 		case 'd', 'c', 'f':
@@ -398,12 +423,16 @@ type want struct {
 // pipelined in front of the first message.
 func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.mu.Lock()
+	for ss.retrying {
+		ss.cond.Wait()
+	}
 	// A read unit still running on a replica (pipelined autocommit reads)
 	// must end before a statement for the primary starts its own unit.
 	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && !ss.clientGone {
 		ss.cond.Wait()
 	}
 	if be := ss.be; be != nil {
+		ss.replayOK = false // more than one send: not replayable
 		ss.mark(boundary)
 		ss.unitWrites = ss.unitWrites || w.writes
 		ss.unitGUCs = append(ss.unitGUCs, w.gucs...)
@@ -425,11 +454,15 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	if err := proj.gate.enter(ctx); err != nil {
 		return nil, newError(CodeCannotConnectNow, "project %q is paused", ss.ref)
 	}
+	if cur := ss.srv.project(ss.ref); cur != nil && cur.gate == proj.gate {
+		proj = cur // re-pointed (ejection) while this client waited at the gate
+	}
 	var (
 		res     *puddle.Resource[*backend]
 		pl      *pool
 		err     error
 		replica bool
+		target  *replicaTarget
 	)
 	if !w.primary && !ss.routePrimary && !ss.sessionMode && proj.rolePrim[ss.ident.Role] == nil {
 		if rt := ss.srv.replicas.pick(proj, needLSN); rt != nil {
@@ -438,7 +471,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 				res, err = pl.acquireBackend(ctx)
 			}
 			if err == nil {
-				replica = true
+				replica, target = true, rt
 				ss.srv.metrics.route(ss.ref, "replica", w.reason)
 			} else {
 				// Nothing reached the client yet: the primary serves the read.
@@ -479,8 +512,11 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.mu.Lock()
 	ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
 	ss.beReplica = replica
+	ss.beTarget = target
+	ss.replayOK = replica
+	ss.replay = ss.replay[:0]
 	ss.unitWrites = w.writes && !replica
-	ss.identPending = identSetup
+	ss.identPending = false // the identity commits on its own (setupPlan)
 	ss.txStatus = 'I'
 	ss.mark(boundary)
 	ss.unnamedOnBackend = false
@@ -488,23 +524,8 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.mu.Unlock()
 	// The identity and the client's settings go first, in one write with
 	// the client's message: no extra round trip.
-	buf := ss.scratch[:0]
-	n := 0
-	if identSetup {
-		be.identity = ss.identKey
-		bind := pgproto3.Bind{PreparedStatement: identStmtName, Parameters: [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}}
-		if buf, err = bind.Encode(buf); err == nil {
-			buf, err = (&pgproto3.Execute{}).Encode(buf)
-		}
-		n++
-	}
-	var ns int
-	if err == nil {
-		buf, ns, err = settingsSetup(buf, be, ss.settings)
-		n += ns
-	}
-	ss.scratch = buf
-	ss.attach <- attachment{be: be, setup: n}
+	buf, plan, err := ss.setupBytes(be, identSetup)
+	ss.attach <- attachment{be: be, setup: plan}
 	if err != nil {
 		be.close()
 	} else if _, err := be.wr.Write(buf); err != nil {
@@ -583,43 +604,82 @@ func (ss *session) relay(a attachment) {
 	}
 	defer unlock()
 	var fatal *pgproto3.ErrorResponse
+	var groupErr *pgproto3.ErrorResponse // the setup group's error, if any
+	sent := false                        // a reply of this unit reached the client
+	// lost handles a dead backend: a read on a replica that has not answered
+	// yet moves to the primary and the relay goes on there.
+	lost := func(err error, f *pgproto3.ErrorResponse) bool {
+		unlock()
+		if !sent {
+			if nb, n := ss.retryOnPrimary(be); nb != nil {
+				be, setup, fatal = nb, n, nil
+				groupErr = nil
+				return true
+			}
+		}
+		ss.backendLost(be, err, f)
+		return false
+	}
 	for {
 		if !be.rd.fullMessageBuffered() {
 			unlock()
 		}
 		typ, _, err := be.rd.next()
 		if err != nil {
-			unlock()
-			ss.backendLost(be, err, fatal)
+			if lost(err, fatal) {
+				continue
+			}
 			return
 		}
-		if setup > 0 {
-			switch typ {
-			case 'C':
-				setup--
-				continue
-			case 'E':
+		if !setup.empty() {
+			if typ == 'E' {
 				body, _ := be.rd.body()
 				var er pgproto3.ErrorResponse
 				_ = er.Decode(body)
+				if setup.group > 0 {
+					// The group is rolled back; the check decides.
+					groupErr = &er
+					be.identity, be.settings = "", nil
+					continue
+				}
+				// The check failed: the client's messages were skipped.
+				if groupErr != nil {
+					er = *groupErr
+				}
 				ss.srv.log.Warn("identity or settings could not be applied", "project", ss.ref, "role", ss.ident.Role, "sqlstate", er.Code, "message", er.Message)
-				unlock()
-				be.close()
 				code := er.Code
-				if code == "" || strings.HasPrefix(code, "28") || code == "42704" {
+				if code == "" || strings.HasPrefix(code, "28") || code == "42704" || code == "22012" {
 					code = CodeInsufficientPrivs
 				}
+				unlock()
+				be.close()
 				ss.backendLost(be, errors.New("identity or settings statement failed"),
 					&pgproto3.ErrorResponse{Code: code, Message: "cascata could not put the session in force (role " + ss.ident.Role + "): " + er.Message})
 				return
-			default:
-				continue // BindComplete, DataRow, notices of the identity statement
 			}
+			switch {
+			case setup.group != 0:
+				// Everything up to the group's own ReadyForQuery is the group's.
+				switch typ {
+				case 'Z':
+					setup.group = 0
+					if groupErr != nil && !setup.check {
+						// Settings only (identity unchanged and committed):
+						// carry on; the next unit applies them again.
+						ss.srv.log.Warn("session settings could not be applied", "project", ss.ref, "sqlstate", groupErr.Code, "message", groupErr.Message)
+					}
+				}
+			case typ == 'C':
+				setup.check = false
+			}
+			_ = be.rd.skip()
+			continue // BindComplete, DataRow, ParameterStatus, notices of the setup
 		}
 		if !locked {
 			ss.wmu.Lock()
 			locked = true
 		}
+		sent = true
 		switch typ {
 		case 'Z':
 			body, err := be.rd.body()
@@ -955,6 +1015,7 @@ func (ss *session) finish() {
 		out = append(out, mustEncode(&pgproto3.Parse{Name: identStmtName, Query: identStmtSQL})...)
 		out = append(out, mustEncode(&pgproto3.Parse{Name: setStmtName, Query: setStmtSQL})...)
 		out = append(out, mustEncode(&pgproto3.Parse{Name: resetStmtName, Query: resetStmtSQL})...)
+		out = append(out, mustEncode(&pgproto3.Parse{Name: checkStmtName, Query: checkStmtSQL})...)
 		out = append(out, msgSync...)
 		ss.pending += 2
 		be.identity = ""
@@ -1035,4 +1096,99 @@ func macOf(f func(string) string, claims string) string {
 		return ""
 	}
 	return f(claims)
+}
+
+// setupBytes encodes the identity (if needed) and the settings that make be
+// serve this client (see setupPlan).
+func (ss *session) setupBytes(be *backend, identSetup bool) ([]byte, setupPlan, error) {
+	buf := ss.scratch[:0]
+	var plan setupPlan
+	var err error
+	params := [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}
+	if identSetup {
+		be.identity = ss.identKey
+		if buf, err = (&pgproto3.Bind{PreparedStatement: identStmtName, Parameters: params}).Encode(buf); err == nil {
+			buf, err = (&pgproto3.Execute{}).Encode(buf)
+		}
+		plan.group++
+	}
+	if err == nil {
+		var ns int
+		buf, ns, err = settingsSetup(buf, be, ss.settings)
+		plan.group += ns
+	}
+	if err == nil && plan.group > 0 {
+		buf = append(buf, msgSync...)
+	}
+	if err == nil && identSetup {
+		if buf, err = (&pgproto3.Bind{PreparedStatement: checkStmtName, Parameters: params[:2]}).Encode(buf); err == nil {
+			buf, err = (&pgproto3.Execute{}).Encode(buf)
+		}
+		plan.check = true
+	}
+	ss.scratch = buf
+	return buf, plan, err
+}
+
+// keepReplay records the bytes of a read unit just sent to a replica, so
+// that it can run again on the primary. Call with mu held.
+func (ss *session) keepReplay(sent []byte) {
+	if !ss.replayOK || !ss.beReplica {
+		return
+	}
+	ss.replay = append(ss.replay[:0], sent...)
+	ss.replayQ[0] = append(ss.replayQ[0][:0], ss.parseQ...)
+	ss.replayQ[1] = append(ss.replayQ[1][:0], ss.closeQ...)
+}
+
+// retryOnPrimary runs a read unit again on the primary after its replica
+// died, when no reply had reached the client: the client sees no error.
+// It returns the new backend and its setup, or nil.
+func (ss *session) retryOnPrimary(old *backend) (*backend, setupPlan) {
+	ss.mu.Lock()
+	ok := !ss.clientGone && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty && !ss.writing
+	if !ok {
+		ss.mu.Unlock()
+		return nil, setupPlan{}
+	}
+	ss.retrying = true
+	rt, proj, oldRes := ss.beTarget, ss.proj, ss.res
+	ss.mu.Unlock()
+	ss.srv.replicas.markDown(rt)
+	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.opts.QueryWaitTimeout)
+	defer cancel()
+	pl, err := ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+	var res *puddle.Resource[*backend]
+	if err == nil {
+		res, err = pl.acquireBackend(ctx)
+	}
+	if err != nil {
+		ss.mu.Lock()
+		ss.retrying = false
+		ss.cond.Broadcast()
+		ss.mu.Unlock()
+		return nil, setupPlan{}
+	}
+	be := res.Value()
+	ss.mu.Lock()
+	buf, n, err := ss.setupBytes(be, be.identity != ss.identKey)
+	buf = append(buf, ss.replay...)
+	ss.be, ss.res, ss.pl = be, res, pl
+	ss.beReplica, ss.beTarget, ss.replayOK = false, nil, false
+	ss.identPending = false
+	ss.parseQ = append(ss.parseQ[:0], ss.replayQ[0]...)
+	ss.closeQ = append(ss.closeQ[:0], ss.replayQ[1]...)
+	ss.retrying = false
+	ss.cond.Broadcast()
+	ss.mu.Unlock()
+	oldRes.Destroy()
+	ss.srv.log.Warn("replica lost mid-read; the read runs again on the primary", "project", ss.ref)
+	if err != nil {
+		be.close() // the relay sees it fail and reports the loss
+		return be, n
+	}
+	if _, err := be.wr.Write(buf); err == nil {
+		_ = be.wr.Flush()
+	}
+	return be, n
 }

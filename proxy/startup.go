@@ -193,7 +193,7 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 		_, encrypted := c.(*tls.Conn)
 		if !encrypted && (s.opts.Cleartext == "never" || !isLoopback(c.RemoteAddr())) {
 			return nil, &Error{Code: CodeInvalidAuthSpec, Fatal: true,
-				Message: "cleartext password (JWT) refused on an unencrypted connection",
+				Message: "cleartext password (JWT) refused on an unencrypted connection: connect with TLS (sslmode=require)",
 				Hint:    "connect with TLS (sslmode=require)"}
 		}
 	}

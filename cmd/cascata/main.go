@@ -15,6 +15,9 @@ commands:
   demo                                       local primary + replica, a demo project, the proxy
   token    -config F -project REF -role R    mint a JWT for a project (development, tests)
   check    -config F                         validate a config; prints every problem
+  eject    -project REF -target-url URL ...  move a project to its own PostgreSQL (admin client)
+  pause    -project REF / resume -project REF  PgBouncer PAUSE/RESUME for one project (admin client)
+  jobs     [-wait] [ID]                      list jobs or show one (admin client)
 `
 
 func main() {
@@ -36,6 +39,14 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdToken(args, stdout, stderr)
 	case "check":
 		return cmdCheck(args, stdout, stderr)
+	case "eject":
+		err = cmdEject(args, stdout, stderr)
+	case "pause":
+		err = cmdPause(args, stdout, stderr)
+	case "resume":
+		err = cmdResume(args, stdout, stderr)
+	case "jobs":
+		err = cmdJobs(args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

@@ -15,10 +15,10 @@ import (
 	"syscall"
 	"time"
 
-	"cascata/admin"
 	"cascata/auth"
 	"cascata/internal/config"
 	"cascata/internal/glue"
+	"cascata/internal/projectdb"
 	"cascata/proxy"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -34,12 +34,17 @@ type app struct {
 	ver     *auth.Verifier
 	srv     *proxy.Server
 	reg     *prometheus.Registry
+	// claimKeys caches each project's claims key (cascata.keys), by ref and owner URL.
+	claimKeys map[string][]byte
+	cls       *glue.Classifier
+	plane     *adminPlane // catalog, jobs, ejection (admin_wiring.go)
 }
 
 func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) {
 	a := &app{cfgPath: cfgPath, cfg: cfg, log: log, reg: prometheus.NewRegistry()}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a.ver = auth.NewVerifier(auth.WithLogger(log))
+	a.cls = glue.NewClassifier()
 	var tlsConf *tls.Config
 	if cfg.Proxy.TLSCertFile != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.Proxy.TLSCertFile, cfg.Proxy.TLSKeyFile)
@@ -60,7 +65,7 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 		TLS:                  tlsConf,
 		Cleartext:            p.AllowCleartextWithoutTLS,
 		Auth:                 glue.Authenticator{V: a.ver},
-		Classifier:           glue.NewClassifier(),
+		Classifier:           a.cls,
 		Metrics:              proxy.NewMetrics(a.reg),
 		Logger:               log,
 	})
@@ -68,7 +73,7 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 		return nil, err
 	}
 	a.srv = srv
-	if err := a.applyProjects(cfg.Projects); err != nil {
+	if a.plane, err = openPlane(a); err != nil {
 		return nil, err
 	}
 	return a, nil
@@ -94,10 +99,12 @@ func (a *app) applyProjects(projects []config.Project) error {
 			return fmt.Errorf("project %s: %w", p.Ref, err)
 		}
 		keep[p.Ref] = true
+		a.cls.SetFunctions(p.Ref, glue.NewFunctions(p.DatabaseURL, p.ReadOnlyFunctions, p.WriteFunctions, a.log))
 		cfgs = append(cfgs, proxy.ProjectConfig{
 			Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs,
 			PoolSize: p.PoolSize, SessionMode: p.PoolMode == config.PoolModeSession,
 			TrustedRoles: p.TrustedRoles, MaxReplicaLag: p.MaxReplicaLag.Duration, Consistency: p.Consistency,
+			RoleURLs: p.RoleLogins, ClaimsMAC: a.claimsMAC(p),
 		})
 	}
 	if err := a.srv.SetProjects(cfgs); err != nil {
@@ -106,9 +113,38 @@ func (a *app) applyProjects(projects []config.Project) error {
 	for _, old := range a.cfg.Projects {
 		if !keep[old.Ref] {
 			a.ver.RemoveProject(old.Ref)
+			a.cls.SetFunctions(old.Ref, nil)
 		}
 	}
 	return nil
+}
+
+// claimsMAC installs the cascata schema in the project's database (once per
+// owner URL) and returns the function that signs claims with its key. A
+// project without an owner URL, or whose schema cannot be installed, runs
+// without signed claims: cascata.claims() is then absent, and it is logged.
+func (a *app) claimsMAC(p *config.Project) func(string) string {
+	if p.OwnerURL == "" {
+		a.log.Warn("project has no owner_url: cascata.claims() is not installed", "project", p.Ref)
+		return nil
+	}
+	if a.claimKeys == nil {
+		a.claimKeys = map[string][]byte{}
+	}
+	k := p.Ref + "\x00" + p.OwnerURL
+	key, ok := a.claimKeys[k]
+	if !ok {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		var err error
+		key, err = projectdb.Install(ctx, p.OwnerURL)
+		if err != nil {
+			a.log.Warn("cascata.claims() could not be installed; claims are not signed", "project", p.Ref, "error", err)
+			return nil
+		}
+		a.claimKeys[k] = key
+	}
+	return func(claims string) string { return projectdb.ClaimsMAC(key, claims) }
 }
 
 // reload re-reads the config file (SIGHUP). A bad file changes nothing.
@@ -118,7 +154,9 @@ func (a *app) reload() {
 		a.log.Error("reload refused: config has problems", "error", err)
 		return
 	}
-	if err := a.applyProjects(cfg.Projects); err != nil {
+	// Through the catalog: run-time changes (ejections, imports) win over
+	// the file until the file changes that project.
+	if err := a.plane.reloadFile(cfg); err != nil {
 		a.log.Error("reload failed", "error", err)
 		return
 	}
@@ -127,12 +165,7 @@ func (a *app) reload() {
 }
 
 func (a *app) adminHandler() (http.Handler, error) {
-	return admin.New(admin.Options{
-		Token:       a.cfg.Admin.AdminToken(),
-		CORSOrigins: a.cfg.Admin.CORSOrigins,
-		Gatherer:    a.reg,
-		Logger:      a.log,
-	})
+	return a.plane.handler()
 }
 
 // serve runs until ctx ends, then shuts down gracefully. ready, if not nil,
@@ -187,6 +220,10 @@ loop:
 	defer cancel()
 	if hs != nil {
 		_ = hs.Shutdown(sctx)
+	}
+	defer a.cls.Close()
+	if err := a.plane.close(sctx); err != nil {
+		a.log.Warn("jobs still running at shutdown", "error", err)
 	}
 	if err := a.srv.Shutdown(sctx); err != nil && runErr == nil {
 		runErr = err

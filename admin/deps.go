@@ -1,0 +1,106 @@
+package admin
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net/http"
+
+	"cascata/internal/catalog"
+	"cascata/internal/config"
+	"cascata/internal/eject"
+	"cascata/internal/jobs"
+)
+
+// ProjectStore is the project catalog (*catalog.Catalog satisfies it).
+type ProjectStore interface {
+	Projects() []catalog.Entry
+	Project(ref string) (catalog.Entry, bool)
+	Add(p config.Project, reason string) (config.Project, error)
+	Change(ref, reason string, fn func(*config.Project) error) (config.Project, error)
+	Remove(ref, reason string) error
+}
+
+// PoolStat is one backend pool of one project.
+type PoolStat struct {
+	Project          string  `json:"project"`
+	Host             string  `json:"host"`
+	ClientsActive    int     `json:"clients_active"`
+	ClientsWaiting   int     `json:"clients_waiting"`
+	ServersActive    int     `json:"servers_active"`
+	ServersIdle      int     `json:"servers_idle"`
+	PoolSize         int     `json:"pool_size"`
+	Acquires         int64   `json:"acquires"`
+	WaitSecondsTotal float64 `json:"wait_seconds_total"`
+}
+
+// PoolReader reads the proxy's pools.
+type PoolReader interface {
+	Pools() []PoolStat
+}
+
+// Pauser pauses projects (*proxy.Server satisfies it).
+type Pauser interface {
+	// Pause holds new transactions and waits until running ones finish or ctx ends.
+	Pause(ctx context.Context, ref string) error
+	// Resume lets a paused project's transactions run again.
+	Resume(ref string)
+	// Paused reports whether a project is paused.
+	Paused(ref string) bool
+}
+
+// JobStore reads jobs (*jobs.Runner satisfies it).
+type JobStore interface {
+	Get(id string) (jobs.Status, error)
+	List() []jobs.Status
+	ActiveFor(project string) (jobs.Status, bool)
+	Result(id string) (path, name string, err error)
+}
+
+// Ejector starts an ejection job of a project; errors wrapping
+// eject.ErrInvalid are the request's fault (400).
+type Ejector interface {
+	StartEject(p config.Project, req EjectRequest) (jobs.Status, error)
+}
+
+// Archiver starts archive jobs (CONTRACT section 6).
+type Archiver interface {
+	// StartExport starts an export job whose result is the .caf file.
+	StartExport(p config.Project, passphrase string) (jobs.Status, error)
+	// StartImport reads an uploaded .caf (before returning) and starts its
+	// import job; as renames the project when not "".
+	StartImport(ctx context.Context, body io.Reader, as, passphrase string) (jobs.Status, error)
+}
+
+// Pinger checks that a database answers.
+type Pinger interface {
+	Ping(ctx context.Context, databaseURL string) error
+}
+
+// Errors a dependency may wrap to choose the status.
+var (
+	// ErrBadRequest makes a 400.
+	ErrBadRequest = errors.New("bad request")
+	// ErrConflict makes a 409.
+	ErrConflict = errors.New("conflict")
+	// ErrNotFound makes a 404.
+	ErrNotFound = errors.New("not found")
+)
+
+// statusOf maps an error to its HTTP status.
+func statusOf(err error) int {
+	switch {
+	case errors.Is(err, ErrNotFound), errors.Is(err, catalog.ErrNotFound), errors.Is(err, jobs.ErrNotFound):
+		return http.StatusNotFound
+	case errors.Is(err, ErrConflict), errors.Is(err, catalog.ErrExists), errors.Is(err, catalog.ErrConflict),
+		errors.Is(err, jobs.ErrBusy), errors.Is(err, jobs.ErrNoResult):
+		return http.StatusConflict
+	case errors.Is(err, ErrBadRequest), errors.Is(err, eject.ErrInvalid):
+		return http.StatusBadRequest
+	case errors.As(err, new(config.Problems)):
+		return http.StatusBadRequest
+	case errors.Is(err, jobs.ErrClosed):
+		return http.StatusServiceUnavailable
+	}
+	return http.StatusInternalServerError
+}

@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"cascata/admin"
+	"cascata/internal/catalog"
+	"cascata/internal/config"
+	"cascata/internal/eject"
+	"cascata/internal/jobs"
+	"cascata/internal/pgcluster"
+	"cascata/proxy"
+
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// adminPlane holds what the admin plane changes at run time: the project
+// catalog (file + [state].dir), the job runner and the ejector. newApp opens
+// it, so the catalog's project set is in force before the proxy serves.
+type adminPlane struct {
+	a       *app
+	cat     *catalog.Catalog
+	jobs    *jobs.Runner
+	ej      *eject.Ejector
+	applied map[string]bool // refs put in force last time (catalog calls are serialized)
+}
+
+// openPlane opens the catalog in [state].dir (putting the merged project set
+// in force through applyProjects), the job runner in [state].dir/jobs and
+// the ejector.
+func openPlane(a *app) (*adminPlane, error) {
+	p := &adminPlane{a: a, applied: map[string]bool{}}
+	cat, err := catalog.Open(catalog.Options{Dir: a.cfg.State.Dir, Config: a.cfg, File: a.fileText(), Apply: p.apply, Logger: a.log})
+	if err != nil {
+		return nil, err
+	}
+	p.cat = cat
+	if p.jobs, err = jobs.New(jobs.Options{Dir: filepath.Join(a.cfg.State.Dir, "jobs"), Logger: a.log}); err != nil {
+		return nil, err
+	}
+	binDir := ""
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if bins, err := pgcluster.FindBinaries(ctx); err == nil {
+		binDir = bins.Dir
+	} else {
+		a.log.Warn("PostgreSQL programs not found next to the server binaries; ejection looks for pg_dump and pg_restore on PATH", "error", err)
+	}
+	if p.ej, err = eject.New(eject.Options{Pauser: a.srv, Catalog: cat, BinDir: binDir, Logger: a.log}); err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// apply puts a catalog set in force and forgets the JWT keys of projects
+// that left it (applyProjects only knows the file's projects).
+func (p *adminPlane) apply(projects []config.Project) error {
+	if err := p.a.applyProjects(projects); err != nil {
+		return err
+	}
+	now := make(map[string]bool, len(projects))
+	for _, pr := range projects {
+		now[pr.Ref] = true
+	}
+	for ref := range p.applied {
+		if !now[ref] {
+			p.a.ver.RemoveProject(ref)
+		}
+	}
+	p.applied = now
+	return nil
+}
+
+// reloadFile puts a reloaded cascata.toml in force through the catalog
+// (SIGHUP): run-time changes of projects the file did not change stay.
+func (p *adminPlane) reloadFile(cfg *config.Config) error { return p.cat.SetFile(cfg, p.a.fileText()) }
+
+// fileText is cascata.toml as written (the catalog hashes each project's
+// table); nil when it cannot be read, and the catalog hashes the loaded
+// projects instead.
+func (a *app) fileText() []byte {
+	if a.cfgPath == "" {
+		return nil
+	}
+	text, err := os.ReadFile(a.cfgPath)
+	if err != nil {
+		a.log.Warn("cannot re-read the config file for the catalog", "error", err)
+		return nil
+	}
+	return text
+}
+
+// close stops the job runner: running jobs are cancelled (an ejection
+// resumes its project on the source) and waited for until ctx ends.
+func (p *adminPlane) close(ctx context.Context) error { return p.jobs.Close(ctx) }
+
+// handler builds the admin HTTP handler on the plane.
+func (p *adminPlane) handler() (http.Handler, error) {
+	a := p.a
+	return admin.New(admin.Options{
+		Token:       a.cfg.Admin.AdminToken(),
+		CORSOrigins: a.cfg.Admin.CORSOrigins,
+		Gatherer:    a.reg,
+		Logger:      a.log,
+		Projects:    p.cat,
+		Pools:       poolReader{a.srv},
+		Pauser:      a.srv,
+		Jobs:        p.jobs,
+		Ejector:     p,
+		Pinger:      pinger{timeout: a.cfg.Proxy.ServerConnectTimeout.Duration},
+	})
+}
+
+// StartEject starts an ejection job; the job reads the project's version
+// current when it starts.
+func (p *adminPlane) StartEject(pr config.Project, req admin.EjectRequest) (jobs.Status, error) {
+	er := eject.Request{Project: pr, TargetURL: req.TargetURL, TargetOwnerURL: req.TargetOwnerURL, ReplicaURLs: req.ReplicaURLs, Method: eject.Method(req.Method)}
+	if err := er.Validate(); err != nil {
+		return jobs.Status{}, err
+	}
+	return p.jobs.Start("eject", pr.Ref, func(ctx context.Context, j *jobs.Job) error {
+		e, ok := p.cat.Project(pr.Ref)
+		if !ok {
+			return fmt.Errorf("project %s was removed", pr.Ref)
+		}
+		er.Project = e.Project
+		return p.ej.Run(ctx, er, j)
+	})
+}
+
+// poolReader adapts proxy.Server's pool statistics to the admin plane.
+type poolReader struct{ srv *proxy.Server }
+
+func (r poolReader) Pools() []admin.PoolStat {
+	stats := r.srv.PoolStats()
+	out := make([]admin.PoolStat, len(stats))
+	for i, s := range stats {
+		out[i] = admin.PoolStat{
+			Project: s.Project, Host: s.Host,
+			ClientsActive: s.ServerActive, ClientsWaiting: s.ClientsWait,
+			ServersActive: s.ServerActive, ServersIdle: s.ServerIdle, PoolSize: s.MaxSize,
+			Acquires: s.Acquires, WaitSecondsTotal: s.WaitSeconds,
+		}
+	}
+	return out
+}
+
+// pinger checks a primary by logging in with its database_url.
+type pinger struct{ timeout time.Duration }
+
+func (p pinger) Ping(ctx context.Context, databaseURL string) error {
+	cfg, err := pgconn.ParseConfig(databaseURL)
+	if err != nil {
+		return fmt.Errorf("database_url: %w", err)
+	}
+	if p.timeout > 0 {
+		cfg.ConnectTimeout = p.timeout
+	}
+	c, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return err
+	}
+	defer c.Close(context.WithoutCancel(ctx))
+	return c.Exec(ctx, "SELECT 1").Close()
+}

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/http/pprof"
 	"slices"
 	"strings"
 	"time"
@@ -103,6 +104,11 @@ func New(opts Options) (*Handler, error) {
 		writeJSON(w, http.StatusOK, StatusBody{Status: "ok"})
 	})
 	h.mux.Handle("GET /metrics", promhttp.HandlerFor(opts.Gatherer, promhttp.HandlerOpts{}))
+	// Go's profiler, behind the same bearer token, for measuring the proxy
+	// under real load (go tool pprof -http : with the Authorization header).
+	h.mux.HandleFunc("GET /debug/pprof/", pprof.Index)
+	h.mux.HandleFunc("GET /debug/pprof/profile", pprof.Profile)
+	h.mux.HandleFunc("GET /debug/pprof/trace", pprof.Trace)
 	h.mux.HandleFunc("GET /readyz", h.readyz)
 	h.mux.HandleFunc("GET /v1/projects", h.listProjects)
 	h.mux.HandleFunc("POST /v1/projects", h.createProject)

@@ -43,6 +43,9 @@ type backend struct {
 	clock uint64
 	// settings are the client settings put in force here (see settings.go).
 	settings map[string]string
+	// claimGUCs are the legacy request.jwt.claim.* settings in force here.
+	claimGUCs map[string]string
+	poisoned  bool // state unknown after a failed setup: closed when released
 }
 
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares

@@ -35,6 +35,9 @@ type Error struct {
 	Hint    string
 	Fatal   bool
 	Err     error // wrapped cause, never shown to the client
+	// Reason is a short bounded label for metrics (e.g. an authentication
+	// failure's "expired"); "" lets the proxy derive one from the code.
+	Reason string
 }
 
 func (e *Error) Error() string {

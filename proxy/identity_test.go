@@ -110,3 +110,32 @@ func TestRolledBackIdentity(t *testing.T) {
 		}
 	}
 }
+
+// TestLegacyClaimSettings: with the project flag, request.jwt.claim.<name>
+// carries each claim, and a user without a claim never sees the previous
+// user's value on a shared backend.
+func TestLegacyClaimSettings(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1, legacyGUCs: true})
+	ctx := context.Background()
+	a, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", "alice", map[string]any{"email": "alice@example.com", "org": map[string]any{"id": 7}}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close(ctx)
+	b := h.connect("p1", "authenticated", "bob")
+	for range 3 {
+		var sub, email, org string
+		if err := a.QueryRow(ctx, "SELECT current_setting('request.jwt.claim.sub'), current_setting('request.jwt.claim.email'), current_setting('request.jwt.claim.org')").Scan(&sub, &email, &org); err != nil {
+			t.Fatal(err)
+		}
+		if sub != "alice" || email != "alice@example.com" || org != `{"id":7}` {
+			t.Fatalf("alice sees sub=%q email=%q org=%q", sub, email, org)
+		}
+		if err := b.QueryRow(ctx, "SELECT current_setting('request.jwt.claim.sub'), coalesce(current_setting('request.jwt.claim.email', true), '')").Scan(&sub, &email); err != nil {
+			t.Fatal(err)
+		}
+		if sub != "bob" || email != "" {
+			t.Fatalf("bob sees sub=%q email=%q", sub, email)
+		}
+	}
+}

@@ -78,6 +78,7 @@ type harness struct {
 
 type harnessOpts struct {
 	opts        proxy.Options
+	legacyGUCs  bool   // request.jwt.claim.* settings
 	replicas    bool   // give projects the streaming replica
 	consistency string // proxy.Consistency*
 	poolSize    int
@@ -117,12 +118,13 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 			t.Fatal(err)
 		}
 		pc := proxy.ProjectConfig{
-			Ref:         ref,
-			DatabaseURL: cluster.Primary.URL("authenticator", loginPassword, ref),
-			PoolSize:    ho.poolSize,
-			SessionMode: ho.sessionMode,
-			Consistency: ho.consistency,
-			ClaimsMAC:   func(claims string) string { return projectdb.ClaimsMAC(claimKeys[ref], claims) },
+			Ref:             ref,
+			DatabaseURL:     cluster.Primary.URL("authenticator", loginPassword, ref),
+			PoolSize:        ho.poolSize,
+			SessionMode:     ho.sessionMode,
+			Consistency:     ho.consistency,
+			LegacyClaimGUCs: ho.legacyGUCs,
+			ClaimsMAC:       func(claims string) string { return projectdb.ClaimsMAC(claimKeys[ref], claims) },
 		}
 		if ho.replicas {
 			pc.ReplicaURLs = []string{cluster.Replica.URL("authenticator", loginPassword, ref)}

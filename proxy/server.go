@@ -51,6 +51,9 @@ type ProjectConfig struct {
 	// RoleURLs gives roles their own login (role_logins): backends of a
 	// client with that role log in as it, in pools of their own.
 	RoleURLs map[string]string
+	// LegacyClaimGUCs also puts each top-level claim in force as
+	// request.jwt.claim.<name> (older PostgREST policies read those).
+	LegacyClaimGUCs bool
 }
 
 // Options configure a Server. Zero values take the defaults named.

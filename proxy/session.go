@@ -30,6 +30,7 @@ type session struct {
 	ident       Identity
 	identKey    string
 	claimsMAC   string
+	claimGUCs   map[string]string // legacy request.jwt.claim.* settings, nil unless the project asks
 	params      map[string]string
 	sessionMode bool
 	keyPID      uint32
@@ -119,6 +120,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		ident:       id,
 		identKey:    id.Role + "\x00" + id.Claims,
 		claimsMAC:   macOf(proj.cfg.ClaimsMAC, id.Claims),
+		claimGUCs:   legacyClaims(proj.cfg.LegacyClaimGUCs, id.Claims),
 		params:      params,
 		sessionMode: proj.cfg.SessionMode,
 		metrics:     proj.metrics,
@@ -640,6 +642,7 @@ func (ss *session) relay(a attachment) {
 					// The group is rolled back; the check decides.
 					groupErr = &er
 					be.identity, be.settings = "", nil
+					be.poisoned = true // its settings are unknown now: close it after this unit
 					continue
 				}
 				// The check failed: the client's messages were skipped.
@@ -877,6 +880,9 @@ func (ss *session) detachLocked(clean bool) *unit {
 
 // finishUnit gives the backend back (clean) or closes it, and ends the unit.
 func (ss *session) finishUnit(u *unit) {
+	if u.res.Value().poisoned {
+		u.clean = false
+	}
 	if u.readGUCs != nil {
 		be := u.res.Value()
 		vals, err := be.readSettings(u.readGUCs)
@@ -1021,6 +1027,7 @@ func (ss *session) finish() {
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.settings = nil
+		be.claimGUCs = nil
 	}
 	ss.writing = true
 	ss.mu.Unlock()
@@ -1112,6 +1119,11 @@ func (ss *session) setupBytes(be *backend, identSetup bool) ([]byte, setupPlan, 
 		}
 		plan.group++
 	}
+	if err == nil && (ss.claimGUCs != nil || be.claimGUCs != nil) {
+		var nc int
+		buf, nc, err = claimSetup(buf, be, ss.claimGUCs)
+		plan.group += nc
+	}
 	if err == nil {
 		var ns int
 		buf, ns, err = settingsSetup(buf, be, ss.settings)
@@ -1191,4 +1203,11 @@ func (ss *session) retryOnPrimary(old *backend) (*backend, setupPlan) {
 		_ = be.wr.Flush()
 	}
 	return be, n
+}
+
+func legacyClaims(on bool, claims string) map[string]string {
+	if !on {
+		return nil
+	}
+	return claimSettings(claims)
 }

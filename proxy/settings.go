@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"encoding/json"
 	"fmt"
 	"strings"
 
@@ -153,4 +154,68 @@ func (b *backend) readSettings(names []string) (map[string]*string, error) {
 		out[*r[0]] = r[1]
 	}
 	return out, nil
+}
+
+// claimSettings returns the legacy request.jwt.claim.<name> settings of a
+// claims JSON object: strings as they are, other values as JSON. Names that
+// are not valid setting names are left out.
+func claimSettings(claims string) map[string]string {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal([]byte(claims), &m); err != nil {
+		return nil
+	}
+	out := make(map[string]string, len(m))
+	for k, raw := range m {
+		if !validSettingPart(k) {
+			continue
+		}
+		var s string
+		if err := json.Unmarshal(raw, &s); err == nil {
+			out["request.jwt.claim."+k] = s
+		} else {
+			out["request.jwt.claim."+k] = string(raw)
+		}
+	}
+	return out
+}
+
+func validSettingPart(k string) bool {
+	if k == "" || len(k) > 40 {
+		return false
+	}
+	for _, r := range k {
+		if !(r == '_' || r == '$' || (r >= 'a' && r <= 'z') || (r >= 'A' && r <= 'Z') || (r >= '0' && r <= '9')) {
+			return false
+		}
+	}
+	return true
+}
+
+// claimSetup appends what turns the backend's legacy claim settings into
+// want (unset ones are set to empty) and returns the number of statements.
+func claimSetup(buf []byte, be *backend, want map[string]string) ([]byte, int, error) {
+	n := 0
+	var err error
+	set := func(name, v string) {
+		if err != nil {
+			return
+		}
+		buf, err = (&pgproto3.Bind{PreparedStatement: setStmtName, Parameters: [][]byte{[]byte(name), []byte(v)}}).Encode(buf)
+		if err == nil {
+			buf, err = (&pgproto3.Execute{}).Encode(buf)
+		}
+		n++
+	}
+	for name, v := range want {
+		if cur, ok := be.claimGUCs[name]; !ok || cur != v {
+			set(name, v)
+		}
+	}
+	for name := range be.claimGUCs {
+		if _, ok := want[name]; !ok {
+			set(name, "")
+		}
+	}
+	be.claimGUCs = want
+	return buf, n, err
 }

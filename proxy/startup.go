@@ -265,6 +265,10 @@ func isLoopback(a net.Addr) bool {
 }
 
 func loginResult(err error) string {
+	var pe *Error
+	if errors.As(err, &pe) && pe.Reason != "" {
+		return pe.Reason
+	}
 	var ss sqlStater
 	if errors.As(err, &ss) {
 		switch ss.SQLState() {

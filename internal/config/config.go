@@ -152,6 +152,8 @@ type Project struct {
 	PoolSize int `toml:"pool_size"`
 	// MaxReplicaLag: a replica further behind is not used. Default 1s.
 	MaxReplicaLag Duration `toml:"max_replica_lag"`
+	// LegacyClaimGUCs also sets request.jwt.claim.<name> per top-level claim. Default false.
+	LegacyClaimGUCs bool `toml:"legacy_claim_gucs"`
 	// Consistency of reads: "read_your_writes" (default), "eventual" or "primary_only".
 	Consistency string `toml:"consistency"`
 	// ReadOnlyFunctions and WriteFunctions override what pg_proc says of the

@@ -21,7 +21,7 @@ func (a Authenticator) Authenticate(ctx context.Context, ref, userRole, token st
 	id, err := a.V.Verify(ctx, ref, userRole, token)
 	var ae *auth.Error
 	if errors.As(err, &ae) {
-		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
+		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err, Reason: ae.Reason.String()}
 	}
 	if err != nil {
 		return proxy.Identity{}, err

@@ -104,7 +104,7 @@ func (a *app) applyProjects(projects []config.Project) error {
 			Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs,
 			PoolSize: p.PoolSize, SessionMode: p.PoolMode == config.PoolModeSession,
 			TrustedRoles: p.TrustedRoles, MaxReplicaLag: p.MaxReplicaLag.Duration, Consistency: p.Consistency,
-			RoleURLs: p.RoleLogins, ClaimsMAC: a.claimsMAC(p),
+			RoleURLs: p.RoleLogins, ClaimsMAC: a.claimsMAC(p), LegacyClaimGUCs: p.LegacyClaimGUCs,
 		})
 	}
 	if err := a.srv.SetProjects(cfgs); err != nil {

@@ -25,6 +25,9 @@ const (
 	checkStmtSQL  = "SELECT pg_catalog.int4div(1, (pg_catalog.current_setting('role') = $1 AND pg_catalog.current_setting('request.jwt.claims', true) IS NOT DISTINCT FROM $2)::int)"
 )
 
+// internalStmts are prepared on every backend.
+var internalStmts = [][2]string{{identStmtName, identStmtSQL}, {setStmtName, setStmtSQL}, {resetStmtName, resetStmtSQL}, {checkStmtName, checkStmtSQL}}
+
 // backend is one hijacked server connection.
 type backend struct {
 	conn     net.Conn
@@ -46,6 +49,7 @@ type backend struct {
 	// claimGUCs are the legacy request.jwt.claim.* settings in force here.
 	claimGUCs map[string]string
 	poisoned  bool // state unknown after a failed setup: closed when released
+	reprepare bool // a client ran DEALLOCATE ALL: the proxy's statements are gone
 }
 
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
@@ -55,7 +59,7 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
-	for _, st := range [][2]string{{identStmtName, identStmtSQL}, {setStmtName, setStmtSQL}, {resetStmtName, resetStmtSQL}, {checkStmtName, checkStmtSQL}} {
+	for _, st := range internalStmts {
 		if _, err := pc.Prepare(ctx, st[0], st[1], nil); err != nil {
 			pc.Close(ctx)
 			return nil, fmt.Errorf("prepare %s on %s:%d: %w", st[0], cfg.Host, cfg.Port, err)
@@ -221,6 +225,44 @@ func (b *backend) simpleQuery(sql string) ([][]*string, error) {
 			if err := b.rd.skip(); err != nil {
 				return nil, err
 			}
+		}
+	}
+}
+
+// prepareInternal prepares the proxy's own statements again on an idle
+// backend no client holds (after a client's DEALLOCATE ALL).
+func (b *backend) prepareInternal() error {
+	var buf []byte
+	for _, st := range internalStmts {
+		buf, _ = (&pgproto3.Parse{Name: st[0], Query: st[1]}).Encode(buf)
+	}
+	buf = append(buf, msgSync...)
+	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
+	defer func() { _ = b.conn.SetDeadline(time.Time{}) }()
+	if _, err := b.wr.Write(buf); err != nil {
+		return err
+	}
+	if err := b.wr.Flush(); err != nil {
+		return err
+	}
+	var failed error
+	for {
+		typ, _, err := b.rd.next()
+		if err != nil {
+			return err
+		}
+		switch typ {
+		case 'E':
+			body, _ := b.rd.body()
+			failed = fmt.Errorf("prepare internal statements: %q", body)
+		case 'Z':
+			_ = b.rd.skip()
+			if failed == nil {
+				b.reprepare = false
+			}
+			return failed
+		default:
+			_ = b.rd.skip()
 		}
 	}
 }

@@ -67,6 +67,9 @@ func (ss *session) onQuery() error {
 		return nil
 	}
 	defer ss.doneWriting()
+	if r.Deallocate != nil && !ss.sessionMode {
+		body = ss.translateDeallocate(be, r.Deallocate)
+	}
 	ss.unnamedOnBackend = false // a simple query drops the unnamed statement
 	ss.mu.Lock()
 	if ss.be == be && ss.replayOK && len(ss.replay) == 0 {
@@ -243,8 +246,10 @@ func (ss *session) flushBatch(term byte) error {
 		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}
-	if term == 0 {
-		w.primary = true // the rest of a large batch is not seen yet
+	if term != 'S' {
+		// A batch ended by Flush (or too large to hold) leaves the unit
+		// open with more to come that the proxy has not seen: primary.
+		w.primary = true
 	}
 	be, err := ss.claim(term == 'S', w)
 	if err != nil {
@@ -300,4 +305,31 @@ func (ss *session) failBatch(term byte, err error) {
 func splitMsg(b []byte, off int) (byte, []byte, int) {
 	n := int(b[off+1])<<24 | int(b[off+2])<<16 | int(b[off+3])<<8 | int(b[off+4])
 	return b[off], b[off+5 : off+1+n], off + 1 + n
+}
+
+// translateDeallocate rewrites a client's DEALLOCATE for transaction mode.
+// DEALLOCATE name drops the client's name and the backend's statement under
+// the proxy's name (others re-prepare it when they need it); an unknown name
+// fails with 26000 under the client's name. DEALLOCATE ALL drops every name
+// of the client and runs as it is: the backend then lacks the proxy's own
+// statements too, and gets them back before it serves anyone else.
+func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if d.All {
+		clear(ss.stmts)
+		be.stmts = nil
+		be.reprepare = true
+		return appendCString(ss.out[:0], "DEALLOCATE ALL")
+	}
+	target := missingStmtName
+	if st := ss.stmts[d.Name]; st != nil {
+		delete(ss.stmts, d.Name)
+		delete(be.stmts, st.proxyName)
+		target = st.proxyName
+	} else {
+		ss.pushRename(missingStmtName, d.Name)
+	}
+	ss.replayOK = false
+	return appendCString(ss.out[:0], "DEALLOCATE "+target)
 }

@@ -136,3 +136,45 @@ func TestPreparedErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// TestDeallocate: DEALLOCATE name and DEALLOCATE ALL keep PostgreSQL's
+// meaning for the client, and the shared backend keeps serving everyone.
+func TestDeallocate(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	c := h.connectMode("p1", "authenticated", "dealloc", "cache_statement")
+	other := h.connectMode("p1", "anon", "other", "cache_statement")
+	pc := c.PgConn()
+	if _, err := pc.Prepare(ctx, "mine", "SELECT 41 + 1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Exec(ctx, "DEALLOCATE mine"); err != nil {
+		t.Fatalf("DEALLOCATE mine: %v", err)
+	}
+	if res := pc.ExecPrepared(ctx, "mine", nil, nil, nil).Read(); sqlstate(res.Err) != "26000" {
+		t.Fatalf("after DEALLOCATE: %v", res.Err)
+	}
+	if _, err := c.Exec(ctx, "DEALLOCATE nothere"); sqlstate(err) != "26000" || !strings.Contains(err.Error(), "nothere") {
+		t.Fatalf("DEALLOCATE of an unknown name: %v", err)
+	}
+	for range 3 {
+		var n int
+		if err := c.QueryRow(ctx, "SELECT $1::int * 2", 21).Scan(&n); err != nil || n != 42 {
+			t.Fatalf("before DEALLOCATE ALL: %d %v", n, err)
+		}
+		if err := c.DeallocateAll(ctx); err != nil {
+			t.Fatalf("DEALLOCATE ALL: %v", err)
+		}
+		for _, cl := range []struct {
+			conn interface {
+				QueryRow(context.Context, string, ...any) pgx.Row
+			}
+			user string
+		}{{c, "authenticated"}, {other, "anon"}} {
+			var user string
+			if err := cl.conn.QueryRow(ctx, "SELECT current_user").Scan(&user); err != nil || user != cl.user {
+				t.Fatalf("after DEALLOCATE ALL: %q %v, want %s", user, err, cl.user)
+			}
+		}
+	}
+}

@@ -34,6 +34,15 @@ type Route struct {
 	// in transaction mode the proxy carries them to the client's later
 	// transactions.
 	SessionGUCs []string
+	// Deallocate is set when the text is exactly one DEALLOCATE: in
+	// transaction mode the proxy translates it to its own statement names.
+	Deallocate *Deallocate
+}
+
+// Deallocate is a DEALLOCATE of one statement (Name) or of ALL.
+type Deallocate struct {
+	All  bool
+	Name string
 }
 
 // Hint is a client's routing instruction.

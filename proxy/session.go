@@ -430,7 +430,9 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	}
 	// A read unit still running on a replica (pipelined autocommit reads)
 	// must end before a statement for the primary starts its own unit.
-	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && !ss.clientGone {
+	// Only when that unit will end by itself: replies pending and nothing
+	// forwarded after its last Sync.
+	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && ss.pending > 0 && !ss.dirty && !ss.clientGone {
 		ss.cond.Wait()
 	}
 	if be := ss.be; be != nil {
@@ -882,6 +884,12 @@ func (ss *session) detachLocked(clean bool) *unit {
 func (ss *session) finishUnit(u *unit) {
 	if u.res.Value().poisoned {
 		u.clean = false
+	}
+	if be := u.res.Value(); be.reprepare && u.clean {
+		if err := be.prepareInternal(); err != nil {
+			ss.srv.log.Warn("could not prepare the proxy's statements again", "project", ss.ref, "error", err)
+			u.clean = false
+		}
 	}
 	if u.readGUCs != nil {
 		be := u.res.Value()

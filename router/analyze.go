@@ -36,6 +36,8 @@ type facts struct {
 	afterTxEnd bool
 	hint       RouteHint
 	gucs       []string
+	// dealloc is set when a statement is DEALLOCATE.
+	dealloc *Deallocate
 	// funcs are functions unknown to the built-in tables, called by
 	// statements whose Target or PinSession their volatility may change.
 	funcs []QualifiedName
@@ -68,6 +70,9 @@ func (f *facts) apply(p Policy) Decision {
 		StatementsAfterTxEnd: f.afterTxEnd,
 		Statements:           f.statements,
 		SessionGUCs:          f.gucs,
+	}
+	if f.statements == 1 {
+		d.Deallocate = f.dealloc
 	}
 	if len(f.funcs) > 0 {
 		volatile := false
@@ -340,6 +345,8 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 		a.visit(n.ProtoReflect(), wctx{exec: true})
 		return primary(ReasonPrepared, false)
 	case *pg_query.Node_DeallocateStmt:
+		name := s.DeallocateStmt.GetName()
+		a.f.dealloc = &Deallocate{All: name == "", Name: name}
 		return primary(ReasonPrepared, false)
 	case *pg_query.Node_CallStmt:
 		a.visit(n.ProtoReflect(), wctx{exec: true})

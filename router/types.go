@@ -356,6 +356,9 @@ type Decision struct {
 	// replicas. Names of "SET SESSION CHARACTERISTICS" are reported as the
 	// default_transaction_* settings they change.
 	SessionGUCs []string
+	// Deallocate is set when the text is exactly one DEALLOCATE statement:
+	// a proxy that renames prepared statements must translate it.
+	Deallocate *Deallocate
 	// UnknownFunctions lists functions whose volatility decided Target or
 	// PinSession but is unknown both to the built-in tables and to
 	// Policy.Functions. The text was treated as calling volatile functions
@@ -375,4 +378,10 @@ type Options struct {
 	// MaxCachedQueryBytes is the longest text that is cached; longer texts
 	// are always analysed afresh. 0 means 16384.
 	MaxCachedQueryBytes int
+}
+
+// Deallocate is a DEALLOCATE statement: of one prepared statement, or ALL.
+type Deallocate struct {
+	All  bool
+	Name string
 }

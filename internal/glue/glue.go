@@ -79,6 +79,9 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
 		SessionGUCs:   d.SessionGUCs,
 	}
+	if d.Deallocate != nil {
+		r.Deallocate = &proxy.Deallocate{All: d.Deallocate.All, Name: d.Deallocate.Name}
+	}
 	if d.Refusal != nil {
 		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message}
 	}

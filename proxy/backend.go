@@ -44,6 +44,8 @@ type backend struct {
 	// mode), guarded by the lock of the session the backend is attached to.
 	stmts map[string]*backendStmt
 	clock uint64
+	// sqlStmts are the proxy-named SQL-level statements prepared here.
+	sqlStmts map[string]bool
 	// settings are the client settings put in force here (see settings.go).
 	settings map[string]string
 	// claimGUCs are the legacy request.jwt.claim.* settings in force here.

@@ -67,8 +67,12 @@ func (ss *session) onQuery() error {
 		return nil
 	}
 	defer ss.doneWriting()
-	if r.Deallocate != nil && !ss.sessionMode {
+	switch {
+	case ss.sessionMode:
+	case r.Deallocate != nil:
 		body = ss.translateDeallocate(be, r.Deallocate)
+	case r.SQLPrepared != nil:
+		body = ss.translateSQLPrepared(be, r.SQLPrepared)
 	}
 	ss.unnamedOnBackend = false // a simple query drops the unnamed statement
 	ss.mu.Lock()
@@ -318,7 +322,8 @@ func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
 	defer ss.mu.Unlock()
 	if d.All {
 		clear(ss.stmts)
-		be.stmts = nil
+		clear(ss.sqlStmts)
+		be.stmts, be.sqlStmts = nil, nil
 		be.reprepare = true
 		return appendCString(ss.out[:0], "DEALLOCATE ALL")
 	}
@@ -327,8 +332,12 @@ func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
 		delete(ss.stmts, d.Name)
 		delete(be.stmts, st.proxyName)
 		target = st.proxyName
+	} else if st := ss.sqlStmts[d.Name]; st != nil {
+		delete(ss.sqlStmts, d.Name)
+		delete(be.sqlStmts, st.proxyName)
+		target = st.proxyName
 	} else {
-		ss.pushRename(missingStmtName, d.Name)
+		ss.renames = append(ss.renames, errRename{from: missingStmtName, to: d.Name, seq: ss.syncSeq})
 	}
 	ss.replayOK = false
 	return appendCString(ss.out[:0], "DEALLOCATE "+target)

@@ -168,6 +168,12 @@ func (ss *session) dropUnanswered(be *backend) {
 	for len(ss.renames) > 0 && ss.renames[0].seq <= ss.rfqSeq {
 		ss.renames = ss.renames[1:]
 	}
+	for len(ss.dropC) > 0 && ss.dropC[0] <= ss.rfqSeq {
+		ss.dropC = ss.dropC[1:]
+	}
+	for len(ss.sqlPrepFail) > 0 && ss.sqlPrepFail[0].seq <= ss.rfqSeq {
+		ss.sqlPrepFail = ss.sqlPrepFail[1:]
+	}
 }
 
 // translate appends to ss.out what the backend gets for one client message

@@ -178,3 +178,47 @@ func TestDeallocate(t *testing.T) {
 		}
 	}
 }
+
+// TestSQLPrepareExecute: SQL-level PREPARE/EXECUTE/DEALLOCATE work across
+// transactions on shared backends, and names are per client.
+func TestSQLPrepareExecute(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	ctx := context.Background()
+	a := h.connect("p3", "authenticated", "sqlprep-a")
+	b := h.connect("p3", "anon", "sqlprep-b")
+	if _, err := a.Exec(ctx, "PREPARE twice (int) AS SELECT $1 * 2"); err != nil {
+		t.Fatal(err)
+	}
+	// Another client may use the same name for something else.
+	if _, err := b.Exec(ctx, "PREPARE twice AS SELECT 'b'"); err != nil {
+		t.Fatalf("the same name in another client: %v", err)
+	}
+	if _, err := a.Exec(ctx, "PREPARE twice AS SELECT 1"); sqlstate(err) != "42P05" || !strings.Contains(err.Error(), "twice") {
+		t.Fatalf("duplicate PREPARE: %v", err)
+	}
+	for i := range 20 {
+		var n int
+		if err := a.QueryRow(ctx, fmt.Sprintf("EXECUTE twice(%d)", i)).Scan(&n); err != nil || n != 2*i {
+			t.Fatalf("EXECUTE twice(%d): %d %v", i, n, err)
+		}
+		var s string
+		if err := b.QueryRow(ctx, "EXECUTE twice").Scan(&s); err != nil || s != "b" {
+			t.Fatalf("b: %q %v", s, err)
+		}
+		// Other clients take the backends in between.
+		c := h.connect("p3", "anon", fmt.Sprint("filler", i))
+		if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := a.Exec(ctx, "DEALLOCATE twice"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Exec(ctx, "EXECUTE twice(1)"); sqlstate(err) != "26000" {
+		t.Fatalf("after DEALLOCATE: %v", err)
+	}
+	var s string
+	if err := b.QueryRow(ctx, "EXECUTE twice").Scan(&s); err != nil || s != "b" {
+		t.Fatalf("b after a's DEALLOCATE: %q %v", s, err)
+	}
+}

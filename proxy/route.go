@@ -37,6 +37,16 @@ type Route struct {
 	// Deallocate is set when the text is exactly one DEALLOCATE: in
 	// transaction mode the proxy translates it to its own statement names.
 	Deallocate *Deallocate
+	// SQLPrepared is set when the text is exactly one PREPARE or EXECUTE.
+	SQLPrepared *SQLPrepared
+}
+
+// SQLPrepared is a SQL-level PREPARE or EXECUTE of Name; Tail is the text
+// after the name, so the proxy can put its own name in front of it.
+type SQLPrepared struct {
+	Execute bool
+	Name    string
+	Tail    string
 }
 
 // Deallocate is a DEALLOCATE of one statement (Name) or of ALL.

@@ -61,6 +61,9 @@ type session struct {
 	unnamed          *stmt
 	unnamedOnBackend bool
 	parseQ, closeQ   []queued
+	sqlStmts         map[string]*sqlStmt // SQL-level PREPAREd names (sqlprepared.go)
+	dropC            []uint64            // CommandCompletes of the proxy's own, by query
+	sqlPrepFail      []sqlPrepareErr
 	renames          []errRename
 	syncSeq, rfqSeq  uint64
 	out              []byte
@@ -127,6 +130,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		txStatus:    'I',
 		attach:      make(chan attachment),
 		stmts:       map[string]*stmt{},
+		sqlStmts:    map[string]*sqlStmt{},
 		trusted:     slices.Contains(proj.cfg.TrustedRoles, id.Role),
 		settings:    startupSettings(params),
 		beDone:      make(chan struct{}),
@@ -747,6 +751,8 @@ func (ss *session) relay(a attachment) {
 				ss.drainFailed = true
 			}
 			gone := ss.clientGone
+			ss.sqlPrepareFailed(be)
+			forgetMissingSQLStmt(be, body)
 			if len(ss.renames) > 0 {
 				if rn := ss.renames[0]; rn.whole != nil {
 					if bytes.Contains(body, []byte(rn.from)) {
@@ -773,7 +779,7 @@ func (ss *session) relay(a attachment) {
 			if ss.identPending && len(body) >= 8 && string(body[:8]) == "ROLLBACK" {
 				be.identity = ""
 			}
-			gone := ss.clientGone
+			gone := ss.clientGone || ss.dropCommandComplete()
 			ss.mu.Unlock()
 			if !gone {
 				_ = writeMsg(ss.wr, 'C', body)
@@ -876,6 +882,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
 	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
+	ss.dropC, ss.sqlPrepFail = ss.dropC[:0], ss.sqlPrepFail[:0]
 	ss.cond.Broadcast()
 	return u
 }
@@ -1034,6 +1041,7 @@ func (ss *session) finish() {
 		ss.pending += 2
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
+		be.sqlStmts = nil
 		be.settings = nil
 		be.claimGUCs = nil
 	}

@@ -38,6 +38,8 @@ type facts struct {
 	gucs       []string
 	// dealloc is set when a statement is DEALLOCATE.
 	dealloc *Deallocate
+	// sqlPrepared names the statement of a PREPARE or EXECUTE.
+	sqlPrepared *SQLPrepared
 	// funcs are functions unknown to the built-in tables, called by
 	// statements whose Target or PinSession their volatility may change.
 	funcs []QualifiedName
@@ -73,6 +75,7 @@ func (f *facts) apply(p Policy) Decision {
 	}
 	if f.statements == 1 {
 		d.Deallocate = f.dealloc
+		d.SQLPrepared = f.sqlPrepared
 	}
 	if len(f.funcs) > 0 {
 		volatile := false
@@ -340,9 +343,11 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 		return primary(ReasonSessionState, false)
 	case *pg_query.Node_PrepareStmt:
 		a.visit(n.ProtoReflect(), wctx{})
+		a.f.sqlPrepared = &SQLPrepared{Execute: false, Name: s.PrepareStmt.GetName()}
 		return primary(ReasonPrepared, true)
 	case *pg_query.Node_ExecuteStmt:
 		a.visit(n.ProtoReflect(), wctx{exec: true})
+		a.f.sqlPrepared = &SQLPrepared{Execute: true, Name: s.ExecuteStmt.GetName()}
 		return primary(ReasonPrepared, false)
 	case *pg_query.Node_DeallocateStmt:
 		name := s.DeallocateStmt.GetName()

@@ -356,6 +356,9 @@ type Decision struct {
 	// replicas. Names of "SET SESSION CHARACTERISTICS" are reported as the
 	// default_transaction_* settings they change.
 	SessionGUCs []string
+	// SQLPrepared is set when the text is exactly one PREPARE or EXECUTE:
+	// a proxy that renames prepared statements must translate it.
+	SQLPrepared *SQLPrepared
 	// Deallocate is set when the text is exactly one DEALLOCATE statement:
 	// a proxy that renames prepared statements must translate it.
 	Deallocate *Deallocate
@@ -384,4 +387,10 @@ type Options struct {
 type Deallocate struct {
 	All  bool
 	Name string
+}
+
+// SQLPrepared is a SQL-level PREPARE (Execute false) or EXECUTE of Name.
+type SQLPrepared struct {
+	Execute bool
+	Name    string
 }

@@ -79,6 +79,15 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
 		SessionGUCs:   d.SessionGUCs,
 	}
+	if sp := d.SQLPrepared; sp != nil {
+		kw := "PREPARE"
+		if sp.Execute {
+			kw = "EXECUTE"
+		}
+		if tail, ok := afterStatementName(sql, kw); ok {
+			r.SQLPrepared = &proxy.SQLPrepared{Execute: sp.Execute, Name: sp.Name, Tail: tail}
+		}
+	}
 	if d.Deallocate != nil {
 		r.Deallocate = &proxy.Deallocate{All: d.Deallocate.All, Name: d.Deallocate.Name}
 	}

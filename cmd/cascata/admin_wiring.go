@@ -112,6 +112,7 @@ func (p *adminPlane) handler() (http.Handler, error) {
 		Pauser:      a.srv,
 		Jobs:        p.jobs,
 		Ejector:     p,
+		Archiver:    newArchiver(p),
 		Pinger:      pinger{timeout: a.cfg.Proxy.ServerConnectTimeout.Duration},
 	})
 }

@@ -18,6 +18,7 @@ commands:
   eject    -project REF -target-url URL ...  move a project to its own PostgreSQL (admin client)
   pause    -project REF / resume -project REF  PgBouncer PAUSE/RESUME for one project (admin client)
   jobs     [-wait] [ID]                      list jobs or show one (admin client)
+  archive  export|import|verify ...          .caf archives offline (cascata archive help)
 `
 
 func main() {
@@ -47,6 +48,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdResume(args, stdout, stderr)
 	case "jobs":
 		err = cmdJobs(args, stdout, stderr)
+	case "archive":
+		err = cmdArchive(args, stdout, stderr)
 	case "help", "-h", "--help":
 		fmt.Fprint(stdout, usage)
 		return 0

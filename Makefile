@@ -4,7 +4,7 @@ BIN     := bin/cascata
 PKGS    := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: help build run test test-go test-e2e lint fuzz bench pg clean
+.PHONY: help build run test lint fuzz bench compat pg clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -22,6 +22,9 @@ test: pg build ## all tests against real PostgreSQL (race detector on), then the
 	$(GO) vet $(PKGS)
 	$(GO) test -race -count=1 -timeout 9m $(PKGS)
 	scripts/e2e.sh
+
+compat: pg build ## client matrix: drivers and ORMs through the proxy in transaction mode (installs its clients)
+	scripts/compat/run.sh
 
 lint: ## go vet, gofmt, and golangci-lint where installed
 	$(GO) vet $(PKGS)

@@ -1,0 +1,45 @@
+// Command benchtool is the Go side of `make bench` (bench/run.sh): it holds
+// a throw-away PostgreSQL primary + streaming replica, mints tokens, and
+// drives load that pgbench cannot (many distinct JWTs, thousands of idle
+// clients holding prepared statements).
+//
+//	benchtool cluster -dir D -db NAME -password PW -env FILE
+//	benchtool ports N
+//	benchtool rsakey -jwks FILE -project REF -role ROLE
+//	benchtool idle  -addr H:P -db DB -user U -password PW -n 5000 -stmts 10 -pid PID
+//	benchtool load  -addr H:P -db REF -role R -secret-env VAR -n 1000 -dur 15s [-distinct] -pid PID
+//
+// Results are printed as key=value lines for the script to pick up.
+package main
+
+import (
+	"fmt"
+	"os"
+)
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load [flags]")
+		os.Exit(2)
+	}
+	var err error
+	args := os.Args[2:]
+	switch os.Args[1] {
+	case "cluster":
+		err = cmdCluster(args)
+	case "ports":
+		err = cmdPorts(args)
+	case "rsakey":
+		err = cmdRSAKey(args)
+	case "idle":
+		err = cmdIdle(args)
+	case "load":
+		err = cmdLoad(args)
+	default:
+		err = fmt.Errorf("unknown command %q", os.Args[1])
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "benchtool %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+}

@@ -1,0 +1,592 @@
+#!/usr/bin/env bash
+# bench/run.sh (`make bench`): pgbench through cascata, PgBouncer and
+# PostgreSQL directly, on loopback, in one bounded run; writes bench/RESULTS.md
+# (overwritten) and prints it.
+#
+# What it does:
+#   1. a throw-away primary + streaming replica (bench/benchtool cluster, which
+#      uses internal/pgcluster), project database "bench", roles authenticator
+#      (NOINHERIT, SCRAM) / anon / authenticated / service_role,
+#      `pgbench -i -s $BENCH_SCALE` as superuser, pgbench tables granted to
+#      authenticated;
+#   2. cascata (transaction mode, pool_size = $BENCH_POOL_SIZE) and Debian's
+#      pgbouncer (transaction mode, default_pool_size = $BENCH_POOL_SIZE,
+#      auth_type = scram-sha-256 with the SCRAM verifier, SCRAM pass-through);
+#   3. memory of cascata with $BENCH_IDLE_CLIENTS idle clients holding 10
+#      prepared statements each (and pgbouncer's with idle clients);
+#   4. pgbench -S -M simple|extended|prepared against direct, pgbouncer,
+#      cascata: TPS, latency, proxy CPU seconds per 1,000 transactions;
+#   5. a 90/10 read/write mix through cascata without replicas, with the
+#      replica, and with the replica but consistency = primary_only;
+#   6. connection rate (pgbench -C, `SELECT 1`) with HS256 and RS256 tokens,
+#      and $BENCH_USERS connections with distinct JWTs vs one shared JWT.
+#
+# Environment (defaults in brackets):
+#   BENCH_DURATION [15]        seconds per pgbench/load measurement
+#   BENCH_CONN_DURATION [DUR]  seconds per connection-rate measurement
+#   BENCH_CLIENTS [32]  BENCH_THREADS [2]  BENCH_POOL_SIZE [20]  BENCH_SCALE [10]
+#   BENCH_IDLE_CLIENTS [5000]  BENCH_USERS [1000]
+#   BENCH_OUT [bench/RESULTS.md]  BENCH_KEEP=1 keeps the work dir
+#   CASCATA_BIN [bin/cascata]
+# Logs of every run go to bench/out/ (git-ignored).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BIN=${CASCATA_BIN:-$ROOT/bin/cascata}
+DUR=${BENCH_DURATION:-15}
+CONN_DUR=${BENCH_CONN_DURATION:-$DUR}
+CLIENTS=${BENCH_CLIENTS:-32}
+THREADS=${BENCH_THREADS:-2}
+POOL=${BENCH_POOL_SIZE:-20}
+SCALE=${BENCH_SCALE:-10}
+IDLE_CLIENTS=${BENCH_IDLE_CLIENTS:-5000}
+IDLE_STMTS=10
+USERS=${BENCH_USERS:-1000}
+OUT=${BENCH_OUT:-$ROOT/bench/RESULTS.md}
+LOGDIR=$ROOT/bench/out
+PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
+export PATH=/usr/local/go/bin:$PATH
+
+# Only the variables set below may steer libpq.
+while read -r v; do unset "$v"; done < <(compgen -e | grep '^PG' || true)
+export PGSSLMODE=disable PGCONNECT_TIMEOUT=10
+unset CASCATA_LOG_LEVEL
+
+say() { printf 'bench: %s\n' "$*" >&2; }
+die() { say "FAILED: $*"; exit 1; }
+
+for cmd in pgbench psql curl setpriv "$PGBOUNCER"; do
+  command -v "$cmd" >/dev/null || die "$cmd not found"
+done
+[ -x "$BIN" ] || die "$BIN missing (make build)"
+
+START_EPOCH=$(date +%s)
+WORK=$(mktemp -d /tmp/cascata-bench.XXXXXX)
+chmod 755 "$WORK" # the postgres OS user must reach the cluster and pgbouncer files
+rm -rf "$LOGDIR"
+mkdir -p "$LOGDIR"
+CLUSTER_PID="" CASCATA_PID="" PGB_PID=""
+
+# stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
+stop_pid() {
+  local pid=$1 secs=$2 i
+  [ -n "$pid" ] || return 0
+  kill -TERM "$pid" 2>/dev/null || return 0
+  for ((i = 0; i < secs * 10; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  if kill -0 "$pid" 2>/dev/null; then
+    say "pid $pid did not stop after SIGTERM; killing it"
+    kill -KILL "$pid" 2>/dev/null || true
+  fi
+  wait "$pid" 2>/dev/null || true
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT
+  stop_pid "$CASCATA_PID" 15
+  stop_pid "$PGB_PID" 10
+  cp "$WORK"/pg/*.log "$WORK"/pgb/pgbouncer.log "$LOGDIR"/ 2>/dev/null || true
+  stop_pid "$CLUSTER_PID" 90
+  # A server left behind (benchtool killed) gets an immediate shutdown.
+  local f pid
+  for f in "$WORK"/pg/*/postmaster.pid; do
+    [ -f "$f" ] || continue
+    pid=$(head -n1 "$f")
+    [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null || true
+  done
+  if [ "${BENCH_KEEP:-0}" = 1 ]; then
+    say "kept $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Clients and proxies hold thousands of sockets.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+if [ "$NOFILE" != unlimited ] && [ "$NOFILE" -lt $((IDLE_CLIENTS + 500)) ]; then
+  say "ulimit -n is $NOFILE: lowering BENCH_IDLE_CLIENTS from $IDLE_CLIENTS to $((NOFILE - 500))"
+  IDLE_CLIENTS=$((NOFILE - 500))
+fi
+
+AS_PG=()
+if [ "$(id -u)" = 0 ]; then
+  id postgres >/dev/null 2>&1 || die "running as root needs the postgres OS user"
+  AS_PG=(setpriv --reuid=postgres --regid=postgres --init-groups)
+fi
+
+# --- helpers ----------------------------------------------------------------
+
+# cpu_of PID: utime+stime in seconds ("" without a pid).
+cpu_of() {
+  [ -n "${1:-}" ] || { echo ""; return; }
+  sed 's/.*) //' "/proc/$1/stat" | awk '{printf "%.2f", ($12 + $13) / 100}'
+}
+rss_of() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+
+# redact: hide passwords and tokens in recorded commands.
+redact() {
+  local s=$*
+  s=${s//$PASSWORD/<password>}
+  [ -n "${TOKEN:-}" ] && s=${s//$TOKEN/<jwt HS256>}
+  [ -n "${TOKEN_REP:-}" ] && s=${s//$TOKEN_REP/<jwt HS256>}
+  [ -n "${TOKEN_PO:-}" ] && s=${s//$TOKEN_PO/<jwt HS256>}
+  [ -n "${TOKEN_EV:-}" ] && s=${s//$TOKEN_EV/<jwt HS256>}
+  [ -n "${TOKEN_RS:-}" ] && s=${s//$TOKEN_RS/<jwt RS256>}
+  printf '%s' "$s"
+}
+
+COMMANDS=$LOGDIR/commands.txt
+: >"$COMMANDS"
+RESULTS=$LOGDIR/results.tsv
+: >"$RESULTS"
+
+# run_pgbench ID PROXY_PID ENV... pgbench ARGS...: runs pgbench (bounded),
+# records TPS, latency, transactions, failures and the proxy's CPU seconds.
+run_pgbench() {
+  local id=$1 pid=$2
+  shift 2
+  local out=$LOGDIR/$id.out err=$LOGDIR/$id.err rc=0 c0 c1
+  echo "$id: $(redact "$*")" >>"$COMMANDS"
+  say "run $id"
+  c0=$(cpu_of "$pid")
+  timeout -k 5 $((DUR > CONN_DUR ? DUR + 120 : CONN_DUR + 120)) env "$@" >"$out" 2>"$err" || rc=$?
+  c1=$(cpu_of "$pid")
+  local tps lat txns failed aborted cpu="" per1k="" note=""
+  tps=$(grep -m1 -oP '^tps = \K[0-9.]+' "$out" || true)
+  lat=$(grep -m1 -oP '^latency average = \K[0-9.]+' "$out" || true)
+  txns=$(grep -m1 -oP '^number of transactions actually processed: \K[0-9]+' "$out" || true)
+  failed=$(grep -m1 -oP '^number of failed transactions: \K[0-9]+' "$out" || echo 0)
+  # Clients that stopped with an error ("client N ... aborted", "client N command M: no results").
+  aborted=$({ grep -oP '^pgbench: error: client \K[0-9]+' "$err" || true; } | sort -u | wc -l)
+  if [ -n "$pid" ]; then
+    cpu=$(awk -v a="$c0" -v b="$c1" 'BEGIN {printf "%.2f", b - a}')
+    if [ -n "$txns" ] && [ "$txns" -gt 0 ]; then
+      per1k=$(awk -v c="$cpu" -v t="$txns" 'BEGIN {printf "%.4f", c * 1000 / t}')
+    fi
+  fi
+  if [ "$rc" != 0 ] || [ "$aborted" != 0 ]; then
+    note="exit $rc; $(grep -m1 -E 'error|ERROR|FATAL' "$err" | sed 's/|/\\|/g' | cut -c1-220 || true)"
+  fi
+  if [ -n "$pid" ] && ! alive "$pid"; then
+    note="$note; PROXY DIED (pid $pid)"
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "${tps:-}" "${lat:-}" "${txns:-}" "$failed" "$aborted" "$cpu" "$per1k" "$rc" "$note" >>"$RESULTS"
+}
+
+# field ID COLUMN: a column of results.tsv (2 tps, 3 lat, 4 txns, 5 failed,
+# 6 aborted, 7 cpu, 8 cpu/1k, 9 rc, 10 note).
+field() { awk -F'\t' -v id="$1" -v c="$2" '$1 == id {print $c}' "$RESULTS"; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f", a / b}'; }
+kv() { grep -m1 "^$2=" "$1" | cut -d= -f2- || true; }
+
+# route_snapshot FILE: cascata_route_decisions_total lines from /metrics.
+route_snapshot() {
+  curl -fsS --max-time 10 -H "Authorization: Bearer $BENCH_ADMIN_TOKEN" "http://127.0.0.1:$ADMIN_PORT/metrics" |
+    grep '^cascata_route_decisions_total' >"$1" || true
+}
+# route_delta BEFORE AFTER PROJECT: "target reason count" lines.
+route_delta() {
+  awk -v p="project=\"$3\"" '
+    function parse(line,   lbl) {
+      lbl = line; sub(/^[^{]*\{/, "", lbl); sub(/\}.*$/, "", lbl)
+      return lbl
+    }
+    FNR == NR { if (index($0, p)) before[parse($0)] = $NF; next }
+    index($0, p) {
+      l = parse($0); d = $NF - before[l]
+      if (d > 0) {
+        t = l; sub(/.*target="/, "", t); sub(/".*/, "", t)
+        r = l; sub(/.*reason="/, "", r); sub(/".*/, "", r)
+        printf "%s %s %d\n", t, r, d
+      }
+    }' "$1" "$2"
+}
+
+# --- 1. PostgreSQL primary + replica -----------------------------------------
+
+say "building bench/benchtool"
+(cd "$ROOT" && go build -o "$WORK/benchtool" ./bench/benchtool) || die "go build ./bench/benchtool"
+TOOL=$WORK/benchtool
+read -r CASCATA_PORT ADMIN_PORT PGB_PORT < <("$TOOL" ports 3 | paste -sd' ')
+
+PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
+export BENCH_JWT_SECRET
+BENCH_JWT_SECRET=$(head -c 32 /dev/urandom | base64 | tr '+/' 'xy')
+export BENCH_ADMIN_TOKEN
+BENCH_ADMIN_TOKEN=$(head -c 24 /dev/urandom | base64 | tr '+/' 'xy')
+
+say "starting primary + streaming replica"
+"$TOOL" cluster -dir "$WORK/pg" -db bench -password "$PASSWORD" -env "$WORK/cluster.env" >"$LOGDIR/cluster.log" 2>&1 &
+CLUSTER_PID=$!
+for _ in $(seq 1 1200); do
+  [ -f "$WORK/cluster.env" ] && break
+  alive "$CLUSTER_PID" || { tail -n 30 "$LOGDIR/cluster.log" >&2; die "cluster did not start"; }
+  sleep 0.1
+done
+[ -f "$WORK/cluster.env" ] || die "cluster not ready after 120 s"
+# shellcheck disable=SC1091
+. "$WORK/cluster.env"
+PP=$PRIMARY_PORT
+RP=$REPLICA_PORT
+SU=(-h 127.0.0.1 -p "$PP" -U postgres)
+
+say "pgbench -i -s $SCALE"
+pgbench -i -s "$SCALE" -q "${SU[@]}" bench >"$LOGDIR/pgbench-init.log" 2>&1 || { tail "$LOGDIR/pgbench-init.log" >&2; die "pgbench -i"; }
+psql -X -q -v ON_ERROR_STOP=1 "${SU[@]}" -d bench >"$LOGDIR/setup.log" 2>&1 <<'SQL' || die "grants (see $LOGDIR/setup.log)"
+GRANT SELECT, INSERT, UPDATE ON pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history TO authenticated;
+CREATE EXTENSION IF NOT EXISTS pg_prewarm;
+SELECT pg_prewarm('pgbench_accounts'), pg_prewarm('pgbench_accounts_pkey');
+CHECKPOINT;
+SQL
+PG_VERSION=$(psql -X -Atc 'SHOW server_version' "${SU[@]}" -d bench)
+# The replica has replayed the data before it is read from.
+for _ in $(seq 1 600); do
+  lag=$(psql -X -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) FROM pg_stat_replication" "${SU[@]}" -d postgres | head -n1)
+  [ "${lag:-1}" = 0 ] && break
+  sleep 0.1
+done
+psql -X -Atc "SELECT pg_prewarm('pgbench_accounts'), pg_prewarm('pgbench_accounts_pkey')" -h 127.0.0.1 -p "$RP" -U postgres bench >/dev/null 2>&1 || true
+
+# --- 2. cascata and pgbouncer -------------------------------------------------
+
+mkdir -p "$WORK/state" "$WORK/storage"
+RS_JWKS=$WORK/jwks.json
+TOKEN_RS=$("$TOOL" rsakey -jwks "$RS_JWKS" -project benchrs -role authenticated) || die "rsakey"
+DBURL="postgres://authenticator:$PASSWORD@127.0.0.1:$PP/bench"
+REPURL="postgres://authenticator:$PASSWORD@127.0.0.1:$RP/bench"
+OWNURL="postgres://postgres@127.0.0.1:$PP/bench"
+CFG=$WORK/cascata.toml
+project() { # project REF EXTRA-LINES
+  cat <<EOF
+
+[[projects]]
+ref = "$1"
+database_url = "$DBURL"
+owner_url = "$OWNURL"
+pool_size = $POOL
+storage_dir = "$WORK/storage/$1"
+$2
+EOF
+}
+{
+  cat <<EOF
+[proxy]
+listen = "127.0.0.1:$CASCATA_PORT"
+pool_mode = "transaction"
+max_client_conn = $((IDLE_CLIENTS + USERS + 1000))
+max_server_conn_per_host = $((POOL * 5 + 20))
+shutdown_timeout = "5s"
+
+[admin]
+listen = "127.0.0.1:$ADMIN_PORT"
+token_env = "BENCH_ADMIN_TOKEN"
+
+[state]
+dir = "$WORK/state"
+EOF
+  project bench 'jwt_secret_env = "BENCH_JWT_SECRET"'
+  project benchrep "jwt_secret_env = \"BENCH_JWT_SECRET\"
+replica_urls = [\"$REPURL\"]"
+  project benchev "jwt_secret_env = \"BENCH_JWT_SECRET\"
+replica_urls = [\"$REPURL\"]
+consistency = \"eventual\""
+  project benchpo "jwt_secret_env = \"BENCH_JWT_SECRET\"
+replica_urls = [\"$REPURL\"]
+consistency = \"primary_only\""
+  project benchrs "jwks_file = \"$RS_JWKS\""
+} >"$CFG"
+"$BIN" check -config "$CFG" >"$LOGDIR/check.log" 2>&1 || { cat "$LOGDIR/check.log" >&2; die "cascata check"; }
+
+say "starting cascata on 127.0.0.1:$CASCATA_PORT (admin $ADMIN_PORT)"
+"$BIN" serve -config "$CFG" >"$LOGDIR/cascata.log" 2>&1 &
+CASCATA_PID=$!
+for _ in $(seq 1 300); do
+  curl -fsS --max-time 1 "http://127.0.0.1:$ADMIN_PORT/healthz" >/dev/null 2>&1 && break
+  alive "$CASCATA_PID" || { tail -n 30 "$LOGDIR/cascata.log" >&2; die "cascata exited"; }
+  sleep 0.1
+done
+TOKEN=$("$BIN" token -config "$CFG" -project bench -role authenticated -sub bench-user -ttl 2h)
+TOKEN_REP=$("$BIN" token -config "$CFG" -project benchrep -role authenticated -sub bench-user -ttl 2h)
+TOKEN_PO=$("$BIN" token -config "$CFG" -project benchpo -role authenticated -sub bench-user -ttl 2h)
+TOKEN_EV=$("$BIN" token -config "$CFG" -project benchev -role authenticated -sub bench-user -ttl 2h)
+
+mkdir -p "$WORK/pgb"
+# The SCRAM verifier, as PostgreSQL stores it: pgbouncer checks clients
+# against it and passes their SCRAM keys through to the server.
+VERIFIER=$(psql -X -Atc "SELECT rolpassword FROM pg_authid WHERE rolname = 'authenticator'" "${SU[@]}" -d postgres)
+printf '"authenticator" "%s"\n' "$VERIFIER" >"$WORK/pgb/userlist.txt"
+cat >"$WORK/pgb/pgbouncer.ini" <<EOF
+[databases]
+bench = host=127.0.0.1 port=$PP dbname=bench connect_query='SET ROLE authenticated'
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $PGB_PORT
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $WORK/pgb/userlist.txt
+pool_mode = transaction
+default_pool_size = $POOL
+max_client_conn = $((IDLE_CLIENTS + 1000))
+ignore_startup_parameters = extra_float_digits
+log_connections = 0
+log_disconnections = 0
+logfile = $WORK/pgb/pgbouncer.log
+EOF
+[ ${#AS_PG[@]} -gt 0 ] && chown -R postgres: "$WORK/pgb"
+say "starting pgbouncer on 127.0.0.1:$PGB_PORT"
+"${AS_PG[@]}" "$PGBOUNCER" "$WORK/pgb/pgbouncer.ini" >"$LOGDIR/pgbouncer.stderr" 2>&1 &
+PGB_PID=$!
+for _ in $(seq 1 100); do
+  PGPASSWORD=$PASSWORD psql -X -Atc 'SELECT 1' -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench >/dev/null 2>&1 && break
+  alive "$PGB_PID" || { cat "$LOGDIR/pgbouncer.stderr" "$WORK/pgb/pgbouncer.log" >&2 || true; die "pgbouncer exited"; }
+  sleep 0.1
+done
+
+# Sanity: each path answers as the right role. A failure is recorded (and
+# the runs through that path will show it) rather than ending the bench.
+PROBLEMS=$LOGDIR/problems.txt
+: >"$PROBLEMS"
+check_role() {
+  local who=$1
+  shift
+  local got
+  got=$(env "$@" psql -X -Atc 'SELECT current_user' 2>&1 | tail -n1 || true)
+  if [ "$got" != authenticated ]; then
+    say "$who: psql -c 'SELECT current_user' gave: $got"
+    echo "$who: \`psql -X -Atc 'SELECT current_user'\` printed: $got" >>"$PROBLEMS"
+  fi
+}
+check_role direct PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' PGHOST=127.0.0.1 PGPORT="$PP" PGUSER=authenticator PGDATABASE=bench
+check_role pgbouncer PGPASSWORD="$PASSWORD" PGHOST=127.0.0.1 PGPORT="$PGB_PORT" PGUSER=authenticator PGDATABASE=bench
+check_role cascata PGPASSWORD="$TOKEN" PGHOST=127.0.0.1 PGPORT="$CASCATA_PORT" PGUSER=authenticated PGDATABASE=bench
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# --- 3. memory with idle clients (first, on a fresh cascata) ------------------
+
+say "idle clients: $IDLE_CLIENTS through cascata, $IDLE_STMTS prepared statements each"
+IDLE_C=$LOGDIR/idle-cascata.out
+export BENCH_TOKEN=$TOKEN
+echo "idle-cascata: benchtool idle -addr 127.0.0.1:$CASCATA_PORT -db bench -user authenticated -password-env BENCH_TOKEN -n $IDLE_CLIENTS -stmts $IDLE_STMTS -pid <cascata>" >>"$COMMANDS"
+timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$CASCATA_PORT" -db bench -user authenticated -password-env BENCH_TOKEN \
+  -n "$IDLE_CLIENTS" -stmts "$IDLE_STMTS" -pid "$CASCATA_PID" \
+  -metrics-url "http://127.0.0.1:$ADMIN_PORT/metrics" -metrics-token-env BENCH_ADMIN_TOKEN >"$IDLE_C" 2>"$LOGDIR/idle-cascata.err" ||
+  say "idle (cascata) failed: $(tail -n3 "$LOGDIR/idle-cascata.err")"
+say "idle clients: $IDLE_CLIENTS through pgbouncer (no prepared statements: 1.18 cannot keep them)"
+IDLE_B=$LOGDIR/idle-pgbouncer.out
+export BENCH_PW=$PASSWORD
+echo "idle-pgbouncer: benchtool idle -addr 127.0.0.1:$PGB_PORT -db bench -user authenticator -password-env BENCH_PW -n $IDLE_CLIENTS -stmts 0 -pid <pgbouncer>" >>"$COMMANDS"
+timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$PGB_PORT" -db bench -user authenticator -password-env BENCH_PW \
+  -n "$IDLE_CLIENTS" -stmts 0 -pid "$PGB_PID" >"$IDLE_B" 2>"$LOGDIR/idle-pgbouncer.err" ||
+  say "idle (pgbouncer) failed: $(tail -n3 "$LOGDIR/idle-pgbouncer.err")"
+sleep 2 # the proxies notice the closed clients
+
+# --- 4. select-only: direct, pgbouncer, cascata --------------------------------
+
+PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$DUR")
+for mode in simple extended prepared; do
+  run_pgbench "direct-$mode" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
+    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PP" -U authenticator bench
+  run_pgbench "pgbouncer-$mode" "$PGB_PID" PGPASSWORD="$PASSWORD" \
+    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+  run_pgbench "cascata-$mode" "$CASCATA_PID" PGPASSWORD="$TOKEN" \
+    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
+done
+
+# --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
+
+MIX_ARGS=(-n -c "$CLIENTS" -j "$THREADS" -T "$DUR" -M simple -D "scale=$SCALE"
+  -f "$ROOT/bench/mix_read.sql@9" -f "$ROOT/bench/mix_write.sql@1")
+for v in "bench:$TOKEN" "benchrep:$TOKEN_REP" "benchev:$TOKEN_EV" "benchpo:$TOKEN_PO"; do
+  ref=${v%%:*}
+  tok=${v#*:}
+  route_snapshot "$LOGDIR/routes-$ref.before"
+  run_pgbench "mix-$ref" "$CASCATA_PID" PGPASSWORD="$tok" \
+    pgbench "${MIX_ARGS[@]}" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated "$ref"
+  route_snapshot "$LOGDIR/routes-$ref.after"
+  route_delta "$LOGDIR/routes-$ref.before" "$LOGDIR/routes-$ref.after" "$ref" >"$LOGDIR/routes-$ref.delta"
+done
+
+# --- 6. connection rate and identity switching ----------------------------------
+
+CONN_ARGS=(-n -C -c "$CLIENTS" -j "$THREADS" -T "$CONN_DUR" -M simple -f "$ROOT/bench/select1.sql")
+run_pgbench conn-cascata-hs256 "$CASCATA_PID" PGPASSWORD="$TOKEN" \
+  pgbench "${CONN_ARGS[@]}" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
+run_pgbench conn-cascata-rs256 "$CASCATA_PID" PGPASSWORD="$TOKEN_RS" \
+  pgbench "${CONN_ARGS[@]}" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated benchrs
+run_pgbench conn-pgbouncer-scram "$PGB_PID" PGPASSWORD="$PASSWORD" \
+  pgbench "${CONN_ARGS[@]}" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+run_pgbench conn-direct-scram "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
+  pgbench "${CONN_ARGS[@]}" -h 127.0.0.1 -p "$PP" -U authenticator bench
+
+for kind in distinct same; do
+  say "run users-$kind ($USERS connections)"
+  flag=-distinct=false
+  [ "$kind" = distinct ] && flag=-distinct=true
+  echo "users-$kind: benchtool load -addr 127.0.0.1:$CASCATA_PORT -db bench -role authenticated -secret-env BENCH_JWT_SECRET -n $USERS -dur ${DUR}s $flag -pid <cascata>" >>"$COMMANDS"
+  timeout -k 5 $((DUR + 300)) "$TOOL" load -addr "127.0.0.1:$CASCATA_PORT" -db bench -role authenticated \
+    -secret-env BENCH_JWT_SECRET -n "$USERS" -dur "${DUR}s" "$flag" -pid "$CASCATA_PID" \
+    >"$LOGDIR/users-$kind.out" 2>"$LOGDIR/users-$kind.err" || say "users-$kind failed: $(tail -n3 "$LOGDIR/users-$kind.err")"
+done
+
+LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
+CASCATA_STATE="running"
+alive "$CASCATA_PID" || CASCATA_STATE="DEAD"
+PANICS=$(grep -c -E '^panic|fatal error|goroutine [0-9]+ \[' "$LOGDIR/cascata.log" || true)
+ERRLINES=$(grep -c 'level=ERROR' "$LOGDIR/cascata.log" || true)
+CASCATA_RSS_END=$(rss_of "$CASCATA_PID" 2>/dev/null || echo "?")
+
+# --- 7. RESULTS.md -----------------------------------------------------------------
+
+fmt() { [ -n "$1" ] && printf '%s' "$1" || printf '—'; }
+# num VALUE DECIMALS: a rounded number, or —.
+num() { [ -n "$1" ] && awk -v v="$1" -v d="$2" 'BEGIN {printf "%.*f", d, v}' || printf '—'; }
+row_sel() { # ID TARGET MODE
+  local id=$1
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$2" "$3" "$(num "$(field "$id" 2)" 0)" "$(fmt "$(field "$id" 3)")" \
+    "$(fmt "$(field "$id" 4)")" "$(field "$id" 5)/$(field "$id" 6)" "$(fmt "$(field "$id" 7)")" "$(fmt "$(field "$id" 8)")"
+}
+verdict() { # VALUE OP LIMIT
+  awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
+    if (v == "n/a") { print "n/a"; exit }
+    ok = (op == ">=") ? (v + 0 >= l + 0) : (v + 0 <= l + 0)
+    print ok ? "met" : "**not met**" }'
+}
+CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
+COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(cd "$ROOT" && git status --porcelain 2>/dev/null | grep -qv '^??' && echo " + uncommitted changes" || true)
+ELAPSED=$(($(date +%s) - START_EPOCH))
+
+{
+  echo "# Cascata benchmark results"
+  echo
+  echo "Written by \`make bench\` (bench/run.sh); every run overwrites this file."
+  echo
+  echo "| | |"
+  echo "|---|---|"
+  echo "| date | $(date -u '+%Y-%m-%d %H:%M:%S UTC') |"
+  echo "| machine | $(nproc) CPUs, $CPU_MODEL, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, Linux $(uname -r) |"
+  echo "| load average (1/5/15 min) | at start $LOAD_START; at end $LOAD_END (other work on the machine makes absolute numbers noisy) |"
+  echo "| PostgreSQL | $PG_VERSION (primary + streaming replica, loopback TCP, fsync off, shared_buffers 256MB) |"
+  echo "| PgBouncer | $("$PGBOUNCER" --version 2>/dev/null | head -n1) |"
+  echo "| cascata | $COMMIT$DIRTY |"
+  echo "| command | \`${CASCATA_BIN:+CASCATA_BIN=$CASCATA_BIN }BENCH_DURATION=$DUR BENCH_CONN_DURATION=$CONN_DUR BENCH_CLIENTS=$CLIENTS BENCH_THREADS=$THREADS BENCH_POOL_SIZE=$POOL BENCH_SCALE=$SCALE BENCH_IDLE_CLIENTS=$IDLE_CLIENTS BENCH_USERS=$USERS make bench\` ($ELAPSED s) |"
+  echo "| pool | cascata \`pool_mode = \"transaction\"\`, \`pool_size = $POOL\`; pgbouncer \`pool_mode = transaction\`, \`default_pool_size = $POOL\`, \`auth_type = scram-sha-256\` with the SCRAM verifier of authenticator in auth_file (SCRAM pass-through to the server), clients log in as authenticator, server connections run \`connect_query = 'SET ROLE authenticated'\` |"
+  echo
+  echo "Direct runs log in as \`authenticator\` with \`PGOPTIONS='-c role=authenticated'\`; pgbouncer runs as \`authenticator\`;"
+  echo "cascata runs as \`authenticated\` with an HS256 JWT as the password (cascata applies \`SET ROLE\` and the claims)."
+  echo "Proxy CPU = utime+stime of the proxy process (/proc/<pid>/stat) over the run; pgbouncer is single-threaded, cascata uses every core."
+  echo
+  echo "## Select-only: \`pgbench -n -S -c $CLIENTS -j $THREADS -T $DUR\` (issue 2, issue 5)"
+  echo
+  echo "| target | -M | TPS | avg latency ms | transactions | failed txns/aborted clients | proxy CPU s | proxy CPU s per 1,000 txns |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  for mode in simple extended prepared; do
+    row_sel "direct-$mode" "PostgreSQL direct" "$mode"
+    row_sel "pgbouncer-$mode" "pgbouncer 1.18" "$mode"
+    row_sel "cascata-$mode" "cascata" "$mode"
+  done
+  echo
+  echo "### cascata / pgbouncer"
+  echo
+  echo "| -M | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn |"
+  echo "|---|---:|---:|---|---|"
+  for mode in simple extended prepared; do
+    tr=$(ratio "$(field "cascata-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
+    cr=$(ratio "$(field "cascata-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
+    if [ "$(field "pgbouncer-$mode" 6)" != 0 ] || [ "$(field "pgbouncer-$mode" 9)" != 0 ]; then
+      echo "| $mode | $tr | $cr | pgbouncer failed: not comparable | |"
+    else
+      echo "| $mode | $tr | $cr | $(verdict "$tr" '>=' 1) | $(verdict "$cr" '<=' 1.5) |"
+    fi
+  done
+  echo
+  echo "Failures (non-zero exit or aborted clients):"
+  echo
+  awk -F'\t' '$10 != "" {n++; printf "- `%s`: %s\n", $1, $10} END {if (!n) print "- none"}' "$RESULTS"
+  echo
+  echo "## Memory: $(kv "$IDLE_C" clients) idle clients, $IDLE_STMTS named prepared statements each (issue 5)"
+  echo
+  echo "Each client connects, then prepares the same 10 statements (ORM-like); VmRSS of the proxy is read"
+  echo "before, after connecting and after preparing (2 s settle each); every 50th client then executes its \`s0\`."
+  echo
+  echo "| proxy | clients | connect s | prepare s | RSS before MiB | RSS connected MiB | RSS prepared MiB | RSS per client | RSS per client incl. statements | Go heap+stack in use per client incl. statements (allocated, not all touched) | exec checks failed |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  for p in cascata pgbouncer; do
+    f=$LOGDIR/idle-$p.out
+    if [ -s "$f" ] && [ -n "$(kv "$f" rss_before_kb)" ]; then
+      mib() { awk -v k="$1" 'BEGIN {if (k == "") print "—"; else printf "%.1f", k / 1024}'; }
+      kib() { awk -v b="$1" 'BEGIN {if (b == "") print "—"; else printf "%.1f KiB", b / 1024}'; }
+      st=$(kv "$f" stmts)
+      echo "| $p | $(kv "$f" clients) (failed $(kv "$f" connect_failures)) | $(kv "$f" connect_secs) | $([ "$st" = 0 ] && echo "— (none)" || kv "$f" prepare_secs) | $(mib "$(kv "$f" rss_before_kb)") | $(mib "$(kv "$f" rss_connected_kb)") | $(mib "$(kv "$f" rss_prepared_kb)") | $(kib "$(kv "$f" rss_per_client_bytes)") | $([ "$st" = 0 ] && echo — || kib "$(kv "$f" rss_per_client_with_stmts_bytes)") | $(kib "$(kv "$f" go_inuse_per_client_with_stmts_bytes)") | $(kv "$f" exec_check_failures)/$(kv "$f" exec_checks) |"
+      for e in connect_first_error prepare_first_error check_first_error; do
+        [ -n "$(kv "$f" $e)" ] && echo "| $p $e: $(kv "$f" $e | sed 's/|/\\|/g') |||||||||||"
+      done
+    else
+      echo "| $p | failed: $(tail -n1 "$LOGDIR/idle-$p.err" 2>/dev/null | sed 's/|/\\|/g') |||||||||||"
+    fi
+  done
+  echo
+  echo "## Read-heavy mix through cascata: 90 % \`SELECT abalance … WHERE aid = :aid\`, 10 % \`UPDATE … SET abalance = abalance + 1\` (issue 4)"
+  echo
+  echo "\`pgbench -n -c $CLIENTS -j $THREADS -T $DUR -M simple -f bench/mix_read.sql@9 -f bench/mix_write.sql@1\`; routing decisions from \`cascata_route_decisions_total\` (admin /metrics) over the run."
+  echo "With a replica the project has pool_size backends on each host."
+  echo
+  echo "| project config | TPS | avg latency ms | aborted clients | reads | reads served by the replica | routing decisions (target reason count) | proxy CPU s per 1,000 txns |"
+  echo "|---|---:|---:|---:|---:|---:|---|---:|"
+  for v in "bench:no replica" "benchrep:1 replica, consistency = read_your_writes (default)" "benchev:1 replica, consistency = eventual" "benchpo:1 replica, consistency = primary_only"; do
+    ref=${v%%:*}
+    reads=$(awk '/^SQL script 1:/ {f = 1} f && / transactions \(/ {print $2; exit}' "$LOGDIR/mix-$ref.out" 2>/dev/null)
+    rep=$(awk '$1 == "replica" {s += $3} END {print s + 0}' "$LOGDIR/routes-$ref.delta" 2>/dev/null || echo 0)
+    share=$(awk -v r="$rep" -v n="$reads" 'BEGIN {if (n + 0 == 0) print "—"; else printf "%.1f %%", 100 * r / n}')
+    dec=$(sort -k3,3nr "$LOGDIR/routes-$ref.delta" 2>/dev/null | head -n 6 | awk '{printf "%s%s %s %s", (NR > 1 ? "; " : ""), $1, $2, $3}')
+    echo "| $ref (${v#*:}) | $(num "$(field "mix-$ref" 2)" 0) | $(fmt "$(field "mix-$ref" 3)") | $(fmt "$(field "mix-$ref" 6)") | $(fmt "$reads") | $share | $(fmt "$dec") | $(fmt "$(field "mix-$ref" 8)") |"
+  done
+  echo
+  echo "## Connection rate: \`pgbench -n -C -c $CLIENTS -j $THREADS -T $CONN_DUR -M simple -f bench/select1.sql\` (issue 3)"
+  echo
+  echo "Every transaction is a new connection: connect + authentication (JWT verification for cascata) + \`SELECT 1\`."
+  echo
+  echo "| target | connections/s | avg connection time ms | avg latency ms | failed/aborted | proxy CPU s per 1,000 connections |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for v in "conn-cascata-hs256:cascata, HS256 JWT" "conn-cascata-rs256:cascata, RS256 JWT (2048-bit, JWKS file)" "conn-pgbouncer-scram:pgbouncer, SCRAM" "conn-direct-scram:PostgreSQL direct, SCRAM"; do
+    id=${v%%:*}
+    ct=$(grep -m1 -oP '^average connection time = \K[0-9.]+' "$LOGDIR/$id.out" 2>/dev/null || true)
+    echo "| ${v#*:} | $(num "$(field "$id" 2)" 0) | $(fmt "$ct") | $(fmt "$(field "$id" 3)") | $(field "$id" 5)/$(field "$id" 6) | $(fmt "$(field "$id" 8)") |"
+  done
+  echo
+  echo "## Identity switching: $USERS connections through cascata, \`SELECT 1\` in a loop for $DUR s (issue 3)"
+  echo
+  echo "bench/benchtool load (pgconn, simple protocol): $USERS connections, each with its own JWT (distinct \`sub\`), vs $USERS connections sharing one JWT."
+  echo
+  echo "| tokens | connect s ($USERS logins) | logins/s | TPS | avg latency ms | errors | proxy CPU s per 1,000 txns |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+  for kind in distinct same; do
+    f=$LOGDIR/users-$kind.out
+    echo "| $kind | $(fmt "$(kv "$f" connect_secs)") | $(fmt "$(kv "$f" connects_per_sec)") | $(fmt "$(kv "$f" tps)") | $(fmt "$(kv "$f" latency_ms)") | $(fmt "$(kv "$f" errors)")$([ -n "$(kv "$f" first_error)" ] && echo " ($(kv "$f" first_error))") | $(fmt "$(kv "$f" proxy_cpu_per_1k)") |"
+  done
+  echo
+  echo "TPS distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" tps)" "$(kv "$LOGDIR/users-same.out" tps)"); CPU per txn distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" proxy_cpu_per_1k)" "$(kv "$LOGDIR/users-same.out" proxy_cpu_per_1k)")."
+  echo
+  echo "## Proxy health"
+  echo
+  while read -r line; do echo "- $line"; done <"$PROBLEMS"
+  echo "- cascata at the end: $CASCATA_STATE, RSS $CASCATA_RSS_END KiB; panics in its log: $PANICS; level=ERROR lines: $ERRLINES"
+  echo
+  echo "## Exact commands"
+  echo
+  echo '```'
+  cat "$COMMANDS"
+  echo '```'
+} >"$OUT"
+
+cat "$OUT"

@@ -587,6 +587,8 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo '```'
   cat "$COMMANDS"
   echo '```'
+  echo
+  cat "$ROOT/bench/JOBS.md"
 } >"$OUT"
 
 cat "$OUT"

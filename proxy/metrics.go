@@ -19,6 +19,8 @@ type Metrics struct {
 	waitTimeouts *prometheus.CounterVec
 	routes       *prometheus.CounterVec
 	replicaLSNs  *prometheus.GaugeVec
+	replicaBytes *prometheus.GaugeVec
+	replicaSecs  *prometheus.GaugeVec
 	replicaUp    *prometheus.GaugeVec
 }
 
@@ -57,12 +59,18 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		replicaLSNs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cascata_replica_replay_lsn_bytes", Help: "Replay WAL position of each replica server, in bytes.",
 		}, []string{"server"}),
+		replicaBytes: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_replica_lag_bytes", Help: "WAL a replica server has received but not replayed yet.",
+		}, []string{"server"}),
+		replicaSecs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_replica_lag_seconds", Help: "Time since the last transaction a replica server replayed.",
+		}, []string{"server"}),
 		replicaUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cascata_replica_healthy", Help: "1 when a replica server is used for reads.",
 		}, []string{"server"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.routes, m.replicaLSNs, m.replicaUp)
+		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.routes, m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp)
 	}
 	return m
 }
@@ -104,8 +112,10 @@ func (m *Metrics) route(ref, target, reason string) {
 	m.routes.WithLabelValues(ref, target, reason).Inc()
 }
 
-func (m *Metrics) replicaLSN(server string, lsn uint64) {
+func (m *Metrics) replicaLSN(server string, lsn, behind uint64, lagSeconds float64) {
 	m.replicaLSNs.WithLabelValues(server).Set(float64(lsn))
+	m.replicaBytes.WithLabelValues(server).Set(float64(behind))
+	m.replicaSecs.WithLabelValues(server).Set(lagSeconds)
 	m.replicaUp.WithLabelValues(server).Set(1)
 }
 

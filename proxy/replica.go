@@ -117,8 +117,8 @@ func (rs *replicaSet) run(ctx context.Context) {
 }
 
 const (
-	replicaCheckSQL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0)"
-	primaryCheckSQL = "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), 0"
+	replicaCheckSQL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0), pg_last_wal_receive_lsn()"
+	primaryCheckSQL = "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), 0, pg_current_wal_lsn()"
 )
 
 // check runs one poll of m; a failure takes the server out until it answers again.
@@ -138,7 +138,7 @@ func (rs *replicaSet) check(ctx context.Context, m *monitor) {
 		q = replicaCheckSQL
 	}
 	res := m.conn.ExecParams(cctx, q, nil, nil, nil, nil).Read()
-	if res.Err != nil || len(res.Rows) != 1 || len(res.Rows[0]) != 3 {
+	if res.Err != nil || len(res.Rows) != 1 || len(res.Rows[0]) != 4 {
 		err := res.Err
 		if err == nil {
 			err = errors.New("unexpected check result")
@@ -164,7 +164,11 @@ func (rs *replicaSet) check(ctx context.Context, m *monitor) {
 		rs.log.Info("server available for routing", "server", m.key)
 	}
 	if m.replica {
-		rs.m.replicaLSN(m.key, lsn)
+		behind := uint64(0)
+		if recv, err := parseLSN(string(row[3])); err == nil && recv > lsn {
+			behind = recv - lsn
+		}
+		rs.m.replicaLSN(m.key, lsn, behind, lagSec)
 	}
 }
 

@@ -50,10 +50,14 @@ type replicaSet struct {
 
 	mu       sync.Mutex
 	monitors map[string]*monitor // by host:port and role
+
+	// refresh asks for a check before the next tick: a read waited for a
+	// replica to replay its client's write (read-your-writes on demand).
+	refresh chan struct{}
 }
 
 func newReplicaSet(interval time.Duration, log *slog.Logger, m *Metrics) *replicaSet {
-	return &replicaSet{interval: interval, log: log, m: m, monitors: map[string]*monitor{}}
+	return &replicaSet{interval: interval, log: log, m: m, monitors: map[string]*monitor{}, refresh: make(chan struct{}, 1)}
 }
 
 // monitorFor returns the monitor of a server, creating it on first use.
@@ -112,9 +116,18 @@ func (rs *replicaSet) run(ctx context.Context) {
 			}
 			return
 		case <-t.C:
+		case <-rs.refresh:
+			// On demand, but at most every refreshGap.
+			select {
+			case <-time.After(refreshGap):
+			case <-ctx.Done():
+			}
 		}
 	}
 }
+
+// refreshGap bounds on-demand checks to one per 5 ms.
+const refreshGap = 5 * time.Millisecond
 
 const (
 	replicaCheckSQL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0), pg_last_wal_receive_lsn()"
@@ -210,6 +223,10 @@ func (rs *replicaSet) pick(p *project, need uint64) *replicaTarget {
 		}
 		lsn := m.lsn.Load()
 		if lsn < need {
+			select { // this read waits for the replica: look again soon
+			case rs.refresh <- struct{}{}:
+			default:
+			}
 			continue
 		}
 		if primaryLSN > lsn && time.Duration(m.lagMicros.Load())*time.Microsecond > p.cfg.MaxReplicaLag {

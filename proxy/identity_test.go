@@ -2,8 +2,10 @@ package proxy_test
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -137,5 +139,42 @@ func TestLegacyClaimSettings(t *testing.T) {
 		if sub != "bob" || email != "" {
 			t.Fatalf("bob sees sub=%q email=%q", sub, email)
 		}
+	}
+}
+
+// TestClaimsByteForByte: claims with quotes, backslashes, $$, newlines,
+// unicode and SQL fragments arrive exactly in request.jwt.claims and do
+// nothing else.
+func TestClaimsByteForByte(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	weird := map[string]any{
+		"q":    `it's "quoted" \ back\\slash $$ dollar $tag$ ' OR 1=1; DROP TABLE items; --`,
+		"nl":   "line1\nline2\r\n\ttab",
+		"uni":  "zaŝ 日本語 🚀 \u00e9\u0301",
+		"nest": map[string]any{"a": []any{1, "x", nil, true}},
+	}
+	tok := token(t, "p1", "authenticated", "weird", weird)
+	// The payload exactly as signed: the token's middle part.
+	parts := strings.Split(tok, ".")
+	payload, err := base64.RawURLEncoding.DecodeString(parts[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := h.tryConnect("p1", "authenticated", tok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	var got string
+	if err := c.QueryRow(ctx, "SELECT current_setting('request.jwt.claims')").Scan(&got); err != nil {
+		t.Fatal(err)
+	}
+	if got != string(payload) {
+		t.Fatalf("claims differ:\n got %q\nwant %q", got, payload)
+	}
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM items").Scan(&n); err != nil {
+		t.Fatalf("items still there: %v", err)
 	}
 }

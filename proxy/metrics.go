@@ -105,13 +105,6 @@ func (m *Metrics) login(result string) { m.logins.WithLabelValues(result).Inc() 
 
 func observeWait(o prometheus.Observer, start time.Time) { o.Observe(time.Since(start).Seconds()) }
 
-func (m *Metrics) route(ref, target, reason string) {
-	if reason == "" {
-		reason = "other"
-	}
-	m.routes.WithLabelValues(ref, target, reason).Inc()
-}
-
 func (m *Metrics) replicaLSN(server string, lsn, behind uint64, lagSeconds float64) {
 	m.replicaLSNs.WithLabelValues(server).Set(float64(lsn))
 	m.replicaBytes.WithLabelValues(server).Set(float64(behind))

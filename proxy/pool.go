@@ -41,6 +41,7 @@ type hostLimiter struct {
 	mu      sync.Mutex
 	pools   map[*pool]struct{}
 	waiters map[*pool]int
+	nwait   atomic.Int32 // len of waiters' sum, read without the lock
 	open    atomic.Int64
 }
 
@@ -156,12 +157,14 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 	}
 	h.mu.Lock()
 	h.waiters[p]++
+	h.nwait.Add(1)
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
 		if h.waiters[p]--; h.waiters[p] <= 0 {
 			delete(h.waiters, p)
 		}
+		h.nwait.Add(-1)
 		h.mu.Unlock()
 	}()
 	for {
@@ -189,6 +192,9 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 // that pool. Capacity so moves from rich to starved tenants, and balanced
 // load causes no reconnects.
 func (h *hostLimiter) shouldYield(p *pool) bool {
+	if h.nwait.Load() == 0 {
+		return false // nobody waits for this host: the common case, no lock
+	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {

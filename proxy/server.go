@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Identity is who a client is: the Postgres role its JWT claims and the
@@ -136,6 +137,20 @@ type project struct {
 	turn       atomic.Uint64 // round robin among fit replicas
 	metrics    *projectMetrics
 	gate       *gate
+	routes     sync.Map // "target/reason" -> prometheus.Counter
+}
+
+// route counts one routing decision, with the counter cached per project.
+func (p *project) route(target, reason string, m *Metrics) {
+	if reason == "" {
+		reason = "other"
+	}
+	k := target + "/" + reason
+	c, ok := p.routes.Load(k)
+	if !ok {
+		c, _ = p.routes.LoadOrStore(k, m.routes.WithLabelValues(p.cfg.Ref, target, reason))
+	}
+	c.(prometheus.Counter).Inc()
 }
 
 // Server is the client-facing side of the proxy.

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/puddle/v2"
 )
@@ -81,11 +82,15 @@ type session struct {
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
 	// A read unit on a replica whose replica dies before any reply reached
 	// the client is run again on the primary (see retryOnPrimary).
-	replay   []byte         // the unit's bytes as sent (without identity/settings)
-	replayQ  [2][]queued    // parseQ and closeQ right after they were sent
-	replayOK bool           // the unit is one send and may be replayed
-	retrying bool           // the backend goroutine is moving the unit
-	beTarget *replicaTarget // the replica of the attached backend
+	replay   []byte      // the unit's bytes as sent (without identity/settings)
+	replayQ  [2][]queued // parseQ and closeQ right after they were sent
+	replayOK bool        // the unit is one send and may be replayed
+	retrying bool        // the backend goroutine is moving the unit
+	// lastPool is the primary pool of the last unit (client goroutine only).
+	lastPool    *pool
+	lastPoolURL string
+	lastPoolCfg *pgconn.Config
+	beTarget    *replicaTarget // the replica of the attached backend
 
 	skipToSync bool // client side: an extended batch failed locally
 	attach     chan attachment
@@ -128,7 +133,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		sessionMode: proj.cfg.SessionMode,
 		metrics:     proj.metrics,
 		txStatus:    'I',
-		attach:      make(chan attachment),
+		attach:      make(chan attachment, 1),
 		stmts:       map[string]*stmt{},
 		sqlStmts:    map[string]*sqlStmt{},
 		trusted:     slices.Contains(proj.cfg.TrustedRoles, id.Role),
@@ -480,7 +485,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 			}
 			if err == nil {
 				replica, target = true, rt
-				ss.srv.metrics.route(ss.ref, "replica", w.reason)
+				proj.route("replica", w.reason, ss.srv.metrics)
 			} else {
 				// Nothing reached the client yet: the primary serves the read.
 				ss.srv.log.Debug("replica unavailable, reading from the primary", "project", ss.ref, "error", err)
@@ -490,20 +495,24 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		}
 	}
 	if res == nil {
-		ss.srv.metrics.route(ss.ref, "primary", w.reason)
+		proj.route("primary", w.reason, ss.srv.metrics)
 		url, cfg := proj.cfg.DatabaseURL, proj.primary
 		if rc := proj.rolePrim[ss.ident.Role]; rc != nil {
 			url, cfg = proj.cfg.RoleURLs[ss.ident.Role], rc
 		}
 		for range 3 {
-			pl, err = ss.srv.pools.get(ss.ref, url, proj.cfg.PoolSize, cfg)
-			if err != nil {
-				break
+			// The last pool this client used saves the registry's lock.
+			if pl = ss.lastPool; pl == nil || ss.lastPoolURL != url || ss.lastPoolCfg != cfg {
+				if pl, err = ss.srv.pools.get(ss.ref, url, proj.cfg.PoolSize, cfg); err != nil {
+					break
+				}
+				ss.lastPool, ss.lastPoolURL, ss.lastPoolCfg = pl, url, cfg
 			}
 			res, err = pl.acquireBackend(ctx)
 			if !isPoolClosed(err) {
 				break
 			}
+			ss.lastPool = nil
 		}
 	}
 	observeWait(proj.metrics.poolWait, start)

@@ -287,7 +287,17 @@ func (r *failingReader) Read(p []byte) (int, error) {
 // TestCopy: COPY FROM STDIN of 10,000 rows and COPY TO STDOUT of the same,
 // a COPY the client aborts (CopyFail) and one the server aborts mid-stream.
 func TestCopy(t *testing.T) {
-	h := startProxy(t, harnessOpts{poolSize: 1})
+	for _, session := range []bool{false, true} {
+		name := "transaction_mode"
+		if session {
+			name = "session_mode"
+		}
+		t.Run(name, func(t *testing.T) { testCopy(t, session) })
+	}
+}
+
+func testCopy(t *testing.T, sessionMode bool) {
+	h := startProxy(t, harnessOpts{poolSize: 1, sessionMode: sessionMode})
 	ctx := context.Background()
 	c := h.connect("p3", "authenticated", "copier")
 	pc := c.PgConn()

@@ -54,6 +54,9 @@ type Options struct {
 	Archiver Archiver
 	// Pinger checks a project's primary for /readyz.
 	Pinger Pinger
+	// Provisioner creates a new project's database on [provision] when
+	// POST /v1/projects has no database_url.
+	Provisioner Provisioner
 
 	// MaxBodyBytes limits JSON request bodies; 0 = 1 MiB.
 	MaxBodyBytes int64

@@ -72,6 +72,20 @@ type Archiver interface {
 	StartImport(ctx context.Context, body io.Reader, as, passphrase string) (jobs.Status, error)
 }
 
+// Provisioner creates new projects' databases on [provision] (POST
+// /v1/projects without a database_url). Errors wrapping ErrConflict or
+// ErrBadRequest choose the status (409 when [provision] is not configured
+// or the database exists).
+type Provisioner interface {
+	// Provision validates p, creates its database, roles and storage dir,
+	// and returns p with DatabaseURL, OwnerURL and StorageDir filled.
+	// Nothing is left behind when it fails.
+	Provision(ctx context.Context, p config.Project) (config.Project, error)
+	// Drop undoes a Provision whose project could not be registered: it
+	// drops the database and removes the storage dir if still empty.
+	Drop(ctx context.Context, p config.Project) error
+}
+
 // Pinger checks that a database answers.
 type Pinger interface {
 	Ping(ctx context.Context, databaseURL string) error

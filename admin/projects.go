@@ -1,6 +1,9 @@
 package admin
 
 import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net/http"
@@ -43,7 +46,10 @@ type ProjectList struct {
 }
 
 // ProjectRequest is the body of POST /v1/projects: the fields of a
-// [[projects]] entry of cascata.toml, with the same defaults.
+// [[projects]] entry of cascata.toml, with the same defaults. Without
+// database_url the project is provisioned on [provision]: a new database
+// named after the ref, with database_url, owner_url and storage_dir filled
+// in and, when no JWT key is given, a generated jwt_secret.
 type ProjectRequest struct {
 	Ref           string   `json:"ref"`
 	DatabaseURL   string   `json:"database_url"`
@@ -112,9 +118,6 @@ func (req ProjectRequest) project() (config.Project, error) {
 	leeway, err := parseDuration("jwt_leeway", req.JWTLeeway)
 	if err != nil {
 		return config.Project{}, err
-	}
-	if req.DatabaseURL == "" {
-		return config.Project{}, fmt.Errorf("%w: database_url is required (provisioning a new database is not supported yet)", ErrBadRequest)
 	}
 	return config.Project{
 		Ref: req.Ref, DatabaseURL: req.DatabaseURL, OwnerURL: req.OwnerURL, ReplicaURLs: req.ReplicaURLs,
@@ -260,6 +263,14 @@ func (h *Handler) getProject(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, v)
 }
 
+// CreatedProject answers POST /v1/projects: the project as GET shows it
+// and, when cascata generated it, the project's JWT secret. The secret is
+// shown this once; GET never shows it.
+type CreatedProject struct {
+	ProjectView
+	JWTSecret string `json:"jwt_secret,omitempty"`
+}
+
 func (h *Handler) createProject(w http.ResponseWriter, r *http.Request) {
 	if h.opts.Projects == nil {
 		notWired(w, "the project catalog")
@@ -267,6 +278,10 @@ func (h *Handler) createProject(w http.ResponseWriter, r *http.Request) {
 	}
 	var req ProjectRequest
 	if !h.decode(w, r, &req) {
+		return
+	}
+	if req.DatabaseURL == "" {
+		h.provisionProject(w, r, req)
 		return
 	}
 	p, err := req.project()
@@ -279,7 +294,56 @@ func (h *Handler) createProject(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	v, _ := h.view(p.Ref, h.poolStats())
-	writeJSON(w, http.StatusCreated, v)
+	writeJSON(w, http.StatusCreated, CreatedProject{ProjectView: v})
+}
+
+// provisionProject creates a project without database_url: its database
+// on [provision], then its catalog entry (the database is dropped again
+// when the entry cannot be added).
+func (h *Handler) provisionProject(w http.ResponseWriter, r *http.Request, req ProjectRequest) {
+	if h.opts.Provisioner == nil {
+		h.fail(w, r, fmt.Errorf("%w: database_url is required: this admin plane cannot provision new databases on [provision]", ErrBadRequest))
+		return
+	}
+	if req.OwnerURL != "" || len(req.ReplicaURLs) > 0 {
+		h.fail(w, r, fmt.Errorf("%w: owner_url and replica_urls need a database_url; without database_url the project gets a new database on [provision] and its URLs are filled in", ErrBadRequest))
+		return
+	}
+	if _, ok := h.opts.Projects.Project(req.Ref); ok {
+		h.fail(w, r, fmt.Errorf("%w: project %q exists", ErrConflict, req.Ref))
+		return
+	}
+	var generated string
+	if req.JWTSecret == "" && req.JWTSecretEnv == "" && req.JWTSecretFile == "" && req.JWKSFile == "" && req.JWKSURL == "" {
+		b := make([]byte, 32)
+		if _, err := rand.Read(b); err != nil {
+			h.fail(w, r, fmt.Errorf("generate a JWT secret: %w", err))
+			return
+		}
+		generated = base64.RawURLEncoding.EncodeToString(b)
+		req.JWTSecret = generated
+	}
+	p, err := req.project()
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if p, err = h.opts.Provisioner.Provision(r.Context(), p); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	if _, err := h.opts.Projects.Add(p, "api"); err != nil {
+		ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), 30*time.Second)
+		defer cancel()
+		if derr := h.opts.Provisioner.Drop(ctx, p); derr != nil {
+			err = fmt.Errorf("%w (and the database provisioned for it could not be dropped: %v)", err, derr)
+		}
+		h.fail(w, r, err)
+		return
+	}
+	h.log.Info("project provisioned", "project", p.Ref, "database_url", config.RedactURL(p.DatabaseURL), "storage_dir", p.StorageDir)
+	v, _ := h.view(p.Ref, h.poolStats())
+	writeJSON(w, http.StatusCreated, CreatedProject{ProjectView: v, JWTSecret: generated})
 }
 
 // busy returns a 409-wrapping error when the project has an active job.

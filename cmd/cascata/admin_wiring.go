@@ -114,6 +114,7 @@ func (p *adminPlane) handler() (http.Handler, error) {
 		Ejector:     p,
 		Archiver:    newArchiver(p),
 		Pinger:      pinger{timeout: a.cfg.Proxy.ServerConnectTimeout.Duration},
+		Provisioner: newProvisioner(p),
 	})
 }
 

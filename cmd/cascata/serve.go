@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 	"time"
 
@@ -109,6 +110,13 @@ func (a *app) applyProjects(projects []config.Project) error {
 	}
 	if err := a.srv.SetProjects(cfgs); err != nil {
 		return err
+	}
+	// A removed project's claims key goes too: a database created again
+	// under the same ref has a key of its own.
+	for k := range a.claimKeys {
+		if ref, _, _ := strings.Cut(k, "\x00"); !keep[ref] {
+			delete(a.claimKeys, k)
+		}
 	}
 	for _, old := range a.cfg.Projects {
 		if !keep[old.Ref] {

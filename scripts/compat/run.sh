@@ -56,31 +56,9 @@ any_wanted() { # any_wanted NAME...: is one of these clients to run?
   return 1
 }
 
-stop_demo() {
-  [ -n "$DEMO_PID" ] || return 0
-  kill -TERM "$DEMO_PID" 2>/dev/null || true
-  local i
-  for i in $(seq 1 300); do
-    kill -0 "$DEMO_PID" 2>/dev/null || break
-    sleep 0.1
-  done
-  if kill -0 "$DEMO_PID" 2>/dev/null; then
-    say "demo did not stop after SIGTERM; killing it"
-    kill -KILL "$DEMO_PID" 2>/dev/null || true
-  fi
-  wait "$DEMO_PID" 2>/dev/null || true
-  DEMO_PID=""
-}
-
-# kill_postgres stops (immediate shutdown) any server left in the work dir.
-kill_postgres() {
-  local f pid
-  for f in "$WORK"/demo/pg/*/postmaster.pid; do
-    [ -f "$f" ] || continue
-    pid=$(head -n1 "$f")
-    [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null || true
-  done
-}
+DEMO_STOP_SECONDS=30
+# shellcheck source=scripts/demo-lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../demo-lib.sh"
 
 cleanup() {
   local rc=$?

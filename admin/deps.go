@@ -39,6 +39,28 @@ type PoolReader interface {
 	Pools() []PoolStat
 }
 
+// RoutingReader, when the PoolReader has it too, adds routing counts and
+// replica health to GET /v1/pools.
+type RoutingReader interface {
+	Routing() ([]RouteStat, []ReplicaStat)
+}
+
+// RouteStat counts where one project's transactions ran.
+type RouteStat struct {
+	Project string `json:"project"`
+	Primary int64  `json:"primary"`
+	Replica int64  `json:"replica"`
+}
+
+// ReplicaStat is the last check of one replica server.
+type ReplicaStat struct {
+	Server     string  `json:"server"`
+	Healthy    bool    `json:"healthy"`
+	ReplayLSN  uint64  `json:"replay_lsn"`
+	LagBytes   uint64  `json:"lag_bytes"`
+	LagSeconds float64 `json:"lag_seconds"`
+}
+
 // Pauser pauses projects (*proxy.Server satisfies it).
 type Pauser interface {
 	// Pause holds new transactions and waits until running ones finish or ctx ends.

@@ -48,6 +48,10 @@ type JobList struct {
 // PoolList is GET /v1/pools.
 type PoolList struct {
 	Pools []PoolStat `json:"pools"`
+	// Routing says, per project, how many transactions ran on the primary
+	// and on replicas; Replicas is the last check of each replica server.
+	Routing  []RouteStat   `json:"routing"`
+	Replicas []ReplicaStat `json:"replicas"`
 }
 
 // ReadyFailure is one project whose primary does not answer.
@@ -270,7 +274,11 @@ func (h *Handler) pools(w http.ResponseWriter, r *http.Request) {
 	if ps == nil {
 		ps = []PoolStat{}
 	}
-	writeJSON(w, http.StatusOK, PoolList{Pools: ps})
+	list := PoolList{Pools: ps, Routing: []RouteStat{}, Replicas: []ReplicaStat{}}
+	if rr, ok := h.opts.Pools.(RoutingReader); ok {
+		list.Routing, list.Replicas = rr.Routing()
+	}
+	writeJSON(w, http.StatusOK, list)
 }
 
 // readyz pings every project's primary, a few at a time.

@@ -38,6 +38,7 @@ type monitor struct {
 	healthy   atomic.Bool
 	lsn       atomic.Uint64 // replay (replica) or current (primary) WAL position
 	lagMicros atomic.Int64  // replica: time since the last replayed transaction while behind
+	lagBytes  atomic.Uint64 // replica: WAL received but not replayed
 	checked   atomic.Int64  // unix nanos of the last good check
 	conn      *pgconn.PgConn
 }
@@ -181,6 +182,7 @@ func (rs *replicaSet) check(ctx context.Context, m *monitor) {
 		if recv, err := parseLSN(string(row[3])); err == nil && recv > lsn {
 			behind = recv - lsn
 		}
+		m.lagBytes.Store(behind)
 		rs.m.replicaLSN(m.key, lsn, behind, lagSec)
 	}
 }

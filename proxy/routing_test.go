@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"cascata/proxy"
+
 	"github.com/jackc/pgx/v5"
 )
 
@@ -98,6 +100,20 @@ func TestSessionRouteHint(t *testing.T) {
 	}
 	if !onReplica(t, c, "SELECT pg_is_in_recovery()") {
 		t.Fatal("read stayed on the primary with route = auto")
+	}
+	// What /v1/pools shows: routing counts and the replica's health.
+	var p2 *proxy.RouteStat
+	for _, rs := range h.srv.RouteStats() {
+		if rs.Project == "p2" {
+			p2 = &rs
+		}
+	}
+	if p2 == nil || p2.Primary < 3 || p2.Replica < 1 {
+		t.Fatalf("route stats of p2: %+v", p2)
+	}
+	reps := h.srv.ReplicaStats()
+	if len(reps) != 1 || !reps[0].Healthy || reps[0].ReplayLSN == 0 {
+		t.Fatalf("replica stats: %+v", reps)
 	}
 }
 

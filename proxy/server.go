@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -138,6 +139,8 @@ type project struct {
 	metrics    *projectMetrics
 	gate       *gate
 	routes     sync.Map // "target/reason" -> prometheus.Counter
+	toPrimary  atomic.Int64
+	toReplica  atomic.Int64
 }
 
 // route counts one routing decision, with the counter cached per project.
@@ -151,6 +154,55 @@ func (p *project) route(target, reason string, m *Metrics) {
 		c, _ = p.routes.LoadOrStore(k, m.routes.WithLabelValues(p.cfg.Ref, target, reason))
 	}
 	c.(prometheus.Counter).Inc()
+	if target == "replica" {
+		p.toReplica.Add(1)
+	} else {
+		p.toPrimary.Add(1)
+	}
+}
+
+// RouteStat counts where a project's transactions ran.
+type RouteStat struct {
+	Project string `json:"project"`
+	Primary int64  `json:"primary"`
+	Replica int64  `json:"replica"`
+}
+
+// RouteStats returns, per project, how many units ran on the primary and
+// on replicas since the project was (re)configured.
+func (s *Server) RouteStats() []RouteStat {
+	m := *s.projects.Load()
+	out := make([]RouteStat, 0, len(m))
+	for ref, p := range m {
+		out = append(out, RouteStat{Project: ref, Primary: p.toPrimary.Load(), Replica: p.toReplica.Load()})
+	}
+	slices.SortFunc(out, func(a, b RouteStat) int { return strings.Compare(a.Project, b.Project) })
+	return out
+}
+
+// ReplicaStat is the last check of one replica server.
+type ReplicaStat struct {
+	Server     string  `json:"server"`
+	Healthy    bool    `json:"healthy"`
+	ReplayLSN  uint64  `json:"replay_lsn"`
+	LagBytes   uint64  `json:"lag_bytes"`
+	LagSeconds float64 `json:"lag_seconds"`
+}
+
+// ReplicaStats returns the replica servers the proxy routes to.
+func (s *Server) ReplicaStats() []ReplicaStat {
+	s.replicas.mu.Lock()
+	defer s.replicas.mu.Unlock()
+	out := []ReplicaStat{}
+	for _, m := range s.replicas.monitors {
+		if !m.replica {
+			continue
+		}
+		out = append(out, ReplicaStat{Server: strings.TrimSuffix(m.key, "/true"), Healthy: m.healthy.Load(), ReplayLSN: m.lsn.Load(),
+			LagBytes: m.lagBytes.Load(), LagSeconds: float64(m.lagMicros.Load()) / 1e6})
+	}
+	slices.SortFunc(out, func(a, b ReplicaStat) int { return strings.Compare(a.Server, b.Server) })
+	return out
 }
 
 // Server is the client-facing side of the proxy.

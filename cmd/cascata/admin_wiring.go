@@ -152,6 +152,21 @@ func (r poolReader) Pools() []admin.PoolStat {
 	return out
 }
 
+// Routing adds routing counts and replica health to /v1/pools.
+func (r poolReader) Routing() ([]admin.RouteStat, []admin.ReplicaStat) {
+	rs := r.srv.RouteStats()
+	routes := make([]admin.RouteStat, len(rs))
+	for i, s := range rs {
+		routes[i] = admin.RouteStat{Project: s.Project, Primary: s.Primary, Replica: s.Replica}
+	}
+	reps := r.srv.ReplicaStats()
+	replicas := make([]admin.ReplicaStat, len(reps))
+	for i, s := range reps {
+		replicas[i] = admin.ReplicaStat{Server: s.Server, Healthy: s.Healthy, ReplayLSN: s.ReplayLSN, LagBytes: s.LagBytes, LagSeconds: s.LagSeconds}
+	}
+	return routes, replicas
+}
+
 // pinger checks a primary by logging in with its database_url.
 type pinger struct{ timeout time.Duration }
 

@@ -56,19 +56,20 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 	}
 	p := cfg.Proxy
 	srv, err := proxy.NewServer(proxy.Options{
-		MaxClientConn:        p.MaxClientConn,
-		MaxServerConnPerHost: p.MaxServerConnPerHost,
-		ClientLoginTimeout:   p.ClientLoginTimeout.Duration,
-		QueryWaitTimeout:     p.QueryWaitTimeout.Duration,
-		ServerIdleTimeout:    p.ServerIdleTimeout.Duration,
-		ServerConnectTimeout: p.ServerConnectTimeout.Duration,
-		MaxMessageBytes:      p.MaxMessageBytes,
-		TLS:                  tlsConf,
-		Cleartext:            p.AllowCleartextWithoutTLS,
-		Auth:                 glue.Authenticator{V: a.ver},
-		Classifier:           a.cls,
-		Metrics:              proxy.NewMetrics(a.reg),
-		Logger:               log,
+		MaxClientConn:         p.MaxClientConn,
+		MaxServerConnPerHost:  p.MaxServerConnPerHost,
+		ClientLoginTimeout:    p.ClientLoginTimeout.Duration,
+		QueryWaitTimeout:      p.QueryWaitTimeout.Duration,
+		ServerIdleTimeout:     p.ServerIdleTimeout.Duration,
+		ServerConnectTimeout:  p.ServerConnectTimeout.Duration,
+		MaxMessageBytes:       p.MaxMessageBytes,
+		MaxPreparedStatements: p.MaxPreparedStatements,
+		TLS:                   tlsConf,
+		Cleartext:             p.AllowCleartextWithoutTLS,
+		Auth:                  glue.Authenticator{V: a.ver},
+		Classifier:            a.cls,
+		Metrics:               proxy.NewMetrics(a.reg),
+		Logger:                log,
 	})
 	if err != nil {
 		return nil, err

@@ -73,6 +73,8 @@ type Proxy struct {
 	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 	// MaxMessageBytes caps one protocol message from a client. Default 1 GiB (PostgreSQL's own limit).
 	MaxMessageBytes int `toml:"max_message_bytes"`
+	// MaxPreparedStatements bounds the statements kept prepared on one backend in transaction mode. Default 200.
+	MaxPreparedStatements int `toml:"max_prepared_statements"`
 	// TLSCertFile and TLSKeyFile enable client-side TLS (both or neither).
 	TLSCertFile string `toml:"tls_cert_file"`
 	TLSKeyFile  string `toml:"tls_key_file"`
@@ -235,6 +237,7 @@ func (c *Config) applyDefaults() {
 	setDuration(&p.ServerConnectTimeout, 5*time.Second)
 	setDuration(&p.ShutdownTimeout, 30*time.Second)
 	setInt(&p.MaxMessageBytes, 1<<30)
+	setInt(&p.MaxPreparedStatements, 200)
 	setString(&p.AllowCleartextWithoutTLS, "loopback")
 	setString(&c.Admin.TokenEnv, "CASCATA_ADMIN_TOKEN")
 	setString(&c.State.Dir, ".cascata/state")
@@ -284,6 +287,7 @@ func (c *Config) validate() Problems {
 		"proxy.max_client_conn":          p.MaxClientConn,
 		"proxy.max_server_conn_per_host": p.MaxServerConnPerHost,
 		"proxy.max_message_bytes":        p.MaxMessageBytes,
+		"proxy.max_prepared_statements":  p.MaxPreparedStatements,
 	}
 	for _, k := range sortedKeys(positive) {
 		if positive[k] <= 0 {

@@ -585,7 +585,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "## Exact commands"
   echo
   echo '```'
-  cat "$COMMANDS"
+  sed "s#$ROOT/##g" "$COMMANDS" # paths relative to the repository
   echo '```'
   echo
   cat "$ROOT/bench/JOBS.md"

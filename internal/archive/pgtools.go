@@ -92,21 +92,6 @@ func withDatabase(rawURL, db string) (string, error) {
 	return u.String(), nil
 }
 
-// redactURL replaces a URL's password by "xxxxx"; "" stays "".
-func redactURL(s string) string {
-	if s == "" {
-		return ""
-	}
-	u, err := url.Parse(s)
-	if err != nil {
-		return "(invalid url)"
-	}
-	if _, has := u.User.Password(); has {
-		u.User = url.UserPassword(u.User.Username(), "xxxxx")
-	}
-	return u.String()
-}
-
 // runTool runs a PostgreSQL client program with a clean environment (no
 // inherited PG* variables) plus PGPASSWORD. The error carries the tail of
 // its output.

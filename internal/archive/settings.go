@@ -55,11 +55,11 @@ func settingsOf(p *config.Project) (ProjectSettings, error) {
 		val := v.Interface()
 		switch key {
 		case "database_url", "owner_url":
-			val = redactURL(v.String())
+			val = config.RedactURL(v.String())
 		case "replica_urls":
 			var urls []string
 			for _, u := range v.Interface().([]string) {
-				urls = append(urls, redactURL(u))
+				urls = append(urls, config.RedactURL(u))
 			}
 			val = urls
 		}

@@ -476,8 +476,12 @@ func redactURLError(err error) string {
 	return "invalid"
 }
 
-// RedactURL returns the URL with its password replaced, for logs and the admin plane.
+// RedactURL returns the URL with its password replaced, for logs, the admin
+// plane and archives; "" stays "".
 func RedactURL(s string) string {
+	if s == "" {
+		return ""
+	}
 	u, err := url.Parse(s)
 	if err != nil {
 		return "(invalid url)"

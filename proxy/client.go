@@ -61,14 +61,14 @@ func (ss *session) onQuery() error {
 	if r.Refusal != nil {
 		return ss.refuse(r.Refusal)
 	}
-	be, err := ss.claim(true, want{primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	be, err := ss.claim(true, want{pin: r.PinSession, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {
 		ss.failLocal('Q', err)
 		return nil
 	}
 	defer ss.doneWriting()
 	switch {
-	case ss.sessionMode:
+	case ss.sessionMode && !ss.routedSession:
 	case r.Deallocate != nil:
 		body = ss.translateDeallocate(be, r.Deallocate)
 	case r.SQLPrepared != nil:
@@ -187,7 +187,7 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 		sql, _, _ := cstring(rest)
 		rr := ss.classify(sql)
 		*r = &rr
-		w := want{primary: rr.Primary || rr.Refusal != nil || rr.Hint == HintPrimaryOnce, writes: rr.Writes, reason: rr.Reason, gucs: rr.SessionGUCs}
+		w := want{pin: rr.PinSession, primary: rr.Primary || rr.Refusal != nil || rr.Hint == HintPrimaryOnce, writes: rr.Writes, reason: rr.Reason, gucs: rr.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
 		}
@@ -247,6 +247,7 @@ func (ss *session) flushBatch(term byte) error {
 			w.primary, w.reason = true, mw.reason
 		}
 		w.writes = w.writes || mw.writes
+		w.pin = w.pin || mw.pin
 		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}

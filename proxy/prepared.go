@@ -191,7 +191,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.unnamedOnBackend = false
 		return nil
 	}
-	if ss.sessionMode {
+	if ss.sessionMode && !ss.routedSession {
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
 	}

@@ -17,6 +17,10 @@ type Classifier interface {
 type Route struct {
 	// Primary: the text must run on the primary; otherwise it only reads.
 	Primary bool
+	// PinSession: the text leaves session state behind (a write, a
+	// temporary table, a lock, LISTEN, a SET, ...). A session-mode session
+	// that routes reads takes a dedicated primary backend from then on.
+	PinSession bool
 	// Writes: the text may change data, so a later read of the same client
 	// must see its effect (read-your-writes).
 	Writes bool

@@ -279,3 +279,35 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 	}
 	t.Logf("%d reads: %d on the replica (%d before the stop), %d on the primary", reads.Load(), onRep.Load(), before, onPrim.Load())
 }
+
+// TestSessionModeRoutes: a session-mode project with a replica reads from
+// the replica until the session needs session state (here a temporary
+// table); from then on the session keeps one primary backend.
+func TestSessionModeRoutes(t *testing.T) {
+	h := startProxy(t, harnessOpts{replicas: true, sessionMode: true, poolSize: 2})
+	ctx := context.Background()
+	for round := range 2 {
+		c := h.connect("p1", "anon", fmt.Sprint("session-", round))
+		waitReplicaRouting(t, c)
+		if _, err := c.Exec(ctx, "CREATE TEMP TABLE mine (x int)"); err != nil {
+			t.Fatal(err)
+		}
+		var pid1, pid2 int
+		if err := c.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid1); err != nil {
+			t.Fatal(err)
+		}
+		for range 5 {
+			if onReplica(t, c, "SELECT pg_is_in_recovery()") {
+				t.Fatal("a pinned session read from the replica")
+			}
+			var n int
+			if err := c.QueryRow(ctx, "SELECT count(*) FROM mine").Scan(&n); err != nil {
+				t.Fatalf("the temporary table is gone: %v", err)
+			}
+		}
+		if err := c.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid2); err != nil || pid1 != pid2 {
+			t.Fatalf("pinned session moved from backend %d to %d (%v)", pid1, pid2, err)
+		}
+		c.Close(ctx)
+	}
+}

@@ -33,10 +33,17 @@ type session struct {
 	claimsMAC   string
 	claimGUCs   map[string]string // legacy request.jwt.claim.* settings, nil unless the project asks
 	params      map[string]string
-	sessionMode bool
-	keyPID      uint32
-	keySecret   []byte
-	metrics     *projectMetrics
+	sessionMode bool // the client holds its backend until it leaves
+	// routedSession: a session-mode project with replicas. The session
+	// starts like transaction mode (reads may go to a replica, names are
+	// translated) and takes a dedicated primary backend at its first
+	// statement that needs session state (a write, a temporary table, a
+	// lock, LISTEN, a SET ...): from then on it is a session-mode session.
+	routedSession bool
+	pinPending    bool // a routed session must pin at its next primary backend
+	keyPID        uint32
+	keySecret     []byte
+	metrics       *projectMetrics
 
 	mu           sync.Mutex
 	cond         *sync.Cond // broadcast when the backend is detached
@@ -120,25 +127,26 @@ func (p setupPlan) empty() bool { return p.group == 0 && !p.check }
 func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
 	rd.maxBody = s.opts.MaxMessageBytes
 	ss := &session{
-		srv:         s,
-		conn:        c,
-		rd:          rd,
-		wr:          bufio.NewWriterSize(c, ioBufSize),
-		ref:         ref,
-		ident:       id,
-		identKey:    id.Role + "\x00" + id.Claims,
-		claimsMAC:   macOf(proj.cfg.ClaimsMAC, id.Claims),
-		claimGUCs:   legacyClaims(proj.cfg.LegacyClaimGUCs, id.Claims),
-		params:      params,
-		sessionMode: proj.cfg.SessionMode,
-		metrics:     proj.metrics,
-		txStatus:    'I',
-		attach:      make(chan attachment, 1),
-		stmts:       map[string]*stmt{},
-		sqlStmts:    map[string]*sqlStmt{},
-		trusted:     slices.Contains(proj.cfg.TrustedRoles, id.Role),
-		settings:    startupSettings(params),
-		beDone:      make(chan struct{}),
+		srv:           s,
+		conn:          c,
+		rd:            rd,
+		wr:            bufio.NewWriterSize(c, ioBufSize),
+		ref:           ref,
+		ident:         id,
+		identKey:      id.Role + "\x00" + id.Claims,
+		claimsMAC:     macOf(proj.cfg.ClaimsMAC, id.Claims),
+		claimGUCs:     legacyClaims(proj.cfg.LegacyClaimGUCs, id.Claims),
+		params:        params,
+		sessionMode:   proj.cfg.SessionMode && len(proj.replicas) == 0,
+		routedSession: proj.cfg.SessionMode && len(proj.replicas) > 0,
+		metrics:       proj.metrics,
+		txStatus:      'I',
+		attach:        make(chan attachment, 1),
+		stmts:         map[string]*stmt{},
+		sqlStmts:      map[string]*sqlStmt{},
+		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
+		settings:      startupSettings(params),
+		beDone:        make(chan struct{}),
 	}
 	ss.cond = sync.NewCond(&ss.mu)
 	return ss
@@ -420,6 +428,7 @@ func (ss *session) backendWriteFailed(be *backend, err error) error {
 
 // want is what the next unit needs of a backend.
 type want struct {
+	pin     bool // needs session state: a routed session takes a dedicated backend
 	primary bool // must run on the primary
 	writes  bool // may write: read-your-writes bookkeeping
 	reason  string
@@ -434,6 +443,12 @@ type want struct {
 // pipelined in front of the first message.
 func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.mu.Lock()
+	if w.pin && ss.routedSession && !ss.sessionMode {
+		ss.pinPending = true
+	}
+	if ss.pinPending {
+		w.primary = true
+	}
 	for ss.retrying {
 		ss.cond.Wait()
 	}
@@ -445,6 +460,10 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.cond.Wait()
 	}
 	if be := ss.be; be != nil {
+		if ss.pinPending && !ss.beReplica {
+			// This primary backend stays the client's from now on.
+			ss.sessionMode, ss.pinPending = true, false
+		}
 		ss.replayOK = false // more than one send: not replayable
 		ss.mark(boundary)
 		ss.unitWrites = ss.unitWrites || w.writes
@@ -530,6 +549,9 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
 	ss.beReplica = replica
 	ss.beTarget = target
+	if ss.pinPending && !replica {
+		ss.sessionMode, ss.pinPending = true, false
+	}
 	ss.replayOK = replica
 	ss.replay = ss.replay[:0]
 	ss.unitWrites = w.writes && !replica
@@ -982,7 +1004,8 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 			e.Message += " (the transaction was rolled back)"
 		}
 	}
-	if !gone && !ss.sessionMode && pend == 0 && (dirty || status != 'I') {
+	sessionMode := ss.sessionMode
+	if !gone && !sessionMode && pend == 0 && (dirty || status != 'I') {
 		ss.pendingErr = &Error{Code: e.Code, Message: e.Message}
 	}
 	ss.cond.Broadcast()
@@ -997,7 +1020,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	if gone {
 		return
 	}
-	if ss.sessionMode {
+	if sessionMode {
 		e.Severity, e.SeverityUnlocalized = "FATAL", "FATAL"
 		ss.writeLocal(e, 0)
 		_ = ss.conn.Close()

@@ -75,6 +75,7 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 	}
 	r := proxy.Route{
 		Primary:       d.Target == router.Primary,
+		PinSession:    d.PinSession,
 		Reason:        d.Reason.String(),
 		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
 		SessionGUCs:   d.SessionGUCs,

@@ -234,6 +234,7 @@ func (ss *session) flushBatch(term byte) error {
 		ss.failBatch(term, perr)
 		return nil
 	}
+	ss.replayNamed = false
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}
 	routes := make([]*Route, 0, 4)
@@ -277,6 +278,11 @@ func (ss *session) flushBatch(term byte) error {
 	out := ss.out
 	if term == 'S' && ss.replayOK && len(ss.replay) == 0 {
 		ss.keepReplay(out)
+		if ss.replayNamed {
+			// Named statements translate per backend: keep the client's
+			// own messages to translate them again on another one.
+			ss.replayRaw = append(ss.replayRaw[:0], batch...)
+		}
 	} else {
 		ss.replayOK = false
 	}

@@ -221,7 +221,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		}
 		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs}
 		ss.stmts[name] = st
-		ss.replayOK = false // its translation depends on this backend
+		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, true)
 	case 'B':
 		portal, r1, ok := cstring(body)
@@ -267,7 +267,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		}
 		ss.push(&ss.closeQ, queued{action: replyPass})
 		if body[0] == 'S' && name != "" {
-			ss.replayOK = false
+			ss.replayNamed = true
 			// The backend's statement may serve other clients: keep it.
 			delete(ss.stmts, name)
 			ss.appendMsg('C', closeMsgBody(noopStmtName))
@@ -287,7 +287,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 // preparing it there first if needed; an unknown name maps to a stand-in
 // that fails with 26000.
 func (ss *session) stmtTarget(be *backend, name string) string {
-	ss.replayOK = false // the translation depends on this backend's statements
+	ss.replayNamed = true // the translation depends on this backend's statements
 	st := ss.stmts[name]
 	if st == nil {
 		ss.pushRename(missingStmtName, name)
@@ -356,5 +356,67 @@ func (ss *session) appendMsg(typ byte, parts ...[]byte) {
 	ss.out = binary.BigEndian.AppendUint32(ss.out, uint32(n))
 	for _, p := range parts {
 		ss.out = append(ss.out, p...)
+	}
+}
+
+// retranslate appends to ss.out what another backend gets for a client
+// message already translated once (a read moved off a dead replica). It
+// only reads the client's statement names, which the first translation
+// already updated. Call with mu held.
+func (ss *session) retranslate(be *backend, typ byte, body []byte) {
+	switch typ {
+	case 'P':
+		name, rest, ok := cstring(body)
+		if !ok || name == "" {
+			ss.push(&ss.parseQ, queued{action: replyPass})
+			ss.appendMsg('P', body)
+			ss.unnamedOnBackend = true
+			return
+		}
+		st := ss.stmts[name]
+		if st == nil || st.proxyName != statementName(rest) {
+			// The first translation refused it as a duplicate: again.
+			ss.pushRename(identStmtName, name)
+			ss.push(&ss.parseQ, queued{action: replyPass})
+			ss.appendMsg('P', appendCString(nil, identStmtName), rest)
+			return
+		}
+		ss.prepareOn(be, st, true)
+	case 'B', 'D':
+		var portal, name string
+		var rest []byte
+		var ok bool
+		if typ == 'B' {
+			portal, rest, ok = cstring(body)
+			if ok {
+				name, rest, ok = cstring(rest)
+			}
+		} else if len(body) > 1 && body[0] == 'S' {
+			name, _, ok = cstring(body[1:])
+		}
+		if !ok || name == "" {
+			if ok {
+				ss.ensureUnnamed()
+			}
+			ss.appendMsg(typ, body)
+			return
+		}
+		target := ss.stmtTarget(be, name)
+		if typ == 'B' {
+			ss.appendMsg('B', appendCString(nil, portal), appendCString(nil, target), rest)
+		} else {
+			ss.appendMsg('D', []byte{'S'}, appendCString(nil, target))
+		}
+	case 'C':
+		ss.push(&ss.closeQ, queued{action: replyPass})
+		if len(body) > 1 && body[0] == 'S' {
+			if name, _, _ := cstring(body[1:]); name != "" {
+				ss.appendMsg('C', closeMsgBody(noopStmtName))
+				return
+			}
+		}
+		ss.appendMsg('C', body)
+	default:
+		ss.appendMsg(typ, body)
 	}
 }

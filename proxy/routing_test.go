@@ -221,10 +221,7 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			// Reads using named prepared statements are not replayed on the
-			// primary (their translation belongs to the replica's backend):
-			// this test covers simple and unnamed extended queries.
-			mode := []string{"simple_protocol", "exec", "describe_exec"}[i%3]
+			mode := []string{"simple_protocol", "exec", "describe_exec", "cache_statement", "cache_describe"}[i%5]
 			c := h.connectMode("p1", "anon", fmt.Sprintf("load-%d", i), mode)
 			for {
 				select {

@@ -92,7 +92,12 @@ type session struct {
 	replay   []byte      // the unit's bytes as sent (without identity/settings)
 	replayQ  [2][]queued // parseQ and closeQ right after they were sent
 	replayOK bool        // the unit is one send and may be replayed
-	retrying bool        // the backend goroutine is moving the unit
+	// replayNamed: the unit's translation used named statements, so a
+	// replay translates replayRaw (the client's messages) again.
+	replayNamed bool
+	replayRaw   []byte
+	setupBuf    []byte // identity and settings of a new unit (client goroutine)
+	retrying    bool   // the backend goroutine is moving the unit
 	// lastPool is the primary pool of the last unit (client goroutine only).
 	lastPool    *pool
 	lastPoolURL string
@@ -563,7 +568,8 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	ss.mu.Unlock()
 	// The identity and the client's settings go first, in one write with
 	// the client's message: no extra round trip.
-	buf, plan, err := ss.setupBytes(be, identSetup)
+	buf, plan, err := ss.setupBytes(ss.setupBuf[:0], be, identSetup)
+	ss.setupBuf = buf
 	ss.attach <- attachment{be: be, setup: plan}
 	if err != nil {
 		be.close()
@@ -645,14 +651,26 @@ func (ss *session) relay(a attachment) {
 	var fatal *pgproto3.ErrorResponse
 	var groupErr *pgproto3.ErrorResponse // the setup group's error, if any
 	sent := false                        // a reply of this unit reached the client
+	// hold: the replies of a read on a replica are held in the client's
+	// write buffer until its ReadyForQuery (or until they outgrow it), so
+	// that if the replica dies midway the read can run again on the
+	// primary without the client ever seeing half an answer.
+	ss.mu.Lock()
+	hold := ss.beReplica && ss.replayOK
+	ss.mu.Unlock()
 	// lost handles a dead backend: a read on a replica that has not answered
 	// yet moves to the primary and the relay goes on there.
 	lost := func(err error, f *pgproto3.ErrorResponse) bool {
+		if hold && !sent && locked {
+			ss.wr.Reset(ss.conn) // drop the held half answer
+			ss.wmu.Unlock()
+			locked = false
+		}
 		unlock()
 		if !sent {
 			if nb, n := ss.retryOnPrimary(be); nb != nil {
 				be, setup, fatal = nb, n, nil
-				groupErr = nil
+				groupErr, hold = nil, false
 				return true
 			}
 		}
@@ -660,16 +678,17 @@ func (ss *session) relay(a attachment) {
 		return false
 	}
 	for {
-		if !be.rd.fullMessageBuffered() {
+		if !be.rd.fullMessageBuffered() && !hold {
 			unlock()
 		}
-		typ, _, err := be.rd.next()
+		typ, n, err := be.rd.next()
 		if err != nil {
 			if lost(err, fatal) {
 				continue
 			}
 			return
 		}
+
 		if !setup.empty() {
 			if typ == 'E' {
 				body, _ := be.rd.body()
@@ -719,7 +738,18 @@ func (ss *session) relay(a attachment) {
 			ss.wmu.Lock()
 			locked = true
 		}
-		sent = true
+		if hold && (n+5 > ss.wr.Available() || typ == 'Z') {
+			// It would not fit, or the answer is complete: it flows now.
+			hold = false
+			sent = true
+		}
+		wasSent := sent
+		if !hold && typ != 'N' && typ != 'S' && typ != 'A' {
+			// Notices (a dying server's warning among them), parameter
+			// status and notifications do not answer the client's query:
+			// the query may still run again elsewhere.
+			sent = true
+		}
 		switch typ {
 		case 'Z':
 			body, err := be.rd.body()
@@ -772,7 +802,8 @@ func (ss *session) relay(a attachment) {
 			if derr := er.Decode(body); derr == nil && (er.Severity == "FATAL" || er.Severity == "PANIC") {
 				f := er
 				fatal = &f
-				continue // the server closes next; told to the client then
+				sent = wasSent // nothing reached the client
+				continue       // the server closes next; told to the client then
 			}
 			ss.mu.Lock()
 			if ss.identPending {
@@ -1155,8 +1186,7 @@ func macOf(f func(string) string, claims string) string {
 
 // setupBytes encodes the identity (if needed) and the settings that make be
 // serve this client (see setupPlan).
-func (ss *session) setupBytes(be *backend, identSetup bool) ([]byte, setupPlan, error) {
-	buf := ss.scratch[:0]
+func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte, setupPlan, error) {
 	var plan setupPlan
 	var err error
 	params := [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}
@@ -1186,7 +1216,6 @@ func (ss *session) setupBytes(be *backend, identSetup bool) ([]byte, setupPlan, 
 		}
 		plan.check = true
 	}
-	ss.scratch = buf
 	return buf, plan, err
 }
 
@@ -1231,13 +1260,27 @@ func (ss *session) retryOnPrimary(old *backend) (*backend, setupPlan) {
 	}
 	be := res.Value()
 	ss.mu.Lock()
-	buf, n, err := ss.setupBytes(be, be.identity != ss.identKey)
-	buf = append(buf, ss.replay...)
+	buf, n, err := ss.setupBytes(nil, be, be.identity != ss.identKey) // rare: its own buffer
+	if ss.replayNamed {
+		// Translate the client's messages again for this backend.
+		ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
+		ss.unnamedOnBackend = false
+		ss.out = ss.out[:0]
+		for off := 0; off < len(ss.replayRaw); {
+			typ, body, next := splitMsg(ss.replayRaw, off)
+			ss.retranslate(be, typ, body)
+			off = next
+		}
+		ss.appendMsg('S')
+		buf = append(buf, ss.out...)
+	} else {
+		buf = append(buf, ss.replay...)
+		ss.parseQ = append(ss.parseQ[:0], ss.replayQ[0]...)
+		ss.closeQ = append(ss.closeQ[:0], ss.replayQ[1]...)
+	}
 	ss.be, ss.res, ss.pl = be, res, pl
 	ss.beReplica, ss.beTarget, ss.replayOK = false, nil, false
 	ss.identPending = false
-	ss.parseQ = append(ss.parseQ[:0], ss.replayQ[0]...)
-	ss.closeQ = append(ss.closeQ[:0], ss.replayQ[1]...)
 	ss.retrying = false
 	ss.cond.Broadcast()
 	ss.mu.Unlock()

@@ -308,3 +308,32 @@ func TestSessionModeRoutes(t *testing.T) {
 		c.Close(ctx)
 	}
 }
+
+// TestReplicasTakeTurns: reads are shared among a project's replicas.
+// Two replica URLs (two pools) on the one test replica stand for two.
+func TestReplicasTakeTurns(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	base := cluster.Replica.URL("authenticator", loginPassword, "p3")
+	if err := h.srv.SetProjects([]proxy.ProjectConfig{{
+		Ref: "p3", DatabaseURL: cluster.Primary.URL("authenticator", loginPassword, "p3"), PoolSize: 2,
+		ReplicaURLs: []string{base + "&application_name=replica_a", base + "&application_name=replica_b"},
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	c := h.connect("p3", "anon", "turns")
+	waitReplicaRouting(t, c)
+	for range 40 {
+		if !onReplica(t, c, "SELECT pg_is_in_recovery()") {
+			t.Fatal("a read left the replicas")
+		}
+	}
+	used := 0
+	for _, ps := range h.srv.PoolStats() {
+		if ps.Project == "p3" && ps.Host == cluster.Replica.Addr() && ps.Acquires >= 10 {
+			used++
+		}
+	}
+	if used != 2 {
+		t.Fatalf("%d replica pools served reads, want both: %+v", used, h.srv.PoolStats())
+	}
+}

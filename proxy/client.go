@@ -334,18 +334,19 @@ func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
 		be.reprepare = true
 		return appendCString(ss.out[:0], "DEALLOCATE ALL")
 	}
-	target := missingStmtName
-	if st := ss.stmts[d.Name]; st != nil {
-		delete(ss.stmts, d.Name)
-		delete(be.stmts, st.proxyName)
-		target = st.proxyName
-	} else if st := ss.sqlStmts[d.Name]; st != nil {
-		delete(ss.sqlStmts, d.Name)
-		delete(be.sqlStmts, st.proxyName)
-		target = st.proxyName
-	} else {
-		ss.renames = append(ss.renames, errRename{from: missingStmtName, to: d.Name, seq: ss.syncSeq})
-	}
 	ss.replayOK = false
-	return appendCString(ss.out[:0], "DEALLOCATE "+target)
+	_, protocol := ss.stmts[d.Name]
+	_, sql := ss.sqlStmts[d.Name]
+	if !protocol && !sql {
+		ss.renames = append(ss.renames, errRename{from: missingStmtName, to: d.Name, seq: ss.syncSeq})
+		return appendCString(ss.out[:0], "DEALLOCATE "+missingStmtName)
+	}
+	// The client's name goes; the backend's statement may not be on this
+	// backend, and may serve other clients where it is (the least recently
+	// used are closed). A throwaway statement gives the reply PostgreSQL
+	// would: its PREPARE's CommandComplete is dropped.
+	delete(ss.stmts, d.Name)
+	delete(ss.sqlStmts, d.Name)
+	ss.dropC = append(ss.dropC, ss.syncSeq)
+	return appendCString(ss.out[:0], "PREPARE "+deallocStmtName+" AS SELECT 1;\nDEALLOCATE "+deallocStmtName)
 }

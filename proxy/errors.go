@@ -19,10 +19,6 @@ const (
 	CodeAdminShutdown       = "57P01"
 	CodeInsufficientPrivs   = "42501"
 	CodeFeatureNotSupported = "0A000"
-	CodeSyntaxError         = "42601"
-	CodeInvalidSQLStmtName  = "26000"
-	CodeDuplicatePStatement = "42P05"
-	CodeQueryCanceled       = "57014"
 )
 
 // Error is an error with a SQLSTATE, the one shape in which the proxy reports

@@ -75,8 +75,6 @@ func FuzzMsgReader(f *testing.F) {
 				switch typ {
 				case 'Q':
 					_, _ = queryText(b)
-				case 'P':
-					_, _, _ = parseText(b)
 				}
 			case 1:
 				if err := m.forward(w); err != nil {

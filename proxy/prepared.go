@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"bufio"
 	"bytes"
 	"crypto/sha256"
 	"encoding/binary"
@@ -37,6 +36,7 @@ import (
 const (
 	noopStmtName    = "cascata_noop"    // never prepared: Close of it is a no-op
 	missingStmtName = "cascata_missing" // never prepared: Bind/Describe of it fails with 26000
+	deallocStmtName = "cascata_dealloc" // prepared and deallocated at once for a client's DEALLOCATE
 )
 
 // stmt is one of a client's prepared statements.
@@ -91,26 +91,6 @@ func statementName(rest []byte) string {
 func appendCString(b []byte, s string) []byte {
 	b = append(b, s...)
 	return append(b, 0)
-}
-
-// writeParts writes one message made of parts.
-func writeParts(w *bufio.Writer, typ byte, parts ...[]byte) error {
-	n := 4
-	for _, p := range parts {
-		n += len(p)
-	}
-	var hdr [5]byte
-	hdr[0] = typ
-	binary.BigEndian.PutUint32(hdr[1:], uint32(n))
-	if _, err := w.Write(hdr[:]); err != nil {
-		return err
-	}
-	for _, p := range parts {
-		if _, err := w.Write(p); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // closeMsgBody is the body of Close of a statement.

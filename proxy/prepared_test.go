@@ -222,3 +222,40 @@ func TestSQLPrepareExecute(t *testing.T) {
 		t.Fatalf("b after a's DEALLOCATE: %q %v", s, err)
 	}
 }
+
+// TestDeallocateOnAnotherBackend: DEALLOCATE of a statement prepared on a
+// backend that another client now holds succeeds wherever it runs.
+func TestDeallocateOnAnotherBackend(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	ctx := context.Background()
+	a := h.connect("p2", "authenticated", "dealloc-a")
+	filler := h.connect("p2", "anon", "dealloc-filler")
+	for i := range 10 {
+		name := fmt.Sprintf("t%d", i)
+		if _, err := a.Exec(ctx, "PREPARE "+name+" AS SELECT "+fmt.Sprint(i)); err != nil {
+			t.Fatal(err)
+		}
+		pc := a.PgConn()
+		if _, err := pc.Prepare(ctx, "p"+name, "SELECT $1::int", nil); err != nil {
+			t.Fatal(err)
+		}
+		// The filler takes a backend (often the one just used) and keeps it.
+		tx, err := filler.Begin(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := a.Exec(ctx, "DEALLOCATE "+name); err != nil {
+			t.Fatalf("DEALLOCATE %s: %v", name, err)
+		}
+		if _, err := a.Exec(ctx, "DEALLOCATE p"+name); err != nil {
+			t.Fatalf("DEALLOCATE p%s: %v", name, err)
+		}
+		if _, err := a.Exec(ctx, "EXECUTE "+name); sqlstate(err) != "26000" {
+			t.Fatalf("EXECUTE after DEALLOCATE: %v", err)
+		}
+		_ = tx.Rollback(ctx)
+	}
+}

@@ -187,10 +187,6 @@ var (
 	msgSync        = []byte{'S', 0, 0, 0, 4}
 	msgRFQIdle     = []byte{'Z', 0, 0, 0, 5, 'I'}
 	msgParseOK     = []byte{'1', 0, 0, 0, 4}
-	msgCloseOK     = []byte{'3', 0, 0, 0, 4}
-	msgEmptyQuery  = []byte{'I', 0, 0, 0, 4}
-	msgNoData      = []byte{'n', 0, 0, 0, 4}
-	msgBindOK      = []byte{'2', 0, 0, 0, 4}
 	msgCopyFailEOF = mustEncode(&pgproto3.CopyFail{Message: "client connection closed"})
 )
 
@@ -230,16 +226,6 @@ func queryText(body []byte) (string, bool) {
 		return "", false
 	}
 	return string(body[:len(body)-1]), true
-}
-
-// parseText extracts statement name and SQL text of a Parse message body.
-func parseText(body []byte) (name, sql string, ok bool) {
-	name, rest, ok := cstring(body)
-	if !ok {
-		return "", "", false
-	}
-	sql, _, ok = cstring(rest)
-	return name, sql, ok
 }
 
 // fullMessageBuffered reports whether a whole next message already sits in

@@ -2,6 +2,7 @@ package admin_test
 
 import (
 	"bytes"
+	"cascata/internal/glue"
 	"context"
 	"encoding/json"
 	"errors"
@@ -177,18 +178,7 @@ func newPlane(t *testing.T) *plane {
 }
 
 func (p *plane) apply(ps []config.Project) error {
-	cfgs := make([]proxy.ProjectConfig, 0, len(ps))
-	for _, pr := range ps {
-		secrets, err := pr.JWTSecrets()
-		if err != nil {
-			return err
-		}
-		if err := p.ver.SetProject(pr.Ref, auth.KeyConfig{Secrets: secrets}, auth.Policy{Roles: pr.Roles, RoleClaim: pr.RoleClaim}); err != nil {
-			return err
-		}
-		cfgs = append(cfgs, proxy.ProjectConfig{Ref: pr.Ref, DatabaseURL: pr.DatabaseURL, ReplicaURLs: pr.ReplicaURLs, PoolSize: pr.PoolSize})
-	}
-	return p.srv.SetProjects(cfgs)
+	return glue.Apply(p.ver, p.srv, ps, nil)
 }
 
 // holdPhase makes an ejection of ref block when it reaches phase, until the returned func runs.

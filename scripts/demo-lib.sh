@@ -29,3 +29,16 @@ kill_postgres() {
     [ -n "$pid" ] && kill -QUIT "$pid" 2>/dev/null || true
   done
 }
+
+# remove_work stops what the demo left in $WORK and removes it, unless
+# keep is 1 (then it says where it is).
+remove_work() {
+  local keep=$1
+  [ -n "$WORK" ] || return 0
+  kill_postgres
+  if [ "$keep" = 1 ]; then
+    say "kept $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+}

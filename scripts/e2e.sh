@@ -34,14 +34,7 @@ cleanup() {
   local rc=$?
   trap - EXIT
   stop_demo
-  if [ -n "$WORK" ]; then
-    kill_postgres
-    if [ "${E2E_KEEP:-0}" = 1 ]; then
-      say "kept $WORK"
-    else
-      rm -rf "$WORK"
-    fi
-  fi
+  remove_work "${E2E_KEEP:-0}"
   exit "$rc"
 }
 trap cleanup EXIT

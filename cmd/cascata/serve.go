@@ -84,32 +84,13 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 // applyProjects puts a set of projects in force: keys in the verifier,
 // pools and routes in the proxy. Projects not in the set are removed.
 func (a *app) applyProjects(projects []config.Project) error {
-	cfgs := make([]proxy.ProjectConfig, 0, len(projects))
 	keep := map[string]bool{}
-	for i := range projects {
-		p := &projects[i]
-		secrets, err := p.JWTSecrets()
-		if err != nil {
-			return err
-		}
-		keys := auth.KeyConfig{Secrets: secrets, JWKSFile: p.JWKSFile, JWKSURL: p.JWKSURL}
-		pol := auth.Policy{
-			Roles: p.Roles, RoleClaim: p.RoleClaim, AnonRole: p.AnonRole,
-			Issuer: p.JWTIssuer, Audience: p.JWTAudience, AllowNoExp: p.JWTAllowNoExp, Leeway: p.JWTLeeway.Duration,
-		}
-		if err := a.ver.SetProject(p.Ref, keys, pol); err != nil {
-			return fmt.Errorf("project %s: %w", p.Ref, err)
-		}
+	err := glue.Apply(a.ver, a.srv, projects, func(p *config.Project, pc *proxy.ProjectConfig) {
 		keep[p.Ref] = true
 		a.cls.SetFunctions(p.Ref, glue.NewFunctions(p.DatabaseURL, p.ReadOnlyFunctions, p.WriteFunctions, a.log))
-		cfgs = append(cfgs, proxy.ProjectConfig{
-			Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs,
-			PoolSize: p.PoolSize, SessionMode: p.PoolMode == config.PoolModeSession,
-			TrustedRoles: p.TrustedRoles, MaxReplicaLag: p.MaxReplicaLag.Duration, Consistency: p.Consistency,
-			RoleURLs: p.RoleLogins, ClaimsMAC: a.claimsMAC(p), LegacyClaimGUCs: p.LegacyClaimGUCs,
-		})
-	}
-	if err := a.srv.SetProjects(cfgs); err != nil {
+		pc.ClaimsMAC = a.claimsMAC(p)
+	})
+	if err != nil {
 		return err
 	}
 	// A removed project's claims key goes too: a database created again

@@ -1,6 +1,7 @@
 package eject_test
 
 import (
+	"cascata/internal/glue"
 	"context"
 	"errors"
 	"fmt"
@@ -222,18 +223,7 @@ func newEnv(t *testing.T, onPhase func(ref, phase string), refs ...string) *env 
 
 // apply puts a catalog set in force, as app.applyProjects does.
 func (e *env) apply(ps []config.Project) error {
-	cfgs := make([]proxy.ProjectConfig, 0, len(ps))
-	for _, p := range ps {
-		secrets, err := p.JWTSecrets()
-		if err != nil {
-			return err
-		}
-		if err := e.ver.SetProject(p.Ref, auth.KeyConfig{Secrets: secrets}, auth.Policy{Roles: p.Roles, RoleClaim: p.RoleClaim}); err != nil {
-			return err
-		}
-		cfgs = append(cfgs, proxy.ProjectConfig{Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs, PoolSize: p.PoolSize})
-	}
-	return e.srv.SetProjects(cfgs)
+	return glue.Apply(e.ver, e.srv, ps, nil)
 }
 
 // clientURL is a client connection string through the proxy with a fresh JWT.

@@ -70,14 +70,7 @@ cleanup() {
     [ "$p" = "$DEMO_PID" ] || kill "$p" 2>/dev/null || true
   done
   stop_demo
-  if [ -n "$WORK" ]; then
-    kill_postgres
-    if [ "${COMPAT_KEEP:-0}" = 1 ]; then
-      say "kept $WORK"
-    else
-      rm -rf "$WORK"
-    fi
-  fi
+  remove_work "${COMPAT_KEEP:-0}"
   exit "$rc"
 }
 trap cleanup EXIT

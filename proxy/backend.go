@@ -8,7 +8,8 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"syscall"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -52,6 +53,58 @@ type backend struct {
 	claimGUCs map[string]string
 	poisoned  bool // state unknown after a failed setup: closed when released
 	reprepare bool // a client ran DEALLOCATE ALL: the proxy's statements are gone
+
+	// The backend's own goroutine (serve) reads it for its whole life: it
+	// waits on the socket while the backend sits idle in its pool, so a
+	// server that goes away is noticed without probing the socket at each
+	// acquire, and it relays the replies of each unit a client attaches.
+	amu      sync.Mutex
+	att      attachment // the unit whose replies come next
+	attached bool       // att is set and serve has not taken it yet
+	served   bool       // serve has returned: nothing can be attached
+	dead     atomic.Bool
+}
+
+// attachment is a unit of a client on a backend: serve relays the backend's
+// replies to ss, after swallowing those of setup.
+type attachment struct {
+	ss    *session
+	be    *backend
+	setup setupPlan // sent first; its replies are swallowed
+}
+
+// serve is the backend's reader goroutine; it returns once the connection
+// is closed or the server spoke while no client held the backend.
+func (b *backend) serve() {
+	for {
+		_ = b.rd.wait() // a failure shows again to whoever reads next
+		b.amu.Lock()
+		a, ok := b.att, b.attached
+		b.att, b.attached = attachment{}, false
+		if !ok {
+			// Nothing was asked: the server is going away (a FATAL before
+			// it closes, or the close itself), or the pool closed it.
+			b.served = true
+			b.amu.Unlock()
+			b.dead.Store(true)
+			b.close()
+			return
+		}
+		b.amu.Unlock()
+		a.ss.relay(a)
+	}
+}
+
+// attach hands the next unit's replies to serve; it must precede the write
+// that asks for them. It fails when the backend is already gone.
+func (b *backend) attach(a attachment) bool {
+	b.amu.Lock()
+	defer b.amu.Unlock()
+	if b.served || b.dead.Load() {
+		return false
+	}
+	b.att, b.attached = a, true
+	return true
 }
 
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
@@ -90,41 +143,6 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 }
 
 func (b *backend) close() { _ = b.conn.Close() }
-
-// alive reports whether an idle backend is still usable: the server has not
-// closed it and sent nothing while it sat idle (an idle server only speaks to
-// say it is going away). It peeks at the socket without blocking.
-func (b *backend) alive() bool {
-	if b.rd.buffered() {
-		return false
-	}
-	c := b.conn
-	if tc, ok := c.(*tls.Conn); ok {
-		c = tc.NetConn()
-	}
-	sc, ok := c.(syscall.Conn)
-	if !ok {
-		return true
-	}
-	raw, err := sc.SyscallConn()
-	if err != nil {
-		return false
-	}
-	alive := true
-	var buf [1]byte
-	err = raw.Read(func(fd uintptr) bool {
-		n, _, rerr := syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
-		switch {
-		case n > 0:
-			alive = false // unsolicited bytes: a FATAL on its way
-		case rerr == syscall.EAGAIN || rerr == syscall.EINTR:
-		default:
-			alive = false // 0 bytes: closed; other errors: broken
-		}
-		return true
-	})
-	return alive && err == nil
-}
 
 // cancel asks the server to cancel what this backend runs, and waits until
 // the server has taken the request (it closes the socket), so the cancel

@@ -129,6 +129,7 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 			pl.log.Warn("backend dial failed", "project", pl.ref, "host", pl.hostKey, "error", err)
 			return nil, err
 		}
+		go b.serve() // ends when the backend is closed
 		pl.host.open.Add(1)
 		pl.open.Add(1)
 		ps.metrics.serverOpened(pl.ref)
@@ -256,7 +257,7 @@ func (pl *pool) acquireBackend(ctx context.Context) (*puddle.Resource[*backend],
 		if err != nil {
 			return nil, err
 		}
-		if res.CreationTime().After(time.Now().Add(-time.Millisecond)) || res.Value().alive() {
+		if !res.Value().dead.Load() {
 			return res, nil
 		}
 		pl.log.Debug("dropping dead idle backend", "project", pl.ref, "host", pl.hostKey)

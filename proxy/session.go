@@ -17,8 +17,8 @@ import (
 )
 
 // session is one client connection after login. Two goroutines serve it: run
-// reads the client and writes to the attached backend; backendLoop reads the
-// attached backend and writes to the client. A backend is attached from the
+// reads the client and writes to the attached backend; the backend's own
+// goroutine (backend.serve) reads it and writes to the client. A backend is attached from the
 // first message that needs one until ReadyForQuery 'I' with nothing left in
 // flight (transaction mode) or until the client leaves (session mode).
 type session struct {
@@ -105,14 +105,10 @@ type session struct {
 	beTarget    *replicaTarget // the replica of the attached backend
 
 	skipToSync bool // client side: an extended batch failed locally
-	attach     chan attachment
-	beDone     chan struct{}
-	scratch    []byte
-}
-
-type attachment struct {
-	be    *backend
-	setup setupPlan // sent first; its replies are swallowed
+	// relays counts the units attached to a backend whose relay has not
+	// returned yet; the session ends after them.
+	relays  sync.WaitGroup
+	scratch []byte
 }
 
 // setupPlan is what precedes a client's first message on a backend: a
@@ -146,12 +142,10 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		routedSession: proj.cfg.SessionMode && len(proj.replicas) > 0,
 		metrics:       proj.metrics,
 		txStatus:      'I',
-		attach:        make(chan attachment, 1),
 		stmts:         map[string]*stmt{},
 		sqlStmts:      map[string]*sqlStmt{},
 		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
 		settings:      startupSettings(params),
-		beDone:        make(chan struct{}),
 	}
 	ss.cond = sync.NewCond(&ss.mu)
 	return ss
@@ -246,7 +240,6 @@ func isUTF8(enc string) bool {
 // run is the client goroutine.
 func (ss *session) run() {
 	ss.metrics.clients.Inc()
-	go ss.backendLoop()
 	defer func() {
 		ss.finish()
 		ss.metrics.clients.Dec()
@@ -494,13 +487,60 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	if cur := ss.srv.project(ss.ref); cur != nil && cur.gate == proj.gate {
 		proj = cur // re-pointed (ejection) while this client waited at the gate
 	}
-	var (
-		res     *puddle.Resource[*backend]
-		pl      *pool
-		err     error
-		replica bool
-		target  *replicaTarget
-	)
+	for range 3 {
+		res, pl, replica, target, err := ss.acquire(ctx, proj, w, needLSN)
+		if err != nil {
+			observeWait(proj.metrics.poolWait, start)
+			proj.gate.leave()
+			if errors.Is(err, context.DeadlineExceeded) {
+				proj.metrics.waitTimeouts.Inc()
+				return nil, &Error{Code: CodeTooManyConnections, Message: "no server connection available within query_wait_timeout", Err: err}
+			}
+			return nil, &Error{Code: CodeConnectionFailure, Message: "could not connect to the project's database", Err: err}
+		}
+		be := res.Value()
+		// The identity and the client's settings go first, in one write
+		// with the client's message: no extra round trip.
+		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be, be.identity != ss.identKey)
+		ss.setupBuf = buf
+		ss.mu.Lock()
+		if !be.attach(attachment{ss: ss, be: be, setup: plan}) {
+			// The server went away since the pool checked it.
+			ss.mu.Unlock()
+			res.Destroy()
+			continue
+		}
+		observeWait(proj.metrics.poolWait, start)
+		ss.relays.Add(1)
+		ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
+		ss.beReplica = replica
+		ss.beTarget = target
+		if ss.pinPending && !replica {
+			ss.sessionMode, ss.pinPending = true, false
+		}
+		ss.replayOK = replica
+		ss.replay = ss.replay[:0]
+		ss.unitWrites = w.writes && !replica
+		ss.identPending = false // the identity commits on its own (setupPlan)
+		ss.txStatus = 'I'
+		ss.mark(boundary)
+		ss.unnamedOnBackend = false
+		ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
+		ss.mu.Unlock()
+		if serr != nil {
+			be.close()
+		} else if _, err := be.wr.Write(buf); err != nil {
+			be.close()
+		}
+		return be, nil
+	}
+	proj.gate.leave()
+	return nil, &Error{Code: CodeConnectionFailure, Message: "could not connect to the project's database: its connections keep closing"}
+}
+
+// acquire takes a backend for the next unit: from a fit replica when the
+// unit may read there, else from the primary (or the role's own pool).
+func (ss *session) acquire(ctx context.Context, proj *project, w want, needLSN uint64) (res *puddle.Resource[*backend], pl *pool, replica bool, target *replicaTarget, err error) {
 	if !w.primary && !ss.routePrimary && !ss.sessionMode && proj.rolePrim[ss.ident.Role] == nil {
 		if rt := ss.srv.replicas.pick(proj, needLSN); rt != nil {
 			pl, err = ss.srv.pools.get(ss.ref, rt.url, proj.cfg.PoolSize, rt.cfg)
@@ -508,75 +548,34 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 				res, err = pl.acquireBackend(ctx)
 			}
 			if err == nil {
-				replica, target = true, rt
 				proj.route("replica", w.reason, ss.srv.metrics)
-			} else {
-				// Nothing reached the client yet: the primary serves the read.
-				ss.srv.log.Debug("replica unavailable, reading from the primary", "project", ss.ref, "error", err)
-				ss.srv.replicas.markDown(rt)
-				res, err = nil, nil
+				return res, pl, true, rt, nil
 			}
+			// Nothing reached the client yet: the primary serves the read.
+			ss.srv.log.Debug("replica unavailable, reading from the primary", "project", ss.ref, "error", err)
+			ss.srv.replicas.markDown(rt)
 		}
 	}
-	if res == nil {
-		proj.route("primary", w.reason, ss.srv.metrics)
-		url, cfg := proj.cfg.DatabaseURL, proj.primary
-		if rc := proj.rolePrim[ss.ident.Role]; rc != nil {
-			url, cfg = proj.cfg.RoleURLs[ss.ident.Role], rc
-		}
-		for range 3 {
-			// The last pool this client used saves the registry's lock.
-			if pl = ss.lastPool; pl == nil || ss.lastPoolURL != url || ss.lastPoolCfg != cfg {
-				if pl, err = ss.srv.pools.get(ss.ref, url, proj.cfg.PoolSize, cfg); err != nil {
-					break
-				}
-				ss.lastPool, ss.lastPoolURL, ss.lastPoolCfg = pl, url, cfg
+	proj.route("primary", w.reason, ss.srv.metrics)
+	url, cfg := proj.cfg.DatabaseURL, proj.primary
+	if rc := proj.rolePrim[ss.ident.Role]; rc != nil {
+		url, cfg = proj.cfg.RoleURLs[ss.ident.Role], rc
+	}
+	for range 3 {
+		// The last pool this client used saves the registry's lock.
+		if pl = ss.lastPool; pl == nil || ss.lastPoolURL != url || ss.lastPoolCfg != cfg {
+			if pl, err = ss.srv.pools.get(ss.ref, url, proj.cfg.PoolSize, cfg); err != nil {
+				return nil, nil, false, nil, err
 			}
-			res, err = pl.acquireBackend(ctx)
-			if !isPoolClosed(err) {
-				break
-			}
-			ss.lastPool = nil
+			ss.lastPool, ss.lastPoolURL, ss.lastPoolCfg = pl, url, cfg
 		}
-	}
-	observeWait(proj.metrics.poolWait, start)
-	if err != nil {
-		proj.gate.leave()
-		if errors.Is(err, context.DeadlineExceeded) {
-			proj.metrics.waitTimeouts.Inc()
-			return nil, &Error{Code: CodeTooManyConnections, Message: "no server connection available within query_wait_timeout", Err: err}
+		res, err = pl.acquireBackend(ctx)
+		if !isPoolClosed(err) {
+			break
 		}
-		return nil, &Error{Code: CodeConnectionFailure, Message: "could not connect to the project's database", Err: err}
+		ss.lastPool = nil
 	}
-	be := res.Value()
-	identSetup := be.identity != ss.identKey
-	ss.mu.Lock()
-	ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
-	ss.beReplica = replica
-	ss.beTarget = target
-	if ss.pinPending && !replica {
-		ss.sessionMode, ss.pinPending = true, false
-	}
-	ss.replayOK = replica
-	ss.replay = ss.replay[:0]
-	ss.unitWrites = w.writes && !replica
-	ss.identPending = false // the identity commits on its own (setupPlan)
-	ss.txStatus = 'I'
-	ss.mark(boundary)
-	ss.unnamedOnBackend = false
-	ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
-	ss.mu.Unlock()
-	// The identity and the client's settings go first, in one write with
-	// the client's message: no extra round trip.
-	buf, plan, err := ss.setupBytes(ss.setupBuf[:0], be, identSetup)
-	ss.setupBuf = buf
-	ss.attach <- attachment{be: be, setup: plan}
-	if err != nil {
-		be.close()
-	} else if _, err := be.wr.Write(buf); err != nil {
-		be.close()
-	}
-	return be, nil
+	return res, pl, false, nil, err
 }
 
 // failLocal answers a message the proxy could not run: an error, then
@@ -626,17 +625,10 @@ func (ss *session) writeLocal(e *pgproto3.ErrorResponse, status byte) {
 	_ = ss.wr.Flush()
 }
 
-// backendLoop is the backend goroutine: it relays each attached backend.
-func (ss *session) backendLoop() {
-	defer close(ss.beDone)
-	for a := range ss.attach {
-		ss.relay(a)
-	}
-}
-
 // relay copies one backend's replies to the client until the backend is
-// released or lost.
+// released or lost. It runs on the backend's goroutine (backend.serve).
 func (ss *session) relay(a attachment) {
+	defer ss.relays.Done()
 	be := a.be
 	setup := a.setup
 	locked := false
@@ -659,23 +651,18 @@ func (ss *session) relay(a attachment) {
 	hold := ss.beReplica && ss.replayOK
 	ss.mu.Unlock()
 	// lost handles a dead backend: a read on a replica that has not answered
-	// yet moves to the primary and the relay goes on there.
-	lost := func(err error, f *pgproto3.ErrorResponse) bool {
+	// yet moves to the primary, whose own goroutine relays it from there.
+	lost := func(err error, f *pgproto3.ErrorResponse) {
 		if hold && !sent && locked {
 			ss.wr.Reset(ss.conn) // drop the held half answer
 			ss.wmu.Unlock()
 			locked = false
 		}
 		unlock()
-		if !sent {
-			if nb, n := ss.retryOnPrimary(be); nb != nil {
-				be, setup, fatal = nb, n, nil
-				groupErr, hold = nil, false
-				return true
-			}
+		if !sent && ss.retryOnPrimary(be) {
+			return
 		}
 		ss.backendLost(be, err, f)
-		return false
 	}
 	for {
 		if !be.rd.fullMessageBuffered() && !hold {
@@ -683,9 +670,7 @@ func (ss *session) relay(a attachment) {
 		}
 		typ, n, err := be.rd.next()
 		if err != nil {
-			if lost(err, fatal) {
-				continue
-			}
+			lost(err, fatal)
 			return
 		}
 
@@ -1078,8 +1063,7 @@ func (ss *session) finish() {
 	be := ss.be
 	if be == nil {
 		ss.mu.Unlock()
-		close(ss.attach)
-		<-ss.beDone
+		ss.relays.Wait()
 		return
 	}
 	running := ss.pending > 0
@@ -1127,8 +1111,7 @@ func (ss *session) finish() {
 	}
 	ss.mu.Unlock()
 	timer.Stop()
-	close(ss.attach)
-	<-ss.beDone
+	ss.relays.Wait()
 }
 
 // cancelRunning forwards a cancel request to the backend running the
@@ -1232,13 +1215,13 @@ func (ss *session) keepReplay(sent []byte) {
 
 // retryOnPrimary runs a read unit again on the primary after its replica
 // died, when no reply had reached the client: the client sees no error.
-// It returns the new backend and its setup, or nil.
-func (ss *session) retryOnPrimary(old *backend) (*backend, setupPlan) {
+// It reports whether the unit moved; the primary backend relays the rest.
+func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.mu.Lock()
 	ok := !ss.clientGone && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty && !ss.writing
 	if !ok {
 		ss.mu.Unlock()
-		return nil, setupPlan{}
+		return false
 	}
 	ss.retrying = true
 	rt, proj, oldRes := ss.beTarget, ss.proj, ss.res
@@ -1256,11 +1239,19 @@ func (ss *session) retryOnPrimary(old *backend) (*backend, setupPlan) {
 		ss.retrying = false
 		ss.cond.Broadcast()
 		ss.mu.Unlock()
-		return nil, setupPlan{}
+		return false
 	}
 	be := res.Value()
 	ss.mu.Lock()
 	buf, n, err := ss.setupBytes(nil, be, be.identity != ss.identKey) // rare: its own buffer
+	if !be.attach(attachment{ss: ss, be: be, setup: n}) {
+		ss.retrying = false
+		ss.cond.Broadcast()
+		ss.mu.Unlock()
+		res.Destroy()
+		return false
+	}
+	ss.relays.Add(1)
 	if ss.replayNamed {
 		// Translate the client's messages again for this backend.
 		ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
@@ -1282,18 +1273,18 @@ func (ss *session) retryOnPrimary(old *backend) (*backend, setupPlan) {
 	ss.beReplica, ss.beTarget, ss.replayOK = false, nil, false
 	ss.identPending = false
 	ss.retrying = false
+	ss.writing = true
 	ss.cond.Broadcast()
 	ss.mu.Unlock()
 	oldRes.Destroy()
 	ss.srv.log.Warn("replica lost mid-read; the read runs again on the primary", "project", ss.ref)
 	if err != nil {
-		be.close() // the relay sees it fail and reports the loss
-		return be, n
-	}
-	if _, err := be.wr.Write(buf); err == nil {
+		be.close() // its relay sees it fail and reports the loss
+	} else if _, err := be.wr.Write(buf); err == nil {
 		_ = be.wr.Flush()
 	}
-	return be, n
+	ss.doneWriting() // the unit may end (and be released) only after this write
+	return true
 }
 
 func legacyClaims(on bool, claims string) map[string]string {

@@ -228,6 +228,17 @@ func queryText(body []byte) (string, bool) {
 	return string(body[:len(body)-1]), true
 }
 
+// wait blocks until some bytes are buffered or the reader fails.
+func (m *msgReader) wait() error {
+	if !m.taken {
+		if err := m.skip(); err != nil {
+			return err
+		}
+	}
+	_, err := m.r.Peek(1)
+	return err
+}
+
 // fullMessageBuffered reports whether a whole next message already sits in
 // the read buffer, so the relay may keep batching instead of flushing.
 func (m *msgReader) fullMessageBuffered() bool {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -56,11 +57,11 @@ type session struct {
 	writing      bool // the client goroutine is writing to the backend
 	txStatus     byte
 	copyIn       bool
-	identPending bool  // identity applied in this unit and not yet committed
-	clientGone   bool  // the client left; the backend is being cleaned
-	drainFailed  bool  // an error happened while cleaning
-	pendingErr   error // backend lost mid-batch: told at the next Sync or Query
-	stopping     bool  // server shutdown: close when idle
+	identPending bool        // identity applied in this unit and not yet committed
+	clientGone   atomic.Bool // the client left; the backend is being cleaned (set with mu held)
+	drainFailed  bool        // an error happened while cleaning
+	pendingErr   error       // backend lost mid-batch: told at the next Sync or Query
+	stopping     bool        // server shutdown: close when idle
 
 	// Prepared statements (transaction mode), see prepared.go. The maps and
 	// the out buffer belong to the client goroutine; the queues and the
@@ -84,6 +85,7 @@ type session struct {
 	lastWriteLSN uint64            // primary WAL position after the client's last write
 	lsnPending   bool              // that position is being fetched
 	settings     map[string]string // the client's session settings (transaction mode: carried across backends)
+	settingsGen  uint64            // changes whenever settings do
 	unitGUCs     []string          // settings changed in the running unit
 	gucsPending  bool              // their values are being read back
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
@@ -454,7 +456,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	// must end before a statement for the primary starts its own unit.
 	// Only when that unit will end by itself: replies pending and nothing
 	// forwarded after its last Sync.
-	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && ss.pending > 0 && !ss.dirty && !ss.clientGone {
+	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && ss.pending > 0 && !ss.dirty && !ss.clientGone.Load() {
 		ss.cond.Wait()
 	}
 	if be := ss.be; be != nil {
@@ -610,7 +612,7 @@ func (ss *session) currentStatus() byte {
 // in flight, so replies stay in order.
 func (ss *session) writeLocal(e *pgproto3.ErrorResponse, status byte) {
 	ss.mu.Lock()
-	for ss.be != nil && ss.pending > 0 && !ss.clientGone {
+	for ss.be != nil && ss.pending > 0 && !ss.clientGone.Load() {
 		ss.cond.Wait()
 	}
 	ss.mu.Unlock()
@@ -682,7 +684,7 @@ func (ss *session) relay(a attachment) {
 				if setup.group > 0 {
 					// The group is rolled back; the check decides.
 					groupErr = &er
-					be.identity, be.settings = "", nil
+					be.identity, be.settings, be.settingsOf = "", nil, nil
 					be.poisoned = true // its settings are unknown now: close it after this unit
 					continue
 				}
@@ -752,10 +754,10 @@ func (ss *session) relay(a attachment) {
 			if status == 'I' {
 				ss.identPending = false
 			}
-			gone := ss.clientGone
+			gone := ss.clientGone.Load()
 			var u *unit
 			releasable := func() bool {
-				return ss.pending <= 0 && !ss.dirty && (ss.clientGone || (status == 'I' && !ss.sessionMode))
+				return ss.pending <= 0 && !ss.dirty && (ss.clientGone.Load() || (status == 'I' && !ss.sessionMode))
 			}
 			for releasable() && ss.writing {
 				// The client goroutine is finishing the write this reply
@@ -794,10 +796,10 @@ func (ss *session) relay(a attachment) {
 			if ss.identPending {
 				be.identity = ""
 			}
-			if ss.clientGone {
+			if ss.clientGone.Load() {
 				ss.drainFailed = true
 			}
-			gone := ss.clientGone
+			gone := ss.clientGone.Load()
 			ss.sqlPrepareFailed(be)
 			forgetMissingSQLStmt(be, body)
 			if len(ss.renames) > 0 {
@@ -826,14 +828,14 @@ func (ss *session) relay(a attachment) {
 			if ss.identPending && len(body) >= 8 && string(body[:8]) == "ROLLBACK" {
 				be.identity = ""
 			}
-			gone := ss.clientGone || ss.dropCommandComplete()
+			gone := ss.clientGone.Load() || ss.dropCommandComplete()
 			ss.mu.Unlock()
 			if !gone {
 				_ = writeMsg(ss.wr, 'C', body)
 			}
 		case '1', '3':
 			ss.mu.Lock()
-			gone := ss.clientGone
+			gone := ss.clientGone.Load()
 			action := replyPass
 			if !gone {
 				q := &ss.parseQ
@@ -862,7 +864,7 @@ func (ss *session) relay(a attachment) {
 		case 'G':
 			ss.mu.Lock()
 			ss.copyIn = true
-			gone := ss.clientGone
+			gone := ss.clientGone.Load()
 			ss.mu.Unlock()
 			if gone {
 				_ = be.rd.skip()
@@ -872,10 +874,7 @@ func (ss *session) relay(a attachment) {
 				return
 			}
 		default:
-			ss.mu.Lock()
-			gone := ss.clientGone
-			ss.mu.Unlock()
-			if gone {
+			if ss.clientGone.Load() { // most replies: no lock
 				_ = be.rd.skip()
 				continue
 			}
@@ -888,7 +887,7 @@ func (ss *session) relay(a attachment) {
 				if isNetWriteErr(err) {
 					// The client is gone; keep draining the backend.
 					ss.mu.Lock()
-					ss.clientGone = true
+					ss.clientGone.Store(true)
 					ss.mu.Unlock()
 					_ = ss.conn.Close()
 					continue
@@ -916,11 +915,11 @@ type unit struct {
 // without it.
 func (ss *session) detachLocked(clean bool) *unit {
 	u := &unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
-	if clean && ss.unitWrites && !ss.clientGone && len(ss.proj.replicas) > 0 {
+	if clean && ss.unitWrites && !ss.clientGone.Load() && len(ss.proj.replicas) > 0 {
 		u.fetchLSN = true
 		ss.lsnPending = true
 	}
-	if clean && len(ss.unitGUCs) > 0 && !ss.clientGone && !ss.sessionMode {
+	if clean && len(ss.unitGUCs) > 0 && !ss.clientGone.Load() && !ss.sessionMode {
 		u.readGUCs = slices.Clone(ss.unitGUCs)
 		ss.gucsPending = true
 	}
@@ -954,6 +953,7 @@ func (ss *session) finishUnit(u *unit) {
 				be.settings = map[string]string{}
 			}
 			for _, name := range u.readGUCs {
+				ss.settingsGen++
 				if v := vals[name]; v != nil {
 					ss.settings[name] = *v
 					be.settings[name] = *v
@@ -1008,7 +1008,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	ss.mu.Lock()
 	res, proj := ss.res, ss.proj
 	pend, dirty, status := ss.pending, ss.dirty, ss.txStatus
-	gone := ss.clientGone
+	gone := ss.clientGone.Load()
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
 	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
@@ -1059,7 +1059,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 func (ss *session) finish() {
 	_ = ss.conn.Close() // unblocks a backend goroutine stuck writing to a dead client
 	ss.mu.Lock()
-	ss.clientGone = true
+	ss.clientGone.Store(true)
 	be := ss.be
 	if be == nil {
 		ss.mu.Unlock()
@@ -1089,7 +1089,7 @@ func (ss *session) finish() {
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.sqlStmts = nil
-		be.settings = nil
+		be.settings, be.settingsOf = nil, nil
 		be.claimGUCs = nil
 	}
 	ss.writing = true
@@ -1172,8 +1172,9 @@ func macOf(f func(string) string, claims string) string {
 func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte, setupPlan, error) {
 	var plan setupPlan
 	var err error
-	params := [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}
+	var params [][]byte
 	if identSetup {
+		params = [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}
 		be.identity = ss.identKey
 		if buf, err = (&pgproto3.Bind{PreparedStatement: identStmtName, Parameters: params}).Encode(buf); err == nil {
 			buf, err = (&pgproto3.Execute{}).Encode(buf)
@@ -1186,9 +1187,12 @@ func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte,
 		plan.group += nc
 	}
 	if err == nil {
-		var ns int
-		buf, ns, err = settingsSetup(buf, be, ss.settings)
-		plan.group += ns
+		if be.settingsOf != ss || be.settingsGen != ss.settingsGen {
+			var ns int
+			buf, ns, err = settingsSetup(buf, be, ss.settings)
+			plan.group += ns
+			be.settingsOf, be.settingsGen = ss, ss.settingsGen
+		}
 	}
 	if err == nil && plan.group > 0 {
 		buf = append(buf, msgSync...)
@@ -1218,7 +1222,7 @@ func (ss *session) keepReplay(sent []byte) {
 // It reports whether the unit moved; the primary backend relays the rest.
 func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.mu.Lock()
-	ok := !ss.clientGone && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty && !ss.writing
+	ok := !ss.clientGone.Load() && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty && !ss.writing
 	if !ok {
 		ss.mu.Unlock()
 		return false

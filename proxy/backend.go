@@ -10,6 +10,7 @@ import (
 	"net"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -66,6 +67,7 @@ type backend struct {
 	attached bool       // att is set and serve has not taken it yet
 	served   bool       // serve has returned: nothing can be attached
 	dead     atomic.Bool
+	raw      syscall.RawConn // the plain socket (nil under TLS), see waitIdle
 }
 
 // attachment is a unit of a client on a backend: serve relays the backend's
@@ -94,8 +96,43 @@ func (b *backend) serve() {
 			return
 		}
 		b.amu.Unlock()
-		a.ss.relay(a)
+		ss := a.ss
+		u := ss.relay(a)
+		if u == nil {
+			ss.relays.Done()
+			continue
+		}
+		ss.settleUnit(u)
+		end := func() {
+			ss.endUnit(u)
+			ss.relays.Done()
+		}
+		if !u.clean || !b.waitIdle(end) {
+			end()
+		}
 	}
+}
+
+// waitIdle gives the backend back with release and waits until the server
+// speaks or the connection closes. The wait is armed before the backend
+// can reach another client, so no reply can slip past it, and it starts
+// without the read that an idle socket would answer with EAGAIN. It
+// reports false, without calling release, when it cannot wait this way
+// (TLS, bytes already buffered, a closed socket).
+func (b *backend) waitIdle(release func()) bool {
+	if b.raw == nil || b.rd.buffered() {
+		return false
+	}
+	released := false
+	_ = b.raw.Read(func(uintptr) bool {
+		if !released {
+			released = true
+			release()
+			return false // park until the socket is readable
+		}
+		return true
+	})
+	return released
 }
 
 // attach hands the next unit's replies to serve; it must precede the write
@@ -132,7 +169,12 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 		pc.Close(ctx)
 		return nil, fmt.Errorf("hijack backend: %w", err)
 	}
+	var raw syscall.RawConn
+	if sc, ok := hj.Conn.(syscall.Conn); ok {
+		raw, _ = sc.SyscallConn() // nil under TLS: waitIdle falls back to a read
+	}
 	return &backend{
+		raw:     raw,
 		conn:    hj.Conn,
 		rd:      newMsgReader(hj.Conn, 1<<30+1024),
 		wr:      bufio.NewWriterSize(hj.Conn, ioBufSize),

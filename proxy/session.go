@@ -627,10 +627,10 @@ func (ss *session) writeLocal(e *pgproto3.ErrorResponse, status byte) {
 	_ = ss.wr.Flush()
 }
 
-// relay copies one backend's replies to the client until the backend is
-// released or lost. It runs on the backend's goroutine (backend.serve).
-func (ss *session) relay(a attachment) {
-	defer ss.relays.Done()
+// relay copies one backend's replies to the client until the unit ends
+// (it returns the unit to settle and end) or the backend is lost (nil). It
+// runs on the backend's goroutine (backend.serve).
+func (ss *session) relay(a attachment) *unit {
 	be := a.be
 	setup := a.setup
 	locked := false
@@ -673,7 +673,7 @@ func (ss *session) relay(a attachment) {
 		typ, n, err := be.rd.next()
 		if err != nil {
 			lost(err, fatal)
-			return
+			return nil
 		}
 
 		if !setup.empty() {
@@ -701,7 +701,7 @@ func (ss *session) relay(a attachment) {
 				be.close()
 				ss.backendLost(be, errors.New("identity or settings statement failed"),
 					&pgproto3.ErrorResponse{Code: code, Message: "cascata could not put the session in force (role " + ss.ident.Role + "): " + er.Message})
-				return
+				return nil
 			}
 			switch {
 			case setup.group != 0:
@@ -743,7 +743,7 @@ func (ss *session) relay(a attachment) {
 			if err != nil || len(body) != 1 {
 				unlock()
 				ss.backendLost(be, errors.New("invalid ReadyForQuery"), nil)
-				return
+				return nil
 			}
 			status := body[0]
 			ss.mu.Lock()
@@ -775,15 +775,14 @@ func (ss *session) relay(a attachment) {
 			}
 			if u != nil {
 				unlock()
-				ss.finishUnit(u)
-				return
+				return u
 			}
 		case 'E':
 			body, err := be.rd.body()
 			if err != nil {
 				unlock()
 				ss.backendLost(be, err, nil)
-				return
+				return nil
 			}
 			var er pgproto3.ErrorResponse
 			if derr := er.Decode(body); derr == nil && (er.Severity == "FATAL" || er.Severity == "PANIC") {
@@ -822,7 +821,7 @@ func (ss *session) relay(a attachment) {
 			if err != nil {
 				unlock()
 				ss.backendLost(be, err, nil)
-				return
+				return nil
 			}
 			ss.mu.Lock()
 			if ss.identPending && len(body) >= 8 && string(body[:8]) == "ROLLBACK" {
@@ -858,7 +857,7 @@ func (ss *session) relay(a attachment) {
 				if err := be.rd.forward(ss.wr); err != nil {
 					unlock()
 					ss.backendLost(be, err, nil)
-					return
+					return nil
 				}
 			}
 		case 'G':
@@ -871,7 +870,7 @@ func (ss *session) relay(a attachment) {
 			} else if err := be.rd.forward(ss.wr); err != nil {
 				unlock()
 				ss.backendLost(be, err, nil)
-				return
+				return nil
 			}
 		default:
 			if ss.clientGone.Load() { // most replies: no lock
@@ -894,7 +893,7 @@ func (ss *session) relay(a attachment) {
 				}
 				unlock()
 				ss.backendLost(be, err, nil)
-				return
+				return nil
 			}
 		}
 	}
@@ -911,8 +910,8 @@ type unit struct {
 	readGUCs []string // read back the settings the unit changed before release
 }
 
-// detachLocked clears the attachment; call with mu held, then finishUnit
-// without it.
+// detachLocked clears the attachment; call with mu held, then settleUnit
+// and endUnit without it.
 func (ss *session) detachLocked(clean bool) *unit {
 	u := &unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
 	if clean && ss.unitWrites && !ss.clientGone.Load() && len(ss.proj.replicas) > 0 {
@@ -933,8 +932,10 @@ func (ss *session) detachLocked(clean bool) *unit {
 	return u
 }
 
-// finishUnit gives the backend back (clean) or closes it, and ends the unit.
-func (ss *session) finishUnit(u *unit) {
+// settleUnit runs what must happen on a finished unit's backend before it
+// goes back to its pool: the proxy's statements prepared again, the
+// settings the unit changed read back, the WAL position after a write.
+func (ss *session) settleUnit(u *unit) {
 	if u.res.Value().poisoned {
 		u.clean = false
 	}
@@ -988,6 +989,10 @@ func (ss *session) finishUnit(u *unit) {
 			u.clean = false
 		}
 	}
+}
+
+// endUnit gives the backend back (clean) or closes it, and ends the unit.
+func (ss *session) endUnit(u *unit) {
 	if u.clean {
 		u.pl.release(u.res)
 	} else {

@@ -65,7 +65,7 @@ WORK=$(mktemp -d /tmp/cascata-bench.XXXXXX)
 chmod 755 "$WORK" # the postgres OS user must reach the cluster and pgbouncer files
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
-CLUSTER_PID="" CASCATA_PID="" PGB_PID=""
+CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID=""
 
 # stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
 stop_pid() {
@@ -87,6 +87,8 @@ cleanup() {
   local rc=$?
   trap - EXIT
   stop_pid "$CASCATA_PID" 15
+  stop_pid "$CASCATA1_PID" 15
+  stop_pid "$RELAY_PID" 5
   stop_pid "$PGB_PID" 10
   cp "$WORK"/pg/*.log "$WORK"/pgb/pgbouncer.log "$LOGDIR"/ 2>/dev/null || true
   stop_pid "$CLUSTER_PID" 90
@@ -215,7 +217,7 @@ route_delta() {
 say "building bench/benchtool"
 (cd "$ROOT" && go build -o "$WORK/benchtool" ./bench/benchtool) || die "go build ./bench/benchtool"
 TOOL=$WORK/benchtool
-read -r CASCATA_PORT ADMIN_PORT PGB_PORT < <("$TOOL" ports 3 | paste -sd' ')
+read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT < <("$TOOL" ports 6 | paste -sd' ')
 
 PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
 export BENCH_JWT_SECRET
@@ -392,6 +394,24 @@ sleep 2 # the proxies notice the closed clients
 
 # --- 4. select-only: direct, pgbouncer, cascata --------------------------------
 
+# Two more targets put the numbers in context: the same cascata limited to
+# one thread running Go code at a time (GOMAXPROCS=1; pgbouncer is one
+# thread), and a plain Go byte relay (benchtool relay: read/write per
+# client, one server connection each, no protocol work), the floor of any
+# proxy built on Go's network poller on this machine.
+CFG1=$WORK/cascata-gomaxprocs1.toml
+mkdir -p "$WORK/state1"
+sed -e "s#127.0.0.1:$CASCATA_PORT#127.0.0.1:$CASCATA1_PORT#; s#127.0.0.1:$ADMIN_PORT#127.0.0.1:$ADMIN1_PORT#; s#$WORK/state\"#$WORK/state1\"#" "$CFG" >"$CFG1"
+GOMAXPROCS=1 "$BIN" serve -config "$CFG1" >"$LOGDIR/cascata-gomaxprocs1.log" 2>&1 &
+CASCATA1_PID=$!
+"$TOOL" relay -listen "127.0.0.1:$RELAY_PORT" -target "127.0.0.1:$PP" -dur 2h >"$LOGDIR/relay.log" 2>&1 &
+RELAY_PID=$!
+for _ in $(seq 1 300); do
+  curl -fsS --max-time 1 "http://127.0.0.1:$ADMIN1_PORT/healthz" >/dev/null 2>&1 && break
+  alive "$CASCATA1_PID" || { tail -n 30 "$LOGDIR/cascata-gomaxprocs1.log" >&2; die "cascata (GOMAXPROCS=1) exited"; }
+  sleep 0.1
+done
+
 PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$DUR")
 for mode in simple extended prepared; do
   run_pgbench "direct-$mode" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
@@ -400,7 +420,14 @@ for mode in simple extended prepared; do
     pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
   run_pgbench "cascata-$mode" "$CASCATA_PID" PGPASSWORD="$TOKEN" \
     pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
+  run_pgbench "cascata1-$mode" "$CASCATA1_PID" PGPASSWORD="$TOKEN" \
+    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA1_PORT" -U authenticated bench
+  run_pgbench "relay-$mode" "$RELAY_PID" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
+    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$RELAY_PORT" -U authenticator bench
 done
+stop_pid "$CASCATA1_PID" 15
+stop_pid "$RELAY_PID" 5
+CASCATA1_PID="" RELAY_PID=""
 
 # --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
 
@@ -494,21 +521,29 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     row_sel "direct-$mode" "PostgreSQL direct" "$mode"
     row_sel "pgbouncer-$mode" "pgbouncer 1.18" "$mode"
     row_sel "cascata-$mode" "cascata" "$mode"
+    row_sel "cascata1-$mode" "cascata, GOMAXPROCS=1" "$mode"
+    row_sel "relay-$mode" "Go byte relay (floor, no pooling)" "$mode"
   done
   echo
   echo "### cascata / pgbouncer"
   echo
-  echo "| -M | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn |"
-  echo "|---|---:|---:|---|---|"
+  echo "| -M | proxy | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn |"
+  echo "|---|---|---:|---:|---|---|"
   for mode in simple extended prepared; do
-    tr=$(ratio "$(field "cascata-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
-    cr=$(ratio "$(field "cascata-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
-    if [ "$(field "pgbouncer-$mode" 6)" != 0 ] || [ "$(field "pgbouncer-$mode" 9)" != 0 ]; then
-      echo "| $mode | $tr | $cr | pgbouncer failed: not comparable | |"
-    else
-      echo "| $mode | $tr | $cr | $(verdict "$tr" '>=' 1) | $(verdict "$cr" '<=' 1.5) |"
-    fi
+    for v in "cascata:cascata" "cascata1:cascata, GOMAXPROCS=1" "relay:Go byte relay (floor)"; do
+      id=${v%%:*}
+      tr=$(ratio "$(field "$id-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
+      cr=$(ratio "$(field "$id-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
+      if [ "$(field "pgbouncer-$mode" 6)" != 0 ] || [ "$(field "pgbouncer-$mode" 9)" != 0 ]; then
+        echo "| $mode | ${v#*:} | $tr | $cr | pgbouncer failed: not comparable | |"
+      else
+        echo "| $mode | ${v#*:} | $tr | $cr | $(verdict "$tr" '>=' 1) | $(verdict "$cr" '<=' 1.5) |"
+      fi
+    done
   done
+  echo
+  echo "The byte relay does no protocol work and gives each client its own server connection: it is what"
+  echo "reading and writing through Go's network poller costs here, below which no Go proxy can go."
   echo
   echo "Failures (non-zero exit or aborted clients):"
   echo

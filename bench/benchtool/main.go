@@ -8,6 +8,7 @@
 //	benchtool rsakey -jwks FILE -project REF -role ROLE
 //	benchtool idle  -addr H:P -db DB -user U -password PW -n 5000 -stmts 10 -pid PID
 //	benchtool load  -addr H:P -db REF -role R -secret-env VAR -n 1000 -dur 15s [-distinct] -pid PID
+//	benchtool relay -listen H:P -target H:P [-dur 1h]
 //
 // Results are printed as key=value lines for the script to pick up.
 package main
@@ -19,7 +20,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|relay [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -35,6 +36,8 @@ func main() {
 		err = cmdIdle(args)
 	case "load":
 		err = cmdLoad(args)
+	case "relay":
+		err = cmdRelay(args)
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

@@ -132,6 +132,15 @@ cpu_of() {
 }
 rss_of() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
+# wait_healthy ADMIN_PORT PID LOG: until cascata's /healthz answers (30 s).
+wait_healthy() {
+  for _ in $(seq 1 300); do
+    curl -fsS --max-time 1 "http://127.0.0.1:$1/healthz" >/dev/null 2>&1 && return 0
+    alive "$2" || { tail -n 30 "$3" >&2; die "cascata exited (see $3)"; }
+    sleep 0.1
+  done
+  die "cascata not healthy after 30 s (see $3)"
+}
 
 # redact: hide passwords and tokens in recorded commands.
 redact() {
@@ -310,11 +319,7 @@ consistency = \"primary_only\""
 say "starting cascata on 127.0.0.1:$CASCATA_PORT (admin $ADMIN_PORT)"
 "$BIN" serve -config "$CFG" >"$LOGDIR/cascata.log" 2>&1 &
 CASCATA_PID=$!
-for _ in $(seq 1 300); do
-  curl -fsS --max-time 1 "http://127.0.0.1:$ADMIN_PORT/healthz" >/dev/null 2>&1 && break
-  alive "$CASCATA_PID" || { tail -n 30 "$LOGDIR/cascata.log" >&2; die "cascata exited"; }
-  sleep 0.1
-done
+wait_healthy "$ADMIN_PORT" "$CASCATA_PID" "$LOGDIR/cascata.log"
 TOKEN=$("$BIN" token -config "$CFG" -project bench -role authenticated -sub bench-user -ttl 2h)
 TOKEN_REP=$("$BIN" token -config "$CFG" -project benchrep -role authenticated -sub bench-user -ttl 2h)
 TOKEN_PO=$("$BIN" token -config "$CFG" -project benchpo -role authenticated -sub bench-user -ttl 2h)
@@ -406,11 +411,7 @@ GOMAXPROCS=1 "$BIN" serve -config "$CFG1" >"$LOGDIR/cascata-gomaxprocs1.log" 2>&
 CASCATA1_PID=$!
 "$TOOL" relay -listen "127.0.0.1:$RELAY_PORT" -target "127.0.0.1:$PP" -dur 2h >"$LOGDIR/relay.log" 2>&1 &
 RELAY_PID=$!
-for _ in $(seq 1 300); do
-  curl -fsS --max-time 1 "http://127.0.0.1:$ADMIN1_PORT/healthz" >/dev/null 2>&1 && break
-  alive "$CASCATA1_PID" || { tail -n 30 "$LOGDIR/cascata-gomaxprocs1.log" >&2; die "cascata (GOMAXPROCS=1) exited"; }
-  sleep 0.1
-done
+wait_healthy "$ADMIN1_PORT" "$CASCATA1_PID" "$LOGDIR/cascata-gomaxprocs1.log"
 
 PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$DUR")
 for mode in simple extended prepared; do

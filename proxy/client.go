@@ -20,18 +20,6 @@ func (ss *session) attached() bool {
 	return ss.be != nil
 }
 
-// takePendingErr returns and clears the error owed for a lost backend.
-func (ss *session) takePendingErr() error {
-	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	perr := ss.pendingErr
-	if perr != nil && ss.be == nil {
-		ss.pendingErr = nil
-		return perr
-	}
-	return nil
-}
-
 // onQuery handles a simple query: guard, route hints, routing.
 func (ss *session) onQuery() error {
 	ss.metrics.queries.Inc()
@@ -42,10 +30,6 @@ func (ss *session) onQuery() error {
 	sql, ok := queryText(body)
 	if !ok {
 		ss.failLocal('Q', fatalError(CodeProtocolViolation, "invalid Query message"))
-		return nil
-	}
-	if perr := ss.takePendingErr(); perr != nil {
-		ss.failLocal('Q', perr)
 		return nil
 	}
 	r := ss.classify(sql)
@@ -230,10 +214,6 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 func (ss *session) flushBatch(term byte) error {
 	batch := ss.batch
 	ss.batch = nil
-	if perr := ss.takePendingErr(); perr != nil {
-		ss.failBatch(term, perr)
-		return nil
-	}
 	ss.replayNamed = false
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}

@@ -471,6 +471,14 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mu.Unlock()
 		return be, nil
 	}
+	if perr := ss.pendingErr; perr != nil {
+		// The backend of the client's transaction was lost (perhaps while
+		// this message was on its way): the message fails with that error
+		// instead of starting a new transaction the client does not expect.
+		ss.pendingErr = nil
+		ss.mu.Unlock()
+		return nil, perr
+	}
 	for ss.lsnPending || ss.gucsPending {
 		ss.cond.Wait() // the last unit's WAL position or settings are on their way
 	}

@@ -48,11 +48,10 @@ type backend struct {
 	clock uint64
 	// sqlStmts are the proxy-named SQL-level statements prepared here.
 	sqlStmts map[string]bool
-	// settings are the client settings put in force here (see settings.go);
-	// they are those of session settingsOf at its settingsGen, if set.
+	// settings are the client settings put in force here (see settings.go),
+	// settingsKey their settingsKey.
 	settings    map[string]string
-	settingsOf  *session
-	settingsGen uint64
+	settingsKey string
 	// claimGUCs are the legacy request.jwt.claim.* settings in force here.
 	claimGUCs map[string]string
 	poisoned  bool // state unknown after a failed setup: closed when released

@@ -42,6 +42,17 @@ func (g *gate) enter(ctx context.Context) error {
 }
 
 // leave ends one running unit.
+// tryEnter enters an open gate without waiting.
+func (g *gate) tryEnter() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.paused {
+		return false
+	}
+	g.active++
+	return true
+}
+
 func (g *gate) leave() {
 	g.mu.Lock()
 	g.active--

@@ -28,6 +28,7 @@ type pool struct {
 	lastUse atomic.Int64 // unix nanos of the last acquire or release
 	waiting atomic.Int32 // acquirers blocked in this pool
 	open    atomic.Int32 // backends of this pool that exist
+	size    int32
 	log     *slog.Logger
 }
 
@@ -87,7 +88,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 			pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
 		ps.hosts[hostKey] = h
 	}
-	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: cfg, host: h, log: ps.log}
+	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: cfg, host: h, size: int32(size), log: ps.log}
 	pp, err := puddle.NewPool(&puddle.Config[*backend]{
 		Constructor: pl.construct(ps),
 		Destructor: func(b *backend) {
@@ -244,9 +245,42 @@ func (h *hostLimiter) evictIdle(p *pool) bool {
 	return false
 }
 
-// acquireBackend gets a live backend from the pool within ctx.
-func (pl *pool) acquireBackend(ctx context.Context) (*puddle.Resource[*backend], error) {
+// waitCtx is the deadline of one wait for a backend; its context (and
+// timer) is made only when something has to wait, unless ctx is given.
+type waitCtx struct {
+	timeout time.Duration
+	ctx     context.Context
+	cancel  context.CancelFunc
+}
+
+func (w *waitCtx) get() context.Context {
+	if w.ctx == nil {
+		w.ctx, w.cancel = context.WithTimeout(context.Background(), w.timeout)
+	}
+	return w.ctx
+}
+
+func (w *waitCtx) stop() {
+	if w.cancel != nil {
+		w.cancel()
+	}
+}
+
+// acquireBackend gets a live backend from the pool within the wait's
+// deadline. An idle backend of a full pool is taken without a deadline (no
+// timer per transaction); anything that may block uses the wait's context.
+func (pl *pool) acquireBackend(wait *waitCtx) (*puddle.Resource[*backend], error) {
 	pl.lastUse.Store(time.Now().UnixNano())
+	if pl.open.Load() >= pl.size {
+		// Full: TryAcquire cannot start a dial, it only finds an idle one.
+		if res, err := pl.p.TryAcquire(context.Background()); err == nil {
+			if !res.Value().dead.Load() {
+				return res, nil
+			}
+			res.Destroy()
+		}
+	}
+	ctx := wait.get()
 	pl.waiting.Add(1)
 	defer pl.waiting.Add(-1)
 	for {

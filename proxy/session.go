@@ -85,7 +85,7 @@ type session struct {
 	lastWriteLSN uint64            // primary WAL position after the client's last write
 	lsnPending   bool              // that position is being fetched
 	settings     map[string]string // the client's session settings (transaction mode: carried across backends)
-	settingsGen  uint64            // changes whenever settings do
+	settingsKey  string            // settingsKey(settings)
 	unitGUCs     []string          // settings changed in the running unit
 	gucsPending  bool              // their values are being read back
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
@@ -149,6 +149,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
 		settings:      startupSettings(params),
 	}
+	ss.settingsKey = settingsKey(ss.settings)
 	ss.cond = sync.NewCond(&ss.mu)
 	return ss
 }
@@ -217,7 +218,7 @@ func (ss *session) serverParams(ctx context.Context) (map[string]string, error) 
 	if p := pl.params.Load(); p != nil {
 		return copyParams(*p), nil
 	}
-	res, err := pl.acquireBackend(ctx)
+	res, err := pl.acquireBackend(&waitCtx{ctx: ctx})
 	if err != nil {
 		return nil, &Error{Code: CodeConnectionFailure, Fatal: true, Message: "could not connect to the project's database", Err: err}
 	}
@@ -488,17 +489,19 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	if proj == nil {
 		return nil, fatalError(CodeInvalidCatalog, "project %q no longer exists", ss.ref)
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.opts.QueryWaitTimeout)
-	defer cancel()
+	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout}
+	defer wait.stop()
 	start := time.Now()
-	if err := proj.gate.enter(ctx); err != nil {
-		return nil, newError(CodeCannotConnectNow, "project %q is paused", ss.ref)
+	if !proj.gate.tryEnter() {
+		if err := proj.gate.enter(wait.get()); err != nil {
+			return nil, newError(CodeCannotConnectNow, "project %q is paused", ss.ref)
+		}
 	}
 	if cur := ss.srv.project(ss.ref); cur != nil && cur.gate == proj.gate {
 		proj = cur // re-pointed (ejection) while this client waited at the gate
 	}
 	for range 3 {
-		res, pl, replica, target, err := ss.acquire(ctx, proj, w, needLSN)
+		res, pl, replica, target, err := ss.acquire(&wait, proj, w, needLSN)
 		if err != nil {
 			observeWait(proj.metrics.poolWait, start)
 			proj.gate.leave()
@@ -550,12 +553,12 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 
 // acquire takes a backend for the next unit: from a fit replica when the
 // unit may read there, else from the primary (or the role's own pool).
-func (ss *session) acquire(ctx context.Context, proj *project, w want, needLSN uint64) (res *puddle.Resource[*backend], pl *pool, replica bool, target *replicaTarget, err error) {
+func (ss *session) acquire(wait *waitCtx, proj *project, w want, needLSN uint64) (res *puddle.Resource[*backend], pl *pool, replica bool, target *replicaTarget, err error) {
 	if !w.primary && !ss.routePrimary && !ss.sessionMode && proj.rolePrim[ss.ident.Role] == nil {
 		if rt := ss.srv.replicas.pick(proj, needLSN); rt != nil {
 			pl, err = ss.srv.pools.get(ss.ref, rt.url, proj.cfg.PoolSize, rt.cfg)
 			if err == nil {
-				res, err = pl.acquireBackend(ctx)
+				res, err = pl.acquireBackend(wait)
 			}
 			if err == nil {
 				proj.route("replica", w.reason, ss.srv.metrics)
@@ -579,7 +582,7 @@ func (ss *session) acquire(ctx context.Context, proj *project, w want, needLSN u
 			}
 			ss.lastPool, ss.lastPoolURL, ss.lastPoolCfg = pl, url, cfg
 		}
-		res, err = pl.acquireBackend(ctx)
+		res, err = pl.acquireBackend(wait)
 		if !isPoolClosed(err) {
 			break
 		}
@@ -692,7 +695,7 @@ func (ss *session) relay(a attachment) *unit {
 				if setup.group > 0 {
 					// The group is rolled back; the check decides.
 					groupErr = &er
-					be.identity, be.settings, be.settingsOf = "", nil, nil
+					be.identity, be.settings, be.settingsKey = "", nil, ""
 					be.poisoned = true // its settings are unknown now: close it after this unit
 					continue
 				}
@@ -962,7 +965,6 @@ func (ss *session) settleUnit(u *unit) {
 				be.settings = map[string]string{}
 			}
 			for _, name := range u.readGUCs {
-				ss.settingsGen++
 				if v := vals[name]; v != nil {
 					ss.settings[name] = *v
 					be.settings[name] = *v
@@ -971,6 +973,9 @@ func (ss *session) settleUnit(u *unit) {
 					delete(be.settings, name)
 				}
 			}
+			// Both changed alike from equal maps: still equal.
+			ss.settingsKey = settingsKey(ss.settings)
+			be.settingsKey = ss.settingsKey
 		}
 		ss.gucsPending = false
 		ss.cond.Broadcast()
@@ -1102,7 +1107,7 @@ func (ss *session) finish() {
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.sqlStmts = nil
-		be.settings, be.settingsOf = nil, nil
+		be.settings, be.settingsKey = nil, ""
 		be.claimGUCs = nil
 	}
 	ss.writing = true
@@ -1200,11 +1205,11 @@ func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte,
 		plan.group += nc
 	}
 	if err == nil {
-		if be.settingsOf != ss || be.settingsGen != ss.settingsGen {
+		if be.settingsKey != ss.settingsKey {
 			var ns int
 			buf, ns, err = settingsSetup(buf, be, ss.settings)
 			plan.group += ns
-			be.settingsOf, be.settingsGen = ss, ss.settingsGen
+			be.settingsKey = ss.settingsKey
 		}
 	}
 	if err == nil && plan.group > 0 {
@@ -1244,12 +1249,12 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	rt, proj, oldRes := ss.beTarget, ss.proj, ss.res
 	ss.mu.Unlock()
 	ss.srv.replicas.markDown(rt)
-	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.opts.QueryWaitTimeout)
-	defer cancel()
+	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout}
+	defer wait.stop()
 	pl, err := ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
 	var res *puddle.Resource[*backend]
 	if err == nil {
-		res, err = pl.acquireBackend(ctx)
+		res, err = pl.acquireBackend(&wait)
 	}
 	if err != nil {
 		ss.mu.Lock()

@@ -3,6 +3,7 @@ package proxy
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -91,6 +92,28 @@ func parseOptions(s string) map[string]string {
 		}
 	}
 	return out
+}
+
+// settingsKey is one string for a set of settings: equal keys, equal sets,
+// so a backend that already carries a client's settings (most clients of
+// one application share them) is not compared map against map.
+func settingsKey(m map[string]string) string {
+	if len(m) == 0 {
+		return ""
+	}
+	names := make([]string, 0, len(m))
+	for k := range m {
+		names = append(names, k)
+	}
+	slices.Sort(names)
+	var b strings.Builder
+	for _, k := range names {
+		b.WriteString(k)
+		b.WriteByte(0) // names and values never hold NUL
+		b.WriteString(m[k])
+		b.WriteByte(0)
+	}
+	return b.String()
 }
 
 // settingsSetup appends to buf the Bind/Execute pairs that turn the

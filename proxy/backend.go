@@ -67,6 +67,11 @@ type backend struct {
 	served   bool       // serve has returned: nothing can be attached
 	dead     atomic.Bool
 	raw      syscall.RawConn // the plain socket (nil under TLS), see waitIdle
+	// waitIdle's state, used by the backend's goroutine only.
+	idleRead  func(uintptr) bool
+	idleSS    *session
+	idleUnit  *unit
+	idleEnded bool
 }
 
 // attachment is a unit of a client on a backend: serve relays the backend's
@@ -102,36 +107,41 @@ func (b *backend) serve() {
 			continue
 		}
 		ss.settleUnit(u)
-		end := func() {
+		if !u.clean || !b.waitIdle(ss, u) {
 			ss.endUnit(u)
 			ss.relays.Done()
-		}
-		if !u.clean || !b.waitIdle(end) {
-			end()
 		}
 	}
 }
 
-// waitIdle gives the backend back with release and waits until the server
-// speaks or the connection closes. The wait is armed before the backend
-// can reach another client, so no reply can slip past it, and it starts
-// without the read that an idle socket would answer with EAGAIN. It
-// reports false, without calling release, when it cannot wait this way
-// (TLS, bytes already buffered, a closed socket).
-func (b *backend) waitIdle(release func()) bool {
+// waitIdle ends unit u of ss (the backend goes back to its pool) and waits
+// until the server speaks or the connection closes. The wait is armed
+// before the backend can reach another client, so no reply can slip past
+// it, and it starts without the read that an idle socket would answer with
+// EAGAIN. It reports false, without ending the unit, when it cannot wait
+// this way (TLS, bytes already buffered, a closed socket).
+func (b *backend) waitIdle(ss *session, u *unit) bool {
 	if b.raw == nil || b.rd.buffered() {
 		return false
 	}
-	released := false
-	_ = b.raw.Read(func(uintptr) bool {
-		if !released {
-			released = true
-			release()
-			return false // park until the socket is readable
-		}
-		return true
-	})
-	return released
+	b.idleSS, b.idleUnit, b.idleEnded = ss, u, false
+	_ = b.raw.Read(b.idleRead)
+	ended := b.idleEnded
+	b.idleSS, b.idleUnit = nil, nil
+	return ended
+}
+
+// onIdleRead is waitIdle's callback, called first once the poller's
+// readiness is reset (it ends the unit and parks), then when the socket is
+// readable. It is made once per backend (b.idleRead), not per unit.
+func (b *backend) onIdleRead(uintptr) bool {
+	if !b.idleEnded {
+		b.idleEnded = true
+		b.idleSS.endUnit(b.idleUnit)
+		b.idleSS.relays.Done()
+		return false
+	}
+	return true
 }
 
 // attach hands the next unit's replies to serve; it must precede the write
@@ -172,7 +182,7 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 	if sc, ok := hj.Conn.(syscall.Conn); ok {
 		raw, _ = sc.SyscallConn() // nil under TLS: waitIdle falls back to a read
 	}
-	return &backend{
+	b := &backend{
 		raw:     raw,
 		conn:    hj.Conn,
 		rd:      newMsgReader(hj.Conn, 1<<30+1024),
@@ -183,7 +193,9 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 		tlsConf: cfg.TLSConfig,
 		params:  hj.ParameterStatuses,
 		created: time.Now(),
-	}, nil
+	}
+	b.idleRead = b.onIdleRead
+	return b, nil
 }
 
 func (b *backend) close() { _ = b.conn.Close() }

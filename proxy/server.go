@@ -138,22 +138,34 @@ type project struct {
 	turn       atomic.Uint64 // round robin among fit replicas
 	metrics    *projectMetrics
 	gate       *gate
-	routes     sync.Map // "target/reason" -> prometheus.Counter
+	routesMu   sync.RWMutex
+	routes     map[routeKey]prometheus.Counter
 	toPrimary  atomic.Int64
 	toReplica  atomic.Int64
 }
+
+// routeKey names a routing decision's counter.
+type routeKey struct{ target, reason string }
 
 // route counts one routing decision, with the counter cached per project.
 func (p *project) route(target, reason string, m *Metrics) {
 	if reason == "" {
 		reason = "other"
 	}
-	k := target + "/" + reason
-	c, ok := p.routes.Load(k)
+	k := routeKey{target, reason}
+	p.routesMu.RLock()
+	c, ok := p.routes[k]
+	p.routesMu.RUnlock()
 	if !ok {
-		c, _ = p.routes.LoadOrStore(k, m.routes.WithLabelValues(p.cfg.Ref, target, reason))
+		c = m.routes.WithLabelValues(p.cfg.Ref, target, reason)
+		p.routesMu.Lock()
+		if p.routes == nil {
+			p.routes = map[routeKey]prometheus.Counter{}
+		}
+		p.routes[k] = c
+		p.routesMu.Unlock()
 	}
-	c.(prometheus.Counter).Inc()
+	c.Inc()
 	if target == "replica" {
 		p.toReplica.Add(1)
 	} else {

@@ -113,15 +113,13 @@ func isPartial(err error) bool {
 // returns an errPartial.
 func (m *msgReader) forward(w *bufio.Writer) error {
 	m.taken = true
-	var hdr [5]byte
-	hdr[0] = m.typ
-	binary.BigEndian.PutUint32(hdr[1:], uint32(m.n+4))
+	hdr := header(w, m.typ, m.n)
 	if m.n <= m.r.Size() {
 		b, err := m.r.Peek(m.n)
 		if err != nil {
 			return unexpectedEOF(err)
 		}
-		if _, err := w.Write(hdr[:]); err != nil {
+		if _, err := w.Write(hdr); err != nil {
 			return err
 		}
 		if _, err := w.Write(b); err != nil {
@@ -130,7 +128,7 @@ func (m *msgReader) forward(w *bufio.Writer) error {
 		_, _ = m.r.Discard(m.n)
 		return nil
 	}
-	if _, err := w.Write(hdr[:]); err != nil {
+	if _, err := w.Write(hdr); err != nil {
 		return err
 	}
 	if _, err := io.CopyN(w, m.r, int64(m.n)); err != nil {
@@ -158,12 +156,17 @@ func unexpectedEOF(err error) error {
 	return err
 }
 
+// header returns the 5-byte header of a message with an n-byte body, built
+// in w's free buffer space, so writing it copies nothing and allocates
+// nothing (a local array would escape through w's io.Writer).
+func header(w *bufio.Writer, typ byte, n int) []byte {
+	l := uint32(n + 4)
+	return append(w.AvailableBuffer(), typ, byte(l>>24), byte(l>>16), byte(l>>8), byte(l))
+}
+
 // writeMsg appends header and body of one message to w.
 func writeMsg(w *bufio.Writer, typ byte, body []byte) error {
-	var hdr [5]byte
-	hdr[0] = typ
-	binary.BigEndian.PutUint32(hdr[1:], uint32(len(body)+4))
-	if _, err := w.Write(hdr[:]); err != nil {
+	if _, err := w.Write(header(w, typ, len(body))); err != nil {
 		return err
 	}
 	_, err := w.Write(body)
@@ -200,8 +203,20 @@ func mustEncode(msg interface {
 	return b
 }
 
+// rfqMsgs are the ReadyForQuery messages of the three statuses.
+var rfqMsgs = [3][]byte{{'Z', 0, 0, 0, 5, 'I'}, {'Z', 0, 0, 0, 5, 'T'}, {'Z', 0, 0, 0, 5, 'E'}}
+
 // rfq returns a ReadyForQuery message with the given transaction status.
+// The result must not be modified.
 func rfq(status byte) []byte {
+	switch status {
+	case 'I':
+		return rfqMsgs[0]
+	case 'T':
+		return rfqMsgs[1]
+	case 'E':
+		return rfqMsgs[2]
+	}
 	return []byte{'Z', 0, 0, 0, 5, status}
 }
 

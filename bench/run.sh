@@ -23,6 +23,9 @@
 #
 # Environment (defaults in brackets):
 #   BENCH_DURATION [15]        seconds per pgbench/load measurement
+#   BENCH_SELECT_DURATION [10] seconds per select-only run; BENCH_ROUNDS [3]
+#                              rounds of them, every target in turn in each
+#                              round; the table shows medians over the rounds
 #   BENCH_CONN_DURATION [DUR]  seconds per connection-rate measurement
 #   BENCH_CLIENTS [32]  BENCH_THREADS [2]  BENCH_POOL_SIZE [20]  BENCH_SCALE [10]
 #   BENCH_IDLE_CLIENTS [5000]  BENCH_USERS [1000]
@@ -35,6 +38,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${CASCATA_BIN:-$ROOT/bin/cascata}
 DUR=${BENCH_DURATION:-15}
 CONN_DUR=${BENCH_CONN_DURATION:-$DUR}
+SEL_DUR=${BENCH_SELECT_DURATION:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 CLIENTS=${BENCH_CLIENTS:-32}
 THREADS=${BENCH_THREADS:-2}
 POOL=${BENCH_POOL_SIZE:-20}
@@ -168,7 +173,9 @@ run_pgbench() {
   echo "$id: $(redact "$*")" >>"$COMMANDS"
   say "run $id"
   c0=$(cpu_of "$pid")
-  timeout -k 5 $((DUR > CONN_DUR ? DUR + 120 : CONN_DUR + 120)) env "$@" >"$out" 2>"$err" || rc=$?
+  local longest=$((DUR > CONN_DUR ? DUR : CONN_DUR))
+  longest=$((SEL_DUR > longest ? SEL_DUR : longest))
+  timeout -k 5 $((longest + 120)) env "$@" >"$out" 2>"$err" || rc=$?
   c1=$(cpu_of "$pid")
   local tps lat txns failed aborted cpu="" per1k="" note=""
   tps=$(grep -m1 -oP '^tps = \K[0-9.]+' "$out" || true)
@@ -190,6 +197,39 @@ run_pgbench() {
     note="$note; PROXY DIED (pid $pid)"
   fi
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "${tps:-}" "${lat:-}" "${txns:-}" "$failed" "$aborted" "$cpu" "$per1k" "$rc" "$note" >>"$RESULTS"
+}
+
+# median_row ID: a row ID made of the rows ID-r1, ID-r2, ...: the medians
+# of TPS, latency and CPU per 1,000 over the rounds, totals of the counts.
+median_row() {
+  awk -F'\t' -v id="$1" '
+    function med(a, n,   i, j, t) {
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    index($1, id "-r") == 1 && substr($1, length(id) + 3) ~ /^[0-9]+$/ {
+      n++
+      if ($2 != "") tps[++nt] = $2 + 0
+      if ($3 != "") lat[++nl] = $3 + 0
+      if ($8 != "") per[++np] = $8 + 0
+      txns += $4; failed += $5; aborted += $6; cpu += $7
+      if ($9 != 0) rc = $9
+    }
+    END {
+      if (!n) exit
+      # No note: the failures list names the rounds themselves.
+      printf "%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", id,
+        nt ? sprintf("%.1f", med(tps, nt)) : "", nl ? sprintf("%.3f", med(lat, nl)) : "",
+        txns, failed, aborted, (cpu != 0 ? sprintf("%.2f", cpu) : ""), np ? sprintf("%.4f", med(per, np)) : "", rc, ""
+    }' "$RESULTS" >>"$RESULTS"
+}
+# round_ratios A B COLUMN: the per-round ratios A/B of a column ("0.81 0.86 0.90").
+round_ratios() {
+  local r out=""
+  for r in $(seq 1 "$ROUNDS"); do
+    out="$out $(ratio "$(field "$1-r$r" "$3")" "$(field "$2-r$r" "$3")")"
+  done
+  printf '%s' "${out# }"
 }
 
 # field ID COLUMN: a column of results.tsv (2 tps, 3 lat, 4 txns, 5 failed,
@@ -413,18 +453,28 @@ CASCATA1_PID=$!
 RELAY_PID=$!
 wait_healthy "$ADMIN1_PORT" "$CASCATA1_PID" "$LOGDIR/cascata-gomaxprocs1.log"
 
-PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$DUR")
-for mode in simple extended prepared; do
-  run_pgbench "direct-$mode" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
-    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PP" -U authenticator bench
-  run_pgbench "pgbouncer-$mode" "$PGB_PID" PGPASSWORD="$PASSWORD" \
-    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
-  run_pgbench "cascata-$mode" "$CASCATA_PID" PGPASSWORD="$TOKEN" \
-    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
-  run_pgbench "cascata1-$mode" "$CASCATA1_PID" PGPASSWORD="$TOKEN" \
-    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA1_PORT" -U authenticated bench
-  run_pgbench "relay-$mode" "$RELAY_PID" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
-    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$RELAY_PORT" -U authenticator bench
+# The machine's speed drifts between runs (a shared VM): every target runs
+# once per round, in turn, and the table shows each one's median round.
+PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$SEL_DUR")
+SEL_TARGETS=(direct pgbouncer cascata cascata1 relay)
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in simple extended prepared; do
+    run_pgbench "direct-$mode-r$round" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PP" -U authenticator bench
+    run_pgbench "pgbouncer-$mode-r$round" "$PGB_PID" PGPASSWORD="$PASSWORD" \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+    run_pgbench "cascata-$mode-r$round" "$CASCATA_PID" PGPASSWORD="$TOKEN" \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
+    run_pgbench "cascata1-$mode-r$round" "$CASCATA1_PID" PGPASSWORD="$TOKEN" \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA1_PORT" -U authenticated bench
+    run_pgbench "relay-$mode-r$round" "$RELAY_PID" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$RELAY_PORT" -U authenticator bench
+  done
+done
+for t in "${SEL_TARGETS[@]}"; do
+  for mode in simple extended prepared; do
+    median_row "$t-$mode"
+  done
 done
 stop_pid "$CASCATA1_PID" 15
 stop_pid "$RELAY_PID" 5
@@ -507,14 +557,17 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| PostgreSQL | $PG_VERSION (primary + streaming replica, loopback TCP, fsync off, shared_buffers 256MB) |"
   echo "| PgBouncer | $("$PGBOUNCER" --version 2>/dev/null | head -n1) |"
   echo "| cascata | $COMMIT$DIRTY |"
-  echo "| command | \`${CASCATA_BIN:+CASCATA_BIN=$CASCATA_BIN }BENCH_DURATION=$DUR BENCH_CONN_DURATION=$CONN_DUR BENCH_CLIENTS=$CLIENTS BENCH_THREADS=$THREADS BENCH_POOL_SIZE=$POOL BENCH_SCALE=$SCALE BENCH_IDLE_CLIENTS=$IDLE_CLIENTS BENCH_USERS=$USERS make bench\` ($ELAPSED s) |"
+  echo "| command | \`${CASCATA_BIN:+CASCATA_BIN=$CASCATA_BIN }BENCH_DURATION=$DUR BENCH_CONN_DURATION=$CONN_DUR BENCH_SELECT_DURATION=$SEL_DUR BENCH_ROUNDS=$ROUNDS BENCH_CLIENTS=$CLIENTS BENCH_THREADS=$THREADS BENCH_POOL_SIZE=$POOL BENCH_SCALE=$SCALE BENCH_IDLE_CLIENTS=$IDLE_CLIENTS BENCH_USERS=$USERS make bench\` ($ELAPSED s) |"
   echo "| pool | cascata \`pool_mode = \"transaction\"\`, \`pool_size = $POOL\`; pgbouncer \`pool_mode = transaction\`, \`default_pool_size = $POOL\`, \`auth_type = scram-sha-256\` with the SCRAM verifier of authenticator in auth_file (SCRAM pass-through to the server), clients log in as authenticator, server connections run \`connect_query = 'SET ROLE authenticated'\` |"
   echo
   echo "Direct runs log in as \`authenticator\` with \`PGOPTIONS='-c role=authenticated'\`; pgbouncer runs as \`authenticator\`;"
   echo "cascata runs as \`authenticated\` with an HS256 JWT as the password (cascata applies \`SET ROLE\` and the claims)."
   echo "Proxy CPU = utime+stime of the proxy process (/proc/<pid>/stat) over the run; pgbouncer is single-threaded, cascata uses every core."
   echo
-  echo "## Select-only: \`pgbench -n -S -c $CLIENTS -j $THREADS -T $DUR\` (issue 2, issue 5)"
+  echo "## Select-only: \`pgbench -n -S -c $CLIENTS -j $THREADS -T $SEL_DUR\`, $ROUNDS rounds (issue 2, issue 5)"
+  echo
+  echo "Each round runs every target and mode in turn; TPS, latency and CPU per 1,000 transactions are the medians"
+  echo "over the rounds, transactions, failures and CPU seconds their totals."
   echo
   echo "| target | -M | TPS | avg latency ms | transactions | failed txns/aborted clients | proxy CPU s | proxy CPU s per 1,000 txns |"
   echo "|---|---|---:|---:|---:|---:|---:|---:|"
@@ -528,17 +581,18 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "### cascata / pgbouncer"
   echo
-  echo "| -M | proxy | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn |"
-  echo "|---|---|---:|---:|---|---|"
+  echo "| -M | proxy | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn | TPS ratio per round | CPU ratio per round |"
+  echo "|---|---|---:|---:|---|---|---|---|"
   for mode in simple extended prepared; do
     for v in "cascata:cascata" "cascata1:cascata, GOMAXPROCS=1" "relay:Go byte relay (floor)"; do
       id=${v%%:*}
       tr=$(ratio "$(field "$id-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
       cr=$(ratio "$(field "$id-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
+      rounds="$(round_ratios "$id-$mode" "pgbouncer-$mode" 2) | $(round_ratios "$id-$mode" "pgbouncer-$mode" 8)"
       if [ "$(field "pgbouncer-$mode" 6)" != 0 ] || [ "$(field "pgbouncer-$mode" 9)" != 0 ]; then
-        echo "| $mode | ${v#*:} | $tr | $cr | pgbouncer failed: not comparable | |"
+        echo "| $mode | ${v#*:} | $tr | $cr | pgbouncer failed: not comparable | | $rounds |"
       else
-        echo "| $mode | ${v#*:} | $tr | $cr | $(verdict "$tr" '>=' 1) | $(verdict "$cr" '<=' 1.5) |"
+        echo "| $mode | ${v#*:} | $tr | $cr | $(verdict "$tr" '>=' 1) | $(verdict "$cr" '<=' 1.5) | $rounds |"
       fi
     done
   done

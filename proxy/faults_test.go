@@ -10,6 +10,8 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
+
+	"cascata/internal/pgtest"
 )
 
 // activeQueryPID waits until a proxy backend runs a statement containing
@@ -248,6 +250,61 @@ func TestBackendTerminatedInTransaction(t *testing.T) {
 		t.Fatal("client disconnected; want an error and a usable connection")
 	}
 	_ = tx.Rollback(ctx)
+	checkNextTransaction(t, c, "p1", m, 0)
+}
+
+// TestBackendTerminatedInTransactionRace: the statement that follows the
+// termination of a transaction's backend reaches the proxy before or after
+// the proxy has noticed the loss, depending on timing. Either way it must
+// not run on its own on another backend: an INSERT sent inside the
+// transaction never commits, and the client hears of the loss.
+func TestBackendTerminatedInTransactionRace(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	ctx := context.Background()
+	c := h.connect("p1", "authenticated", "tx-race")
+	owner := pgtest.Connect(t, cluster.Primary.SuperuserURL("p1"))
+	m := marker(t)
+	for i := range 40 {
+		first, second := fmt.Sprintf("%s-%d-a", m, i), fmt.Sprintf("%s-%d-b", m, i)
+		tx, err := c.Begin(ctx)
+		if err != nil {
+			t.Fatalf("round %d: begin: %v", i, err)
+		}
+		var pid int
+		if err := tx.QueryRow(ctx, "INSERT INTO items (body) VALUES ($1) RETURNING pg_backend_pid()", first).Scan(&pid); err != nil {
+			t.Fatalf("round %d: %v", i, err)
+		}
+		if _, err := owner.Exec(ctx, "SELECT pg_terminate_backend($1)", pid); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(time.Duration(i%5) * 300 * time.Microsecond) // land before, during and after the proxy notices
+		var ierr error
+		if i%2 == 0 {
+			_, ierr = tx.Exec(ctx, "INSERT INTO items (body) VALUES ($1)", second)
+		} else {
+			_, ierr = tx.Exec(ctx, "INSERT INTO items (body) VALUES ('"+second+"')", pgx.QueryExecModeSimpleProtocol)
+		}
+		cerr := tx.Commit(ctx)
+		if ierr == nil && cerr == nil {
+			t.Fatalf("round %d: the transaction of a terminated backend committed without an error", i)
+		}
+		for _, e := range []error{ierr, cerr} {
+			if e != nil {
+				checkConnLost(t, e)
+				break
+			}
+		}
+		var n int
+		if err := owner.QueryRow(ctx, "SELECT count(*) FROM items WHERE body IN ($1, $2)", first, second).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		if n != 0 {
+			t.Fatalf("round %d: %d rows of a transaction whose backend was terminated were committed", i, n)
+		}
+		if c.IsClosed() {
+			t.Fatalf("round %d: client disconnected; want an error and a usable connection", i)
+		}
+	}
 	checkNextTransaction(t, c, "p1", m, 0)
 }
 

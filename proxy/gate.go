@@ -41,7 +41,6 @@ func (g *gate) enter(ctx context.Context) error {
 	}
 }
 
-// leave ends one running unit.
 // tryEnter enters an open gate without waiting.
 func (g *gate) tryEnter() bool {
 	g.mu.Lock()
@@ -53,6 +52,7 @@ func (g *gate) tryEnter() bool {
 	return true
 }
 
+// leave ends one running unit.
 func (g *gate) leave() {
 	g.mu.Lock()
 	g.active--

@@ -61,12 +61,10 @@ type backend struct {
 	// waits on the socket while the backend sits idle in its pool, so a
 	// server that goes away is noticed without probing the socket at each
 	// acquire, and it relays the replies of each unit a client attaches.
-	amu      sync.Mutex
-	att      attachment // the unit whose replies come next
-	attached bool       // att is set and serve has not taken it yet
-	served   bool       // serve has returned: nothing can be attached
-	dead     atomic.Bool
-	raw      syscall.RawConn // the plain socket (nil under TLS), see waitIdle
+	amu  sync.Mutex
+	att  attachment      // the unit whose replies come next (att.ss nil: none)
+	dead atomic.Bool     // serve has returned (set with amu held): nothing can be attached
+	raw  syscall.RawConn // the plain socket (nil under TLS), see waitIdle
 	// waitIdle's state, used by the backend's goroutine only.
 	idleRead  func(uintptr) bool
 	idleSS    *session
@@ -88,14 +86,13 @@ func (b *backend) serve() {
 	for {
 		_ = b.rd.wait() // a failure shows again to whoever reads next
 		b.amu.Lock()
-		a, ok := b.att, b.attached
-		b.att, b.attached = attachment{}, false
-		if !ok {
+		a := b.att
+		b.att = attachment{}
+		if a.ss == nil {
 			// Nothing was asked: the server is going away (a FATAL before
 			// it closes, or the close itself), or the pool closed it.
-			b.served = true
-			b.amu.Unlock()
 			b.dead.Store(true)
+			b.amu.Unlock()
 			b.close()
 			return
 		}
@@ -149,10 +146,10 @@ func (b *backend) onIdleRead(uintptr) bool {
 func (b *backend) attach(a attachment) bool {
 	b.amu.Lock()
 	defer b.amu.Unlock()
-	if b.served || b.dead.Load() {
+	if b.dead.Load() {
 		return false
 	}
-	b.att, b.attached = a, true
+	b.att = a
 	return true
 }
 

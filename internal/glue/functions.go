@@ -76,25 +76,25 @@ func (f *Functions) Volatility(schema, name string) router.Volatility {
 // learn looks up unknown names in the background; later texts use the answer.
 func (f *Functions) learn(names []router.QualifiedName) {
 	f.mu.Lock()
-	var todo []router.QualifiedName
+	var missing []router.QualifiedName
 	for _, n := range names {
 		k := key(n.Schema, n.Name)
 		if _, ok := f.known[k]; ok || f.inflight[k] {
 			continue
 		}
 		f.inflight[k] = true
-		todo = append(todo, n)
+		missing = append(missing, n)
 	}
 	f.mu.Unlock()
-	if len(todo) == 0 || f.ctx.Err() != nil {
+	if len(missing) == 0 || f.ctx.Err() != nil {
 		return
 	}
 	f.wg.Add(1)
 	go func() {
 		defer f.wg.Done()
-		res := f.lookup(todo)
+		res := f.lookup(missing)
 		f.mu.Lock()
-		for _, n := range todo {
+		for _, n := range missing {
 			k := key(n.Schema, n.Name)
 			delete(f.inflight, k)
 			if v, ok := res[k]; ok {

@@ -175,15 +175,12 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 		pc.Close(ctx)
 		return nil, fmt.Errorf("hijack backend: %w", err)
 	}
-	var raw syscall.RawConn
-	if sc, ok := hj.Conn.(syscall.Conn); ok {
-		raw, _ = sc.SyscallConn() // nil under TLS: waitIdle falls back to a read
-	}
+	bk := socketIO(hj.Conn)
 	b := &backend{
-		raw:     raw,
+		raw:     rawConn(hj.Conn), // nil under TLS: waitIdle falls back to a read
 		conn:    hj.Conn,
-		rd:      newMsgReader(hj.Conn, 1<<30+1024),
-		wr:      bufio.NewWriterSize(hj.Conn, ioBufSize),
+		rd:      newMsgReader(bk, 1<<30+1024),
+		wr:      bufio.NewWriterSize(bk, ioBufSize),
 		pid:     hj.PID,
 		secret:  hj.SecretKey,
 		addr:    net.JoinHostPort(cfg.Host, fmt.Sprint(cfg.Port)),

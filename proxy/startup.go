@@ -213,7 +213,7 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if err := bw.Flush(); err != nil {
 		return nil, fmt.Errorf("ask for password: %w", err)
 	}
-	rd := newMsgReader(c, 16*1024)
+	rd := newMsgReader(socketIO(c), 16*1024)
 	typ, _, err := rd.next()
 	if err != nil {
 		return nil, fmt.Errorf("read password: %w", err)

@@ -1,0 +1,123 @@
+package proxy
+
+import (
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"unsafe"
+)
+
+// On Linux the relay reads and writes its plain TCP sockets with raw read
+// and write system calls, made inside the socket's RawConn callbacks so the
+// network poller still does the waiting. A net.Conn call tells the
+// scheduler that its thread enters a system call; a loopback write runs the
+// receiver's TCP stack too and is often preempted on a busy machine, and
+// the scheduler's monitor then hands the thread's P to another thread,
+// which costs futex wake-ups and thread switches, and keeps the monitor
+// polling every 20 µs. The sockets are non-blocking, so a raw call never
+// waits: EAGAIN hands the wait to the poller as usual.
+
+// sockIO reads and writes a plain TCP socket; one goroutine may read while
+// another writes.
+type sockIO struct {
+	raw        syscall.RawConn
+	rd, wr     sockOp
+	onReadable func(uintptr) bool // readOnce, made once
+	onWritable func(uintptr) bool // writeAll, made once
+}
+
+// sockOp is the state of the read or write under way.
+type sockOp struct {
+	p   []byte
+	n   int
+	err error
+}
+
+// socketIO returns what the relay reads and writes c through: c itself
+// unless c is a plain TCP connection.
+func socketIO(c net.Conn) io.ReadWriter {
+	raw := rawConn(c)
+	if raw == nil {
+		return c
+	}
+	s := &sockIO{raw: raw}
+	s.onReadable, s.onWritable = s.readOnce, s.writeAll
+	return s
+}
+
+func (s *sockIO) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	r := &s.rd
+	r.p, r.n, r.err = p, 0, nil
+	err := s.raw.Read(s.onReadable)
+	n := r.n
+	if err == nil {
+		err = r.err
+	}
+	raceReadDone(p, n)
+	r.p, r.err = nil, nil
+	return n, err
+}
+
+// readOnce reads once; EAGAIN sends the caller to the poller.
+func (s *sockIO) readOnce(fd uintptr) bool {
+	r := &s.rd
+	for {
+		n, _, errno := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&r.p[0])), uintptr(len(r.p)))
+		switch errno {
+		case 0:
+			if n == 0 {
+				r.err = io.EOF
+			}
+			r.n = int(n)
+			return true
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		default:
+			r.err = &net.OpError{Op: "read", Net: "tcp", Err: os.NewSyscallError("read", errno)}
+			return true
+		}
+	}
+}
+
+func (s *sockIO) Write(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	raceWriteStart(p)
+	w := &s.wr
+	w.p, w.n, w.err = p, 0, nil
+	err := s.raw.Write(s.onWritable)
+	n := w.n
+	if err == nil {
+		err = w.err
+	}
+	w.p, w.err = nil, nil
+	return n, err
+}
+
+// writeAll writes until p is gone; EAGAIN (a full send buffer) sends the
+// caller to the poller until the socket takes more.
+func (s *sockIO) writeAll(fd uintptr) bool {
+	w := &s.wr
+	for w.n < len(w.p) {
+		rest := w.p[w.n:]
+		n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&rest[0])), uintptr(len(rest)))
+		switch errno {
+		case 0:
+			w.n += int(n)
+		case syscall.EINTR:
+		case syscall.EAGAIN:
+			return false
+		default:
+			w.err = &net.OpError{Op: "write", Net: "tcp", Err: os.NewSyscallError("write", errno)}
+			return true
+		}
+	}
+	return true
+}

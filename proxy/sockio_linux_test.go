@@ -1,0 +1,166 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"math/rand/v2"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// tcpPair returns both ends of a loopback TCP connection.
+func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			t.Error(err)
+		}
+		accepted <- c
+	}()
+	a, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	b := <-accepted
+	if b == nil {
+		t.FailNow()
+	}
+	t.Cleanup(func() { a.Close(); b.Close() })
+	return a.(*net.TCPConn), b.(*net.TCPConn)
+}
+
+func TestSocketIOUsesRawCallsOnlyOnTCP(t *testing.T) {
+	a, _ := tcpPair(t)
+	if s, ok := socketIO(a).(*sockIO); !ok {
+		t.Fatalf("socketIO(TCP) = %T, want *sockIO", s)
+	}
+	p, q := net.Pipe()
+	defer p.Close()
+	defer q.Close()
+	if s := socketIO(p); s != io.ReadWriter(p) {
+		t.Fatalf("socketIO(pipe) = %T, want the pipe itself", s)
+	}
+}
+
+// A write larger than both socket buffers must wait for the reader (EAGAIN
+// mid-write) and still deliver every byte in order; reads that find nothing
+// must wait for bytes rather than return empty.
+func TestSocketIOCarriesEveryByte(t *testing.T) {
+	a, b := tcpPair(t)
+	data := make([]byte, 16<<20)
+	for i := 0; i < len(data); i += 8 {
+		binary.LittleEndian.PutUint64(data[i:], rand.Uint64())
+	}
+	w, r := socketIO(a), socketIO(b)
+	done := make(chan error, 1)
+	go func() {
+		// Chunks of uneven size, some written while the reader sleeps.
+		rest := data
+		for i := 0; len(rest) > 0; i++ {
+			n := min(len(rest), 1+i*7919%(3<<20))
+			m, err := w.Write(rest[:n])
+			if err != nil || m != n {
+				done <- errors.Join(err, errors.New("short write"))
+				return
+			}
+			rest = rest[n:]
+		}
+		done <- a.CloseWrite()
+	}()
+	var got bytes.Buffer
+	buf := make([]byte, 64<<10)
+	for i := 0; ; i++ {
+		if i%200 == 0 {
+			time.Sleep(20 * time.Millisecond) // let the socket buffers fill
+		}
+		n, err := r.Read(buf)
+		if n == 0 && err == nil {
+			t.Fatal("Read returned 0 bytes and no error")
+		}
+		got.Write(buf[:n])
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			t.Fatalf("read after %d bytes: %v", got.Len(), err)
+		}
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if !bytes.Equal(got.Bytes(), data) {
+		t.Fatalf("got %d bytes, want the %d written, in order", got.Len(), len(data))
+	}
+}
+
+func TestSocketIOErrors(t *testing.T) {
+	t.Run("deadline", func(t *testing.T) {
+		a, _ := tcpPair(t)
+		_ = a.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+		n, err := socketIO(a).Read(make([]byte, 16))
+		if n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Fatalf("Read past the deadline = %d, %v; want 0, deadline exceeded", n, err)
+		}
+		var ne net.Error
+		if !errors.As(err, &ne) || !ne.Timeout() {
+			t.Fatalf("deadline error %v is not a net.Error timeout", err)
+		}
+	})
+	t.Run("closed here", func(t *testing.T) {
+		a, _ := tcpPair(t)
+		r := socketIO(a)
+		a.Close()
+		if _, err := r.Read(make([]byte, 16)); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Read on a closed conn = %v, want net.ErrClosed", err)
+		}
+		if _, err := socketIO(a).Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+			t.Fatalf("Write on a closed conn = %v, want net.ErrClosed", err)
+		}
+	})
+	t.Run("reset by peer", func(t *testing.T) {
+		a, b := tcpPair(t)
+		_ = b.SetLinger(0)
+		if _, err := b.Write([]byte("unread")); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+		if _, err := a.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		b.Close() // unread data and linger 0: RST
+		time.Sleep(10 * time.Millisecond)
+		r := socketIO(a)
+		buf := make([]byte, 16)
+		var err error
+		for range 3 { // the bytes sent before the reset may come first
+			if _, err = r.Read(buf); err != nil {
+				break
+			}
+		}
+		if !errors.Is(err, syscall.ECONNRESET) {
+			t.Fatalf("Read after a reset = %v, want ECONNRESET", err)
+		}
+		w := socketIO(a)
+		var werr error
+		for range 3 {
+			if _, werr = w.Write([]byte("after reset")); werr != nil {
+				break
+			}
+		}
+		if !errors.Is(werr, syscall.EPIPE) && !errors.Is(werr, syscall.ECONNRESET) {
+			t.Fatalf("Write after a reset = %v, want EPIPE or ECONNRESET", werr)
+		}
+	})
+}

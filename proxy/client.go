@@ -8,6 +8,10 @@ import (
 // holds to route a batch whole; a larger batch goes to the primary as it comes.
 const maxBatchHold = 1 << 20
 
+// maxBatchKeep is the largest held-batch buffer a client keeps between
+// batches (larger ones are dropped so idle clients stay small).
+const maxBatchKeep = 4 << 10
+
 // classify asks the configured Classifier about one SQL text.
 func (ss *session) classify(sql string) Route {
 	return ss.srv.classifier.Classify(ss.ref, sql, ss.trusted)
@@ -135,7 +139,7 @@ func (ss *session) onExtended(typ byte) error {
 		}
 		return nil
 	}
-	var r *Route
+	var r Route
 	w := ss.wantOf(typ, body, &r, nil)
 	be, err := ss.claim(false, w)
 	if err != nil {
@@ -145,7 +149,7 @@ func (ss *session) onExtended(typ byte) error {
 	defer ss.doneWriting()
 	ss.mu.Lock()
 	ss.out = ss.out[:0]
-	perr := ss.translate(be, typ, body, r)
+	perr := ss.translate(be, typ, body, &r)
 	out := ss.out
 	ss.mu.Unlock()
 	if perr != nil {
@@ -159,9 +163,9 @@ func (ss *session) onExtended(typ byte) error {
 }
 
 // wantOf says what one extended-protocol message needs; a Parse is
-// classified and its Route stored in *r. parsed holds the statements parsed
+// classified and its Route stored in *r (left as it is otherwise). parsed holds the statements parsed
 // earlier in the same held batch.
-func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]want) want {
+func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]want) want {
 	switch typ {
 	case 'P':
 		name, rest, ok := cstring(body)
@@ -169,9 +173,8 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 			return want{primary: true}
 		}
 		sql, _, _ := cstring(rest)
-		rr := ss.classify(sql)
-		*r = &rr
-		w := want{pin: rr.PinSession, primary: rr.Primary || rr.Refusal != nil || rr.Hint == HintPrimaryOnce, writes: rr.Writes, reason: rr.Reason, gucs: rr.SessionGUCs}
+		*r = ss.classify(sql)
+		w := want{pin: r.PinSession, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
 		}
@@ -213,17 +216,23 @@ func (ss *session) wantOf(typ byte, body []byte, r **Route, parsed map[string]wa
 // 'H' Flush, or 0 when the batch grew too large to hold).
 func (ss *session) flushBatch(term byte) error {
 	batch := ss.batch
+	defer func() {
+		// Everything kept from the batch was copied: its array holds the
+		// next one, unless a large batch made it too big to keep.
+		if cap(batch) <= maxBatchKeep {
+			ss.batch = batch[:0]
+		}
+	}()
 	ss.batch = nil
 	ss.replayNamed = false
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}
-	routes := make([]*Route, 0, 4)
+	routes := make([]Route, 0, 4)
 	w := want{reason: "read"}
 	for off := 0; off < len(batch); {
 		typ, body, next := splitMsg(batch, off)
-		var r *Route
-		mw := ss.wantOf(typ, body, &r, parsed)
-		routes = append(routes, r)
+		routes = append(routes, Route{})
+		mw := ss.wantOf(typ, body, &routes[len(routes)-1], parsed)
 		if mw.primary && !w.primary {
 			w.primary, w.reason = true, mw.reason
 		}
@@ -249,7 +258,7 @@ func (ss *session) flushBatch(term byte) error {
 	i := 0
 	for off := 0; off < len(batch) && perr == nil; i++ {
 		typ, body, next := splitMsg(batch, off)
-		perr = ss.translate(be, typ, body, routes[i])
+		perr = ss.translate(be, typ, body, &routes[i])
 		off = next
 	}
 	if term != 0 {

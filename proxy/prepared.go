@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"slices"
 	"strconv"
 )
 
@@ -133,7 +134,7 @@ func (ss *session) dropUnanswered(be *backend) {
 				bs.unsure = true
 			}
 		}
-		ss.parseQ = ss.parseQ[1:]
+		popFront(&ss.parseQ)
 	}
 	for len(ss.closeQ) > 0 && ss.closeQ[0].seq <= ss.rfqSeq {
 		if e := ss.closeQ[0]; e.stmt != "" && be.stmts != nil {
@@ -143,26 +144,27 @@ func (ss *session) dropUnanswered(be *backend) {
 				be.stmts[e.stmt] = &backendStmt{unsure: true}
 			}
 		}
-		ss.closeQ = ss.closeQ[1:]
+		popFront(&ss.closeQ)
 	}
 	for len(ss.renames) > 0 && ss.renames[0].seq <= ss.rfqSeq {
-		ss.renames = ss.renames[1:]
+		popFront(&ss.renames)
 	}
 	for len(ss.dropC) > 0 && ss.dropC[0] <= ss.rfqSeq {
-		ss.dropC = ss.dropC[1:]
+		popFront(&ss.dropC)
 	}
 	for len(ss.sqlPrepFail) > 0 && ss.sqlPrepFail[0].seq <= ss.rfqSeq {
-		ss.sqlPrepFail = ss.sqlPrepFail[1:]
+		popFront(&ss.sqlPrepFail)
 	}
 }
 
 // translate appends to ss.out what the backend gets for one client message
-// and queues what to do with the replies. Call with mu held.
+// and queues what to do with the replies; r is the Route of a Parse (zero
+// for other messages). Call with mu held.
 func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error {
 	bad := func() error {
 		return fatalError(CodeProtocolViolation, "invalid %q message", typ)
 	}
-	if typ == 'P' && r != nil && r.Refusal != nil {
+	if typ == 'P' && r.Refusal != nil {
 		// Fail in place, so PostgreSQL skips the rest of the batch as after
 		// any error; the syntax error is replaced by the refusal.
 		ss.pushReplace(refusedSQL, refusalBody(r.Refusal))
@@ -175,10 +177,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
 	}
-	var w want
-	if r != nil {
-		w = want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs}
-	}
+	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs}
 	switch typ {
 	case 'P':
 		name, rest, ok := cstring(body)
@@ -400,3 +399,8 @@ func (ss *session) retranslate(be *backend, typ byte, body []byte) {
 		ss.appendMsg(typ, body)
 	}
 }
+
+// popFront drops the first entry of a reply queue. The queues are short;
+// shifting keeps their arrays for the next batch, where reslicing would
+// shrink them until every push allocates.
+func popFront[T any](q *[]T) { *q = slices.Delete(*q, 0, 1) }

@@ -164,6 +164,27 @@ func pipelineOutcome(p *pgconn.Pipeline) (string, error) {
 	}
 }
 
+// TestHeldBatchesOfChangingSize: a client's held batch buffer is reused
+// between batches (and dropped after a large one); batches of every size,
+// one after the other, each reach the server whole and unmixed.
+func TestHeldBatchesOfChangingSize(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	c := h.connect("p1", "authenticated", "batch-sizes")
+	pc := c.PgConn()
+	for i, size := range []int{1, 3000, 17, 9000, 0, 200_000, 5, 4000, 2_000_000, 64, 12} {
+		val := bytes.Repeat([]byte{byte('a' + i)}, size)
+		sum := md5.Sum(val)
+		res := pc.ExecParams(ctx, "SELECT length($1::text), md5($1::text), $2::int", [][]byte{val, []byte(fmt.Sprint(i))}, nil, nil, nil).Read()
+		if res.Err != nil {
+			t.Fatalf("batch %d (%d bytes): %v", i, size, res.Err)
+		}
+		if got, want := rowsText(res.Rows), fmt.Sprintf("%d,%s,%d", size, hex.EncodeToString(sum[:]), i); got != want {
+			t.Fatalf("batch %d (%d bytes): server saw %q, want %q", i, size, got, want)
+		}
+	}
+}
+
 // TestPipeline: several unnamed extended queries and Syncs sent at once,
 // with an error in the middle segment.
 func TestPipeline(t *testing.T) {

@@ -7,10 +7,12 @@ import (
 )
 
 // BenchmarkSelectThroughProxy measures a one-row read per transaction
-// through the proxy (simple and extended protocol), 8 clients sharing a
-// pool of 4 backends. Run with -cpuprofile to see the proxy's cost.
+// through the proxy, 8 clients sharing a pool of 4 backends: simple
+// protocol, extended protocol with an unnamed statement parsed each time
+// (exec, as pgbench -M extended) and with a named one parsed once
+// (cache_statement). Run with -cpuprofile to see the proxy's cost.
 func BenchmarkSelectThroughProxy(b *testing.B) {
-	for _, mode := range []string{"simple_protocol", "cache_statement"} {
+	for _, mode := range []string{"simple_protocol", "exec", "cache_statement"} {
 		b.Run(mode, func(b *testing.B) {
 			h := startProxy(b, harnessOpts{poolSize: 4, projects: []string{"p1"}})
 			b.SetParallelism(4)

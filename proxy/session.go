@@ -819,11 +819,11 @@ func (ss *session) relay(a attachment) *unit {
 				if rn := ss.renames[0]; rn.whole != nil {
 					if bytes.Contains(body, []byte(rn.from)) {
 						body = rn.whole
-						ss.renames = ss.renames[1:]
+						popFront(&ss.renames)
 					}
 				} else if nb, ok := renameInError(body, rn.from, rn.to); ok {
 					body = nb
-					ss.renames = ss.renames[1:]
+					popFront(&ss.renames)
 				}
 			}
 			ss.mu.Unlock()
@@ -857,7 +857,7 @@ func (ss *session) relay(a attachment) *unit {
 				}
 				if len(*q) > 0 {
 					action = (*q)[0].action
-					*q = (*q)[1:]
+					popFront(q)
 				}
 			}
 			ss.mu.Unlock()

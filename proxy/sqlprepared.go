@@ -74,7 +74,7 @@ func (ss *session) translateSQLPrepared(be *backend, sp *SQLPrepared) []byte {
 // being answered is the proxy's own, to be dropped. Call with mu held.
 func (ss *session) dropCommandComplete() bool {
 	if len(ss.dropC) > 0 && ss.dropC[0] == ss.rfqSeq+1 {
-		ss.dropC = ss.dropC[1:]
+		popFront(&ss.dropC)
 		return true
 	}
 	return false
@@ -89,7 +89,7 @@ func (ss *session) sqlPrepareFailed(be *backend) {
 			delete(ss.sqlStmts, f.name)
 		}
 		delete(be.sqlStmts, f.proxyName)
-		ss.sqlPrepFail = ss.sqlPrepFail[1:]
+		popFront(&ss.sqlPrepFail)
 	}
 }
 

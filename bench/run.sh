@@ -442,8 +442,9 @@ sleep 2 # the proxies notice the closed clients
 # Two more targets put the numbers in context: the same cascata limited to
 # one thread running Go code at a time (GOMAXPROCS=1; pgbouncer is one
 # thread), and a plain Go byte relay (benchtool relay: read/write per
-# client, one server connection each, no protocol work), the floor of any
-# proxy built on Go's network poller on this machine.
+# client with the same socket calls as cascata, one server connection
+# each, no protocol work), the floor of any proxy built on Go's network
+# poller on this machine.
 CFG1=$WORK/cascata-gomaxprocs1.toml
 mkdir -p "$WORK/state1"
 sed -e "s#127.0.0.1:$CASCATA_PORT#127.0.0.1:$CASCATA1_PORT#; s#127.0.0.1:$ADMIN_PORT#127.0.0.1:$ADMIN1_PORT#; s#$WORK/state\"#$WORK/state1\"#" "$CFG" >"$CFG1"
@@ -597,8 +598,9 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     done
   done
   echo
-  echo "The byte relay does no protocol work and gives each client its own server connection: it is what"
-  echo "reading and writing through Go's network poller costs here, below which no Go proxy can go."
+  echo "The byte relay does no protocol work and gives each client its own server connection; it reads and"
+  echo "writes its sockets as cascata does (internal/sockio): it is what moving the bytes through Go's network"
+  echo "poller costs here, below which no Go proxy can go."
   echo
   echo "Failures (non-zero exit or aborted clients):"
   echo

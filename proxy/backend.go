@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"cascata/internal/sockio"
+
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 )
@@ -175,9 +177,9 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 		pc.Close(ctx)
 		return nil, fmt.Errorf("hijack backend: %w", err)
 	}
-	bk := socketIO(hj.Conn)
+	bk := sockio.New(hj.Conn)
 	b := &backend{
-		raw:     rawConn(hj.Conn), // nil under TLS: waitIdle falls back to a read
+		raw:     sockio.Raw(hj.Conn), // nil under TLS: waitIdle falls back to a read
 		conn:    hj.Conn,
 		rd:      newMsgReader(bk, 1<<30+1024),
 		wr:      bufio.NewWriterSize(bk, ioBufSize),

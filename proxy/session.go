@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/internal/sockio"
+
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/puddle/v2"
@@ -135,7 +137,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		srv:           s,
 		conn:          c,
 		rd:            rd,
-		clientOut:     socketIO(c),
+		clientOut:     sockio.New(c),
 		ref:           ref,
 		ident:         id,
 		identKey:      id.Role + "\x00" + id.Claims,

@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"cascata/internal/sockio"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -213,7 +215,7 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if err := bw.Flush(); err != nil {
 		return nil, fmt.Errorf("ask for password: %w", err)
 	}
-	rd := newMsgReader(socketIO(c), 16*1024)
+	rd := newMsgReader(sockio.New(c), 16*1024)
 	typ, _, err := rd.next()
 	if err != nil {
 		return nil, fmt.Errorf("read password: %w", err)

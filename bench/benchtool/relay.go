@@ -12,6 +12,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"cascata/internal/sockio"
 )
 
 // copyPlain copies with read and write calls, as a proxy that looks at the
@@ -33,9 +35,10 @@ func copyPlain(dst io.Writer, src io.Reader) {
 
 // cmdRelay is the floor of the select-only comparison: a byte relay with no
 // protocol logic at all (two goroutines copying per client, one server
-// connection per client, no pooling, no parsing). What any Go proxy built
-// on the standard network poller pays per transaction is at least this; the
-// rest of cascata's cost is its own work. It runs until SIGTERM or -dur.
+// connection per client, no pooling, no parsing), reading and writing its
+// sockets as cascata does (package sockio). What any Go proxy built on the
+// standard network poller pays per transaction is at least this; the rest
+// of cascata's cost is its own work. It runs until SIGTERM or -dur.
 func cmdRelay(args []string) error {
 	fs := flag.NewFlagSet("relay", flag.ExitOnError)
 	listen := fs.String("listen", "", "host:port to listen on")
@@ -89,15 +92,16 @@ func cmdRelay(args []string) error {
 		track(c, true)
 		track(s, true)
 		wg.Add(2)
-		pipe := func(dst, src net.Conn) {
+		cio, sio := sockio.New(c), sockio.New(s)
+		pipe := func(dst, src net.Conn, w io.Writer, r io.Reader) {
 			defer wg.Done()
-			copyPlain(dst, src)
+			copyPlain(w, r)
 			_ = dst.Close()
 			_ = src.Close()
 			track(src, false)
 		}
-		go pipe(s, c)
-		go pipe(c, s)
+		go pipe(s, c, sio, cio)
+		go pipe(c, s, cio, sio)
 	}
 	wg.Wait()
 	return nil

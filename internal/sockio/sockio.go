@@ -1,4 +1,7 @@
-package proxy
+// Package sockio reads and writes TCP sockets with raw read and write
+// system calls on Linux, for relays that make several of them per
+// message round trip; see New.
+package sockio
 
 import (
 	"net"
@@ -7,7 +10,7 @@ import (
 
 // rawConn returns c's socket for the poller-driven calls of waitIdle and
 // socketIO, or nil when c is not a plain TCP connection (TLS, a pipe).
-func rawConn(c net.Conn) syscall.RawConn {
+func Raw(c net.Conn) syscall.RawConn {
 	tc, ok := c.(*net.TCPConn)
 	if !ok {
 		return nil

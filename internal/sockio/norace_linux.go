@@ -1,6 +1,6 @@
 //go:build !race
 
-package proxy
+package sockio
 
 func raceReadDone([]byte, int) {}
 func raceWriteStart([]byte)    {}

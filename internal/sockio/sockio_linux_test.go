@@ -1,4 +1,4 @@
-package proxy
+package sockio
 
 import (
 	"bytes"
@@ -41,29 +41,29 @@ func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
 	return a.(*net.TCPConn), b.(*net.TCPConn)
 }
 
-func TestSocketIOUsesRawCallsOnlyOnTCP(t *testing.T) {
+func TestUsesRawCallsOnlyOnTCP(t *testing.T) {
 	a, _ := tcpPair(t)
-	if s, ok := socketIO(a).(*sockIO); !ok {
-		t.Fatalf("socketIO(TCP) = %T, want *sockIO", s)
+	if s, ok := New(a).(*conn); !ok {
+		t.Fatalf("New(TCP) = %T, want *conn", s)
 	}
 	p, q := net.Pipe()
 	defer p.Close()
 	defer q.Close()
-	if s := socketIO(p); s != io.ReadWriter(p) {
-		t.Fatalf("socketIO(pipe) = %T, want the pipe itself", s)
+	if s := New(p); s != io.ReadWriter(p) {
+		t.Fatalf("New(pipe) = %T, want the pipe itself", s)
 	}
 }
 
 // A write larger than both socket buffers must wait for the reader (EAGAIN
 // mid-write) and still deliver every byte in order; reads that find nothing
 // must wait for bytes rather than return empty.
-func TestSocketIOCarriesEveryByte(t *testing.T) {
+func TestCarriesEveryByte(t *testing.T) {
 	a, b := tcpPair(t)
 	data := make([]byte, 16<<20)
 	for i := 0; i < len(data); i += 8 {
 		binary.LittleEndian.PutUint64(data[i:], rand.Uint64())
 	}
-	w, r := socketIO(a), socketIO(b)
+	w, r := New(a), New(b)
 	done := make(chan error, 1)
 	go func() {
 		// Chunks of uneven size, some written while the reader sleeps.
@@ -105,11 +105,11 @@ func TestSocketIOCarriesEveryByte(t *testing.T) {
 	}
 }
 
-func TestSocketIOErrors(t *testing.T) {
+func TestErrors(t *testing.T) {
 	t.Run("deadline", func(t *testing.T) {
 		a, _ := tcpPair(t)
 		_ = a.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
-		n, err := socketIO(a).Read(make([]byte, 16))
+		n, err := New(a).Read(make([]byte, 16))
 		if n != 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Fatalf("Read past the deadline = %d, %v; want 0, deadline exceeded", n, err)
 		}
@@ -120,12 +120,12 @@ func TestSocketIOErrors(t *testing.T) {
 	})
 	t.Run("closed here", func(t *testing.T) {
 		a, _ := tcpPair(t)
-		r := socketIO(a)
+		r := New(a)
 		a.Close()
 		if _, err := r.Read(make([]byte, 16)); !errors.Is(err, net.ErrClosed) {
 			t.Fatalf("Read on a closed conn = %v, want net.ErrClosed", err)
 		}
-		if _, err := socketIO(a).Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
+		if _, err := New(a).Write([]byte("x")); !errors.Is(err, net.ErrClosed) {
 			t.Fatalf("Write on a closed conn = %v, want net.ErrClosed", err)
 		}
 	})
@@ -141,7 +141,7 @@ func TestSocketIOErrors(t *testing.T) {
 		}
 		b.Close() // unread data and linger 0: RST
 		time.Sleep(10 * time.Millisecond)
-		r := socketIO(a)
+		r := New(a)
 		buf := make([]byte, 16)
 		var err error
 		for range 3 { // the bytes sent before the reset may come first
@@ -152,7 +152,7 @@ func TestSocketIOErrors(t *testing.T) {
 		if !errors.Is(err, syscall.ECONNRESET) {
 			t.Fatalf("Read after a reset = %v, want ECONNRESET", err)
 		}
-		w := socketIO(a)
+		w := New(a)
 		var werr error
 		for range 3 {
 			if _, werr = w.Write([]byte("after reset")); werr != nil {

@@ -1,4 +1,4 @@
-package proxy
+package sockio
 
 import (
 	"io"
@@ -8,8 +8,8 @@ import (
 	"unsafe"
 )
 
-// On Linux the relay reads and writes its plain TCP sockets with raw read
-// and write system calls, made inside the socket's RawConn callbacks so the
+// On Linux, New reads and writes plain TCP sockets with raw read and write
+// system calls, made inside the socket's RawConn callbacks so the
 // network poller still does the waiting. A net.Conn call tells the
 // scheduler that its thread enters a system call; a loopback write runs the
 // receiver's TCP stack too and is often preempted on a busy machine, and
@@ -18,9 +18,9 @@ import (
 // polling every 20 µs. The sockets are non-blocking, so a raw call never
 // waits: EAGAIN hands the wait to the poller as usual.
 
-// sockIO reads and writes a plain TCP socket; one goroutine may read while
+// conn reads and writes a plain TCP socket; one goroutine may read while
 // another writes.
-type sockIO struct {
+type conn struct {
 	raw        syscall.RawConn
 	rd, wr     sockOp
 	onReadable func(uintptr) bool // readOnce, made once
@@ -34,19 +34,19 @@ type sockOp struct {
 	err error
 }
 
-// socketIO returns what the relay reads and writes c through: c itself
-// unless c is a plain TCP connection.
-func socketIO(c net.Conn) io.ReadWriter {
-	raw := rawConn(c)
+// New returns what to read and write c through: c itself unless c is a
+// plain TCP connection.
+func New(c net.Conn) io.ReadWriter {
+	raw := Raw(c)
 	if raw == nil {
 		return c
 	}
-	s := &sockIO{raw: raw}
+	s := &conn{raw: raw}
 	s.onReadable, s.onWritable = s.readOnce, s.writeAll
 	return s
 }
 
-func (s *sockIO) Read(p []byte) (int, error) {
+func (s *conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -63,7 +63,7 @@ func (s *sockIO) Read(p []byte) (int, error) {
 }
 
 // readOnce reads once; EAGAIN sends the caller to the poller.
-func (s *sockIO) readOnce(fd uintptr) bool {
+func (s *conn) readOnce(fd uintptr) bool {
 	r := &s.rd
 	for {
 		n, _, errno := syscall.RawSyscall(syscall.SYS_READ, fd, uintptr(unsafe.Pointer(&r.p[0])), uintptr(len(r.p)))
@@ -85,7 +85,7 @@ func (s *sockIO) readOnce(fd uintptr) bool {
 	}
 }
 
-func (s *sockIO) Write(p []byte) (int, error) {
+func (s *conn) Write(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
@@ -103,7 +103,7 @@ func (s *sockIO) Write(p []byte) (int, error) {
 
 // writeAll writes until p is gone; EAGAIN (a full send buffer) sends the
 // caller to the poller until the socket takes more.
-func (s *sockIO) writeAll(fd uintptr) bool {
+func (s *conn) writeAll(fd uintptr) bool {
 	w := &s.wr
 	for w.n < len(w.p) {
 		rest := w.p[w.n:]

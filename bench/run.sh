@@ -542,7 +542,8 @@ verdict() { # VALUE OP LIMIT
 }
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-DIRTY=$(cd "$ROOT" && git status --porcelain 2>/dev/null | grep -qv '^??' && echo " + uncommitted changes" || true)
+# (the results file itself, left changed by an earlier run, does not count)
+DIRTY=$(cd "$ROOT" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -qv ' bench/RESULTS.md$' && echo " + uncommitted changes" || true)
 ELAPSED=$(($(date +%s) - START_EPOCH))
 
 {

@@ -110,6 +110,10 @@ func (s *conn) writeAll(fd uintptr) bool {
 		n, _, errno := syscall.RawSyscall(syscall.SYS_WRITE, fd, uintptr(unsafe.Pointer(&rest[0])), uintptr(len(rest)))
 		switch errno {
 		case 0:
+			if n == 0 { // a socket never takes nothing without EAGAIN; never spin on it
+				w.err = &net.OpError{Op: "write", Net: "tcp", Err: io.ErrShortWrite}
+				return true
+			}
 			w.n += int(n)
 		case syscall.EINTR:
 		case syscall.EAGAIN:

@@ -163,8 +163,8 @@ func (ss *session) onExtended(typ byte) error {
 }
 
 // wantOf says what one extended-protocol message needs; a Parse is
-// classified and its Route stored in *r (left as it is otherwise). parsed holds the statements parsed
-// earlier in the same held batch.
+// classified and its Route stored in *r (left as it is otherwise). parsed
+// holds the statements parsed earlier in the same held batch.
 func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]want) want {
 	switch typ {
 	case 'P':
@@ -216,14 +216,12 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 // 'H' Flush, or 0 when the batch grew too large to hold).
 func (ss *session) flushBatch(term byte) error {
 	batch := ss.batch
-	defer func() {
-		// Everything kept from the batch was copied: its array holds the
-		// next one, unless a large batch made it too big to keep.
-		if cap(batch) <= maxBatchKeep {
-			ss.batch = batch[:0]
-		}
-	}()
+	// Everything kept from the batch is copied, so its array can hold the
+	// next one, unless a large batch made it too big to keep.
 	ss.batch = nil
+	if cap(batch) <= maxBatchKeep {
+		ss.batch = batch[:0]
+	}
 	ss.replayNamed = false
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}

@@ -158,7 +158,7 @@ func (b *backend) attach(a attachment) bool {
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
 // the identity statement, then takes over the raw connection.
 func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend, error) {
-	pc, err := pgconn.ConnectConfig(ctx, cfg)
+	pc, err := pgconn.ConnectConfig(ctx, withRawSocket(cfg))
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
@@ -177,12 +177,11 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 		pc.Close(ctx)
 		return nil, fmt.Errorf("hijack backend: %w", err)
 	}
-	bk := sockio.New(hj.Conn)
 	b := &backend{
 		raw:     sockio.Raw(hj.Conn), // nil under TLS: waitIdle falls back to a read
 		conn:    hj.Conn,
-		rd:      newMsgReader(bk, 1<<30+1024),
-		wr:      bufio.NewWriterSize(bk, ioBufSize),
+		rd:      newMsgReader(hj.Conn, 1<<30+1024),
+		wr:      bufio.NewWriterSize(hj.Conn, ioBufSize),
 		pid:     hj.PID,
 		secret:  hj.SecretKey,
 		addr:    net.JoinHostPort(cfg.Host, fmt.Sprint(cfg.Port)),
@@ -192,6 +191,21 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 	}
 	b.idleRead = b.onIdleRead
 	return b, nil
+}
+
+// withRawSocket returns cfg dialing sockets that make raw read and write
+// calls (package sockio), under TLS too.
+func withRawSocket(cfg *pgconn.Config) *pgconn.Config {
+	c := cfg.Copy()
+	dial := c.DialFunc
+	c.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+		conn, err := dial(ctx, network, addr)
+		if err != nil {
+			return nil, err
+		}
+		return sockio.New(conn), nil
+	}
+	return c
 }
 
 func (b *backend) close() { _ = b.conn.Close() }

@@ -5,15 +5,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
 	"net"
 	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"cascata/internal/sockio"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -31,7 +28,6 @@ type session struct {
 	rd          *msgReader // client side
 	wmu         sync.Mutex // guards wr and every write to the client
 	wr          *bufio.Writer
-	clientOut   io.Writer // what wr writes to: the client's socket
 	ref         string
 	ident       Identity
 	identKey    string
@@ -137,7 +133,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		srv:           s,
 		conn:          c,
 		rd:            rd,
-		clientOut:     sockio.New(c),
+		wr:            bufio.NewWriterSize(c, ioBufSize),
 		ref:           ref,
 		ident:         id,
 		identKey:      id.Role + "\x00" + id.Claims,
@@ -153,7 +149,6 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
 		settings:      startupSettings(params),
 	}
-	ss.wr = bufio.NewWriterSize(ss.clientOut, ioBufSize)
 	ss.settingsKey = settingsKey(ss.settings)
 	ss.cond = sync.NewCond(&ss.mu)
 	return ss
@@ -672,7 +667,7 @@ func (ss *session) relay(a attachment) *unit {
 	// yet moves to the primary, whose own goroutine relays it from there.
 	lost := func(err error, f *pgproto3.ErrorResponse) {
 		if hold && !sent && locked {
-			ss.wr.Reset(ss.clientOut) // drop the held half answer
+			ss.wr.Reset(ss.conn) // drop the held half answer
 			ss.wmu.Unlock()
 			locked = false
 		}

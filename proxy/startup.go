@@ -35,6 +35,7 @@ type startup struct {
 
 // handle runs one client connection from its first byte to its close.
 func (s *Server) handle(c net.Conn) {
+	c = sockio.New(c) // raw socket calls, under TLS too
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("client handler panic", "panic", r, "remote", c.RemoteAddr().String())
@@ -215,7 +216,7 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if err := bw.Flush(); err != nil {
 		return nil, fmt.Errorf("ask for password: %w", err)
 	}
-	rd := newMsgReader(sockio.New(c), 16*1024)
+	rd := newMsgReader(c, 16*1024)
 	typ, _, err := rd.next()
 	if err != nil {
 		return nil, fmt.Errorf("read password: %w", err)

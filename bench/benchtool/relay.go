@@ -89,19 +89,19 @@ func cmdRelay(args []string) error {
 			_ = c.Close()
 			continue
 		}
+		c, s = sockio.New(c), sockio.New(s)
 		track(c, true)
 		track(s, true)
 		wg.Add(2)
-		cio, sio := sockio.New(c), sockio.New(s)
-		pipe := func(dst, src net.Conn, w io.Writer, r io.Reader) {
+		pipe := func(dst, src net.Conn) {
 			defer wg.Done()
-			copyPlain(w, r)
+			copyPlain(dst, src)
 			_ = dst.Close()
 			_ = src.Close()
 			track(src, false)
 		}
-		go pipe(s, c, sio, cio)
-		go pipe(c, s, cio, sio)
+		go pipe(s, c)
+		go pipe(c, s)
 	}
 	wg.Wait()
 	return nil

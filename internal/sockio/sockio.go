@@ -8,16 +8,37 @@ import (
 	"syscall"
 )
 
-// rawConn returns c's socket for the poller-driven calls of waitIdle and
-// socketIO, or nil when c is not a plain TCP connection (TLS, a pipe).
+// conn is a plain TCP connection whose Read and Write make raw system
+// calls; one goroutine may read while another writes. Everything else is
+// the connection's own.
+type conn struct {
+	net.Conn
+	raw        syscall.RawConn
+	rd, wr     sockOp
+	onReadable func(uintptr) bool // readOnce, made once
+	onWritable func(uintptr) bool // writeAll, made once
+}
+
+// sockOp is the state of the read or write under way.
+type sockOp struct {
+	p   []byte
+	n   int
+	err error
+}
+
+// Raw returns the socket of a plain TCP connection (as New returns it or
+// not) for calls driven by the network poller, or nil for anything else
+// (TLS, a pipe).
 func Raw(c net.Conn) syscall.RawConn {
-	tc, ok := c.(*net.TCPConn)
-	if !ok {
-		return nil
+	switch c := c.(type) {
+	case *conn:
+		return c.raw
+	case *net.TCPConn:
+		raw, err := c.SyscallConn()
+		if err != nil {
+			return nil
+		}
+		return raw
 	}
-	raw, err := tc.SyscallConn()
-	if err != nil {
-		return nil
-	}
-	return raw
+	return nil
 }

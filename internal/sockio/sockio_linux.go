@@ -18,30 +18,17 @@ import (
 // polling every 20 µs. The sockets are non-blocking, so a raw call never
 // waits: EAGAIN hands the wait to the poller as usual.
 
-// conn reads and writes a plain TCP socket; one goroutine may read while
-// another writes.
-type conn struct {
-	raw        syscall.RawConn
-	rd, wr     sockOp
-	onReadable func(uintptr) bool // readOnce, made once
-	onWritable func(uintptr) bool // writeAll, made once
-}
-
-// sockOp is the state of the read or write under way.
-type sockOp struct {
-	p   []byte
-	n   int
-	err error
-}
-
-// New returns what to read and write c through: c itself unless c is a
-// plain TCP connection.
-func New(c net.Conn) io.ReadWriter {
+// New returns c with Read and Write made as above if c is a plain TCP
+// connection, and c itself otherwise. A TLS layer over it uses them too.
+func New(c net.Conn) net.Conn {
+	if _, ok := c.(*net.TCPConn); !ok {
+		return c
+	}
 	raw := Raw(c)
 	if raw == nil {
 		return c
 	}
-	s := &conn{raw: raw}
+	s := &conn{Conn: c, raw: raw}
 	s.onReadable, s.onWritable = s.readOnce, s.writeAll
 	return s
 }

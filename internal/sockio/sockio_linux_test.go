@@ -2,9 +2,15 @@ package sockio
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	crand "crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"io"
+	"math/big"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -43,14 +49,78 @@ func tcpPair(t *testing.T) (*net.TCPConn, *net.TCPConn) {
 
 func TestUsesRawCallsOnlyOnTCP(t *testing.T) {
 	a, _ := tcpPair(t)
-	if s, ok := New(a).(*conn); !ok {
-		t.Fatalf("New(TCP) = %T, want *conn", s)
+	s, ok := New(a).(*conn)
+	if !ok {
+		t.Fatalf("New(TCP) = %T, want *conn", New(a))
+	}
+	if again := New(s); again != net.Conn(s) {
+		t.Fatalf("New(New(TCP)) = %T, want the same conn", again)
+	}
+	if Raw(s) == nil || Raw(a) == nil {
+		t.Fatal("Raw of a TCP connection is nil")
 	}
 	p, q := net.Pipe()
 	defer p.Close()
 	defer q.Close()
-	if s := New(p); s != io.ReadWriter(p) {
+	if s := New(p); s != net.Conn(p) {
 		t.Fatalf("New(pipe) = %T, want the pipe itself", s)
+	}
+	if Raw(p) != nil {
+		t.Fatal("Raw of a pipe is not nil")
+	}
+}
+
+// TLS over New's connections: the records go through the raw calls, both
+// ways, whole.
+func TestTLSOverRawCalls(t *testing.T) {
+	a, b := tcpPair(t)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), DNSNames: []string{"sockio.test"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(crand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AddCert(leaf)
+	srv := tls.Server(New(b), &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	cli := tls.Client(New(a), &tls.Config{ServerName: "sockio.test", RootCAs: roots})
+	data := make([]byte, 4<<20)
+	for i := 0; i < len(data); i += 8 {
+		binary.LittleEndian.PutUint64(data[i:], rand.Uint64())
+	}
+	echoed := make(chan error, 1)
+	go func() { // the server sends back what it gets
+		_, err := io.CopyN(srv, srv, int64(len(data)))
+		echoed <- err
+	}()
+	sent := make(chan error, 1)
+	go func() {
+		_, err := cli.Write(data)
+		sent <- err
+	}()
+	got := make([]byte, len(data))
+	if _, err := io.ReadFull(cli, got); err != nil {
+		t.Fatalf("read the echo: %v", err)
+	}
+	if err := <-sent; err != nil {
+		t.Fatalf("client write: %v", err)
+	}
+	if err := <-echoed; err != nil {
+		t.Fatalf("server echo: %v", err)
+	}
+	if !bytes.Equal(got, data) {
+		t.Fatal("the echo differs from what was sent")
+	}
+	if v := cli.ConnectionState().Version; v < tls.VersionTLS12 {
+		t.Fatalf("TLS version %x", v)
 	}
 }
 

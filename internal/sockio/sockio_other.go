@@ -2,10 +2,7 @@
 
 package sockio
 
-import (
-	"io"
-	"net"
-)
+import "net"
 
-// New returns what to read and write c through: c itself.
-func New(c net.Conn) io.ReadWriter { return c }
+// New returns c.
+func New(c net.Conn) net.Conn { return c }

@@ -57,6 +57,7 @@ func TestURL(t *testing.T) {
 func TestReplication(t *testing.T) {
 	primary := cluster.Primary.SuperuserURL("postgres")
 	replica := cluster.Replica.SuperuserURL("postgres")
+	pgtest.Exec(t, primary, "DROP TABLE IF EXISTS repl_test") // left by an earlier run (-count)
 	pgtest.Exec(t, primary, "CREATE TABLE repl_test (id int PRIMARY KEY, v text)")
 	pgtest.Exec(t, primary, "INSERT INTO repl_test VALUES (1, $1)", "hello")
 	waitCaughtUp(t)
@@ -79,6 +80,7 @@ func TestReplicaRestart(t *testing.T) {
 	primary := cluster.Primary.SuperuserURL("postgres")
 	replica := cluster.Replica.SuperuserURL("postgres")
 	port := cluster.Replica.Port
+	pgtest.Exec(t, primary, "DROP TABLE IF EXISTS restart_test") // left by an earlier run (-count)
 	pgtest.Exec(t, primary, "CREATE TABLE restart_test (id int)")
 
 	if err := cluster.Replica.Stop(ctx, "immediate"); err != nil {

@@ -114,7 +114,7 @@ func (ss *session) writeLocalComplete(tag string) {
 	ss.wmu.Lock()
 	defer ss.wmu.Unlock()
 	ss.scratch, _ = encodeTo(ss.wr, &pgproto3.CommandComplete{CommandTag: []byte(tag)}, ss.scratch)
-	_, _ = ss.wr.Write(msgRFQIdle)
+	_, _ = ss.wr.Write(rfq('I'))
 	_ = ss.wr.Flush()
 }
 

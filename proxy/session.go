@@ -198,7 +198,7 @@ func (ss *session) greet(ctx context.Context) error {
 	if _, err = encodeTo(w, &pgproto3.BackendKeyData{ProcessID: ss.keyPID, SecretKey: ss.keySecret}, buf); err != nil {
 		return err
 	}
-	if _, err := w.Write(msgRFQIdle); err != nil {
+	if _, err := w.Write(rfq('I')); err != nil {
 		return err
 	}
 	return w.Flush()
@@ -1064,7 +1064,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 		ss.wmu.Lock()
 		ss.scratch, _ = encodeTo(ss.wr, e, ss.scratch)
 		for range pend {
-			_, _ = ss.wr.Write(msgRFQIdle)
+			_, _ = ss.wr.Write(rfq('I'))
 		}
 		_ = ss.wr.Flush()
 		ss.wmu.Unlock()

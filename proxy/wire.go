@@ -188,7 +188,6 @@ func encodeTo(w *bufio.Writer, msg interface {
 // Precomputed messages the proxy sends often.
 var (
 	msgSync        = []byte{'S', 0, 0, 0, 4}
-	msgRFQIdle     = []byte{'Z', 0, 0, 0, 5, 'I'}
 	msgParseOK     = []byte{'1', 0, 0, 0, 4}
 	msgCopyFailEOF = mustEncode(&pgproto3.CopyFail{Message: "client connection closed"})
 )

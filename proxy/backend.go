@@ -158,7 +158,7 @@ func (b *backend) attach(a attachment) bool {
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
 // the identity statement, then takes over the raw connection.
 func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend, error) {
-	pc, err := pgconn.ConnectConfig(ctx, withRawSocket(cfg))
+	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
@@ -193,8 +193,8 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 	return b, nil
 }
 
-// withRawSocket returns cfg dialing sockets that make raw read and write
-// calls (package sockio), under TLS too.
+// withRawSocket returns a copy of cfg dialing sockets that make raw read
+// and write calls (package sockio), under TLS too; pools dial with it.
 func withRawSocket(cfg *pgconn.Config) *pgconn.Config {
 	c := cfg.Copy()
 	dial := c.DialFunc

@@ -21,7 +21,7 @@ type pool struct {
 	key     string // project ref + URL
 	ref     string
 	hostKey string
-	cfg     *pgconn.Config
+	cfg     *pgconn.Config // dials sockets with raw calls (withRawSocket)
 	host    *hostLimiter
 	p       *puddle.Pool[*backend]
 	params  atomic.Pointer[map[string]string]
@@ -88,7 +88,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 			pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
 		ps.hosts[hostKey] = h
 	}
-	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: cfg, host: h, size: int32(size), log: ps.log}
+	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log}
 	pp, err := puddle.NewPool(&puddle.Config[*backend]{
 		Constructor: pl.construct(ps),
 		Destructor: func(b *backend) {

@@ -19,9 +19,10 @@ import (
 
 // session is one client connection after login. Two goroutines serve it: run
 // reads the client and writes to the attached backend; the backend's own
-// goroutine (backend.serve) reads it and writes to the client. A backend is attached from the
-// first message that needs one until ReadyForQuery 'I' with nothing left in
-// flight (transaction mode) or until the client leaves (session mode).
+// goroutine (backend.serve) reads it and writes to the client. A backend is
+// attached from the first message that needs one until ReadyForQuery 'I'
+// with nothing left in flight (transaction mode) or until the client leaves
+// (session mode).
 type session struct {
 	srv         *Server
 	conn        net.Conn

@@ -16,23 +16,6 @@ import (
 	"cascata/internal/sockio"
 )
 
-// copyPlain copies with read and write calls, as a proxy that looks at the
-// bytes must (io.Copy would splice socket to socket inside the kernel).
-func copyPlain(dst io.Writer, src io.Reader) {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := src.Read(buf)
-		if n > 0 {
-			if _, werr := dst.Write(buf[:n]); werr != nil {
-				return
-			}
-		}
-		if err != nil {
-			return
-		}
-	}
-}
-
 // cmdRelay is the floor of the select-only comparison: a byte relay with no
 // protocol logic at all (two goroutines copying per client, one server
 // connection per client, no pooling, no parsing), reading and writing its
@@ -95,7 +78,9 @@ func cmdRelay(args []string) error {
 		wg.Add(2)
 		pipe := func(dst, src net.Conn) {
 			defer wg.Done()
-			copyPlain(dst, src)
+			// Plain reads and writes: a sockio connection offers io.Copy
+			// no kernel splice, as a proxy that reads the bytes has none.
+			_, _ = io.CopyBuffer(dst, src, make([]byte, 32<<10))
 			_ = dst.Close()
 			_ = src.Close()
 			track(src, false)

@@ -63,7 +63,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "cascata_replica_lag_bytes", Help: "WAL a replica server has received but not replayed yet.",
 		}, []string{"server"}),
 		replicaSecs: prometheus.NewGaugeVec(prometheus.GaugeOpts{
-			Name: "cascata_replica_lag_seconds", Help: "Time since the last transaction a replica server replayed.",
+			Name: "cascata_replica_lag_seconds", Help: "How long a replica server has lacked WAL its primary had (the age of the oldest primary WAL position it has not replayed).",
 		}, []string{"server"}),
 		replicaUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cascata_replica_healthy", Help: "1 when a replica server is used for reads.",
@@ -75,12 +75,24 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-func (m *Metrics) serverOpened(ref string) {
-	m.servers.WithLabelValues(ref).Inc()
-	m.serverOpens.WithLabelValues(ref).Inc()
+// serverMetrics are the backend connection series of one pool, looked up
+// once when the pool is created: a backend closed after its project was
+// removed (and its series deleted) does not bring the series back.
+type serverMetrics struct {
+	open   prometheus.Gauge
+	opened prometheus.Counter
 }
 
-func (m *Metrics) serverClosed(ref string) { m.servers.WithLabelValues(ref).Dec() }
+func (m *Metrics) forServers(ref string) serverMetrics {
+	return serverMetrics{open: m.servers.WithLabelValues(ref), opened: m.serverOpens.WithLabelValues(ref)}
+}
+
+func (sm serverMetrics) serverOpened() {
+	sm.open.Inc()
+	sm.opened.Inc()
+}
+
+func (sm serverMetrics) serverClosed() { sm.open.Dec() }
 
 // projectMetrics caches the per-project children so the hot path does no label lookups.
 type projectMetrics struct {
@@ -113,3 +125,27 @@ func (m *Metrics) replicaLSN(server string, lsn, behind uint64, lagSeconds float
 }
 
 func (m *Metrics) replicaDown(server string) { m.replicaUp.WithLabelValues(server).Set(0) }
+
+// forgetServer deletes the series of a replica server no project uses any more.
+func (m *Metrics) forgetServer(server string) {
+	for _, v := range []*prometheus.GaugeVec{m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp} {
+		v.DeleteLabelValues(server)
+	}
+}
+
+// forgetProject deletes every series of a removed project, so projects that
+// come and go leave no series behind. Children cached before (a session's
+// projectMetrics, a pool's server gauges) are detached by the deletion:
+// updates through them no longer show, and a later project with the same
+// ref starts from fresh series.
+func (m *Metrics) forgetProject(ref string) {
+	l := prometheus.Labels{"project": ref}
+	m.clients.DeletePartialMatch(l)
+	m.servers.DeletePartialMatch(l)
+	m.serverOpens.DeletePartialMatch(l)
+	m.transactions.DeletePartialMatch(l)
+	m.queries.DeletePartialMatch(l)
+	m.poolWait.DeletePartialMatch(l)
+	m.waitTimeouts.DeletePartialMatch(l)
+	m.routes.DeletePartialMatch(l)
+}

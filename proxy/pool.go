@@ -30,6 +30,7 @@ type pool struct {
 	open    atomic.Int32 // backends of this pool that exist
 	size    int32
 	log     *slog.Logger
+	metrics serverMetrics
 }
 
 // hostLimiter is the hard cap of backend connections to one host:port. Its
@@ -88,7 +89,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 			pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
 		ps.hosts[hostKey] = h
 	}
-	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log}
+	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log, metrics: ps.metrics.forServers(ref)}
 	pp, err := puddle.NewPool(&puddle.Config[*backend]{
 		Constructor: pl.construct(ps),
 		Destructor: func(b *backend) {
@@ -96,7 +97,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 			h.sem.Release(1)
 			h.open.Add(-1)
 			pl.open.Add(-1)
-			ps.metrics.serverClosed(ref)
+			pl.metrics.serverClosed()
 		},
 		MaxSize: int32(size),
 	})
@@ -133,7 +134,7 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 		go b.serve() // ends when the backend is closed
 		pl.host.open.Add(1)
 		pl.open.Add(1)
-		ps.metrics.serverOpened(pl.ref)
+		pl.metrics.serverOpened()
 		if pl.params.Load() == nil {
 			params := b.params
 			pl.params.Store(&params)

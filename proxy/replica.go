@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"sort"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -37,10 +38,82 @@ type monitor struct {
 
 	healthy   atomic.Bool
 	lsn       atomic.Uint64 // replay (replica) or current (primary) WAL position
-	lagMicros atomic.Int64  // replica: time since the last replayed transaction while behind
+	lagMicros atomic.Int64  // replica: how long it has lacked WAL its primary had (see lagOf)
 	lagBytes  atomic.Uint64 // replica: WAL received but not replayed
 	checked   atomic.Int64  // unix nanos of the last good check
-	conn      *pgconn.PgConn
+	gone      atomic.Bool   // dropped by retain: no more metrics for it
+
+	// upstream is the primary the replica follows, named by the projects
+	// that read from it (pick); nil until a project did.
+	upstream atomic.Pointer[monitor]
+
+	// Owned by replicaSet.run: written by this monitor's check during a
+	// round, read by run after the round.
+	conn    *pgconn.PgConn
+	history walHistory // primary: its WAL position over time
+	tsLag   float64    // replica: seconds since the last replayed commit (fallback)
+	at      int64      // unix nanos when the last check's answer arrived
+}
+
+// walHistoryLen bounds a primary's position history: at one sample per
+// check (100 ms, or 5 ms when reads wait for a replica) it spans 20 s or
+// more; a replica behind all of it is at least that far behind.
+const walHistoryLen = 4096
+
+// walSample is a primary's WAL position and when the proxy saw it.
+type walSample struct {
+	lsn uint64
+	at  int64 // unix nanos
+}
+
+// walHistory is a ring of a primary's WAL positions, strictly increasing,
+// each with the time it was first seen.
+type walHistory struct {
+	ring      []walSample
+	start, n  int
+	truncated bool // older samples were overwritten
+}
+
+func (h *walHistory) get(i int) walSample { return h.ring[(h.start+i)%len(h.ring)] }
+
+// add records lsn seen at at; a position seen before keeps its first time.
+func (h *walHistory) add(lsn uint64, at int64) {
+	if h.n > 0 && lsn <= h.get(h.n-1).lsn {
+		return
+	}
+	if h.ring == nil {
+		h.ring = make([]walSample, walHistoryLen)
+	}
+	if h.n == len(h.ring) {
+		h.start = (h.start + 1) % len(h.ring)
+		h.n--
+		h.truncated = true
+	}
+	h.ring[(h.start+h.n)%len(h.ring)] = walSample{lsn: lsn, at: at}
+	h.n++
+}
+
+// lagOf is how long, at time at, a replica that replayed up to replay has
+// lacked WAL the primary had: the age of the oldest primary position it has
+// not reached. A replica that lags by 300 ms after an idle hour is 300 ms
+// behind (the age of its last replayed commit would say an hour). The
+// estimate errs low by at most one check interval. When the history does not
+// reach back far enough to say, fallback (the age of the replica's last
+// replayed commit) is the answer if it is larger.
+func (h *walHistory) lagOf(replay uint64, at int64, fallback time.Duration) time.Duration {
+	if h.n == 0 {
+		return fallback
+	}
+	i := sort.Search(h.n, func(i int) bool { return h.get(i).lsn > replay })
+	if i == h.n {
+		return 0 // it has everything the primary had when last seen
+	}
+	lag := time.Duration(max(0, at-h.get(i).at))
+	if i == 0 {
+		// The primary was past replay before the history began.
+		lag = max(lag, fallback)
+	}
+	return lag
 }
 
 // replicaSet keeps the monitors and picks replicas for reads.
@@ -51,6 +124,7 @@ type replicaSet struct {
 
 	mu       sync.Mutex
 	monitors map[string]*monitor // by host:port and role
+	dropped  []*monitor          // retained no more; run closes their connections
 
 	// refresh asks for a check before the next tick: a read waited for a
 	// replica to replay its client's write (read-your-writes on demand).
@@ -74,25 +148,50 @@ func (rs *replicaSet) monitorFor(cfg *pgconn.Config, replica bool) *monitor {
 	return m
 }
 
-// retain drops monitors no project uses any more.
+// retain drops monitors no project uses any more. Their connections are
+// closed by run, which owns them.
 func (rs *replicaSet) retain(used map[*monitor]bool) {
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	for k, m := range rs.monitors {
 		if !used[m] {
-			if m.conn != nil {
-				_ = m.conn.Close(context.Background())
-			}
+			m.gone.Store(true)
+			rs.dropped = append(rs.dropped, m)
 			delete(rs.monitors, k)
 		}
 	}
 }
 
-// run polls every monitor each interval until ctx ends.
+// closeDropped closes the connections of monitors retain dropped and
+// removes their metric series. Only run calls it, between rounds.
+func (rs *replicaSet) closeDropped() {
+	rs.mu.Lock()
+	dropped := rs.dropped
+	rs.dropped = nil
+	rs.mu.Unlock()
+	for _, m := range dropped {
+		m.closeConn()
+		if m.replica {
+			rs.m.forgetServer(m.key)
+		}
+	}
+}
+
+func (m *monitor) closeConn() {
+	if m.conn != nil {
+		_ = m.conn.Close(context.Background())
+		m.conn = nil
+	}
+}
+
+// run polls every monitor each interval until ctx ends. It owns the
+// monitors' connections and histories: a round's checks run in goroutines
+// run waits for.
 func (rs *replicaSet) run(ctx context.Context) {
 	t := time.NewTicker(rs.interval)
 	defer t.Stop()
 	for {
+		rs.closeDropped()
 		rs.mu.Lock()
 		all := make([]*monitor, 0, len(rs.monitors))
 		for _, m := range rs.monitors {
@@ -108,13 +207,13 @@ func (rs *replicaSet) run(ctx context.Context) {
 			}()
 		}
 		wg.Wait()
+		rs.settle(all)
 		select {
 		case <-ctx.Done():
 			for _, m := range all {
-				if m.conn != nil {
-					_ = m.conn.Close(context.Background())
-				}
+				m.closeConn()
 			}
+			rs.closeDropped()
 			return
 		case <-t.C:
 		case <-rs.refresh:
@@ -131,6 +230,8 @@ func (rs *replicaSet) run(ctx context.Context) {
 const refreshGap = 5 * time.Millisecond
 
 const (
+	// The age of the last replayed commit is only a fallback for lag (see
+	// walHistory.lagOf): after an idle period it is the idle time.
 	replicaCheckSQL = "SELECT pg_is_in_recovery(), pg_last_wal_replay_lsn(), COALESCE(EXTRACT(EPOCH FROM now() - pg_last_xact_replay_timestamp()), 0), pg_last_wal_receive_lsn()"
 	primaryCheckSQL = "SELECT pg_is_in_recovery(), pg_current_wal_lsn(), 0, pg_current_wal_lsn()"
 )
@@ -157,33 +258,58 @@ func (rs *replicaSet) check(ctx context.Context, m *monitor) {
 		if err == nil {
 			err = errors.New("unexpected check result")
 		}
-		_ = m.conn.Close(context.Background())
-		m.conn = nil
+		m.closeConn()
 		rs.down(m, err)
 		return
 	}
+	at := time.Now().UnixNano()
 	row := res.Rows[0]
 	inRecovery := string(row[0]) == "t"
 	lsn, err := parseLSN(string(row[1]))
-	if err != nil || inRecovery != m.replica {
-		rs.down(m, fmt.Errorf("server role changed or bad position (recovery=%t): %v", inRecovery, err))
+	if err != nil {
+		rs.down(m, fmt.Errorf("bad WAL position: %w", err))
 		return
 	}
-	var lagSec float64
-	_, _ = fmt.Sscan(string(row[2]), &lagSec)
-	m.lsn.Store(lsn)
-	m.lagMicros.Store(int64(math.Max(0, lagSec) * 1e6))
-	m.checked.Store(time.Now().UnixNano())
-	if !m.healthy.Swap(true) {
-		rs.log.Info("server available for routing", "server", m.key)
+	if inRecovery != m.replica {
+		rs.down(m, fmt.Errorf("server role changed (in recovery: %t)", inRecovery))
+		return
 	}
-	if m.replica {
+	m.at = at
+	if !m.replica {
+		m.history.add(lsn, at)
+	} else {
+		var lagSec float64
+		_, _ = fmt.Sscan(string(row[2]), &lagSec)
+		m.tsLag = math.Max(0, lagSec)
 		behind := uint64(0)
 		if recv, err := parseLSN(string(row[3])); err == nil && recv > lsn {
 			behind = recv - lsn
 		}
 		m.lagBytes.Store(behind)
-		rs.m.replicaLSN(m.key, lsn, behind, lagSec)
+	}
+	m.lsn.Store(lsn)
+	m.checked.Store(at)
+	if !m.healthy.Swap(true) {
+		rs.log.Info("server available for routing", "server", m.key)
+	}
+}
+
+// settle computes the lag of each replica checked in the round against its
+// primary's position history, and publishes it.
+func (rs *replicaSet) settle(all []*monitor) {
+	for _, m := range all {
+		if !m.replica || !m.healthy.Load() {
+			continue
+		}
+		fallback := time.Duration(m.tsLag * float64(time.Second))
+		lag := fallback
+		if up := m.upstream.Load(); up != nil {
+			lag = up.history.lagOf(m.lsn.Load(), m.at, fallback)
+		}
+		m.lagMicros.Store(lag.Microseconds())
+		if !m.gone.Load() {
+			rs.m.replicaLSN(m.key, m.lsn.Load(), m.lagBytes.Load(), lag.Seconds())
+		}
 	}
 }
 
@@ -191,7 +317,7 @@ func (rs *replicaSet) down(m *monitor, err error) {
 	if m.healthy.Swap(false) {
 		rs.log.Warn("server taken out of routing", "server", m.key, "error", err)
 	}
-	if m.replica {
+	if m.replica && !m.gone.Load() {
 		rs.m.replicaDown(m.key)
 	}
 }
@@ -203,7 +329,8 @@ func (rs *replicaSet) markDown(r *replicaTarget) {
 }
 
 // pick returns a replica of the project fit for a read that must see
-// position need (0 = anything), taking turns among the fit ones, or nil.
+// position need (0 = anything), taking turns among the fit ones (any number
+// of them), or nil.
 func (rs *replicaSet) pick(p *project, need uint64) *replicaTarget {
 	if len(p.replicas) == 0 || p.cfg.Consistency == ConsistencyPrimaryOnly {
 		return nil
@@ -215,34 +342,52 @@ func (rs *replicaSet) pick(p *project, need uint64) *replicaTarget {
 	if p.primaryMon != nil && p.primaryMon.healthy.Load() {
 		primaryLSN = p.primaryMon.lsn.Load()
 	}
-	var fit [8]*replicaTarget
 	n := 0
 	for i := range p.replicas {
-		r := &p.replicas[i]
-		m := r.mon
-		if !m.healthy.Load() {
-			continue
+		m := p.replicas[i].mon
+		if p.primaryMon != nil && m.upstream.Load() != p.primaryMon {
+			m.upstream.Store(p.primaryMon) // the primary its lag is measured against
 		}
-		lsn := m.lsn.Load()
-		if lsn < need {
+		if m.healthy.Load() && m.lsn.Load() < need {
 			select { // this read waits for the replica: look again soon
 			case rs.refresh <- struct{}{}:
 			default:
 			}
-			continue
 		}
-		if primaryLSN > lsn && time.Duration(m.lagMicros.Load())*time.Microsecond > p.cfg.MaxReplicaLag {
-			continue
-		}
-		if n < len(fit) {
-			fit[n] = r
+		if replicaFit(m, need, primaryLSN, p.cfg.MaxReplicaLag) {
 			n++
 		}
 	}
 	if n == 0 {
 		return nil
 	}
-	return fit[p.turn.Add(1)%uint64(n)]
+	k := p.turn.Add(1) % uint64(n)
+	var last *replicaTarget
+	for i := range p.replicas {
+		r := &p.replicas[i]
+		if !replicaFit(r.mon, need, primaryLSN, p.cfg.MaxReplicaLag) {
+			continue
+		}
+		if k == 0 {
+			return r
+		}
+		k--
+		last = r
+	}
+	return last // fewer are fit than a moment ago
+}
+
+// replicaFit reports whether a replica may serve a read that must see position
+// need: it is up, has replayed need, and is not further behind than maxLag.
+func replicaFit(m *monitor, need, primaryLSN uint64, maxLag time.Duration) bool {
+	if !m.healthy.Load() {
+		return false
+	}
+	lsn := m.lsn.Load()
+	if lsn < need {
+		return false
+	}
+	return primaryLSN <= lsn || time.Duration(m.lagMicros.Load())*time.Microsecond <= maxLag
 }
 
 // currentLSN asks the primary for its WAL position on an idle backend that

@@ -333,6 +333,7 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 			}
 		} else {
 			s.gates.Delete(ref)
+			s.metrics.forgetProject(ref)
 		}
 		if !ok || old.cfg.DatabaseURL != nw.cfg.DatabaseURL || !slices.Equal(old.cfg.ReplicaURLs, nw.cfg.ReplicaURLs) {
 			s.pools.dropProject(ref, keep)

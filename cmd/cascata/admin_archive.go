@@ -174,7 +174,8 @@ func (ar *planeArchiver) StartImport(ctx context.Context, body io.Reader, as, pa
 			_, ok := ar.cat.Project(ref)
 			return ok, nil
 		},
-		TempDir: ar.importScratchDir(),
+		TempDir:    ar.importScratchDir(),
+		Extensions: ar.prov.Extensions,
 	}
 	st, err := ar.jobs.Start("import", as, func(ctx context.Context, j *jobs.Job) error {
 		defer os.Remove(path)

@@ -233,8 +233,9 @@ func archiveImport(ctx context.Context, args []string, stdout, stderr io.Writer)
 			_, ok := cat.Project(ref)
 			return ok, nil
 		},
-		TempDir: *tempDir,
-		Jobs:    *jobs,
+		TempDir:    *tempDir,
+		Jobs:       *jobs,
+		Extensions: pv.Extensions,
 	}, progressPrinter(stderr))
 	if err != nil {
 		return err

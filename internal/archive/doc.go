@@ -27,6 +27,13 @@
 // the database and moves the storage files into place. Any failure drops
 // what the import created. The caller registers the returned project.
 //
+// Import treats an archive as untrusted even when its passphrase matches
+// (its author chose the passphrase): it refuses roles beyond ordinary
+// project roles, restores the dump logged in as a fresh role that owns only
+// the new database, and creates the extensions itself from an allowlist
+// (restore.go). PostgreSQL programs run through internal/pgtools, with no
+// environment but their own connection's.
+//
 // All functions take a context that bounds every blocking call (database
 // queries, pg_dump/pg_restore processes, file I/O loops) and a progress
 // callback that may be nil. Nothing in the package holds global mutable

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"cascata/internal/config"
+	"cascata/internal/pgtools"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sync/errgroup"
@@ -134,7 +135,7 @@ func Export(ctx context.Context, opts ExportOptions, w io.Writer, progress Progr
 	if err != nil {
 		return nil, fmt.Errorf("export: %w", err)
 	}
-	dumpVersion, err := toolVersion(ctx, pgDump)
+	dumpVersion, err := pgtools.Version(ctx, pgDump)
 	if err != nil {
 		return nil, fmt.Errorf("export: %w", err)
 	}
@@ -199,7 +200,7 @@ func Export(ctx context.Context, opts ExportOptions, w io.Writer, progress Progr
 	if err := conn.QueryRow(ctx, "SELECT pg_export_snapshot()").Scan(&snapshot); err != nil {
 		return nil, fmt.Errorf("export %s: export snapshot: %w", p.Ref, err)
 	}
-	if m.Roles, err = collectRoles(ctx, conn, p.Roles); err != nil {
+	if m.Roles, err = collectRoles(ctx, conn, p.Roles, urlUser(p.DatabaseURL)); err != nil {
 		return nil, fmt.Errorf("export %s: %w", p.Ref, err)
 	}
 	if m.Extensions, err = collectExtensions(ctx, conn); err != nil {
@@ -220,14 +221,14 @@ func Export(ctx context.Context, opts ExportOptions, w io.Writer, progress Progr
 	defer cancel()
 	g, gctx := errgroup.WithContext(wctx)
 	g.Go(func() error {
-		connURL, password, err := libpqTarget(ownerURL, "")
+		target, err := pgtools.ParseTarget(ownerURL, "")
 		if err != nil {
 			return fmt.Errorf("pg_dump: owner URL: %w", err)
 		}
 		progress("dump", 0, 0)
-		err = runTool(gctx, password, pgDump, "--format=directory", "--file="+dumpDir,
+		err = pgtools.Run(gctx, target, pgDump, "--format=directory", "--file="+dumpDir,
 			"--snapshot="+snapshot, "--jobs="+strconv.Itoa(jobs), "--compress=0", "--blobs",
-			"--no-sync", "--no-password", "--dbname="+connURL)
+			"--no-sync", "--no-password")
 		if err != nil {
 			return fmt.Errorf("pg_dump: %w", err)
 		}

@@ -12,12 +12,12 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"syscall"
 	"time"
 
 	"cascata/internal/config"
+	"cascata/internal/projectdb"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -69,6 +69,10 @@ type ImportOptions struct {
 	TempDir string
 	// Jobs is the number of pg_restore workers and checksum connections; 0 means 2.
 	Jobs int
+	// Extensions is the allowlist of extensions provisioning creates for
+	// the restored database ([provision].extensions); empty means pgcrypto
+	// and those of the archive's the target server marks trusted.
+	Extensions []string
 
 	// afterRestore, in tests, runs between pg_restore and the checksums.
 	afterRestore func(ctx context.Context, databaseURL string) error
@@ -258,39 +262,60 @@ func (im *importer) run(ctx context.Context) (*ImportResult, error) {
 	if err := im.preflight(ctx, admin, m); err != nil {
 		return nil, err
 	}
+	// The archive is untrusted: its roles and extensions must pass the
+	// policy before anything is created (restore.go).
+	if err := im.checkRoles(ctx, admin, m, &p); err != nil {
+		return nil, err
+	}
+	toc, err := listTOC(ctx, pgRestore, dbDir)
+	if err != nil {
+		return nil, err
+	}
+	exts, err := im.extensionPolicy(ctx, admin, m, toc)
+	if err != nil {
+		return nil, err
+	}
 
-	// 3. Roles, then the database under a temporary name.
+	// 3. Roles, the project's own owner role, then the database under a
+	// temporary name, owned by that role and restored logged in as it.
 	created, err := im.ensureRoles(ctx, admin, m)
 	if err != nil {
 		return nil, err
 	}
+	owner, ownerPassword, err := im.createOwner(ctx, admin, ref)
+	if err != nil {
+		return nil, err
+	}
+	created = append(created, owner)
 	tmpDB := tempName(database, "caf")
-	if err := im.createDatabase(ctx, admin, tmpDB, m); err != nil {
+	if err := im.createDatabase(ctx, admin, tmpDB, owner, m); err != nil {
 		return nil, err
 	}
-	tmpURL, err := withDatabase(o.OwnerURL, tmpDB)
+	adminTmpURL, err := withDatabase(o.OwnerURL, tmpDB)
 	if err != nil {
 		return nil, err
 	}
+	ownerTmpURL := loginURL(o.OwnerURL, owner, ownerPassword, tmpDB)
 	im.progress("restore", 0, 0)
-	connURL, password, err := libpqTarget(o.OwnerURL, tmpDB)
-	if err != nil {
+	if err := im.restoreAsOwner(ctx, pgRestore, dbDir, ownerTmpURL, toc, exts, adminTmpURL); err != nil {
 		return nil, err
 	}
-	if err := runTool(ctx, password, pgRestore, "--format=directory", "--dbname="+connURL, "--exit-on-error",
-		"--jobs="+strconv.Itoa(o.Jobs), "--no-password", dbDir); err != nil {
+	if err := projectdb.GrantDefaults(ctx, ownerTmpURL, p.Roles); err != nil {
 		return nil, fmt.Errorf("restore: %w", err)
 	}
 	if o.afterRestore != nil {
-		if err := o.afterRestore(ctx, tmpURL); err != nil {
+		if err := o.afterRestore(ctx, adminTmpURL); err != nil {
 			return nil, err
 		}
 	}
 
-	// 4. The restored data must match the checksums taken at export.
-	if err := im.verifyData(ctx, tmpURL, m); err != nil {
+	// 4. The restored data must match the checksums taken at export; they
+	// are computed as the owner role too, never with more rights than the
+	// dump's own functions and casts deserve.
+	if err := im.verifyData(ctx, ownerTmpURL, m, exts); err != nil {
 		return nil, err
 	}
+	p.OwnerURL = loginURL(o.OwnerURL, owner, ownerPassword, database)
 
 	// 5. Commit: move everything into place.
 	im.progress("commit", 0, 0)
@@ -553,8 +578,8 @@ SELECT EXISTS (SELECT FROM pg_auth_members a JOIN pg_roles r ON r.oid = a.roleid
 
 // createDatabase creates the temporary database from template0 with the
 // source's encoding and, when the target knows it, its locale.
-func (im *importer) createDatabase(ctx context.Context, admin *pgx.Conn, name string, m *Manifest) error {
-	base := "CREATE DATABASE " + ident(name) + " TEMPLATE template0"
+func (im *importer) createDatabase(ctx context.Context, admin *pgx.Conn, name, owner string, m *Manifest) error {
+	base := "CREATE DATABASE " + ident(name) + " OWNER " + ident(owner) + " TEMPLATE template0"
 	if m.Postgres.Encoding != "" {
 		base += " ENCODING " + quoteLiteral(m.Postgres.Encoding)
 	}
@@ -590,12 +615,15 @@ func databaseExists(ctx context.Context, admin *pgx.Conn, name string) (bool, er
 }
 
 // verifyData recomputes the checksums in the restored database.
-func (im *importer) verifyData(ctx context.Context, dbURL string, m *Manifest) error {
+func (im *importer) verifyData(ctx context.Context, dbURL string, m *Manifest, exts []Extension) error {
 	conn, err := openSnapshotConn(ctx, dbURL, "")
 	if err != nil {
 		return fmt.Errorf("checksums: %w", err)
 	}
 	defer conn.Close(context.WithoutCancel(ctx))
+	if err := checkExtensions(ctx, conn, exts); err != nil {
+		return err
+	}
 	sums, err := computeChecksums(ctx, conn, dbURL, "", im.opts.Jobs, func(n, total int) {
 		im.progress("checksums", int64(n), int64(total))
 	})
@@ -781,6 +809,9 @@ func (im *importer) project(ref, database, storageDir string, m *Manifest) (conf
 	}
 	if len(unknown) > 0 {
 		im.warn("settings unknown to this cascata were not applied: %s", strings.Join(unknown, ", "))
+	}
+	if raw := string(m.Project.Settings["role_logins"]); raw != "" && raw != "null" && raw != "{}" {
+		im.warn("the archive's role_logins were not applied (their URLs reach the old server and carry no password): configure them again")
 	}
 	p.Ref = ref
 	p.DatabaseURL = loginURL(o.OwnerURL, o.LoginUser, o.LoginPassword, database)

@@ -3,6 +3,7 @@ package archive
 import (
 	"encoding/json"
 	"fmt"
+	"net/url"
 	"reflect"
 	"strings"
 
@@ -26,6 +27,9 @@ var settingsInformative = map[string]bool{
 	"database_url": true,
 	"owner_url":    true,
 	"replica_urls": true,
+	// Per-role login URLs reach the old server, and their passwords are
+	// not in the archive: the operator sets them up again.
+	"role_logins": true,
 }
 
 // projectFields walks the toml-tagged fields of config.Project.
@@ -62,6 +66,12 @@ func settingsOf(p *config.Project) (ProjectSettings, error) {
 				urls = append(urls, config.RedactURL(u))
 			}
 			val = urls
+		case "role_logins":
+			logins := map[string]string{}
+			for role, u := range v.Interface().(map[string]string) {
+				logins[role] = config.RedactURL(u)
+			}
+			val = logins
 		}
 		raw, merr := json.Marshal(val)
 		if merr != nil {
@@ -106,4 +116,13 @@ func projectRoles(s ProjectSettings) ([]string, error) {
 		return nil, fmt.Errorf("%w: setting roles: %v", ErrCorrupt, err)
 	}
 	return roles, nil
+}
+
+// urlUser is the user name of a postgres URL ("" when there is none).
+func urlUser(rawURL string) string {
+	u, err := url.Parse(rawURL)
+	if err != nil || u.User == nil {
+		return ""
+	}
+	return u.User.Username()
 }

@@ -90,6 +90,10 @@ type Admin struct {
 	TokenEnv string `toml:"token_env"`
 	// CORSOrigins lists exact origins allowed to call the plane from a browser. Default none.
 	CORSOrigins []string `toml:"cors_origins"`
+	// EjectAllowedHosts, when not empty, lists the only hosts ("host" or
+	// "host:port") that ejections and archive imports may write to; any
+	// other target is refused (403) before a connection is made. Default none (any host).
+	EjectAllowedHosts []string `toml:"eject_allowed_hosts"`
 }
 
 // State is the [state] table.
@@ -111,6 +115,10 @@ type Provision struct {
 	LoginPassword    string `toml:"login_password"`
 	LoginPasswordEnv string `toml:"login_password_env"`
 	StorageRoot      string `toml:"storage_root"`
+	// Extensions is the allowlist of extensions provisioning creates in an
+	// imported project's database (the dump never creates one itself).
+	// Empty: pgcrypto and the archive's extensions the server marks trusted.
+	Extensions []string `toml:"extensions"`
 }
 
 // Project is one [[projects]] entry: a tenant.
@@ -329,6 +337,16 @@ func (c *Config) validate() Problems {
 	for i, o := range c.Admin.CORSOrigins {
 		if o == "*" || !strings.Contains(o, "://") {
 			add(fmt.Sprintf("admin.cors_origins[%d]", i), "must be an exact origin like https://app.example.com, not %q", o)
+		}
+	}
+	for i, h := range c.Admin.EjectAllowedHosts {
+		if h == "" || strings.ContainsAny(h, "/@ ") {
+			add(fmt.Sprintf("admin.eject_allowed_hosts[%d]", i), "must be a host name or host:port, not %q", h)
+		}
+	}
+	for i, e := range c.Provision.Extensions {
+		if e == "" || len(e) > 63 {
+			add(fmt.Sprintf("provision.extensions[%d]", i), "must be an extension name of 1 to 63 bytes")
 		}
 	}
 	if c.Catalog.URL != "" {

@@ -44,6 +44,10 @@ unknown_key = 1
 
 [admin]
 cors_origins = ["*"]
+eject_allowed_hosts = ["db.example.com", "user@evil"]
+
+[provision]
+extensions = ["pgcrypto", ""]
 
 [[projects]]
 ref = "Bad-Ref"
@@ -71,6 +75,8 @@ jwt_secret = "s"
 		"proxy.pool_mode: must be",
 		"proxy.listen: not host:port",
 		"admin.cors_origins[0]",
+		`admin.eject_allowed_hosts[1]: must be a host name or host:port, not "user@evil"`,
+		"provision.extensions[1]: must be an extension name",
 		`projects[0] (Bad-Ref).ref: must match`,
 		`projects[0] (Bad-Ref).database_url: must start with postgres://`,
 		`projects[0] (Bad-Ref).jwt_secret_env: one of jwt_secret`,

@@ -2,6 +2,8 @@ package projectdb
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net/url"
@@ -272,4 +274,54 @@ func ident(name string) string { return pgx.Identifier{name}.Sanitize() }
 func hasCode(err error, codes ...string) bool {
 	var pe *pgconn.PgError
 	return errors.As(err, &pe) && slices.Contains(codes, pe.Code)
+}
+
+// CreateOwnerRole creates the role that owns one project's database and
+// nothing else: LOGIN with a random password, no superuser, CREATEDB,
+// CREATEROLE or REPLICATION, a member of no role (INHERIT only for the
+// implicit pg_database_owner, which owns schema public; BYPASSRLS when conn is a
+// superuser's, so that it sees every row of its own tables, as an owner
+// does without FORCE ROW LEVEL SECURITY). Restoring an archive logged in as
+// it keeps whatever SQL the archive holds inside that database. Its name is
+// "<ref>_owner_<8 hex digits>".
+func CreateOwnerRole(ctx context.Context, conn *pgx.Conn, ref string) (name, password string, err error) {
+	suffix := "_owner_" + randomHex(4)
+	if len(ref)+len(suffix) > 63 {
+		ref = ref[:63-len(suffix)]
+	}
+	name = ref + suffix
+	password = randomHex(24)
+	var super bool
+	if err := conn.QueryRow(ctx, "SELECT rolsuper FROM pg_roles WHERE rolname = current_user").Scan(&super); err != nil {
+		return "", "", fmt.Errorf("look up the provisioning role: %w", err)
+	}
+	var pw string
+	if err := conn.QueryRow(ctx, "SELECT format('PASSWORD %L', $1::text)", password).Scan(&pw); err != nil {
+		return "", "", fmt.Errorf("owner role: %w", err)
+	}
+	if _, err := conn.Exec(ctx, "SET password_encryption = 'scram-sha-256'"); err != nil {
+		return "", "", fmt.Errorf("owner role: %w", err)
+	}
+	attrs := "LOGIN INHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION"
+	if super {
+		attrs += " BYPASSRLS"
+	}
+	if _, err := conn.Exec(ctx, "CREATE ROLE "+ident(name)+" "+attrs+" "+pw); err != nil {
+		return "", "", fmt.Errorf("create owner role %s: %w", name, err)
+	}
+	return name, password, nil
+}
+
+// GrantDefaults gives the project roles, in the database at ownerDBURL,
+// what Provision gives a new project: USAGE on schema public, and to
+// service_role (when one of them) the default privileges on what the
+// connected role creates in public.
+func GrantDefaults(ctx context.Context, ownerDBURL string, roles []string) error {
+	return grantInDatabase(ctx, ownerDBURL, roles)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
 }

@@ -31,6 +31,11 @@ type pool struct {
 	size    int32
 	log     *slog.Logger
 	metrics serverMetrics
+
+	// The server's settings by lower-case name, with their pg_settings
+	// context, loaded at the first login that needs them (startup.go).
+	settingsMu sync.Mutex
+	settings   atomic.Pointer[map[string]string]
 }
 
 // hostLimiter is the hard cap of backend connections to one host:port. Its

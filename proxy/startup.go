@@ -9,11 +9,13 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strings"
 	"time"
 
 	"cascata/internal/sockio"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -216,9 +218,13 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if err := bw.Flush(); err != nil {
 		return nil, fmt.Errorf("ask for password: %w", err)
 	}
-	rd := newMsgReader(c, 16*1024)
+	rd := newMsgReader(c, maxPasswordMessage)
 	typ, _, err := rd.next()
 	if err != nil {
+		var tooLarge *errMessageTooLarge
+		if errors.As(err, &tooLarge) {
+			return nil, passwordTooLong(rd, tooLarge)
+		}
 		return nil, fmt.Errorf("read password: %w", err)
 	}
 	if typ != 'p' {
@@ -246,6 +252,9 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if proj == nil {
 		return nil, fatalError(CodeInvalidCatalog, "project %q does not exist", ref)
 	}
+	if err := s.checkStartupSettings(ctx, proj, ref, st.params); err != nil {
+		return nil, err
+	}
 	ss := newSession(s, c, rd, proj, ref, id, st.params)
 	if err := s.register(ss); err != nil {
 		return nil, err
@@ -255,6 +264,188 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 		return nil, err
 	}
 	return ss, nil
+}
+
+// maxPasswordMessage bounds the password message: a JWT is refused over
+// 8 KiB anyway (auth.DefaultMaxTokenBytes), so twice that is plenty.
+const maxPasswordMessage = 16 * 1024
+
+// maxPasswordDrain bounds what is read and dropped of a password message
+// that is too long, so that the client reads the error instead of a
+// connection reset (closing a socket with unread data resets it).
+const maxPasswordDrain = 1 << 20
+
+// passwordTooLong is the error for a password message over
+// maxPasswordMessage, after dropping its body when that is not too much.
+func passwordTooLong(rd *msgReader, e *errMessageTooLarge) error {
+	if e.n <= maxPasswordDrain {
+		_, _ = rd.r.Discard(5 + e.n) // the header was only peeked
+	}
+	return &Error{Code: CodeProtocolViolation, Fatal: true, Reason: "bad_token",
+		Message: fmt.Sprintf("password message of %d bytes is too long (at most %d)", e.n, maxPasswordMessage),
+		Hint:    "The password must be a JWT signed for the project.", Err: e}
+}
+
+// checkStartupSettings refuses the login, as PostgreSQL would, when a
+// startup parameter (or an options -c pair) names no setting of the
+// project's server, or one no client can set at connection start. Each
+// unit puts a client's settings in force on a shared backend; a name the
+// server refuses would otherwise fail every statement of the session.
+func (s *Server) checkStartupSettings(ctx context.Context, proj *project, ref string, params map[string]string) error {
+	want := startupSettings(params)
+	if len(want) == 0 {
+		return nil
+	}
+	names := make([]string, 0, len(want))
+	for name := range want {
+		names = append(names, name)
+	}
+	slices.Sort(names) // the same error for the same packet
+	var known map[string]string
+	for _, name := range names {
+		if strings.Contains(name, ".") {
+			// A custom setting: PostgreSQL makes a placeholder for any valid name.
+			if !validCustomSettingName(name) {
+				return &Error{Code: CodeInvalidName, Fatal: true, Reason: "bad_parameter",
+					Message: fmt.Sprintf("invalid configuration parameter name %q", name),
+					Detail:  "Custom parameter names must be two or more simple identifiers separated by dots."}
+			}
+			continue
+		}
+		if known == nil {
+			var err error
+			if known, err = s.serverSettings(ctx, proj, ref); err != nil {
+				return err
+			}
+		}
+		if err := startupSettingAllowed(name, known); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// CodeInvalidName and the others below are PostgreSQL's answers to
+// startup parameters it refuses.
+const (
+	CodeInvalidName           = "42602"
+	CodeUndefinedObject       = "42704"
+	CodeCantChangeRuntimeParm = "55P02"
+)
+
+// hiddenSetting returns the context of a setting pg_settings does not list
+// (GUC_NO_SHOW_ALL) or of an old name PostgreSQL maps to a current one.
+// Settings hidden from the login role because they are superuser-only are
+// not here: PostgreSQL refuses them at a non-superuser's login (42501 or
+// 55P02), cascata as unrecognized (42704).
+func hiddenSetting(name string) (context string, ok bool) {
+	switch name {
+	case "role", "session_authorization", "default_with_oids", "ssl_renegotiation_limit",
+		"sort_mem", "vacuum_mem": // work_mem, maintenance_work_mem
+		return "user", true
+	case "is_superuser":
+		return "internal", true
+	}
+	return "", false
+}
+
+// startupSettingAllowed mirrors what PostgreSQL does with a startup
+// setting of a non-superuser, given the server's settings and contexts.
+func startupSettingAllowed(name string, known map[string]string) error {
+	sctx, ok := known[name]
+	if !ok {
+		sctx, ok = hiddenSetting(name)
+	}
+	refuse := func(code, format string) error {
+		return &Error{Code: code, Fatal: true, Reason: "bad_parameter", Message: fmt.Sprintf(format, name)}
+	}
+	switch {
+	case !ok:
+		return refuse(CodeUndefinedObject, "unrecognized configuration parameter %q")
+	case sctx == "internal":
+		return refuse(CodeCantChangeRuntimeParm, "parameter %q cannot be changed")
+	case sctx == "postmaster":
+		return refuse(CodeCantChangeRuntimeParm, "parameter %q cannot be changed without restarting the server")
+	case sctx == "sighup":
+		return refuse(CodeCantChangeRuntimeParm, "parameter %q cannot be changed now")
+	case sctx == "superuser-backend":
+		return refuse(CodeInsufficientPrivs, "permission denied to set parameter %q")
+	case sctx == "backend":
+		// PostgreSQL takes it at connection start only; cascata's server
+		// connections are shared and opened before the client came.
+		e := refuse(CodeFeatureNotSupported, "parameter %q can only be set when a server connection starts, and cascata shares server connections").(*Error)
+		e.Hint = "Set it in the project's database_url instead."
+		return e
+	}
+	return nil
+}
+
+// validCustomSettingName is PostgreSQL's valid_custom_variable_name: two or
+// more simple identifiers separated by dots.
+func validCustomSettingName(name string) bool {
+	sawSep, nameStart := false, true
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case c == '.':
+			if nameStart {
+				return false
+			}
+			sawSep, nameStart = true, true
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c == '_', c >= 0x80:
+			nameStart = false
+		case !nameStart && (c >= '0' && c <= '9' || c == '$'):
+		default:
+			return false
+		}
+	}
+	return !nameStart && sawSep
+}
+
+// serverSettings returns the settings of the project's primary that the
+// login role sees in pg_settings (lower-case name to context), loaded
+// once per pool over a connection of its own.
+func (s *Server) serverSettings(ctx context.Context, proj *project, ref string) (map[string]string, error) {
+	pl, err := s.pools.get(ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+	if err != nil {
+		return nil, err
+	}
+	if m := pl.settings.Load(); m != nil {
+		return *m, nil
+	}
+	pl.settingsMu.Lock()
+	defer pl.settingsMu.Unlock()
+	if m := pl.settings.Load(); m != nil {
+		return *m, nil
+	}
+	m, err := loadSettings(ctx, proj.primary)
+	if err != nil {
+		return nil, &Error{Code: CodeConnectionFailure, Fatal: true, Message: "could not connect to the project's database", Err: err}
+	}
+	pl.settings.Store(&m)
+	return m, nil
+}
+
+func loadSettings(ctx context.Context, cfg *pgconn.Config) (map[string]string, error) {
+	c, err := pgconn.ConnectConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connect to read pg_settings: %w", err)
+	}
+	defer func() { _ = c.Close(context.Background()) }()
+	res := c.ExecParams(ctx, "SELECT lower(name), context FROM pg_catalog.pg_settings", nil, nil, nil, nil).Read()
+	if res.Err != nil {
+		return nil, fmt.Errorf("read pg_settings: %w", res.Err)
+	}
+	m := make(map[string]string, len(res.Rows))
+	for _, row := range res.Rows {
+		if len(row) == 2 {
+			m[string(row[0])] = string(row[1])
+		}
+	}
+	if len(m) == 0 {
+		return nil, errors.New("pg_settings is empty")
+	}
+	return m, nil
 }
 
 func isLoopback(a net.Addr) bool {

@@ -44,14 +44,12 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"cascata/internal/config"
+	"cascata/internal/pgtools"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -336,7 +334,7 @@ func (x *run) checks(ctx context.Context) error {
 		return fmt.Errorf("the target server (%d) is older than the source (%d)", tv, sv)
 	}
 	var objs []string
-	if err := queryStrings(ctx, x.tgt, &objs, userRelationsSQL+" LIMIT 5"); err != nil {
+	if err := pgtools.QueryStrings(ctx, x.tgt, &objs, userRelationsSQL+" LIMIT 5"); err != nil {
 		return fmt.Errorf("target: list relations: %w", err)
 	}
 	if len(objs) > 0 {
@@ -349,7 +347,7 @@ func (x *run) checks(ctx context.Context) error {
 	}
 	if x.req.Method == Logical {
 		var bad []string
-		if err := queryStrings(ctx, x.src, &bad, noReplicaIdentitySQL); err != nil {
+		if err := pgtools.QueryStrings(ctx, x.src, &bad, noReplicaIdentitySQL); err != nil {
 			return fmt.Errorf("source: replica identities: %w", err)
 		}
 		if len(bad) > 0 {
@@ -648,7 +646,7 @@ func readSequence(ctx context.Context, c *pgx.Conn, seq string) (sequenceValue, 
 // copySequences sets every sequence of the target to the source's value.
 func (x *run) copySequences(ctx context.Context) error {
 	var seqs []string
-	if err := queryStrings(ctx, x.src, &seqs, sequencesSQL); err != nil {
+	if err := pgtools.QueryStrings(ctx, x.src, &seqs, sequencesSQL); err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
 	for _, s := range seqs {
@@ -667,10 +665,10 @@ func (x *run) copySequences(ctx context.Context) error {
 // verify compares per-table row counts and sequence values.
 func (x *run) verify(ctx context.Context) error {
 	var tables, seqs []string
-	if err := queryStrings(ctx, x.src, &tables, tablesSQL); err != nil {
+	if err := pgtools.QueryStrings(ctx, x.src, &tables, tablesSQL); err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
-	if err := queryStrings(ctx, x.src, &seqs, sequencesSQL); err != nil {
+	if err := pgtools.QueryStrings(ctx, x.src, &seqs, sequencesSQL); err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
 	var srcCounts, tgtCounts []int64
@@ -817,15 +815,21 @@ func (x *run) dumpRestore(ctx context.Context, schemaOnly bool) error {
 	if err != nil {
 		return err
 	}
-	dumpArgs := []string{"--format=custom", "--no-publications", "--no-subscriptions", "--dbname=" + libpqURL(x.req.Project.OwnerURL, false)}
+	src, err := pgtools.ParseTarget(x.req.Project.OwnerURL, "")
+	if err != nil {
+		return fmt.Errorf("source owner URL: %w", err)
+	}
+	tgt, err := pgtools.ParseTarget(x.req.TargetOwnerURL, "")
+	if err != nil {
+		return fmt.Errorf("target owner URL: %w", err)
+	}
+	dumpArgs := []string{"--format=custom", "--no-publications", "--no-subscriptions", "--no-password"}
 	if schemaOnly {
 		dumpArgs = append(dumpArgs, "--schema-only")
 	}
-	dump := exec.CommandContext(ctx, dumpBin, dumpArgs...)
-	dump.Env = pgEnv(x.req.Project.OwnerURL)
-	restore := exec.CommandContext(ctx, restoreBin, "--no-owner", "--exit-on-error", "--single-transaction", "--dbname="+libpqURL(x.req.TargetOwnerURL, false))
-	restore.Env = pgEnv(x.req.TargetOwnerURL)
-	var dumpErr, restoreErr tailBuffer
+	dump := pgtools.Command(ctx, src, dumpBin, dumpArgs...)
+	restore := pgtools.Command(ctx, tgt, restoreBin, "--no-owner", "--exit-on-error", "--single-transaction", "--no-password")
+	var dumpErr, restoreErr pgtools.TailBuffer
 	dump.Stderr, restore.Stderr = &dumpErr, &restoreErr
 	// The parent keeps no end of the pipe: when one side dies, the other
 	// sees EOF or EPIPE instead of blocking.
@@ -868,18 +872,7 @@ func (x *run) dumpRestore(ctx context.Context, schemaOnly bool) error {
 }
 
 func (x *run) bin(name string) (string, error) {
-	if dir := x.e.opts.BinDir; dir != "" {
-		p := filepath.Join(dir, name)
-		if _, err := os.Stat(p); err != nil {
-			return "", fmt.Errorf("%s not found in %s: %w", name, dir, err)
-		}
-		return p, nil
-	}
-	p, err := exec.LookPath(name)
-	if err != nil {
-		return "", fmt.Errorf("%s not found (install the PostgreSQL client programs): %w", name, err)
-	}
-	return p, nil
+	return pgtools.Find(x.e.opts.BinDir, "", name)
 }
 
 // pgxOnlyParams are query parameters pgx understands and libpq refuses.
@@ -906,23 +899,6 @@ func libpqURL(s string, keepPassword bool) string {
 	return u.String()
 }
 
-// pgEnv is the environment of a child program connecting with connURL:
-// only what libpq and the C library use (no admin token or JWT secrets),
-// and the URL's password in PGPASSWORD rather than on the command line.
-func pgEnv(connURL string) []string {
-	env := slices.DeleteFunc(os.Environ(), func(kv string) bool {
-		k, _, _ := strings.Cut(kv, "=")
-		keep := k == "PATH" || k == "HOME" || k == "LANG" || k == "TZ" || strings.HasPrefix(k, "LC_") || strings.HasPrefix(k, "PG")
-		return !keep || k == "PGPASSWORD"
-	})
-	if u, err := url.Parse(connURL); err == nil && u.User != nil {
-		if pw, ok := u.User.Password(); ok {
-			env = append(env, "PGPASSWORD="+pw)
-		}
-	}
-	return env
-}
-
 // redact removes a URL's password from an error message.
 func redact(err error, connURL string) error {
 	u, perr := url.Parse(connURL)
@@ -934,28 +910,6 @@ func redact(err error, connURL string) error {
 		return err
 	}
 	return errors.New(strings.ReplaceAll(err.Error(), pw, "xxxxx"))
-}
-
-// tailBuffer keeps the last 4 KiB written to it (a child's stderr).
-type tailBuffer struct {
-	mu  sync.Mutex
-	buf []byte
-}
-
-func (b *tailBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.buf = append(b.buf, p...)
-	if n := len(b.buf) - 4096; n > 0 {
-		b.buf = b.buf[n:]
-	}
-	return len(p), nil
-}
-
-func (b *tailBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return strings.TrimSpace(string(b.buf))
 }
 
 const userSchemas = `n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp%'
@@ -978,19 +932,6 @@ const noReplicaIdentitySQL = `SELECT format('%I.%I', n.nspname, c.relname) FROM 
 	WHERE c.relkind = 'r' AND ` + userSchemas + `
 	AND (c.relreplident = 'n' OR (c.relreplident = 'd' AND NOT EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)))
 	ORDER BY 1`
-
-func queryStrings(ctx context.Context, c *pgx.Conn, out *[]string, sql string, args ...any) error {
-	rows, err := c.Query(ctx, sql, args...)
-	if err != nil {
-		return err
-	}
-	vals, err := pgx.CollectRows(rows, pgx.RowTo[string])
-	if err != nil {
-		return err
-	}
-	*out = vals
-	return nil
-}
 
 func ident(name string) string { return pgx.Identifier{name}.Sanitize() }
 

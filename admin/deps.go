@@ -121,11 +121,16 @@ var (
 	ErrConflict = errors.New("conflict")
 	// ErrNotFound makes a 404.
 	ErrNotFound = errors.New("not found")
+	// ErrForbidden makes a 403: the request is understood and refused by
+	// policy (an ejection or import target outside [admin].eject_allowed_hosts).
+	ErrForbidden = errors.New("forbidden")
 )
 
 // statusOf maps an error to its HTTP status.
 func statusOf(err error) int {
 	switch {
+	case errors.Is(err, ErrForbidden):
+		return http.StatusForbidden
 	case errors.Is(err, ErrNotFound), errors.Is(err, catalog.ErrNotFound), errors.Is(err, jobs.ErrNotFound):
 		return http.StatusNotFound
 	case errors.Is(err, ErrConflict), errors.Is(err, catalog.ErrExists), errors.Is(err, catalog.ErrConflict),

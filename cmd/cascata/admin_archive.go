@@ -32,13 +32,16 @@ type planeArchiver struct {
 	log      *slog.Logger
 	prov     config.Provision
 	stateDir string
+	// allowedHosts is [admin].eject_allowed_hosts: imports to other hosts are refused.
+	allowedHosts []string
 }
 
 // newArchiver builds the archiver of the plane and removes the uploads and
 // export scratch space a previous process left in [state].dir (their jobs
 // were marked failed when the job runner opened).
 func newArchiver(p *adminPlane) *planeArchiver {
-	ar := &planeArchiver{cat: p.cat, jobs: p.jobs, log: p.a.log, prov: p.a.cfg.Provision, stateDir: p.a.cfg.State.Dir}
+	ar := &planeArchiver{cat: p.cat, jobs: p.jobs, log: p.a.log, prov: p.a.cfg.Provision, stateDir: p.a.cfg.State.Dir,
+		allowedHosts: p.a.cfg.Admin.EjectAllowedHosts}
 	for _, left := range []struct{ dir, prefix string }{{ar.uploadDir(), "import-"}, {ar.scratchDir(), "caf-export-"}} {
 		entries, _ := os.ReadDir(left.dir)
 		for _, e := range entries {
@@ -153,6 +156,9 @@ func (ar *planeArchiver) StartImport(ctx context.Context, body io.Reader, as, pa
 	loginPassword := ar.loginPassword()
 	if loginPassword == "" {
 		return jobs.Status{}, fmt.Errorf("%w: archive import is not configured: set [provision].login_password_env (or login_password), the password of %s in the imported project's database_url", admin.ErrConflict, ar.prov.LoginUser)
+	}
+	if err := targetAllowed(ar.allowedHosts, "[provision].owner_url (the import's target)", ar.prov.OwnerURL); err != nil {
+		return jobs.Status{}, err
 	}
 	if err := os.MkdirAll(ar.uploadDir(), 0o700); err != nil {
 		return jobs.Status{}, fmt.Errorf("upload dir: %w", err)

@@ -3,9 +3,13 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
 	"time"
 
 	"cascata/admin"
@@ -121,6 +125,18 @@ func (p *adminPlane) handler() (http.Handler, error) {
 // StartEject starts an ejection job; the job reads the project's version
 // current when it starts.
 func (p *adminPlane) StartEject(pr config.Project, req admin.EjectRequest) (jobs.Status, error) {
+	allowed := p.a.cfg.Admin.EjectAllowedHosts
+	if err := targetAllowed(allowed, "target_url", req.TargetURL); err != nil {
+		return jobs.Status{}, err
+	}
+	if err := targetAllowed(allowed, "target_owner_url", req.TargetOwnerURL); err != nil {
+		return jobs.Status{}, err
+	}
+	for i, u := range req.ReplicaURLs {
+		if err := targetAllowed(allowed, fmt.Sprintf("replica_urls[%d]", i), u); err != nil {
+			return jobs.Status{}, err
+		}
+	}
 	er := eject.Request{Project: pr, TargetURL: req.TargetURL, TargetOwnerURL: req.TargetOwnerURL, ReplicaURLs: req.ReplicaURLs, Method: eject.Method(req.Method)}
 	if err := er.Validate(); err != nil {
 		return jobs.Status{}, err
@@ -184,4 +200,39 @@ func (p pinger) Ping(ctx context.Context, databaseURL string) error {
 	}
 	defer c.Close(context.WithoutCancel(ctx))
 	return c.Exec(ctx, "SELECT 1").Close()
+}
+
+// targetAllowed refuses (admin.ErrForbidden) a connection URL with a host
+// outside allowed ([admin].eject_allowed_hosts: "host" allows any port,
+// "host:port" that port only), every host of a multi-host URL included. An
+// empty list allows any host. It parses the URL and connects to nothing.
+func targetAllowed(allowed []string, what, rawURL string) error {
+	if len(allowed) == 0 || rawURL == "" {
+		return nil
+	}
+	cfg, err := pgconn.ParseConfig(rawURL)
+	if err != nil {
+		return fmt.Errorf("%w: %s is not a valid connection string", admin.ErrBadRequest, what)
+	}
+	type hostPort struct {
+		host string
+		port uint16
+	}
+	hosts := []hostPort{{cfg.Host, cfg.Port}}
+	for _, fb := range cfg.Fallbacks {
+		hosts = append(hosts, hostPort{fb.Host, fb.Port})
+	}
+	for _, h := range hosts {
+		port := strconv.Itoa(int(h.port))
+		ok := slices.ContainsFunc(allowed, func(a string) bool {
+			if ah, ap, err := net.SplitHostPort(a); err == nil {
+				return strings.EqualFold(ah, h.host) && ap == port
+			}
+			return strings.EqualFold(strings.Trim(a, "[]"), h.host)
+		})
+		if !ok {
+			return fmt.Errorf("%w: %s: host %s is not in [admin].eject_allowed_hosts", admin.ErrForbidden, what, net.JoinHostPort(h.host, port))
+		}
+	}
+	return nil
 }

@@ -209,6 +209,9 @@ func archiveImport(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if pv.OwnerURL == "" {
 		return errors.New("[provision].owner_url is required to create the project's database")
 	}
+	if err := targetAllowed(cfg.Admin.EjectAllowedHosts, "[provision].owner_url (the import's target)", pv.OwnerURL); err != nil {
+		return err
+	}
 	loginPassword := pv.LoginPassword
 	if pv.LoginPasswordEnv != "" && os.Getenv(pv.LoginPasswordEnv) != "" {
 		loginPassword = os.Getenv(pv.LoginPasswordEnv)

@@ -1,0 +1,136 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+
+	"cascata/admin"
+	"cascata/internal/pgtest"
+)
+
+// TestEjectAllowedHosts: with [admin].eject_allowed_hosts set, an ejection
+// or an import whose target is another host is refused with 403 before any
+// connection is made to it.
+func TestEjectAllowedHosts(t *testing.T) {
+	// The forbidden target: a listener that counts connections.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var dials atomic.Int64
+	acceptDone := make(chan struct{})
+	go func() {
+		defer close(acceptDone)
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			dials.Add(1)
+			_ = c.Close()
+		}
+	}()
+	t.Cleanup(func() {
+		_ = ln.Close()
+		<-acceptDone
+	})
+	forbidden := ln.Addr().String()
+	closed := fmt.Sprintf("127.0.0.1:%d", pgtest.FreePort(t)) // the project's own (absent) server
+
+	t.Setenv("CASCATA_TEST_ADMIN_TOKEN", appAdminToken)
+	t.Setenv("CASCATA_TEST_LOGIN_PW", appLoginPassword)
+	dir := t.TempDir()
+	cfgPath := filepath.Join(dir, "cascata.toml")
+	text := fmt.Sprintf(`
+[proxy]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+
+[admin]
+listen = "127.0.0.1:0"
+token_env = "CASCATA_TEST_ADMIN_TOKEN"
+eject_allowed_hosts = ["db.internal.example", "127.0.0.1:1"]
+
+[state]
+dir = %q
+
+[provision]
+owner_url = "postgres://postgres@%s/postgres"
+login_password_env = "CASCATA_TEST_LOGIN_PW"
+storage_root = %q
+
+[[projects]]
+ref = "p"
+database_url = "postgres://authenticator:pw@%s/p"
+owner_url = "postgres://postgres@%s/p"
+jwt_secret = %q
+`, filepath.Join(dir, "state"), forbidden, filepath.Join(dir, "storage"), closed, closed, appSecret)
+	if err := os.WriteFile(cfgPath, []byte(text), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	r := startApp(t, cfgPath)
+
+	target := "postgres://authenticator:pw@" + forbidden + "/p"
+	owner := "postgres://postgres@" + forbidden + "/p"
+	allowedURL := "postgres://authenticator:pw@db.internal.example:5432/p"
+	for name, req := range map[string]admin.EjectRequest{
+		"target":         {TargetURL: target, TargetOwnerURL: owner, Method: "dump"},
+		"owner only":     {TargetURL: allowedURL, TargetOwnerURL: owner, Method: "dump"},
+		"replica":        {TargetURL: allowedURL, TargetOwnerURL: "postgres://postgres@db.internal.example/p", ReplicaURLs: []string{target}, Method: "logical"},
+		"multi-host":     {TargetURL: "postgres://a:pw@db.internal.example:5432," + forbidden + "/p", TargetOwnerURL: "postgres://postgres@db.internal.example/p"},
+		"allowed port 1": {TargetURL: "postgres://a:pw@127.0.0.1:2/p", TargetOwnerURL: "postgres://postgres@127.0.0.1:1/p"},
+	} {
+		var e struct{ Error string }
+		r.admin(t, "POST", "/v1/projects/p/eject", req, http.StatusForbidden, &e)
+		if !strings.Contains(e.Error, "eject_allowed_hosts") {
+			t.Errorf("%s: error %q", name, e.Error)
+		}
+	}
+	code, body := r.do(t, "POST", "/v1/archives/import", map[string]string{"X-Cascata-Passphrase": "x"}, []byte("not read"))
+	if code != http.StatusForbidden || !strings.Contains(string(body), "[provision].owner_url") {
+		t.Errorf("import: %d %s, want 403", code, body)
+	}
+	if n := dials.Load(); n != 0 {
+		t.Errorf("%d connections reached the forbidden host", n)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(dir, "state", "uploads")); len(entries) != 0 {
+		t.Errorf("a refused import left uploads: %v", entries)
+	}
+
+	// The CLI import obeys the same list.
+	t.Setenv("CASCATA_ARCHIVE_PASSPHRASE", "x")
+	err = cmdArchive([]string{"import", "-config", cfgPath, filepath.Join(dir, "none.caf")}, os.Stdout, os.Stderr)
+	if !errors.Is(err, admin.ErrForbidden) {
+		t.Errorf("cli import: %v, want it refused", err)
+	}
+}
+
+func TestTargetAllowed(t *testing.T) {
+	allowed := []string{"DB.example.com", "10.0.0.5:6543", "[::1]:5432", "::2"}
+	for url, ok := range map[string]bool{
+		"postgres://u@db.example.com/x":                      true,
+		"postgres://u@db.EXAMPLE.com:7000/x":                 true,
+		"postgres://u@10.0.0.5:6543/x":                       true,
+		"postgres://u@10.0.0.5:5432/x":                       false,
+		"postgres://u@[::1]:5432/x":                          true,
+		"postgres://u@[::2]:1/x":                             true,
+		"postgres://u@evil.example.com/x":                    false,
+		"postgres://u@db.example.com,evil.example.com/x":     false,
+		"postgres://u@db.example.com/x?host=evil.example.com": false,
+	} {
+		err := targetAllowed(allowed, "target_url", url)
+		if (err == nil) != ok {
+			t.Errorf("%s: %v, want allowed=%v", url, err, ok)
+		}
+	}
+	if err := targetAllowed(nil, "target_url", "postgres://u@anywhere/x"); err != nil {
+		t.Errorf("empty list: %v", err)
+	}
+}

@@ -4,6 +4,8 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -191,23 +193,40 @@ func TestPauseResume(t *testing.T) {
 	if _, err := tx.Exec(ctx, "BEGIN; INSERT INTO items (body) VALUES ('in flight')"); err != nil {
 		t.Fatal(err)
 	}
-	paused := make(chan admin.PauseResult, 1)
+	type pauseAnswer struct {
+		res admin.PauseResult
+		err error
+	}
+	paused := make(chan pauseAnswer, 1)
 	go func() {
-		var res admin.PauseResult
-		p.call("POST", "/v1/projects/adm_a/pause", nil, http.StatusOK, &res)
-		paused <- res
+		var a pauseAnswer
+		a.err = p.post("/v1/projects/adm_a/pause", http.StatusOK, &a.res)
+		paused <- a
 	}()
-	time.Sleep(200 * time.Millisecond)
+	// The project shows paused at once; the pause then waits for the
+	// running transaction, so it cannot have answered yet.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var view admin.ProjectView
+		p.call("GET", "/v1/projects/adm_a", nil, http.StatusOK, &view)
+		if view.Paused {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the project did not show paused within 10s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	select {
-	case res := <-paused:
-		t.Fatalf("pause returned while a transaction ran: %+v", res)
+	case a := <-paused:
+		t.Fatalf("pause returned while a transaction ran: %+v %v", a.res, a.err)
 	default:
 	}
 	if _, err := tx.Exec(ctx, "COMMIT"); err != nil {
 		t.Fatalf("running transaction could not finish: %v", err)
 	}
-	if res := <-paused; !res.Paused || !res.Drained {
-		t.Fatalf("pause: %+v", res)
+	if a := <-paused; a.err != nil || !a.res.Paused || !a.res.Drained {
+		t.Fatalf("pause: %+v %v", a.res, a.err)
 	}
 	p.call("POST", "/v1/projects/adm_a/pause", nil, http.StatusConflict, nil)
 	p.call("POST", "/v1/projects/nope/pause", nil, http.StatusNotFound, nil)
@@ -233,6 +252,7 @@ func TestPauseResume(t *testing.T) {
 	if d := time.Since(bStart); d > 2*time.Second {
 		t.Errorf("another project's 20 statements took %s while adm_a was paused", d)
 	}
+	// Nothing signals a statement held at the gate: watch for 300 ms that it does not run.
 	time.Sleep(300 * time.Millisecond)
 	select {
 	case err := <-waited:
@@ -252,6 +272,34 @@ func TestPauseResume(t *testing.T) {
 	}
 	p.call("POST", "/v1/projects/adm_a/resume", nil, http.StatusConflict, nil)
 	p.call("POST", "/v1/projects/nope/resume", nil, http.StatusNotFound, nil)
+}
+
+// post sends an authorized POST and decodes the answer into out. It
+// reports instead of failing the test, so any goroutine may call it.
+func (p *plane) post(path string, want int, out any) error {
+	ctx, cancel := context.WithTimeout(p.t.Context(), 30*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, "POST", p.http.URL+path, nil)
+	if err != nil {
+		return fmt.Errorf("POST %s: %w", path, err)
+	}
+	req.Header.Set("Authorization", "Bearer "+adminToken)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("POST %s: %w", path, err)
+	}
+	defer resp.Body.Close()
+	data, err := io.ReadAll(resp.Body)
+	if err != nil {
+		return fmt.Errorf("POST %s: read the answer: %w", path, err)
+	}
+	if resp.StatusCode != want {
+		return fmt.Errorf("POST %s: status %d, want %d: %s", path, resp.StatusCode, want, data)
+	}
+	if err := json.Unmarshal(data, out); err != nil {
+		return fmt.Errorf("POST %s: decode %q: %w", path, data, err)
+	}
+	return nil
 }
 
 func TestEjectAndJobRoutes(t *testing.T) {

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"cascata/proxy"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // TestBackendTLS: with sslmode=verify-full in database_url the proxy's
@@ -62,7 +64,18 @@ func TestBackendTLS(t *testing.T) {
 			_, _ = super.Exec(context.Background(), q)
 		}
 	})
-	time.Sleep(300 * time.Millisecond) // the reload is asynchronous
+	// The reload is asynchronous: wait until the server takes TLS.
+	waitFor(t, "the primary to accept TLS connections", 10*time.Second, func() bool {
+		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		u := cluster.Primary.SuperuserURL("postgres")
+		c, err := pgconn.Connect(cctx, u[:len(u)-len("sslmode=disable")]+"sslmode=require")
+		if err != nil {
+			return false
+		}
+		_ = c.Close(cctx)
+		return true
+	})
 
 	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p1"}})
 	u := cluster.Primary.URL("authenticator", loginPassword, "p1")

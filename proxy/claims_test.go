@@ -33,11 +33,12 @@ func TestSignedClaims(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 40)
 	for i := range 40 {
+		sub := fmt.Sprintf("note-user-%d", i)
+		tok := token(t, "p1", "authenticated", sub, nil)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sub := fmt.Sprintf("note-user-%d", i)
-			c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", sub, nil))
+			c, err := h.tryConnect("p1", "authenticated", tok)
 			if err != nil {
 				errs <- err
 				return

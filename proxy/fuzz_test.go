@@ -37,6 +37,13 @@ func FuzzReadStartup(f *testing.F) {
 	if err != nil {
 		f.Fatal(err)
 	}
+	f.Cleanup(func() { // stops the server's reaper and replica monitor goroutines
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			f.Error(err)
+		}
+	})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		_, st, err := srv.readStartup(&bytesConn{r: bytes.NewReader(data)}, nil)
 		if err == nil && st != nil && st.user == "" {

@@ -36,12 +36,13 @@ func TestManyUsersShareTwoBackends(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 50)
 	for i := range 50 {
+		role := roles[i%len(roles)]
+		sub := fmt.Sprintf("user-%d", i)
+		tok := token(t, "p2", role, sub, nil)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			role := roles[i%len(roles)]
-			sub := fmt.Sprintf("user-%d", i)
-			c, err := h.tryConnect("p2", role, token(t, "p2", role, sub, nil))
+			c, err := h.tryConnect("p2", role, tok)
 			if err != nil {
 				errs <- err
 				return

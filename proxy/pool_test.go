@@ -65,11 +65,12 @@ func TestPoolManyClientsBoundedBackends(t *testing.T) {
 	var cwg sync.WaitGroup
 	connErrs := make(chan error, clients)
 	for i := range clients {
+		ref := testProjects[i%projCount]
+		tok := token(t, ref, "authenticated", fmt.Sprintf("u%d", i), nil)
 		cwg.Add(1)
 		go func() {
 			defer cwg.Done()
-			ref := testProjects[i%projCount]
-			c, err := h.tryConnect(ref, "authenticated", token(t, ref, "authenticated", fmt.Sprintf("u%d", i), nil))
+			c, err := h.tryConnect(ref, "authenticated", tok)
 			if err != nil {
 				connErrs <- fmt.Errorf("client %d: connect: %w", i, err)
 				return

@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -13,13 +14,21 @@ import (
 // connectMode connects with a given pgx query exec mode (no simple-protocol override).
 func (h *harness) connectMode(ref, role, sub, mode string) *pgx.Conn {
 	h.t.Helper()
-	u := strings.Replace(h.url(ref, role, token(h.t, ref, role, sub, nil)), "default_query_exec_mode=simple_protocol", "default_query_exec_mode="+mode, 1)
-	c, err := pgx.Connect(context.Background(), u)
+	c, err := h.tryConnectMode(ref, role, token(h.t, ref, role, sub, nil), mode)
 	if err != nil {
 		h.t.Fatalf("connect (%s): %v", mode, err)
 	}
 	h.t.Cleanup(func() { c.Close(context.Background()) })
 	return c
+}
+
+// tryConnectMode is connectMode with a token minted beforehand, for
+// goroutines other than the test's: it fails nothing, the caller closes c.
+func (h *harness) tryConnectMode(ref, role, tok, mode string) (*pgx.Conn, error) {
+	u := strings.Replace(h.url(ref, role, tok), "default_query_exec_mode=simple_protocol", "default_query_exec_mode="+mode, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return pgx.Connect(ctx, u)
 }
 
 // TestPreparedStatementsEveryExecMode: every pgx exec mode works in
@@ -31,12 +40,18 @@ func TestPreparedStatementsEveryExecMode(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 100)
 	for i := range 20 {
+		mode := modes[i%len(modes)]
+		sub := fmt.Sprintf("u%d", i)
+		tok := token(t, "p1", "authenticated", sub, nil)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			mode := modes[i%len(modes)]
-			sub := fmt.Sprintf("u%d", i)
-			c := h.connectMode("p1", "authenticated", sub, mode)
+			c, err := h.tryConnectMode("p1", "authenticated", tok, mode)
+			if err != nil {
+				errs <- fmt.Errorf("%s: connect: %w", mode, err)
+				return
+			}
+			defer c.Close(ctx)
 			for j := range 30 {
 				var got int
 				var who string

@@ -48,12 +48,13 @@ func TestRLSHundredUsersThreeBackends(t *testing.T) {
 	)
 	failf := func(format string, args ...any) { errs <- fmt.Errorf(format, args...) }
 	for i := range users {
+		sub := fmt.Sprintf("rls-user-%03d", i)
+		tok := token(t, "p1", "authenticated", sub, nil)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			sub := fmt.Sprintf("rls-user-%03d", i)
 			mode := modes[i%len(modes)]
-			u := strings.Replace(h.url("p1", "authenticated", token(t, "p1", "authenticated", sub, nil)),
+			u := strings.Replace(h.url("p1", "authenticated", tok),
 				"default_query_exec_mode=simple_protocol", "default_query_exec_mode="+mode, 1)
 			cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 			defer cancel()

@@ -219,11 +219,17 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 	var reads, onRep, onPrim atomic.Int64
 	errs := make(chan error, 20)
 	for i := range 20 {
+		mode := []string{"simple_protocol", "exec", "describe_exec", "cache_statement", "cache_describe"}[i%5]
+		tok := token(t, "p1", "anon", fmt.Sprintf("load-%d", i), nil)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			mode := []string{"simple_protocol", "exec", "describe_exec", "cache_statement", "cache_describe"}[i%5]
-			c := h.connectMode("p1", "anon", fmt.Sprintf("load-%d", i), mode)
+			c, err := h.tryConnectMode("p1", "anon", tok, mode)
+			if err != nil {
+				errs <- fmt.Errorf("client %d (%s): connect: %w", i, mode, err)
+				return
+			}
+			defer c.Close(ctx)
 			for {
 				select {
 				case <-stop:
@@ -244,7 +250,7 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 			}
 		}()
 	}
-	time.Sleep(500 * time.Millisecond)
+	waitFor(t, "reads under load to reach the replica", 10*time.Second, func() bool { return onRep.Load() >= 20 })
 	before := onRep.Load()
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -257,12 +263,8 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 			_ = cluster.Replica.Start(context.Background())
 		}
 	}()
-	time.Sleep(700 * time.Millisecond)
 	primBefore := onPrim.Load()
-	time.Sleep(300 * time.Millisecond)
-	if onPrim.Load() == primBefore {
-		t.Error("reads did not move to the primary while the replica was down")
-	}
+	waitFor(t, "reads to move to the primary while the replica is down", 10*time.Second, func() bool { return onPrim.Load() > primBefore+20 })
 	if err := cluster.Replica.Start(sctx); err != nil {
 		t.Fatal(err)
 	}

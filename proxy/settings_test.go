@@ -17,12 +17,13 @@ func TestSettingsFollowTheClient(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, 100)
 	for i := range 12 {
+		sub := fmt.Sprintf("s%d", i)
+		tok := token(t, "p2", "authenticated", sub, nil)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			mode := []string{"simple_protocol", "cache_statement"}[i%2]
-			sub := fmt.Sprintf("s%d", i)
-			u := h.url("p2", "authenticated", token(t, "p2", "authenticated", sub, nil))
+			u := h.url("p2", "authenticated", tok)
 			u = strings.Replace(u, "default_query_exec_mode=simple_protocol", "default_query_exec_mode="+mode, 1)
 			u += "&application_name=app-" + sub
 			c, err := connectRaw(ctx, u)

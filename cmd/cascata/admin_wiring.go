@@ -91,12 +91,25 @@ func (a *app) fileText() []byte {
 	if a.cfgPath == "" {
 		return nil
 	}
-	text, err := os.ReadFile(a.cfgPath)
+	text, err := catalogFileText(a.cfgPath)
 	if err != nil {
 		a.log.Warn("cannot re-read the config file for the catalog", "error", err)
 		return nil
 	}
 	return text
+}
+
+// catalogFileText is what the catalog fingerprints the file's projects
+// from: cascata.toml as written. `serve` and the offline archive commands
+// both open the catalog with it, so that a run-time change one of them
+// records carries the fingerprint the other computes; otherwise the change
+// looks like one the file overrode, and is dropped at the next start.
+func catalogFileText(cfgPath string) ([]byte, error) {
+	text, err := os.ReadFile(cfgPath)
+	if err != nil {
+		return nil, fmt.Errorf("read %s for the project catalog: %w", cfgPath, err)
+	}
+	return text, nil
 }
 
 // close stops the job runner: running jobs are cancelled (an ejection

@@ -59,11 +59,16 @@ func passphraseFrom(env string) ([]byte, error) {
 	return []byte(v), nil
 }
 
-// openCatalog opens the project catalog (cascata.toml plus the run-time
-// projects of [state].dir) without putting anything in force: a running
-// `cascata serve` picks up a registered import when it restarts.
-func openCatalog(cfg *config.Config) (*catalog.Catalog, error) {
-	return catalog.Open(catalog.Options{Dir: cfg.State.Dir, Config: cfg, Apply: func([]config.Project) error { return nil }})
+// openCatalog opens the project catalog (cascata.toml at cfgPath plus the
+// run-time projects of [state].dir) without putting anything in force: a
+// running `cascata serve` picks up a registered import when it restarts.
+// It fingerprints the file's projects as `serve` does (catalogFileText).
+func openCatalog(cfg *config.Config, cfgPath string) (*catalog.Catalog, error) {
+	text, err := catalogFileText(cfgPath)
+	if err != nil {
+		return nil, err
+	}
+	return catalog.Open(catalog.Options{Dir: cfg.State.Dir, Config: cfg, File: text, Apply: func([]config.Project) error { return nil }})
 }
 
 // progressPrinter prints each phase when it starts and then at most every
@@ -115,7 +120,7 @@ func archiveExport(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	cat, err := openCatalog(cfg)
+	cat, err := openCatalog(cfg, *path)
 	if err != nil {
 		return err
 	}
@@ -216,7 +221,7 @@ func archiveImport(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if pv.LoginPasswordEnv != "" && os.Getenv(pv.LoginPasswordEnv) != "" {
 		loginPassword = os.Getenv(pv.LoginPasswordEnv)
 	}
-	cat, err := openCatalog(cfg)
+	cat, err := openCatalog(cfg, *path)
 	if err != nil {
 		return err
 	}

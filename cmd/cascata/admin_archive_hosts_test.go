@@ -48,30 +48,14 @@ func TestEjectAllowedHosts(t *testing.T) {
 	t.Setenv("CASCATA_TEST_LOGIN_PW", appLoginPassword)
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "cascata.toml")
-	text := fmt.Sprintf(`
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-token_env = "CASCATA_TEST_ADMIN_TOKEN"
-eject_allowed_hosts = ["db.internal.example", "127.0.0.1:1"]
-
-[state]
-dir = %q
-
-[provision]
-owner_url = "postgres://postgres@%s/postgres"
-login_password_env = "CASCATA_TEST_LOGIN_PW"
-storage_root = %q
-
+	text := testConfig(filepath.Join(dir, "state"), `eject_allowed_hosts = ["db.internal.example", "127.0.0.1:1"]`,
+		provisionTable("postgres://postgres@"+forbidden+"/postgres", filepath.Join(dir, "storage"))+fmt.Sprintf(`
 [[projects]]
 ref = "p"
 database_url = "postgres://authenticator:pw@%s/p"
 owner_url = "postgres://postgres@%s/p"
 jwt_secret = %q
-`, filepath.Join(dir, "state"), forbidden, filepath.Join(dir, "storage"), closed, closed, appSecret)
+`, closed, closed, appSecret))
 	if err := os.WriteFile(cfgPath, []byte(text), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -38,23 +38,7 @@ func TestCLIImportIntoDeclaredRefSurvivesRestart(t *testing.T) {
 	t.Setenv("CASCATA_ARCHIVE_PASSPHRASE", archivePassphrase)
 	dir := t.TempDir()
 	head := func(state string) string {
-		return fmt.Sprintf(`
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-token_env = "CASCATA_TEST_ADMIN_TOKEN"
-
-[state]
-dir = %q
-
-[provision]
-owner_url = %q
-login_password_env = "CASCATA_TEST_LOGIN_PW"
-storage_root = %q
-`, filepath.Join(dir, state), cl.Primary.SuperuserURL("postgres"), filepath.Join(dir, state+"-storage"))
+		return testConfig(filepath.Join(dir, state), "", provisionTable(cl.Primary.SuperuserURL("postgres"), filepath.Join(dir, state+"-storage")))
 	}
 	write := func(name, text string) string {
 		p := filepath.Join(dir, name)

@@ -57,6 +57,35 @@ func startClusters(t *testing.T, ctx context.Context, n int) []*pgcluster.Cluste
 	return out
 }
 
+// testConfig is a test instance's cascata.toml: proxy and admin plane on
+// free loopback ports, its state dir, adminExtra lines in [admin], then
+// rest (its other tables).
+func testConfig(stateDir, adminExtra, rest string) string {
+	return fmt.Sprintf(`
+[proxy]
+listen = "127.0.0.1:0"
+shutdown_timeout = "5s"
+
+[admin]
+listen = "127.0.0.1:0"
+token_env = "CASCATA_TEST_ADMIN_TOKEN"
+%s
+[state]
+dir = %q
+%s`, adminExtra, stateDir, rest)
+}
+
+// provisionTable is a [provision] table creating projects with ownerURL
+// under storageRoot, the login password in CASCATA_TEST_LOGIN_PW.
+func provisionTable(ownerURL, storageRoot string) string {
+	return fmt.Sprintf(`
+[provision]
+owner_url = %q
+login_password_env = "CASCATA_TEST_LOGIN_PW"
+storage_root = %q
+`, ownerURL, storageRoot)
+}
+
 // do sends a raw request to the admin plane and returns status and body.
 func (r *runningApp) do(t *testing.T, method, path string, header map[string]string, body []byte) (int, []byte) {
 	t.Helper()
@@ -169,23 +198,7 @@ func TestArchiveThroughAdminPlane(t *testing.T) {
 			t.Fatal(err)
 		}
 		cfgPath, stateDir, storageRoot = filepath.Join(base, "cascata.toml"), filepath.Join(base, "state"), filepath.Join(base, "storage")
-		text := fmt.Sprintf(`
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-token_env = "CASCATA_TEST_ADMIN_TOKEN"
-
-[state]
-dir = %q
-
-[provision]
-owner_url = %q
-login_password_env = "CASCATA_TEST_LOGIN_PW"
-storage_root = %q
-%s`, stateDir, cl.Primary.SuperuserURL("postgres"), storageRoot, projects)
+		text := testConfig(stateDir, "", provisionTable(cl.Primary.SuperuserURL("postgres"), storageRoot)+projects)
 		if err := os.WriteFile(cfgPath, []byte(text), 0o600); err != nil {
 			t.Fatal(err)
 		}
@@ -361,18 +374,7 @@ jwt_secret = %q
 
 	// An instance without [provision] refuses imports at once.
 	cfgC := filepath.Join(dir, "c.toml")
-	if err := os.WriteFile(cfgC, []byte(fmt.Sprintf(`
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-token_env = "CASCATA_TEST_ADMIN_TOKEN"
-
-[state]
-dir = %q
-`, filepath.Join(dir, "c-state"))), 0o600); err != nil {
+	if err := os.WriteFile(cfgC, []byte(testConfig(filepath.Join(dir, "c-state"), "", "")), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	c := startApp(t, cfgC)

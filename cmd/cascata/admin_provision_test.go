@@ -38,29 +38,13 @@ func TestProvisionThroughAdminPlane(t *testing.T) {
 	storageRoot := filepath.Join(dir, "storage")
 	write := func(name, provision string) string {
 		p := filepath.Join(dir, name+".toml")
-		text := fmt.Sprintf(`
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_timeout = "5s"
-
-[admin]
-listen = "127.0.0.1:0"
-token_env = "CASCATA_TEST_ADMIN_TOKEN"
-
-[state]
-dir = %q
-%s`, filepath.Join(dir, name+"-state"), provision)
+		text := testConfig(filepath.Join(dir, name+"-state"), "", provision)
 		if err := os.WriteFile(p, []byte(text), 0o600); err != nil {
 			t.Fatal(err)
 		}
 		return p
 	}
-	app := startApp(t, write("prov", fmt.Sprintf(`
-[provision]
-owner_url = %q
-login_password_env = "CASCATA_TEST_LOGIN_PW"
-storage_root = %q
-`, super, storageRoot)))
+	app := startApp(t, write("prov", provisionTable(super, storageRoot)))
 
 	// Provision "fresh".
 	code, body := app.do(t, "POST", "/v1/projects", nil, []byte(`{"ref": "fresh"}`))

@@ -217,6 +217,7 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 	stop := make(chan struct{})
 	var wg sync.WaitGroup
 	var reads, onRep, onPrim atomic.Int64
+	var warm atomic.Int64 // clients that have read from the replica 5 times
 	errs := make(chan error, 20)
 	for i := range 20 {
 		mode := []string{"simple_protocol", "exec", "describe_exec", "cache_statement", "cache_describe"}[i%5]
@@ -230,6 +231,7 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 				return
 			}
 			defer c.Close(ctx)
+			mine := 0
 			for {
 				select {
 				case <-stop:
@@ -244,13 +246,16 @@ func TestReplicaStoppedUnderLoad(t *testing.T) {
 				reads.Add(1)
 				if rec {
 					onRep.Add(1)
+					if mine++; mine == 5 {
+						warm.Add(1)
+					}
 				} else {
 					onPrim.Add(1)
 				}
 			}
 		}()
 	}
-	waitFor(t, "reads under load to reach the replica", 10*time.Second, func() bool { return onRep.Load() >= 20 })
+	waitFor(t, "every client to read from the replica", 10*time.Second, func() bool { return warm.Load() == 20 })
 	before := onRep.Load()
 	sctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()

@@ -77,9 +77,17 @@ type walHistory struct {
 func (h *walHistory) get(i int) walSample { return h.ring[(h.start+i)%len(h.ring)] }
 
 // add records lsn seen at at; a position seen before keeps its first time.
+// A position before the last one (another server answers at that address,
+// e.g. a restored backup) starts the history again.
 func (h *walHistory) add(lsn uint64, at int64) {
-	if h.n > 0 && lsn <= h.get(h.n-1).lsn {
-		return
+	if h.n > 0 {
+		last := h.get(h.n - 1).lsn
+		if lsn == last {
+			return
+		}
+		if lsn < last {
+			h.start, h.n, h.truncated = 0, 0, false
+		}
 	}
 	if h.ring == nil {
 		h.ring = make([]walSample, walHistoryLen)

@@ -17,7 +17,7 @@ func TestWALHistoryLag(t *testing.T) {
 	h.add(100, 3600*sec) // a position seen again keeps its first time
 	h.add(200, 3600*sec)
 	h.add(300, 3600*sec+sec/2)
-	h.add(250, 3601*sec) // positions never go back
+	h.add(300, 3601*sec) // a position seen again keeps its first time
 	now := 3601 * sec
 	for _, tc := range []struct {
 		replay   uint64
@@ -35,6 +35,11 @@ func TestWALHistoryLag(t *testing.T) {
 		if got := h.lagOf(tc.replay, now, tc.fallback); got != tc.want {
 			t.Errorf("replay %d: lag %v, want %v", tc.replay, got, tc.want)
 		}
+	}
+	// A position before the last starts again: another server answers.
+	h.add(120, 3602*sec)
+	if h.n != 1 || h.lagOf(100, 3603*sec, 0) != time.Second || h.lagOf(120, 3603*sec, 0) != 0 {
+		t.Fatalf("after the position went back: n=%d", h.n)
 	}
 	// The ring keeps the newest walHistoryLen positions.
 	var r walHistory

@@ -182,6 +182,9 @@ func (ar *planeArchiver) StartImport(ctx context.Context, body io.Reader, as, pa
 		},
 		TempDir:    ar.importScratchDir(),
 		Extensions: ar.prov.Extensions,
+		Storage: func(ref string) (*archive.StorageTarget, error) {
+			return storageTarget(&config.Config{Provision: ar.prov}, ref)
+		},
 	}
 	st, err := ar.jobs.Start("import", as, func(ctx context.Context, j *jobs.Job) error {
 		defer os.Remove(path)
@@ -325,6 +328,7 @@ var importPhases = map[string]phaseWeight{
 	"restore":   {2, 40},
 	"checksums": {3, 15},
 	"commit":    {4, 3},
+	"storage":   {5, 10},
 }
 
 func exportProgress(j *jobs.Job) archive.ProgressFunc { return phaseProgress(j, exportPhases) }

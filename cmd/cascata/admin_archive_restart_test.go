@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -13,6 +14,9 @@ import (
 	"cascata/auth"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
+	"cascata/internal/storage/s3test"
+
+	"github.com/minio/minio-go/v7"
 )
 
 // TestCLIImportIntoDeclaredRefSurvivesRestart: `cascata archive import
@@ -54,14 +58,32 @@ ref = "origin"
 database_url = %q
 jwt_secret = %q
 `, cl.Primary.URL("authenticator", appLoginPassword, "origin"), archiveSecret))
+	// Its files go to an S3-compatible store.
+	s3 := s3test.Start(t, "files")
+	t.Setenv("CASCATA_TEST_S3_KEY", s3test.AccessKey)
+	t.Setenv("CASCATA_TEST_S3_SECRET", s3test.SecretKey)
 	cfgDst := write("dst.toml", head("dst")+fmt.Sprintf(`
-# declared here, its database comes from an archive
+# declared here, its database and files come from an archive
 [[projects]]
 ref = "declared"
 database_url = %q
 jwt_secret = %q
 pool_size = 5
-`, cl.Primary.URL("authenticator", appLoginPassword, "declared"), fileSecret))
+storage_url = "s3://files/declared"
+s3_endpoint = %q
+s3_access_key_env = "CASCATA_TEST_S3_KEY"
+s3_secret_key_env = "CASCATA_TEST_S3_SECRET"
+`, cl.Primary.URL("authenticator", appLoginPassword, "declared"), fileSecret, s3.Endpoint))
+	files := map[string]string{"a.txt": "hello", "deep/er/b.bin": strings.Repeat("\x00\xff", 5000)}
+	for name, data := range files {
+		p := filepath.Join(dir, "src-storage", "origin", filepath.FromSlash(name))
+		if err := os.MkdirAll(filepath.Dir(p), 0o700); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(p, []byte(data), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
 	pgtest.Exec(t, cl.Primary.SuperuserURL("postgres"), "DROP DATABASE IF EXISTS declared WITH (FORCE)")
 
 	caf := filepath.Join(dir, "origin.caf")
@@ -103,5 +125,29 @@ pool_size = 5
 			t.Fatalf("start %d: %+v", i+1, view)
 		}
 		r.stop()
+	}
+
+	// The files are in the bucket, and verify compares them with the archive.
+	for name, data := range files {
+		obj, err := s3.Client.GetObject(ctx, "files", "declared/"+name, minio.GetObjectOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(obj)
+		if err != nil || string(got) != data {
+			t.Fatalf("object %s: %d bytes, %v", name, len(got), err)
+		}
+	}
+	out.Reset()
+	if err := cmdArchive([]string{"verify", caf, "-config", cfgDst, "-project", "declared"}, &out, &errOut); err != nil {
+		t.Fatalf("verify: %v\n%s", err, out.String())
+	}
+	if _, err := s3.Client.PutObject(ctx, "files", "declared/a.txt", strings.NewReader("HELLO"), 5, minio.PutObjectOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	out.Reset()
+	err = cmdArchive([]string{"verify", caf, "-config", cfgDst, "-project", "declared"}, &out, &errOut)
+	if err == nil || !strings.Contains(out.String(), "a.txt: changed") {
+		t.Fatalf("verify of a tampered object: %v\n%s", err, out.String())
 	}
 }

@@ -71,22 +71,34 @@ func (pv *planeProvisioner) Provision(ctx context.Context, p config.Project) (co
 			return p, fmt.Errorf("%w: roles: %q: names starting with pg_ are reserved by PostgreSQL", admin.ErrBadRequest, role)
 		}
 	}
-	if p.StorageDir == "" {
+	if p.StorageDir == "" && p.StorageURL == "" && pv.prov.StorageURL != "" {
+		// [provision].storage_url: the project's files go to <that>/<ref>.
+		t, err := storageTarget(&config.Config{Provision: pv.prov}, p.Ref)
+		if err != nil {
+			return p, fmt.Errorf("%w: [provision].storage_url: %w", admin.ErrConflict, err)
+		}
+		t.S3.ApplyTo(&p)
+		p.S3AccessKeyEnv, p.S3SecretKeyEnv = t.AccessKeyEnv, t.SecretKeyEnv
+	}
+	if p.StorageDir == "" && p.StorageURL == "" {
 		p.StorageDir = filepath.Join(pv.prov.StorageRoot, p.Ref)
 	}
 
 	pv.mu.Lock()
 	defer pv.mu.Unlock()
-	entries, err := os.ReadDir(p.StorageDir)
-	switch {
-	case err == nil && len(entries) > 0:
-		return p, fmt.Errorf("%w: storage dir %s is not empty (left by an earlier project?); move it away or give another storage_dir", admin.ErrConflict, p.StorageDir)
-	case err != nil && !errors.Is(err, fs.ErrNotExist):
-		return p, fmt.Errorf("storage dir: %w", err)
-	}
-	createdDir := errors.Is(err, fs.ErrNotExist)
-	if err := os.MkdirAll(p.StorageDir, 0o700); err != nil {
-		return p, fmt.Errorf("create storage dir: %w", err)
+	createdDir := false
+	if p.StorageURL == "" {
+		entries, err := os.ReadDir(p.StorageDir)
+		switch {
+		case err == nil && len(entries) > 0:
+			return p, fmt.Errorf("%w: storage dir %s is not empty (left by an earlier project?); move it away or give another storage_dir", admin.ErrConflict, p.StorageDir)
+		case err != nil && !errors.Is(err, fs.ErrNotExist):
+			return p, fmt.Errorf("storage dir: %w", err)
+		}
+		createdDir = errors.Is(err, fs.ErrNotExist)
+		if err := os.MkdirAll(p.StorageDir, 0o700); err != nil {
+			return p, fmt.Errorf("create storage dir: %w", err)
+		}
 	}
 	dbURL, ownerURL, err := projectdb.Provision(ctx, pv.prov.OwnerURL, projectdb.ProvisionSpec{
 		Database: p.Ref, LoginUser: pv.prov.LoginUser, LoginPassword: password, Roles: np.Roles,

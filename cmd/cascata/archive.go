@@ -16,12 +16,13 @@ import (
 	"cascata/internal/archive"
 	"cascata/internal/catalog"
 	"cascata/internal/config"
+	"cascata/internal/storage"
 )
 
 const archiveUsage = `usage:
   cascata archive export -config F -project REF -out FILE.caf [-passphrase-env NAME] [-compression zstd|gzip|none]
   cascata archive import -config F FILE.caf [-as REF] [-overwrite] [-passphrase-env NAME]
-  cascata archive verify FILE.caf [-passphrase-env NAME]
+  cascata archive verify FILE.caf [-passphrase-env NAME] [-config F -project REF]
 
 The passphrase is read from CASCATA_ARCHIVE_PASSPHRASE unless -passphrase-env names another variable.
 `
@@ -71,6 +72,24 @@ func openCatalog(cfg *config.Config, cfgPath string) (*catalog.Catalog, error) {
 	return catalog.Open(catalog.Options{Dir: cfg.State.Dir, Config: cfg, File: text, Apply: func([]config.Project) error { return nil }})
 }
 
+// catalogProject loads the config at path and returns project ref as the
+// catalog has it (cascata.toml or a run-time change).
+func catalogProject(path, ref string) (catalog.Entry, error) {
+	cfg, err := config.Load(path)
+	if err != nil {
+		return catalog.Entry{}, err
+	}
+	cat, err := openCatalog(cfg, path)
+	if err != nil {
+		return catalog.Entry{}, err
+	}
+	e, ok := cat.Project(ref)
+	if !ok {
+		return catalog.Entry{}, fmt.Errorf("no project %q in %s or %s", ref, path, cfg.State.Dir)
+	}
+	return e, nil
+}
+
 // progressPrinter prints each phase when it starts and then at most every
 // two seconds, with a byte or table count.
 func progressPrinter(w io.Writer) archive.ProgressFunc {
@@ -116,17 +135,9 @@ func archiveExport(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err != nil {
 		return err
 	}
-	cfg, err := config.Load(*path)
+	e, err := catalogProject(*path, *ref)
 	if err != nil {
 		return err
-	}
-	cat, err := openCatalog(cfg, *path)
-	if err != nil {
-		return err
-	}
-	e, ok := cat.Project(*ref)
-	if !ok {
-		return fmt.Errorf("no project %q in %s or %s", *ref, *path, cfg.State.Dir)
 	}
 	secrets, err := archive.SecretsFromProject(&e.Project)
 	if err != nil {
@@ -244,6 +255,7 @@ func archiveImport(ctx context.Context, args []string, stdout, stderr io.Writer)
 		TempDir:    *tempDir,
 		Jobs:       *jobs,
 		Extensions: pv.Extensions,
+		Storage:    func(ref string) (*archive.StorageTarget, error) { return storageTarget(cfg, ref) },
 	}, progressPrinter(stderr))
 	if err != nil {
 		return err
@@ -262,7 +274,7 @@ func archiveImport(ctx context.Context, args []string, stdout, stderr io.Writer)
 		fmt.Fprintf(stderr, "warning: %s\n", w)
 	}
 	fmt.Fprintf(stdout, "imported project %s in %v: database %s, storage %s; registered in %s (a running cascata serve picks it up on restart)\n",
-		p.Ref, time.Since(start).Round(time.Millisecond), config.RedactURL(p.DatabaseURL), p.StorageDir, cfg.State.Dir)
+		p.Ref, time.Since(start).Round(time.Millisecond), config.RedactURL(p.DatabaseURL), p.StorageDir+p.StorageURL, cfg.State.Dir)
 	if len(res.CreatedRoles) > 0 {
 		fmt.Fprintf(stdout, "created roles: %s\n", strings.Join(res.CreatedRoles, ", "))
 	}
@@ -273,6 +285,8 @@ func archiveVerify(ctx context.Context, args []string, stdout, stderr io.Writer)
 	fs := flag.NewFlagSet("archive verify", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	passEnv := fs.String("passphrase-env", "CASCATA_ARCHIVE_PASSPHRASE", "environment variable holding the passphrase")
+	path := fs.String("config", "", "with -project: also compare the project's storage with the archive")
+	ref := fs.String("project", "", "the project whose storage (storage_url objects or storage_dir files) is compared")
 	file, err := splitPositional(fs, args)
 	if err != nil {
 		return err
@@ -287,5 +301,53 @@ func archiveVerify(ctx context.Context, args []string, stdout, stderr io.Writer)
 	}
 	fmt.Fprintf(stdout, "%s: intact; format %d, project %s, PostgreSQL %s, created %s, %d members, %d tables\n",
 		file, m.Version, m.Project.Ref, m.Postgres.ServerVersion, m.CreatedAt.Format(time.RFC3339), len(m.Members)+2, len(m.Tables))
+	if *ref == "" {
+		return nil
+	}
+	if *path == "" {
+		*path = "cascata.toml"
+	}
+	e, err := catalogProject(*path, *ref)
+	if err != nil {
+		return err
+	}
+	diffs, err := archive.VerifyStorage(ctx, m, &e.Project)
+	if err != nil {
+		return err
+	}
+	where := e.Project.StorageDir + e.Project.StorageURL
+	for _, d := range diffs {
+		fmt.Fprintf(stdout, "%s: %s\n", where, d)
+	}
+	if len(diffs) > 0 {
+		return fmt.Errorf("the storage of project %s differs from the archive in %d objects or files", *ref, len(diffs))
+	}
+	fmt.Fprintf(stdout, "%s: every one of the %d files matches the archive\n", where, len(m.Files))
 	return nil
+}
+
+// storageTarget is where an import of ref puts the storage files when not
+// in [provision].storage_root: the storage_url of a project cascata.toml
+// declares under that ref, else <[provision].storage_url>/<ref>; nil for a
+// local directory.
+func storageTarget(cfg *config.Config, ref string) (*archive.StorageTarget, error) {
+	src := cfg.ProjectByRef(ref)
+	join := ""
+	if src == nil || src.StorageURL == "" {
+		pv := cfg.Provision
+		if pv.StorageURL == "" {
+			return nil, nil
+		}
+		src = &config.Project{Ref: ref, StorageURL: pv.StorageURL, S3Endpoint: pv.S3Endpoint, S3Region: pv.S3Region,
+			S3AccessKeyEnv: pv.S3AccessKeyEnv, S3SecretKeyEnv: pv.S3SecretKeyEnv}
+		join = ref
+	}
+	s3, err := storage.FromProject(src)
+	if err != nil {
+		return nil, err
+	}
+	if join != "" {
+		s3 = s3.Join(join)
+	}
+	return &archive.StorageTarget{S3: s3, AccessKeyEnv: src.S3AccessKeyEnv, SecretKeyEnv: src.S3SecretKeyEnv}, nil
 }

@@ -20,6 +20,7 @@ import (
 
 	"cascata/internal/config"
 	"cascata/internal/pgtools"
+	"cascata/internal/storage"
 
 	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sync/errgroup"
@@ -139,7 +140,19 @@ func Export(ctx context.Context, opts ExportOptions, w io.Writer, progress Progr
 	if err != nil {
 		return nil, fmt.Errorf("export: %w", err)
 	}
-	storage, storageBytes, err := walkTree(ctx, p.StorageDir)
+	var (
+		tree         []treeEntry
+		storageBytes int64
+		store        *storage.S3
+		objects      []storage.Object
+	)
+	if p.StorageURL != "" {
+		if store, err = openProjectStore(p); err == nil {
+			objects, storageBytes, err = listObjects(ctx, store)
+		}
+	} else {
+		tree, storageBytes, err = walkTree(ctx, p.StorageDir)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("export: %w", err)
 	}
@@ -254,7 +267,12 @@ func Export(ctx context.Context, opts ExportOptions, w io.Writer, progress Progr
 			return err
 		}
 		var err error
-		if m.Files, err = out.writeTree(gctx, prefixStorage, p.StorageDir, storage, storageBytes, "storage", progress); err != nil {
+		if store != nil {
+			m.Files, err = out.writeObjects(gctx, store, objects, storageBytes, progress)
+		} else {
+			m.Files, err = out.writeTree(gctx, prefixStorage, p.StorageDir, tree, storageBytes, "storage", progress)
+		}
+		if err != nil {
 			return err
 		}
 		if opts.VectorsDir != "" {

@@ -194,6 +194,10 @@ type FileEntry struct {
 	Mode   uint32 `json:"mode"` // permission bits (0o777 at most)
 	Size   int64  `json:"size,omitempty"`
 	SHA256 string `json:"sha256,omitempty"`
+	// ContentType and Metadata (user metadata, names lower-case) are an
+	// object's when the project's files were in an S3-compatible store.
+	ContentType string            `json:"content_type,omitempty"`
+	Metadata    map[string]string `json:"metadata,omitempty"`
 }
 
 // Member is one tar member with its integrity data.
@@ -350,9 +354,10 @@ func compareTrees(tree string, a, b []FileEntry) []string {
 		switch {
 		case !ok:
 			diffs = append(diffs, fmt.Sprintf("%s/%s missing", tree, k))
-		case x != y:
-			diffs = append(diffs, fmt.Sprintf("%s/%s differs (%s %o %d %s vs %s %o %d %s)", tree, k,
-				x.Type, x.Mode, x.Size, short(x.SHA256), y.Type, y.Mode, y.Size, short(y.SHA256)))
+		case x.Type != y.Type || x.Mode != y.Mode || x.Size != y.Size || x.SHA256 != y.SHA256 ||
+			x.ContentType != y.ContentType || metaKey(x.Metadata) != metaKey(y.Metadata):
+			diffs = append(diffs, fmt.Sprintf("%s/%s differs (%s %o %d %s %q vs %s %o %d %s %q)", tree, k,
+				x.Type, x.Mode, x.Size, short(x.SHA256), x.ContentType, y.Type, y.Mode, y.Size, short(y.SHA256), y.ContentType))
 		}
 	}
 	for _, k := range sortedKeys(bm) {

@@ -18,6 +18,7 @@ import (
 
 	"cascata/internal/config"
 	"cascata/internal/projectdb"
+	"cascata/internal/storage"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -46,6 +47,11 @@ type ImportOptions struct {
 	// StorageDir receives the storage files; "" means StorageRoot/<ref>.
 	StorageRoot string
 	StorageDir  string
+	// Storage, when set, returns for the project's ref (known once the
+	// archive is read) an S3 prefix that receives the storage files instead
+	// of a local directory (the imported project gets it as its
+	// storage_url), or nil for the local directory.
+	Storage func(ref string) (*StorageTarget, error)
 	// VectorsDir receives vectors/ when the archive has them; when empty
 	// they are left out with a warning.
 	VectorsDir string
@@ -119,7 +125,7 @@ func Import(ctx context.Context, opts ImportOptions, progress ProgressFunc) (_ *
 	if opts.LoginPassword == "" {
 		return nil, errors.New("import: no login password for the new project's database_url ([provision].login_password_env)")
 	}
-	if opts.StorageDir == "" && opts.StorageRoot == "" {
+	if opts.StorageDir == "" && opts.StorageRoot == "" && opts.Storage == nil {
 		return nil, errors.New("import: no storage root ([provision].storage_root)")
 	}
 	if opts.Ref != "" && !refPattern.MatchString(opts.Ref) {
@@ -159,6 +165,9 @@ type importer struct {
 	// admin is the connection to the target server; undo steps reconnect
 	// when it was lost (a cancelled query closes a pgx connection).
 	admin *pgx.Conn
+	// target and store are ImportOptions.Storage's prefix, nil for a local directory.
+	target *StorageTarget
+	store  *storage.S3
 }
 
 // exec runs a statement for an undo step on a live admin connection.
@@ -195,6 +204,9 @@ func (im *importer) run(ctx context.Context) (*ImportResult, error) {
 
 	// A ref given by the caller can be checked before the long unpack.
 	if o.Ref != "" {
+		if err := im.resolveStorage(ctx, o.Ref); err != nil {
+			return nil, err
+		}
 		if err := im.checkFree(ctx, o.Ref, im.storageDir(o.Ref), false); err != nil {
 			return nil, err
 		}
@@ -208,17 +220,17 @@ func (im *importer) run(ctx context.Context) (*ImportResult, error) {
 	if err := os.Mkdir(dbDir, 0o700); err != nil {
 		return nil, fmt.Errorf("scratch dir: %w", err)
 	}
-	storage, err := newStager(filepath.Join(im.scratch, "storage"))
+	staged, err := newStager(filepath.Join(im.scratch, "storage"))
 	if err != nil {
 		return nil, err
 	}
-	defer storage.close()
+	defer staged.close()
 	vectors, err := newStager(filepath.Join(im.scratch, "vectors"))
 	if err != nil {
 		return nil, err
 	}
 	defer vectors.close()
-	m, secrets, err := im.unpack(ctx, dbDir, storage, vectors)
+	m, secrets, err := im.unpack(ctx, dbDir, staged, vectors)
 	if err != nil {
 		return nil, err
 	}
@@ -234,6 +246,9 @@ func (im *importer) run(ctx context.Context) (*ImportResult, error) {
 		database = ref
 	}
 	storageDir := im.storageDir(ref)
+	if err := im.resolveStorage(ctx, ref); err != nil {
+		return nil, err
+	}
 	p, err := im.project(ref, database, storageDir, m)
 	if err != nil {
 		return nil, err
@@ -322,7 +337,15 @@ func (im *importer) run(ctx context.Context) (*ImportResult, error) {
 	if err := im.checkFree(ctx, ref, storageDir, len(m.Vectors) > 0); err != nil {
 		return nil, err
 	}
-	if err := im.placeTree(ctx, storage, storageDir); err != nil {
+	if im.store != nil {
+		existing, err := checkObjectsFree(ctx, im.store, o.Overwrite)
+		if err != nil {
+			return nil, err
+		}
+		if err := im.placeObjects(ctx, staged, im.store, m.Files, existing); err != nil {
+			return nil, err
+		}
+	} else if err := im.placeTree(ctx, staged, storageDir); err != nil {
 		return nil, err
 	}
 	if len(m.Vectors) > 0 && o.VectorsDir != "" {
@@ -338,6 +361,27 @@ func (im *importer) run(ctx context.Context) (*ImportResult, error) {
 	}
 	im.undo.commit()
 	return &ImportResult{Project: p, Manifest: m, Secrets: secrets, CreatedRoles: created, Warnings: im.warnings}, nil
+}
+
+// resolveStorage asks ImportOptions.Storage where ref's files go and,
+// for an S3 prefix, checks that it holds nothing (unless Overwrite).
+func (im *importer) resolveStorage(ctx context.Context, ref string) error {
+	if im.opts.Storage == nil {
+		return nil
+	}
+	t, err := im.opts.Storage(ref)
+	if err != nil {
+		return err
+	}
+	im.target, im.store = t, nil
+	if t == nil {
+		return nil
+	}
+	if im.store, err = storage.Open(t.S3); err != nil {
+		return err
+	}
+	_, err = checkObjectsFree(ctx, im.store, im.opts.Overwrite)
+	return err
 }
 
 // storageDir is where the project's storage files go.
@@ -414,7 +458,10 @@ func (im *importer) checkFree(ctx context.Context, ref, storageDir string, vecto
 			return fmt.Errorf("%w: project %q is registered (import with overwrite, or under another ref)", ErrProjectExists, ref)
 		}
 	}
-	dirs := []string{storageDir}
+	var dirs []string
+	if im.target == nil {
+		dirs = append(dirs, storageDir)
+	}
 	if vectors && im.opts.VectorsDir != "" {
 		dirs = append(dirs, im.opts.VectorsDir)
 	}
@@ -820,6 +867,10 @@ func (im *importer) project(ref, database, storageDir string, m *Manifest) (conf
 	}
 	p.ReplicaURLs = nil
 	p.StorageDir = storageDir
+	if t := im.target; t != nil {
+		t.S3.ApplyTo(&p)
+		p.S3AccessKeyEnv, p.S3SecretKeyEnv = t.AccessKeyEnv, t.SecretKeyEnv
+	}
 	return p, nil
 }
 

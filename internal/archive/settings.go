@@ -19,6 +19,12 @@ var settingsLeftOut = map[string]bool{
 	"jwt_secret_file": true,
 	"jwks_file":       true,
 	"storage_dir":     true,
+	// Where the files are is the importing instance's choice.
+	"storage_url":       true,
+	"s3_endpoint":       true,
+	"s3_region":         true,
+	"s3_access_key_env": true,
+	"s3_secret_key_env": true,
 }
 
 // Settings recorded for information only (passwords replaced) and not

@@ -115,6 +115,14 @@ type Provision struct {
 	LoginPassword    string `toml:"login_password"`
 	LoginPasswordEnv string `toml:"login_password_env"`
 	StorageRoot      string `toml:"storage_root"`
+	// StorageURL, "s3://bucket/prefix", gives imported projects their files
+	// under <storage_url>/<ref> instead of storage_root (the store's
+	// endpoint, region and credentials as the s3_* keys of a project).
+	StorageURL     string `toml:"storage_url"`
+	S3Endpoint     string `toml:"s3_endpoint"`
+	S3Region       string `toml:"s3_region"`
+	S3AccessKeyEnv string `toml:"s3_access_key_env"`
+	S3SecretKeyEnv string `toml:"s3_secret_key_env"`
 	// Extensions is the allowlist of extensions provisioning creates in an
 	// imported project's database (the dump never creates one itself).
 	// Empty: pgcrypto and the archive's extensions the server marks trusted.
@@ -170,8 +178,20 @@ type Project struct {
 	// project's functions for routing ("name" or "schema.name"). Default none.
 	ReadOnlyFunctions []string `toml:"read_only_functions"`
 	WriteFunctions    []string `toml:"write_functions"`
-	// StorageDir holds the project's files. Default [provision].storage_root/<ref>.
+	// StorageDir holds the project's files. Default [provision].storage_root/<ref>
+	// (none when StorageURL is set).
 	StorageDir string `toml:"storage_dir"`
+	// StorageURL, "s3://bucket/prefix", keeps the project's files in an
+	// S3-compatible object store instead of StorageDir.
+	StorageURL string `toml:"storage_url"`
+	// S3Endpoint is the store's path-style endpoint ("http://127.0.0.1:9000"); "" = AWS.
+	S3Endpoint string `toml:"s3_endpoint"`
+	// S3Region is the bucket's region. Default "us-east-1".
+	S3Region string `toml:"s3_region"`
+	// S3AccessKeyEnv and S3SecretKeyEnv name the environment variables
+	// holding the store's credentials.
+	S3AccessKeyEnv string `toml:"s3_access_key_env"`
+	S3SecretKeyEnv string `toml:"s3_secret_key_env"`
 }
 
 var refPattern = regexp.MustCompile(`^[a-z0-9_]{1,63}$`)
@@ -266,8 +286,11 @@ func (pr *Project) applyDefaults(c *Config) {
 	setDuration(&pr.MaxReplicaLag, time.Second)
 	setString(&pr.Consistency, "read_your_writes")
 	setDuration(&pr.JWTLeeway, 30*time.Second)
-	if pr.StorageDir == "" && pr.Ref != "" {
+	if pr.StorageDir == "" && pr.StorageURL == "" && pr.Ref != "" {
 		pr.StorageDir = c.Provision.StorageRoot + "/" + pr.Ref
+	}
+	if pr.StorageURL != "" {
+		setString(&pr.S3Region, "us-east-1")
 	}
 	if pr.OwnerURL == "" && c.Provision.OwnerURL != "" && pr.DatabaseURL != "" {
 		if u, err := url.Parse(c.Provision.OwnerURL); err == nil {
@@ -463,6 +486,24 @@ func (pr *Project) Validate() Problems {
 	}
 	if pr.JWTLeeway.Duration < 0 {
 		add("jwt_leeway", "must not be negative")
+	}
+	if pr.StorageURL != "" {
+		if u, err := url.Parse(pr.StorageURL); err != nil || u.Scheme != "s3" || u.Host == "" {
+			add("storage_url", "must be s3://bucket/prefix")
+		}
+		if pr.StorageDir != "" {
+			add("storage_dir", "storage_dir and storage_url exclude each other")
+		}
+		if pr.S3Endpoint != "" {
+			if u, err := url.Parse(pr.S3Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+				add("s3_endpoint", "must be an http(s):// URL")
+			}
+		}
+		for _, e := range []struct{ key, env string }{{"s3_access_key_env", pr.S3AccessKeyEnv}, {"s3_secret_key_env", pr.S3SecretKeyEnv}} {
+			if e.env != "" && os.Getenv(e.env) == "" {
+				add(e.key, "environment variable %s is empty or unset", e.env)
+			}
+		}
 	}
 	return ps
 }

@@ -59,6 +59,10 @@ role_logins = { nobody = "postgres://nobody@h/db" }
 ref = "twin"
 database_url = "postgres://a@h/db"
 jwt_secret = "s"
+storage_url = "http://bucket/x"
+storage_dir = "/tmp/x"
+s3_endpoint = "ftp://x"
+s3_access_key_env = "CASCATA_TEST_UNSET_S3_KEY"
 
 [[projects]]
 ref = "twin"
@@ -83,6 +87,10 @@ jwt_secret = "s"
 		`projects[0] (Bad-Ref).anon_role: "ghost" is not in roles`,
 		`projects[0] (Bad-Ref).role_logins.nobody: "nobody" is not in roles`,
 		`projects[2] (twin).ref: duplicate of projects[1]`,
+		`projects[1] (twin).storage_url: must be s3://bucket/prefix`,
+		`projects[1] (twin).storage_dir: storage_dir and storage_url exclude each other`,
+		`projects[1] (twin).s3_endpoint: must be an http(s):// URL`,
+		`projects[1] (twin).s3_access_key_env: environment variable CASCATA_TEST_UNSET_S3_KEY is empty or unset`,
 	} {
 		if !strings.Contains(text, want) {
 			t.Errorf("missing problem %q in:\n%s", want, text)

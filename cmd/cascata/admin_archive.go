@@ -288,6 +288,8 @@ func importError(err error, archivePath string) error {
 		// The admin plane has no overwrite: only the rename applies.
 		detail = strings.Replace(detail, " (import with overwrite, or under another ref)", "", 1)
 		what = "the project already exists on this instance (import it under another ref with ?as=REF); nothing was created"
+	case errors.Is(err, archive.ErrRefused):
+		what = "archive refused: it asks for roles or extensions beyond an ordinary project; nothing was created"
 	case errors.Is(err, archive.ErrDataMismatch):
 		what = "the restored data does not match the archive's checksums; the import was rolled back"
 	default:

@@ -187,7 +187,8 @@ func TestArchiveThroughAdminPlane(t *testing.T) {
 	pgtest.Exec(t, clA.Primary.SuperuserURL("shop"), `
 		CREATE TABLE items (id bigserial PRIMARY KEY, v text NOT NULL, b bytea);
 		INSERT INTO items (v, b) SELECT 'item ' || i || ' ünïcødé ✓', decode(md5(i::text), 'hex') FROM generate_series(1, 1000) i;
-		GRANT SELECT ON items TO authenticated;`)
+		GRANT SELECT ON items TO authenticated;
+		DROP ROLE IF EXISTS auditor; CREATE ROLE auditor NOLOGIN; GRANT SELECT ON items TO auditor;`)
 
 	t.Setenv("CASCATA_TEST_ADMIN_TOKEN", appAdminToken)
 	t.Setenv("CASCATA_TEST_LOGIN_PW", appLoginPassword)
@@ -371,6 +372,15 @@ jwt_secret = %q
 	if err := archive.CompareData(m1, m2); err != nil {
 		t.Fatalf("export of the import: %v", err)
 	}
+
+	// A role of the archive that is more than a project role on B (here:
+	// it can log in) refuses the import, naming the role.
+	pgtest.Exec(t, clB.Primary.SuperuserURL("postgres"), "ALTER ROLE auditor LOGIN")
+	refused := b.startJob(t, "/v1/archives/import?as=third", pass, caf)
+	if refused.State != jobs.Failed || !strings.Contains(refused.Error, "archive refused") || !strings.Contains(refused.Error, `"auditor"`) {
+		t.Fatalf("import naming a login role: %+v", refused)
+	}
+	nothingCreated("third")
 
 	// An instance without [provision] refuses imports at once.
 	cfgC := filepath.Join(dir, "c.toml")

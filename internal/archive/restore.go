@@ -27,12 +27,14 @@ import (
 //     role, the login role, the provisioning owner, or an existing role that
 //     has attributes (SUPERUSER, CREATEROLE, CREATEDB, REPLICATION, LOGIN) or
 //     memberships beyond the project's roles (checkRoles);
+//   - creates the extensions itself, from an allowlist, in the still empty
+//     database, and refuses a dump that created any other
+//     (createExtensions, checkExtensions);
 //   - restores the dump as a fresh role that owns the new database and
 //     nothing else (created by provisioning, no superuser, member of
 //     nothing), logged in as that role: whatever SQL the dump holds runs with
-//     that role's rights (restoreAsOwner);
-//   - creates the extensions itself, from an allowlist, and refuses a dump
-//     that created any other (createExtensions, checkExtensions).
+//     that role's rights (restoreAsOwner), and so do the checksums computed
+//     afterwards and every later use of the project's owner_url.
 
 // ErrRefused is wrapped by the errors of an archive whose content an import
 // will not restore: a role or extension the policy above refuses.
@@ -225,7 +227,7 @@ func listTOC(ctx context.Context, pgRestore, dbDir string) ([]tocEntry, error) {
 		// rest is "<namespace> <tag> <owner>"; an extension's tag is one word.
 		fields := strings.Fields(rest)
 		switch {
-		case e.desc == "EXTENSION" && len(fields) >= 2:
+		case (e.desc == "EXTENSION" || e.desc == "SCHEMA") && len(fields) >= 2:
 			e.tag = fields[1]
 		case e.desc == "COMMENT" && len(fields) >= 3:
 			e.tag = fields[1] + " " + fields[2]
@@ -238,58 +240,48 @@ func listTOC(ctx context.Context, pgRestore, dbDir string) ([]tocEntry, error) {
 	return toc, nil
 }
 
-// restorePlan splits the table of contents into what is restored first (the
-// schemas, so that provisioning can create extensions in them), and then
-// the rest. Left out: extensions and their comments (provisioning creates
-// them), default privileges (they name the old owner; the new owner's are
-// set afresh), database-level entries and subscriptions.
-func restorePlan(toc []tocEntry) (schemas, rest []string, defaultACLs int) {
+// restorePlan lists the entries of the table of contents to restore. Left
+// out: extensions and their comments (provisioning creates them), the
+// schemas provisioning created for them, default privileges (they name the
+// old owner; the new owner's are set afresh), database-level entries and
+// subscriptions.
+func restorePlan(toc []tocEntry, extSchemas map[string]bool) (lines []string, defaultACLs int) {
 	for _, e := range toc {
 		switch {
-		case e.desc == "SCHEMA":
-			schemas = append(schemas, e.line)
+		case e.desc == "SCHEMA" && extSchemas[e.tag]:
 		case e.desc == "EXTENSION", e.desc == "COMMENT" && strings.HasPrefix(e.tag, "EXTENSION "),
 			e.desc == "DATABASE", e.desc == "DATABASE PROPERTIES", e.desc == "SUBSCRIPTION":
 		case e.desc == "DEFAULT ACL":
 			defaultACLs++
 		default:
-			rest = append(rest, e.line)
+			lines = append(lines, e.line)
 		}
 	}
-	return schemas, rest, defaultACLs
+	return lines, defaultACLs
 }
 
-// restoreAsOwner restores the dump into database db logged in as the
-// project's owner role (ownerURL), in two passes around provisioning's
-// creation of the extensions. --no-owner gives every object to that role.
+// restoreAsOwner has provisioning create the extensions in the still empty
+// database (so no object of the dump is there when an extension script
+// runs with the provisioning owner's rights), then restores the dump logged
+// in as the project's owner role (ownerURL). --no-owner gives every object
+// to that role.
 func (im *importer) restoreAsOwner(ctx context.Context, pgRestore, dbDir, ownerURL string, toc []tocEntry, exts []Extension, adminDBURL string) error {
-	schemas, rest, defaultACLs := restorePlan(toc)
+	extSchemas, err := createExtensions(ctx, adminDBURL, urlUser(ownerURL), exts)
+	if err != nil {
+		return err
+	}
+	lines, defaultACLs := restorePlan(toc, extSchemas)
 	target, err := pgtools.ParseTarget(ownerURL, "")
 	if err != nil {
 		return err
 	}
-	pass := func(name string, lines []string, jobs int) error {
-		if len(lines) == 0 {
-			return nil
-		}
-		list := filepath.Join(im.scratch, name+".list")
-		if err := os.WriteFile(list, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
-			return fmt.Errorf("restore list: %w", err)
-		}
-		if err := pgtools.Run(ctx, target, pgRestore, "--format=directory", "--exit-on-error", "--no-owner",
-			"--no-subscriptions", "--no-password", "--jobs="+strconv.Itoa(jobs), "--use-list="+list, dbDir); err != nil {
-			return fmt.Errorf("restore (as the project's own owner role, which may act only inside its database): %w", err)
-		}
-		return nil
+	list := filepath.Join(im.scratch, "restore.list")
+	if err := os.WriteFile(list, []byte(strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
+		return fmt.Errorf("restore list: %w", err)
 	}
-	if err := pass("schemas", schemas, 1); err != nil {
-		return err
-	}
-	if err := createExtensions(ctx, adminDBURL, urlUser(ownerURL), exts); err != nil {
-		return err
-	}
-	if err := pass("rest", rest, im.opts.Jobs); err != nil {
-		return err
+	if err := pgtools.Run(ctx, target, pgRestore, "--format=directory", "--exit-on-error", "--no-owner",
+		"--no-subscriptions", "--no-password", "--jobs="+strconv.Itoa(im.opts.Jobs), "--use-list="+list, dbDir); err != nil {
+		return fmt.Errorf("restore (as the project's own owner role, which may act only inside its database): %w", err)
 	}
 	if defaultACLs > 0 {
 		im.warn("%d default privilege entries of the archive name the old owner and were not restored; the new owner role has provisioning's defaults", defaultACLs)
@@ -298,25 +290,30 @@ func (im *importer) restoreAsOwner(ctx context.Context, pgRestore, dbDir, ownerU
 }
 
 // createExtensions creates the allowed extensions as the provisioning owner
-// in their schemas (created for owner when the dump had none).
-func createExtensions(ctx context.Context, adminDBURL, owner string, exts []Extension) error {
+// in their schemas, creating those (owned by owner) but public, and returns
+// the schemas it created.
+func createExtensions(ctx context.Context, adminDBURL, owner string, exts []Extension) (map[string]bool, error) {
+	made := map[string]bool{}
 	if len(exts) == 0 {
-		return nil
+		return made, nil
 	}
 	c, err := connect(ctx, adminDBURL)
 	if err != nil {
-		return fmt.Errorf("create extensions: %w", err)
+		return nil, fmt.Errorf("create extensions: %w", err)
 	}
 	defer c.Close(context.WithoutCancel(ctx))
 	for _, e := range exts {
-		if _, err := c.Exec(ctx, "CREATE SCHEMA IF NOT EXISTS "+ident(e.Schema)+" AUTHORIZATION "+ident(owner)); err != nil {
-			return fmt.Errorf("create schema %s for extension %s: %w", e.Schema, e.Name, err)
+		if e.Schema != "public" && !made[e.Schema] {
+			if _, err := c.Exec(ctx, "CREATE SCHEMA "+ident(e.Schema)+" AUTHORIZATION "+ident(owner)); err != nil {
+				return nil, fmt.Errorf("create schema %s for extension %s: %w", e.Schema, e.Name, err)
+			}
+			made[e.Schema] = true
 		}
-		if _, err := c.Exec(ctx, "CREATE EXTENSION IF NOT EXISTS "+ident(e.Name)+" WITH SCHEMA "+ident(e.Schema)); err != nil {
-			return fmt.Errorf("create extension %s (is it installed on the target server?): %w", e.Name, err)
+		if _, err := c.Exec(ctx, "CREATE EXTENSION "+ident(e.Name)+" WITH SCHEMA "+ident(e.Schema)); err != nil {
+			return nil, fmt.Errorf("create extension %s (is it installed on the target server?): %w", e.Name, err)
 		}
 	}
-	return nil
+	return made, nil
 }
 
 // checkExtensions refuses a restored database holding an extension that

@@ -12,6 +12,7 @@ import (
 	"testing"
 
 	"cascata/admin"
+	"cascata/internal/config"
 	"cascata/internal/pgtest"
 )
 
@@ -116,5 +117,35 @@ func TestTargetAllowed(t *testing.T) {
 	}
 	if err := targetAllowed(nil, "target_url", "postgres://u@anywhere/x"); err != nil {
 		t.Errorf("empty list: %v", err)
+	}
+}
+
+// TestStorageTarget: an import lands in the storage_url of the ref's
+// declared project, else under [provision].storage_url, else locally.
+func TestStorageTarget(t *testing.T) {
+	t.Setenv("CASCATA_TEST_S3_KEY", "k")
+	t.Setenv("CASCATA_TEST_S3_SECRET", "s")
+	cfg := &config.Config{
+		Provision: config.Provision{StorageURL: "s3://shared/projects/", S3Endpoint: "http://127.0.0.1:9", S3Region: "eu-west-1",
+			S3AccessKeyEnv: "CASCATA_TEST_S3_KEY", S3SecretKeyEnv: "CASCATA_TEST_S3_SECRET"},
+		Projects: []config.Project{{Ref: "declared", StorageURL: "s3://own/place", S3Endpoint: "http://127.0.0.1:8",
+			S3AccessKeyEnv: "CASCATA_TEST_S3_KEY", S3SecretKeyEnv: "CASCATA_TEST_S3_SECRET"}, {Ref: "local", StorageDir: "/x"}},
+	}
+	for ref, want := range map[string]string{
+		"declared": "s3://own/place http://127.0.0.1:8",
+		"local":    "s3://shared/projects/local http://127.0.0.1:9",
+		"fresh":    "s3://shared/projects/fresh http://127.0.0.1:9",
+	} {
+		tg, err := storageTarget(cfg, ref)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := tg.S3.URL + " " + tg.S3.Endpoint; got != want || tg.S3.AccessKey != "k" || tg.AccessKeyEnv != "CASCATA_TEST_S3_KEY" {
+			t.Errorf("%s: %s (%+v), want %s", ref, got, tg, want)
+		}
+	}
+	cfg.Provision.StorageURL = ""
+	if tg, err := storageTarget(cfg, "fresh"); err != nil || tg != nil {
+		t.Errorf("without [provision].storage_url: %+v %v", tg, err)
 	}
 }

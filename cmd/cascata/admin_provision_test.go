@@ -145,6 +145,26 @@ func TestProvisionThroughAdminPlane(t *testing.T) {
 		t.Fatalf("storage dir after Drop: %v", err)
 	}
 
+	// With [provision].storage_url the project's files go to <that>/<ref>.
+	t.Setenv("CASCATA_TEST_S3_KEY", "k")
+	t.Setenv("CASCATA_TEST_S3_SECRET", "s")
+	s3pv := newProvisioner(app.a.plane)
+	s3pv.prov.StorageURL, s3pv.prov.S3Endpoint = "s3://files/projects", "http://127.0.0.1:9"
+	s3pv.prov.S3AccessKeyEnv, s3pv.prov.S3SecretKeyEnv = "CASCATA_TEST_S3_KEY", "CASCATA_TEST_S3_SECRET"
+	p, err = s3pv.Provision(ctx, config.Project{Ref: "in_s3", JWTSecret: appSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if p.StorageURL != "s3://files/projects/in_s3" || p.StorageDir != "" || p.S3Endpoint != "http://127.0.0.1:9" || p.S3SecretKeyEnv != "CASCATA_TEST_S3_SECRET" {
+		t.Fatalf("provisioned with [provision].storage_url: %+v", p)
+	}
+	if _, err := os.Stat(filepath.Join(storageRoot, "in_s3")); !os.IsNotExist(err) {
+		t.Fatalf("a local storage dir was created: %v", err)
+	}
+	if err := s3pv.Drop(ctx, p); err != nil {
+		t.Fatal(err)
+	}
+
 	// An app without [provision]: 409 naming [provision].
 	bare := startApp(t, write("bare", ""))
 	if code, body := bare.do(t, "POST", "/v1/projects", nil, []byte(`{"ref": "fresh"}`)); code != http.StatusConflict || !strings.Contains(string(body), "[provision].owner_url") {

@@ -267,9 +267,9 @@ ORDER BY 1, 2`)
 // grantees, policy roles, recorded in pg_shdepend, plus owners of schemas,
 // relations, functions and types, which pg_shdepend omits for the bootstrap
 // superuser) and the project roles, without the built-in pg_* roles,
-// superusers and the login role: an import refuses those (the restore gives
-// every object to the new project's own owner role, and creates the login
-// role itself).
+// superusers, the login role and the dumping role: an import refuses those
+// (the restore gives every object to the new project's own owner role, and
+// creates the login role itself).
 func collectRoles(ctx context.Context, conn *pgx.Conn, projectRoles []string, loginRole string) ([]Role, error) {
 	rows, err := conn.Query(ctx, `
 WITH needed AS (
@@ -289,9 +289,9 @@ WITH needed AS (
 SELECT r.rolname, r.rolinherit, r.rolbypassrls, r.rolcanlogin,
        coalesce(array(SELECT g.rolname FROM pg_auth_members m JOIN pg_roles g ON g.oid = m.roleid
                       WHERE m.member = r.oid AND g.oid IN (SELECT oid FROM needed) AND NOT g.rolsuper
-                        AND g.rolname !~ '^pg_' AND g.rolname <> $2 ORDER BY 1), '{}')
+                        AND g.rolname !~ '^pg_' AND g.rolname <> $2 AND g.rolname <> current_user ORDER BY 1), '{}')
 FROM pg_roles r
-WHERE r.oid IN (SELECT oid FROM needed) AND r.rolname !~ '^pg_' AND NOT r.rolsuper AND r.rolname <> $2
+WHERE r.oid IN (SELECT oid FROM needed) AND r.rolname !~ '^pg_' AND NOT r.rolsuper AND r.rolname <> $2 AND r.rolname <> current_user
 ORDER BY 1`, projectRoles, loginRole)
 	if err != nil {
 		return nil, fmt.Errorf("list roles: %w", err)

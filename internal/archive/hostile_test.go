@@ -222,6 +222,10 @@ DROP ROLE IF EXISTS evil_login; CREATE ROLE evil_login LOGIN;`)
 		{"existing login role", `role "evil_login", which exists on the target server with LOGIN`, addRole(Role{Name: "evil_login"})},
 		{"existing role with a membership", `member of "pg_read_server_files"`, addRole(Role{Name: "evil_member"})},
 		{"provisioning owner", `role "postgres"`, addRole(Role{Name: "postgres", BypassRLS: true})},
+		{"the owner it was dumped as", `role "src_owner": it is the owner the archive was dumped as`, func(m *Manifest) {
+			m.Postgres.Owner = "src_owner"
+			m.Roles = append(m.Roles, Role{Name: "src_owner"})
+		}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -307,6 +311,20 @@ CREATE CAST (public.notes AS text) WITH FUNCTION public.evil(public.notes);
 		// and later exports work with its rights.
 		if n := pgtest.QueryValue(t, res.Project.OwnerURL, "SELECT count(*) FROM public.notes"); n != "50" {
 			t.Errorf("rows as the owner = %s", n)
+		}
+		// Exported as that owner role, the project imports again on the same
+		// server: the manifest does not name the role it was dumped as.
+		again, m := exportTo(t, res.Project, CompressionNone)
+		for _, r := range m.Roles {
+			if r.Name == owner {
+				t.Errorf("the manifest names the owner role %s", owner)
+			}
+		}
+		opts := tg.options(again)
+		opts.Ref = "hostile_again"
+		pgtest.Exec(t, admin, "DROP DATABASE IF EXISTS hostile_again WITH (FORCE)")
+		if _, err := Import(t.Context(), opts, nil); err != nil {
+			t.Fatalf("import of the export of an import: %v", err)
 		}
 	})
 }

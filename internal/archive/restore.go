@@ -42,7 +42,7 @@ var ErrRefused = errors.New("archive refused")
 
 // reservedRole says why name may never be a role an archive brings along,
 // or "" when it may.
-func (im *importer) reservedRole(name, provisionOwner string) string {
+func (im *importer) reservedRole(name, provisionOwner, dumpedAs string) string {
 	switch {
 	case name == "postgres":
 		return "it is the bootstrap superuser"
@@ -54,6 +54,8 @@ func (im *importer) reservedRole(name, provisionOwner string) string {
 		return "it is the login role ([provision].login_user), which the proxy logs in as"
 	case name == provisionOwner:
 		return "it is the provisioning owner ([provision].owner_url)"
+	case name == dumpedAs:
+		return "it is the owner the archive was dumped as (the import gives every object to the project's own new owner role)"
 	}
 	return ""
 }
@@ -89,7 +91,7 @@ func (im *importer) checkRoles(ctx context.Context, admin *pgx.Conn, m *Manifest
 		inProject[n] = true
 	}
 	for _, name := range names {
-		if why := im.reservedRole(name, provisionOwner); why != "" {
+		if why := im.reservedRole(name, provisionOwner, m.Postgres.Owner); why != "" {
 			return fmt.Errorf("%w: the archive names role %q: %s; an archive may only bring ordinary project roles", ErrRefused, name, why)
 		}
 		var super, createRole, createDB, replication, login bool

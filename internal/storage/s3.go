@@ -158,6 +158,9 @@ func (s *S3) List(ctx context.Context) ([]Object, error) {
 
 func objectOf(key string, st minio.ObjectInfo) Object {
 	o := Object{Key: key, Size: st.Size, ETag: strings.Trim(st.ETag, `"`), ContentType: st.ContentType, LastModified: st.LastModified.UTC()}
+	if etagNotMD5(st) {
+		o.ETag = "" // the size is all the store tells of the bytes
+	}
 	if len(st.UserMetadata) > 0 {
 		o.Metadata = make(map[string]string, len(st.UserMetadata))
 		for k, v := range st.UserMetadata {
@@ -205,6 +208,13 @@ func (c *checkedReader) Read(p []byte) (int, error) {
 
 func (c *checkedReader) Close() error { return c.r.Close() }
 
+// etagNotMD5 says whether an object's ETag is no MD5 of its bytes even
+// when it looks like one: objects encrypted with SSE-KMS or SSE-C.
+func etagNotMD5(st minio.ObjectInfo) bool {
+	return strings.HasPrefix(st.Metadata.Get("X-Amz-Server-Side-Encryption"), "aws:kms") ||
+		st.Metadata.Get("X-Amz-Server-Side-Encryption-Customer-Algorithm") != ""
+}
+
 // isMD5 says whether an ETag is a plain MD5 (a single-part upload).
 func isMD5(etag string) bool {
 	if len(etag) != 32 {
@@ -232,7 +242,11 @@ func (s *S3) Put(ctx context.Context, key string, r io.Reader, size int64, conte
 	}
 	etag := strings.Trim(info.ETag, `"`)
 	if sum := hex.EncodeToString(h.Sum(nil)); isMD5(etag) && !strings.EqualFold(sum, etag) {
-		return fmt.Errorf("put %s%s: the store's ETag %s differs from the MD5 %s of the bytes sent", s.url, key, etag, sum)
+		// A bucket that encrypts with KMS by default returns another ETag.
+		st, err := s.c.StatObject(ctx, s.bucket, s.prefix+key, minio.StatObjectOptions{})
+		if err != nil || !etagNotMD5(st) {
+			return fmt.Errorf("put %s%s: the store's ETag %s differs from the MD5 %s of the bytes sent", s.url, key, etag, sum)
+		}
 	}
 	if info.Size != size {
 		return fmt.Errorf("put %s%s: the store took %d of %d bytes", s.url, key, info.Size, size)

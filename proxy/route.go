@@ -43,6 +43,15 @@ type Route struct {
 	Deallocate *Deallocate
 	// SQLPrepared is set when the text is exactly one PREPARE or EXECUTE.
 	SQLPrepared *SQLPrepared
+	// UntranslatedPrepared: the text uses SQL-level PREPARE, EXECUTE or
+	// DEALLOCATE in a form the proxy cannot translate (with other
+	// statements, under EXPLAIN or CREATE TABLE AS, in a query given to a
+	// function). On a shared backend it is refused: the names would reach
+	// statements of other clients.
+	UntranslatedPrepared bool
+	// ReadsBackendState: the text reads pg_prepared_statements or
+	// pg_cursors, which on a shared backend list other clients' state.
+	ReadsBackendState bool
 }
 
 // SQLPrepared is a SQL-level PREPARE or EXECUTE of Name; Tail is the text

@@ -40,6 +40,14 @@ type facts struct {
 	dealloc *Deallocate
 	// sqlPrepared names the statement of a PREPARE or EXECUTE.
 	sqlPrepared *SQLPrepared
+	// preparedUses counts SQL-level PREPARE, EXECUTE and DEALLOCATE
+	// anywhere in the text: top level, under EXPLAIN or CREATE TABLE AS,
+	// and in the constant queries of SQL-executing built-ins.
+	preparedUses int
+	// backendState: the text reads the backend's own prepared statements
+	// or cursors (pg_prepared_statements, pg_cursors), which on a shared
+	// backend belong to other clients too.
+	backendState bool
 	// funcs are functions unknown to the built-in tables, called by
 	// statements whose Target or PinSession their volatility may change.
 	funcs []QualifiedName
@@ -73,10 +81,12 @@ func (f *facts) apply(p Policy) Decision {
 		Statements:           f.statements,
 		SessionGUCs:          f.gucs,
 	}
-	if f.statements == 1 {
+	if f.statements == 1 && f.preparedUses == 1 {
 		d.Deallocate = f.dealloc
 		d.SQLPrepared = f.sqlPrepared
 	}
+	d.PreparedUses = f.preparedUses
+	d.ReadsBackendState = f.backendState
 	if len(f.funcs) > 0 {
 		volatile := false
 		var unknown []QualifiedName
@@ -342,14 +352,17 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 		}
 		return primary(ReasonSessionState, false)
 	case *pg_query.Node_PrepareStmt:
-		a.visit(n.ProtoReflect(), wctx{})
+		a.f.preparedUses++
+		a.children(s.PrepareStmt.ProtoReflect(), wctx{})
 		a.f.sqlPrepared = &SQLPrepared{Execute: false, Name: s.PrepareStmt.GetName()}
 		return primary(ReasonPrepared, true)
 	case *pg_query.Node_ExecuteStmt:
-		a.visit(n.ProtoReflect(), wctx{exec: true})
+		a.f.preparedUses++
+		a.children(s.ExecuteStmt.ProtoReflect(), wctx{exec: true})
 		a.f.sqlPrepared = &SQLPrepared{Execute: true, Name: s.ExecuteStmt.GetName()}
-		return primary(ReasonPrepared, false)
+		return primary(ReasonPrepared, true) // the statement may do anything a text can
 	case *pg_query.Node_DeallocateStmt:
+		a.f.preparedUses++
 		name := s.DeallocateStmt.GetName()
 		a.f.dealloc = &Deallocate{All: name == "", Name: name}
 		return primary(ReasonPrepared, false)
@@ -391,6 +404,9 @@ func (a *analyzer) explain(s *pg_query.ExplainStmt) stmtInfo {
 		analyze = defElemTrue(d)
 	}
 	if analyze {
+		if q := s.GetQuery(); q.GetExecuteStmt() != nil {
+			a.f.preparedUses++ // under EXPLAIN: never the lone statement
+		}
 		return a.statement(s.GetQuery())
 	}
 	q := s.GetQuery()
@@ -761,6 +777,13 @@ func (a *analyzer) visit(m protoreflect.Message, c wctx) {
 		if c.viewDef && strings.EqualFold(n.GetRelname(), "pg_settings") {
 			a.refuse("views and rules over pg_settings are not allowed")
 		}
+		if isBackendStateView(n.GetRelname()) {
+			a.f.backendState = true
+		}
+	case *pg_query.PrepareStmt, *pg_query.ExecuteStmt, *pg_query.DeallocateStmt:
+		// Below another statement (EXPLAIN, CREATE TABLE AS): never the
+		// lone statement a proxy can translate.
+		a.f.preparedUses += 2
 	case *pg_query.ViewStmt, *pg_query.RuleStmt:
 		c.viewDef = true
 	case *pg_query.DoStmt:
@@ -843,6 +866,9 @@ func funcName(parts []*pg_query.Node) (schema, name string) {
 // by the caller).
 func (a *analyzer) funcCall(n *pg_query.FuncCall, c wctx) {
 	schema, name := funcName(n.GetFuncname())
+	if (schema == "" || strings.EqualFold(schema, "pg_catalog")) && isBackendStateFunction(name) {
+		a.f.backendState = true
+	}
 	switch lookupFunction(schema, name) {
 	case fnSafe:
 	case fnSetConfig:
@@ -859,7 +885,7 @@ func (a *analyzer) funcCall(n *pg_query.FuncCall, c wctx) {
 		a.literalDep = true
 		a.sqlExec(n, name, idx)
 		if c.exec {
-			a.acc.sidePrimary = true
+			a.acc.sidePin = true // the query may leave session state
 		}
 	case fnPrimary:
 		if c.exec {
@@ -978,6 +1004,10 @@ func (a *analyzer) sqlExec(n *pg_query.FuncCall, name string, idx int) {
 	case sub.f.untrusted != nil && a.f.untrusted == nil:
 		a.f.untrusted = sub.f.untrusted
 	}
+	if sub.f.preparedUses > 0 {
+		a.f.preparedUses += 2 // never translatable
+	}
+	a.f.backendState = a.f.backendState || sub.f.backendState
 }
 
 // spansMapped reports whether every literal replaced by normalizeKey (at
@@ -1054,4 +1084,15 @@ func isRouteHintBody(body string) bool {
 		k++
 	}
 	return k == len(want)
+}
+
+// isBackendStateView reports the views that list a backend's own prepared
+// statements and cursors.
+func isBackendStateView(name string) bool {
+	return strings.EqualFold(name, "pg_prepared_statements") || strings.EqualFold(name, "pg_cursors")
+}
+
+// isBackendStateFunction reports the functions behind those views.
+func isBackendStateFunction(name string) bool {
+	return strings.EqualFold(name, "pg_prepared_statement") || strings.EqualFold(name, "pg_cursor")
 }

@@ -362,6 +362,17 @@ type Decision struct {
 	// Deallocate is set when the text is exactly one DEALLOCATE statement:
 	// a proxy that renames prepared statements must translate it.
 	Deallocate *Deallocate
+	// PreparedUses counts SQL-level PREPARE, EXECUTE and DEALLOCATE in the
+	// text, wherever they are (a statement under EXPLAIN or CREATE TABLE AS
+	// counts twice). SQLPrepared or Deallocate is set only when it is 1 and
+	// the text is that one statement: a proxy that renames prepared
+	// statements must refuse every other text that uses them, since their
+	// names would reach the backend untranslated.
+	PreparedUses int
+	// ReadsBackendState: the text reads pg_prepared_statements or
+	// pg_cursors (or their functions). On a backend shared by many clients
+	// those list other clients' statements and cursors.
+	ReadsBackendState bool
 	// UnknownFunctions lists functions whose volatility decided Target or
 	// PinSession but is unknown both to the built-in tables and to
 	// Policy.Functions. The text was treated as calling volatile functions

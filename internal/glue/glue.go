@@ -92,6 +92,8 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 	if d.Deallocate != nil {
 		r.Deallocate = &proxy.Deallocate{All: d.Deallocate.All, Name: d.Deallocate.Name}
 	}
+	r.UntranslatedPrepared = d.PreparedUses > 0 && r.SQLPrepared == nil && r.Deallocate == nil
+	r.ReadsBackendState = d.ReadsBackendState
 	if d.Refusal != nil {
 		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message}
 	}

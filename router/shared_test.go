@@ -1,0 +1,58 @@
+package router
+
+import "testing"
+
+// A proxy that renames prepared statements per client translates a
+// PREPARE, EXECUTE or DEALLOCATE only when it is the whole text; every
+// other use must be visible to it, so it can refuse it.
+func TestPreparedUses(t *testing.T) {
+	c := NewClassifier(Options{})
+	cases := []struct {
+		sql        string
+		uses       int
+		translated bool
+	}{
+		{`PREPARE p AS SELECT 1`, 1, true},
+		{`EXECUTE p`, 1, true},
+		{`DEALLOCATE p`, 1, true},
+		{`DEALLOCATE ALL`, 1, true},
+		{`SELECT 1; EXECUTE cascata_set('role', 'service_role')`, 1, false},
+		{`SELECT 1; DEALLOCATE ALL`, 1, false},
+		{`DEALLOCATE cascata_ident; PREPARE cascata_ident(text) AS SELECT $1`, 2, false},
+		{`EXPLAIN EXECUTE p`, 2, false},
+		{`EXPLAIN ANALYZE EXECUTE cascata_set('role', 'service_role')`, 2, false},
+		{`CREATE TEMP TABLE z AS EXECUTE cascata_set('role', 'service_role')`, 2, false},
+		{`SELECT query_to_xml('EXECUTE p', true, false, '')`, 2, false},
+		{`SELECT 1`, 0, false},
+	}
+	for _, tc := range cases {
+		d := c.Classify(tc.sql, Policy{})
+		if d.Refusal != nil {
+			t.Errorf("%q refused: %s", tc.sql, d.Refusal.Message)
+			continue
+		}
+		if d.PreparedUses < tc.uses || (tc.uses == 0) != (d.PreparedUses == 0) {
+			t.Errorf("%q: PreparedUses %d, want %d", tc.sql, d.PreparedUses, tc.uses)
+		}
+		translated := d.SQLPrepared != nil || d.Deallocate != nil
+		if translated != tc.translated {
+			t.Errorf("%q: translatable %v, want %v", tc.sql, translated, tc.translated)
+		}
+	}
+}
+
+func TestReadsBackendState(t *testing.T) {
+	c := NewClassifier(Options{})
+	for sql, want := range map[string]bool{
+		`SELECT name, statement FROM pg_prepared_statements`:               true,
+		`SELECT * FROM pg_catalog.pg_cursors`:                              true,
+		`SELECT * FROM pg_catalog.pg_prepared_statement()`:                 true,
+		`SELECT (SELECT count(*) FROM pg_cursor()) AS n`:                   true,
+		`SELECT query_to_xml('SELECT * FROM pg_cursors', true, false, '')`: true,
+		`SELECT * FROM items`:                                              false,
+	} {
+		if d := c.Classify(sql, Policy{}); d.ReadsBackendState != want {
+			t.Errorf("%q: ReadsBackendState %v, want %v", sql, d.ReadsBackendState, want)
+		}
+	}
+}

@@ -3,10 +3,12 @@ package proxy
 import (
 	"bufio"
 	"context"
+	crand "crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"sync"
 	"sync/atomic"
@@ -19,18 +21,12 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
-// identStmt is prepared on every backend once: it puts a client's identity in
-// force with two parameters, so role names and claims are never spliced into SQL.
-const (
-	identStmtName = "cascata_ident"
-	identStmtSQL  = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false), pg_catalog.set_config('request.jwt.claims_mac', $3, false)"
-	// checkStmt fails (division by zero) unless the identity is in force.
-	checkStmtName = "cascata_check"
-	checkStmtSQL  = "SELECT pg_catalog.int4div(1, (pg_catalog.current_setting('role') = $1 AND pg_catalog.current_setting('request.jwt.claims', true) IS NOT DISTINCT FROM $2)::int)"
-)
-
-// internalStmts are prepared on every backend.
-var internalStmts = [][2]string{{identStmtName, identStmtSQL}, {setStmtName, setStmtSQL}, {resetStmtName, resetStmtSQL}, {checkStmtName, checkStmtSQL}}
+// identSQL puts a client's identity in force with three parameters, so role
+// names and claims are never spliced into SQL. Like every statement the
+// proxy runs for itself on a backend, it is parsed as the unnamed
+// statement, which no SQL text can name: the proxy keeps no named
+// statement of its own that a client could EXECUTE, DEALLOCATE or replace.
+const identSQL = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false), pg_catalog.set_config('request.jwt.claims_mac', $3, false)"
 
 // backend is one hijacked server connection.
 type backend struct {
@@ -57,7 +53,9 @@ type backend struct {
 	// claimGUCs are the legacy request.jwt.claim.* settings in force here.
 	claimGUCs map[string]string
 	poisoned  bool // state unknown after a failed setup: closed when released
-	reprepare bool // a client ran DEALLOCATE ALL: the proxy's statements are gone
+	// gate draws the names of the setup's gate statements (see setupPlan):
+	// seeded from crypto/rand, so no client can guess the next one.
+	gate *rand.ChaCha8
 
 	// The backend's own goroutine (serve) reads it for its whole life: it
 	// waits on the socket while the backend sits idle in its pool, so a
@@ -157,17 +155,18 @@ func (b *backend) attach(a attachment) bool {
 
 // dialBackend connects with pgconn (TLS and SCRAM as the URL says), prepares
 // the identity statement, then takes over the raw connection.
-func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend, error) {
+func dialBackend(ctx context.Context, cfg *pgconn.Config) (*backend, error) {
 	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s:%d: %w", cfg.Host, cfg.Port, err)
 	}
-	for _, st := range internalStmts {
-		if _, err := pc.Prepare(ctx, st[0], st[1], nil); err != nil {
-			pc.Close(ctx)
-			return nil, fmt.Errorf("prepare %s on %s:%d: %w", st[0], cfg.Host, cfg.Port, err)
-		}
+	var seed [32]byte
+	if _, err := crand.Read(seed[:]); err != nil {
+		pc.Close(ctx)
+		return nil, fmt.Errorf("seed the gate names: %w", err)
 	}
+	// pgconn may read in the background (after a slow write): SyncConn
+	// stops that, so nothing reads the socket but the backend's goroutine.
 	if err := pc.SyncConn(ctx); err != nil {
 		pc.Close(ctx)
 		return nil, fmt.Errorf("sync backend: %w", err)
@@ -188,6 +187,7 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config, maxBody int) (*backend
 		tlsConf: cfg.TLSConfig,
 		params:  hj.ParameterStatuses,
 		created: time.Now(),
+		gate:    rand.NewChaCha8(seed),
 	}
 	b.idleRead = b.onIdleRead
 	return b, nil
@@ -254,19 +254,23 @@ func (b *backend) cancel(ctx context.Context) error {
 	return nil
 }
 
-// simpleQuery runs one query on an idle backend that no client holds and
-// returns its rows as text (nil for NULL). The backend must be idle after it.
-func (b *backend) simpleQuery(sql string) ([][]*string, error) {
+// simpleQuery runs queries, pipelined, on an idle backend that no client
+// holds and returns their rows as text (nil for NULL). The backend must be
+// idle after them; the first error is returned.
+func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
 	defer func() { _ = b.conn.SetDeadline(time.Time{}) }()
-	if err := writeMsg(b.wr, 'Q', append([]byte(sql), 0)); err != nil {
-		return nil, err
+	for _, sql := range sqls {
+		if err := writeMsg(b.wr, 'Q', append([]byte(sql), 0)); err != nil {
+			return nil, err
+		}
 	}
 	if err := b.wr.Flush(); err != nil {
 		return nil, err
 	}
 	var rows [][]*string
 	var qerr error
+	left := len(sqls)
 	for {
 		typ, _, err := b.rd.next()
 		if err != nil {
@@ -297,7 +301,9 @@ func (b *backend) simpleQuery(sql string) ([][]*string, error) {
 			}
 			var er pgproto3.ErrorResponse
 			_ = er.Decode(body)
-			qerr = fmt.Errorf("server error %s: %s", er.Code, er.Message)
+			if qerr == nil {
+				qerr = fmt.Errorf("server error %s: %s", er.Code, er.Message)
+			}
 		case 'Z':
 			body, err := b.rd.body()
 			if err != nil {
@@ -305,6 +311,9 @@ func (b *backend) simpleQuery(sql string) ([][]*string, error) {
 			}
 			if len(body) != 1 || body[0] != 'I' {
 				return nil, errors.New("backend not idle after an internal query")
+			}
+			if left--; left > 0 {
+				continue
 			}
 			return rows, qerr
 		default:
@@ -315,40 +324,19 @@ func (b *backend) simpleQuery(sql string) ([][]*string, error) {
 	}
 }
 
-// prepareInternal prepares the proxy's own statements again on an idle
-// backend no client holds (after a client's DEALLOCATE ALL).
-func (b *backend) prepareInternal() error {
-	var buf []byte
-	for _, st := range internalStmts {
-		buf, _ = (&pgproto3.Parse{Name: st[0], Query: st[1]}).Encode(buf)
-	}
-	buf = append(buf, msgSync...)
-	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
-	defer func() { _ = b.conn.SetDeadline(time.Time{}) }()
-	if _, err := b.wr.Write(buf); err != nil {
-		return err
-	}
-	if err := b.wr.Flush(); err != nil {
-		return err
-	}
-	var failed error
-	for {
-		typ, _, err := b.rd.next()
-		if err != nil {
-			return err
-		}
-		switch typ {
-		case 'E':
-			body, _ := b.rd.body()
-			failed = fmt.Errorf("prepare internal statements: %q", body)
-		case 'Z':
-			_ = b.rd.skip()
-			if failed == nil {
-				b.reprepare = false
-			}
-			return failed
-		default:
-			_ = b.rd.skip()
+// gateName returns a fresh, unguessable statement name for a setup's gate.
+func (b *backend) gateName() string {
+	var name [len(gatePrefix) + 32]byte
+	copy(name[:], gatePrefix)
+	const hexdigits = "0123456789abcdef"
+	for i := 0; i < 2; i++ {
+		v := b.gate.Uint64()
+		for j := 0; j < 16; j++ {
+			name[len(gatePrefix)+16*i+j] = hexdigits[v&15]
+			v >>= 4
 		}
 	}
+	return string(name[:])
 }
+
+const gatePrefix = "cascata_gate_"

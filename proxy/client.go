@@ -12,9 +12,35 @@ const maxBatchHold = 1 << 20
 // batches (larger ones are dropped so idle clients stay small).
 const maxBatchKeep = 4 << 10
 
-// classify asks the configured Classifier about one SQL text.
-func (ss *session) classify(sql string) Route {
-	return ss.srv.classifier.Classify(ss.ref, sql, ss.trusted)
+// classify asks the configured Classifier about one SQL text, sent in a
+// Query (parse false) or a Parse message, and adds the refusals that
+// protect a backend shared by many clients.
+func (ss *session) classify(sql string, parse bool) Route {
+	r := ss.srv.classifier.Classify(ss.ref, sql, ss.trusted)
+	if r.Refusal != nil || !ss.translatesNames() {
+		return r
+	}
+	switch {
+	case parse && (r.SQLPrepared != nil || r.Deallocate != nil || r.UntranslatedPrepared):
+		r.Refusal = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE cannot be sent in a Parse message through cascata in transaction mode",
+			Hint: "Send them as a simple query, or use the protocol's own prepared statements."}
+	case r.UntranslatedPrepared:
+		r.Refusal = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE must each be sent as a query of their own through cascata in transaction mode",
+			Hint: "cascata gives each client its own statement names; it translates a PREPARE, EXECUTE or DEALLOCATE only when it is the whole query."}
+	case r.ReadsBackendState:
+		r.Refusal = &Error{Code: CodeInsufficientPrivs, Message: "pg_prepared_statements and pg_cursors cannot be read through cascata in transaction mode: the server connection is shared with other clients"}
+	}
+	if r.Refusal != nil {
+		r.Primary = true
+	}
+	return r
+}
+
+// translatesNames reports whether the client's statement names are its own
+// and translated (transaction mode, and sessions that route reads), as
+// opposed to a session-mode client that owns its backend.
+func (ss *session) translatesNames() bool {
+	return !ss.sessionMode || ss.routedSession
 }
 
 // attached reports whether a backend is attached.
@@ -36,7 +62,7 @@ func (ss *session) onQuery() error {
 		ss.failLocal('Q', fatalError(CodeProtocolViolation, "invalid Query message"))
 		return nil
 	}
-	r := ss.classify(sql)
+	r := ss.classify(sql, false)
 	if r.Hint == HintSessionPrimary || r.Hint == HintSessionAuto {
 		ss.routePrimary = r.Hint == HintSessionPrimary
 		if !ss.attached() {
@@ -130,6 +156,10 @@ func (ss *session) onExtended(typ byte) error {
 	if err != nil {
 		return err
 	}
+	if err := checkFrontendMsg(typ, body); err != nil {
+		ss.protocolViolation(err)
+		return err
+	}
 	if !ss.attached() {
 		ss.batch = append(ss.batch, typ)
 		ss.batch = append(ss.batch, byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4))
@@ -173,7 +203,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 			return want{primary: true}
 		}
 		sql, _, _ := cstring(rest)
-		*r = ss.classify(sql)
+		*r = ss.classify(sql, true)
 		w := want{pin: r.PinSession, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
@@ -207,7 +237,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		if st == nil {
 			return want{reason: "read"}
 		}
-		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs}
+		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin}
 	}
 	return want{reason: "read"}
 }
@@ -290,6 +320,28 @@ func (ss *session) flushBatch(term byte) error {
 	return nil
 }
 
+// protocolViolation answers a malformed message as PostgreSQL does (FATAL
+// 08P01); the caller then ends the session. A held batch is dropped unsent,
+// and an attached backend is cleaned by finish like after any departure.
+func (ss *session) protocolViolation(err error) {
+	ss.batch = ss.batch[:0]
+	// Messages forwarded before this one may wait in the backend's buffer
+	// for it (pipelining): they go out, so their replies come first.
+	ss.mu.Lock()
+	be := ss.be
+	if be != nil {
+		ss.writing = true
+	}
+	ss.mu.Unlock()
+	if be != nil {
+		if err := be.wr.Flush(); err != nil {
+			_ = ss.backendWriteFailed(be, err)
+		}
+		ss.doneWriting()
+	}
+	ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "%s", err.Error()), true), 0)
+}
+
 // failBatch answers a held batch that could not run.
 func (ss *session) failBatch(term byte, err error) {
 	if term == 'S' {
@@ -309,8 +361,8 @@ func splitMsg(b []byte, off int) (byte, []byte, int) {
 // DEALLOCATE name drops the client's name and the backend's statement under
 // the proxy's name (others re-prepare it when they need it); an unknown name
 // fails with 26000 under the client's name. DEALLOCATE ALL drops every name
-// of the client and runs as it is: the backend then lacks the proxy's own
-// statements too, and gets them back before it serves anyone else.
+// of the client and runs as it is (the backend keeps no statement of the
+// proxy's own that it could lose).
 func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
@@ -318,7 +370,6 @@ func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
 		clear(ss.stmts)
 		clear(ss.sqlStmts)
 		be.stmts, be.sqlStmts = nil, nil
-		be.reprepare = true
 		return appendCString(ss.out[:0], "DEALLOCATE ALL")
 	}
 	ss.replayOK = false

@@ -19,6 +19,8 @@ const (
 	CodeAdminShutdown       = "57P01"
 	CodeInsufficientPrivs   = "42501"
 	CodeFeatureNotSupported = "0A000"
+	// CodeDuplicatePreparedStmt is duplicate_prepared_statement.
+	CodeDuplicatePreparedStmt = "42P05"
 )
 
 // Error is an error with a SQLSTATE, the one shape in which the proxy reports

@@ -57,7 +57,6 @@ type pools struct {
 	maxPerHost     int
 	connectTimeout time.Duration
 	waitTimeout    time.Duration
-	maxBody        int
 	log            *slog.Logger
 	metrics        *Metrics
 
@@ -66,12 +65,11 @@ type pools struct {
 	hosts map[string]*hostLimiter
 }
 
-func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, maxBody int, log *slog.Logger, m *Metrics) *pools {
+func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *slog.Logger, m *Metrics) *pools {
 	return &pools{
 		maxPerHost:     maxPerHost,
 		connectTimeout: connectTimeout,
 		waitTimeout:    waitTimeout,
-		maxBody:        maxBody,
 		log:            log,
 		metrics:        m,
 		byKey:          map[string]*pool{},
@@ -130,7 +128,7 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 		}
 		dctx, dcancel := context.WithTimeout(ctx, ps.connectTimeout)
 		defer dcancel()
-		b, err := dialBackend(dctx, pl.cfg, ps.maxBody)
+		b, err := dialBackend(dctx, pl.cfg)
 		if err != nil {
 			pl.host.sem.Release(1)
 			pl.log.Warn("backend dial failed", "project", pl.ref, "host", pl.hostKey, "error", err)

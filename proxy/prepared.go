@@ -46,6 +46,7 @@ type stmt struct {
 	rest      []byte // query text and parameter types as in Parse, after the name
 	primary   bool   // its text must run on the primary
 	writes    bool
+	pin       bool     // its text may leave session state
 	gucs      []string // session settings it changes
 }
 
@@ -165,19 +166,14 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		return fatalError(CodeProtocolViolation, "invalid %q message", typ)
 	}
 	if typ == 'P' && r.Refusal != nil {
-		// Fail in place, so PostgreSQL skips the rest of the batch as after
-		// any error; the syntax error is replaced by the refusal.
-		ss.pushReplace(refusedSQL, refusalBody(r.Refusal))
-		ss.push(&ss.parseQ, queued{action: replyPass})
-		ss.appendMsg('P', []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
-		ss.unnamedOnBackend = false
+		ss.failParse(r.Refusal)
 		return nil
 	}
 	if ss.sessionMode && !ss.routedSession {
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
 	}
-	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs}
+	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession}
 	switch typ {
 	case 'P':
 		name, rest, ok := cstring(body)
@@ -185,20 +181,17 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
 			return nil
 		}
 		if _, dup := ss.stmts[name]; dup {
-			// Parse under a name every backend has: 42P05, renamed back.
-			ss.pushRename(identStmtName, name)
-			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg('P', appendCString(nil, identStmtName), rest)
+			ss.failParse(duplicateStmt(name))
 			return nil
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin}
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, true)
@@ -260,6 +253,22 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.appendMsg(typ, body)
 	}
 	return nil
+}
+
+// failParse sends, in place of a Parse, one that fails, so PostgreSQL skips
+// the rest of the batch as after any error; its syntax error is replaced by
+// err. It replaces the backend's unnamed statement, as a failed Parse of the
+// unnamed statement does.
+func (ss *session) failParse(err error) {
+	ss.pushReplace(refusedSQL, refusalBody(err))
+	ss.push(&ss.parseQ, queued{action: replyPass})
+	ss.appendMsg('P', []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
+	ss.unnamedOnBackend = false
+}
+
+// duplicateStmt is PostgreSQL's error for a statement name already in use.
+func duplicateStmt(name string) error {
+	return &Error{Code: CodeDuplicatePreparedStmt, Message: "prepared statement \"" + name + "\" already exists"}
 }
 
 // stmtTarget returns the backend name to use for a client's statement,
@@ -354,10 +363,7 @@ func (ss *session) retranslate(be *backend, typ byte, body []byte) {
 		}
 		st := ss.stmts[name]
 		if st == nil || st.proxyName != statementName(rest) {
-			// The first translation refused it as a duplicate: again.
-			ss.pushRename(identStmtName, name)
-			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg('P', appendCString(nil, identStmtName), rest)
+			ss.failParse(duplicateStmt(name)) // the first translation refused it
 			return
 		}
 		ss.prepareOn(be, st, true)

@@ -1,6 +1,7 @@
 package proxy_test
 
 import (
+	"cascata/internal/pgtest"
 	"context"
 	"fmt"
 	"strings"
@@ -99,9 +100,17 @@ func TestPreparedOncePerBackend(t *testing.T) {
 		}
 		c.Close(ctx)
 	}
+	// Clients cannot read pg_prepared_statements in transaction mode (it
+	// lists other clients' statements); an owner's function can.
+	su := pgtest.Connect(t, cluster.Primary.SuperuserURL("p2"))
+	if _, err := su.Exec(ctx, `CREATE OR REPLACE FUNCTION public.count_prepared(q text) RETURNS int LANGUAGE sql SECURITY DEFINER
+		AS 'SELECT count(*)::int FROM pg_prepared_statements WHERE statement = q';
+		GRANT EXECUTE ON FUNCTION public.count_prepared(text) TO anon`); err != nil {
+		t.Fatal(err)
+	}
 	c := h.connectMode("p2", "anon", "x", "simple_protocol")
 	var n int
-	if err := c.QueryRow(ctx, "SELECT count(*) FROM pg_prepared_statements WHERE statement = 'SELECT 42 + $1::int'").Scan(&n); err != nil {
+	if err := c.QueryRow(ctx, "SELECT count_prepared('SELECT 42 + $1::int')").Scan(&n); err != nil {
 		t.Fatal(err)
 	}
 	if n != 1 {

@@ -259,7 +259,7 @@ func NewServer(opts Options) (*Server, error) {
 		sessions:   map[uint32]*session{},
 	}
 	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
-	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, opts.MaxMessageBytes, s.log, s.metrics)
+	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, s.log, s.metrics)
 	empty := map[string]*project{}
 	s.projects.Store(&empty)
 	ctx, cancel := context.WithCancel(context.Background())

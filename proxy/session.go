@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"slices"
 	"strings"
@@ -88,6 +89,7 @@ type session struct {
 	settings     map[string]string // the client's session settings (transaction mode: carried across backends)
 	settingsKey  string            // settingsKey(settings)
 	unitGUCs     []string          // settings changed in the running unit
+	unitState    bool              // the running unit may leave session state: scrub at release
 	gucsPending  bool              // their values are being read back
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
 	// A read unit on a replica whose replica dies before any reply reached
@@ -113,20 +115,6 @@ type session struct {
 	relays  sync.WaitGroup
 	scratch []byte
 }
-
-// setupPlan is what precedes a client's first message on a backend: a
-// group of statements (identity, settings) ended by its own Sync, so they
-// commit on their own and no ROLLBACK of the client can undo them, then,
-// after an identity change, a check in the client's own batch that fails
-// unless the identity is in force. If the group failed (or was cancelled),
-// the check fails too and PostgreSQL skips the client's messages: nothing
-// ever runs under another identity.
-type setupPlan struct {
-	group int  // statements in the committed group (0 = no group, no Sync)
-	check bool // the identity check follows the group
-}
-
-func (p setupPlan) empty() bool { return p.group == 0 && !p.check }
 
 func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
 	rd.maxBody = s.opts.MaxMessageBytes
@@ -165,7 +153,7 @@ func (ss *session) greet(ctx context.Context) error {
 	// same guard as a SET statement would: options=-c role=... is refused.
 	for name, v := range ss.settings {
 		stmt := `SET "` + strings.ReplaceAll(name, `"`, `""`) + `" TO '` + strings.ReplaceAll(v, "'", "''") + `'`
-		if r := ss.classify(stmt); r.Refusal != nil {
+		if r := ss.classify(stmt, false); r.Refusal != nil {
 			return &Error{Code: CodeInsufficientPrivs, Fatal: true, Message: "startup parameter " + name + " refused: " + r.Refusal.Error()}
 		}
 	}
@@ -250,7 +238,7 @@ func (ss *session) run() {
 		ss.srv.unregister(ss)
 	}()
 	for {
-		typ, _, err := ss.rd.next()
+		typ, n, err := ss.rd.next()
 		if err != nil {
 			var tooLarge *errMessageTooLarge
 			if errors.As(err, &tooLarge) {
@@ -260,6 +248,10 @@ func (ss *session) run() {
 		}
 		if ss.skipToSync && typ != 'S' {
 			continue // the body is skipped by the next call to next
+		}
+		if (typ == msgTypeSync || typ == msgTypeFlush) && n != 0 {
+			ss.protocolViolation(errors.New("invalid " + string(typ) + " message: unexpected body"))
+			return
 		}
 		switch typ {
 		case 'X':
@@ -470,6 +462,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mark(boundary)
 		ss.unitWrites = ss.unitWrites || w.writes
 		ss.unitGUCs = append(ss.unitGUCs, w.gucs...)
+		ss.unitState = ss.unitState || w.pin
 		ss.mu.Unlock()
 		return be, nil
 	}
@@ -540,6 +533,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mark(boundary)
 		ss.unnamedOnBackend = false
 		ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
+		ss.unitState = w.pin
 		ss.mu.Unlock()
 		if serr != nil {
 			be.close()
@@ -694,19 +688,19 @@ func (ss *session) relay(a attachment) *unit {
 				var er pgproto3.ErrorResponse
 				_ = er.Decode(body)
 				if setup.group > 0 {
-					// The group is rolled back; the check decides.
+					// The group is rolled back; the gate decides.
 					groupErr = &er
 					be.identity, be.settings, be.settingsKey = "", nil, ""
 					be.poisoned = true // its settings are unknown now: close it after this unit
 					continue
 				}
-				// The check failed: the client's messages were skipped.
+				// The gate is missing: the client's messages were skipped.
 				if groupErr != nil {
 					er = *groupErr
 				}
 				ss.srv.log.Warn("identity or settings could not be applied", "project", ss.ref, "role", ss.ident.Role, "sqlstate", er.Code, "message", er.Message)
 				code := er.Code
-				if code == "" || strings.HasPrefix(code, "28") || code == "42704" || code == "22012" {
+				if code == "" || strings.HasPrefix(code, "28") || code == "42704" || code == "26000" {
 					code = CodeInsufficientPrivs
 				}
 				unlock()
@@ -721,14 +715,9 @@ func (ss *session) relay(a attachment) *unit {
 				switch typ {
 				case 'Z':
 					setup.group = 0
-					if groupErr != nil && !setup.check {
-						// Settings only (identity unchanged and committed):
-						// carry on; the next unit applies them again.
-						ss.srv.log.Warn("session settings could not be applied", "project", ss.ref, "sqlstate", groupErr.Code, "message", groupErr.Message)
-					}
 				}
-			case typ == 'C':
-				setup.check = false
+			case typ == '3':
+				setup.gate = false // the gate's CloseComplete: the client's replies follow
 			}
 			_ = be.rd.skip()
 			continue // BindComplete, DataRow, ParameterStatus, notices of the setup
@@ -763,6 +752,9 @@ func (ss *session) relay(a attachment) *unit {
 			ss.dropUnanswered(be)
 			ss.pending--
 			ss.txStatus = status
+			if ss.pending == 0 {
+				ss.cond.Broadcast() // a proxy-made reply (writeLocal) may go out now
+			}
 			if status == 'I' {
 				ss.identPending = false
 			}
@@ -920,6 +912,7 @@ type unit struct {
 	stopping bool
 	fetchLSN bool     // ask the primary for its WAL position before release
 	readGUCs []string // read back the settings the unit changed before release
+	scrub    bool     // the unit may have left session state: scrub the backend (see scrubSQL)
 }
 
 // detachLocked clears the attachment; call with mu held, then settleUnit
@@ -934,7 +927,11 @@ func (ss *session) detachLocked(clean bool) *unit {
 		u.readGUCs = slices.Clone(ss.unitGUCs)
 		ss.gucsPending = true
 	}
-	ss.unitWrites = false
+	// A backend that serves other clients next goes back as clean as a new
+	// one. The client's own settings were read back above; in session mode
+	// the backend is the client's and DISCARD ALL cleans it at the end.
+	u.scrub = clean && ss.unitState && !ss.sessionMode
+	ss.unitWrites, ss.unitState = false, false
 	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
@@ -951,38 +948,43 @@ func (ss *session) settleUnit(u *unit) {
 	if u.res.Value().poisoned {
 		u.clean = false
 	}
-	if be := u.res.Value(); be.reprepare && u.clean {
-		if err := be.prepareInternal(); err != nil {
-			ss.srv.log.Warn("could not prepare the proxy's statements again", "project", ss.ref, "error", err)
-			u.clean = false
-		}
-	}
-	if u.readGUCs != nil {
+	if u.readGUCs != nil || u.scrub {
 		be := u.res.Value()
-		vals, err := be.readSettings(u.readGUCs)
+		st, err := be.settle(u.readGUCs, u.scrub)
+		if err == nil && u.scrub && (st.role != ss.ident.Role || st.claims != ss.ident.Claims) {
+			err = fmt.Errorf("the identity changed during a unit: role %q", st.role)
+			ss.srv.log.Error("identity changed on a backend; closing it", "project", ss.ref, "role", ss.ident.Role, "found", st.role)
+		}
+		if err == nil && st.foreignStmts > 0 {
+			err = fmt.Errorf("%d prepared statements the proxy did not make", st.foreignStmts)
+		}
 		ss.mu.Lock()
-		if err == nil {
+		if err == nil && u.readGUCs != nil {
 			if be.settings == nil {
 				be.settings = map[string]string{}
 			}
 			for _, name := range u.readGUCs {
-				if v := vals[name]; v != nil {
-					ss.settings[name] = *v
-					be.settings[name] = *v
+				if v, ok := st.settings[name]; ok {
+					ss.settings[name] = v
+					be.settings[name] = v
 				} else {
 					delete(ss.settings, name)
 					delete(be.settings, name)
 				}
 			}
-			// Both changed alike from equal maps: still equal.
 			ss.settingsKey = settingsKey(ss.settings)
 			be.settingsKey = ss.settingsKey
+		}
+		if err == nil && u.scrub {
+			// RESET ALL left the role and nothing else of the client's.
+			be.identity = ""
+			be.settings, be.settingsKey, be.claimGUCs = nil, "", nil
 		}
 		ss.gucsPending = false
 		ss.cond.Broadcast()
 		ss.mu.Unlock()
 		if err != nil {
-			ss.srv.log.Warn("could not read back session settings", "project", ss.ref, "error", err)
+			ss.srv.log.Warn("could not settle a backend; closing it", "project", ss.ref, "error", err)
 			u.clean = false
 		}
 	}
@@ -1099,12 +1101,7 @@ func (ss *session) finish() {
 	ss.pending++
 	if ss.sessionMode {
 		out = append(out, queryMsg("DISCARD ALL")...)
-		out = append(out, mustEncode(&pgproto3.Parse{Name: identStmtName, Query: identStmtSQL})...)
-		out = append(out, mustEncode(&pgproto3.Parse{Name: setStmtName, Query: setStmtSQL})...)
-		out = append(out, mustEncode(&pgproto3.Parse{Name: resetStmtName, Query: resetStmtSQL})...)
-		out = append(out, mustEncode(&pgproto3.Parse{Name: checkStmtName, Query: checkStmtSQL})...)
-		out = append(out, msgSync...)
-		ss.pending += 2
+		ss.pending++
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.sqlStmts = nil
@@ -1184,45 +1181,6 @@ func macOf(f func(string) string, claims string) string {
 		return ""
 	}
 	return f(claims)
-}
-
-// setupBytes encodes the identity (if needed) and the settings that make be
-// serve this client (see setupPlan).
-func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte, setupPlan, error) {
-	var plan setupPlan
-	var err error
-	var params [][]byte
-	if identSetup {
-		params = [][]byte{[]byte(ss.ident.Role), []byte(ss.ident.Claims), []byte(ss.claimsMAC)}
-		be.identity = ss.identKey
-		if buf, err = (&pgproto3.Bind{PreparedStatement: identStmtName, Parameters: params}).Encode(buf); err == nil {
-			buf, err = (&pgproto3.Execute{}).Encode(buf)
-		}
-		plan.group++
-	}
-	if err == nil && (ss.claimGUCs != nil || be.claimGUCs != nil) {
-		var nc int
-		buf, nc, err = claimSetup(buf, be, ss.claimGUCs)
-		plan.group += nc
-	}
-	if err == nil {
-		if be.settingsKey != ss.settingsKey {
-			var ns int
-			buf, ns, err = settingsSetup(buf, be, ss.settings)
-			plan.group += ns
-			be.settingsKey = ss.settingsKey
-		}
-	}
-	if err == nil && plan.group > 0 {
-		buf = append(buf, msgSync...)
-	}
-	if err == nil && identSetup {
-		if buf, err = (&pgproto3.Bind{PreparedStatement: checkStmtName, Parameters: params[:2]}).Encode(buf); err == nil {
-			buf, err = (&pgproto3.Execute{}).Encode(buf)
-		}
-		plan.check = true
-	}
-	return buf, plan, err
 }
 
 // keepReplay records the bytes of a read unit just sent to a replica, so

@@ -2,11 +2,9 @@ package proxy
 
 import (
 	"encoding/json"
-	"fmt"
 	"slices"
+	"strconv"
 	"strings"
-
-	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // Session settings in transaction mode.
@@ -20,13 +18,8 @@ import (
 // SET rolled back with its transaction leaves nothing — before that client
 // can start another transaction.
 
-// Statements prepared on every backend for settings.
-const (
-	setStmtName   = "cascata_set"
-	setStmtSQL    = "SELECT pg_catalog.set_config($1, $2, false)"
-	resetStmtName = "cascata_reset"
-	resetStmtSQL  = "SELECT pg_catalog.set_config(s.name, s.reset_val, false) FROM pg_catalog.pg_settings s WHERE s.name = $1"
-)
+// setSQL puts one setting in force (parsed as the unnamed statement).
+const setSQL = "SELECT pg_catalog.set_config($1, $2, false)"
 
 // startupSettings are the parameters a client may give at startup that are
 // settings to keep in force (everything but the connection's own keys).
@@ -116,48 +109,60 @@ func settingsKey(m map[string]string) string {
 	return b.String()
 }
 
-// settingsSetup appends to buf the Bind/Execute pairs that turn the
-// backend's settings into the client's, updates the backend's record and
-// returns how many statements were added.
-func settingsSetup(buf []byte, be *backend, want map[string]string) ([]byte, int, error) {
-	n := 0
-	var err error
+// settingsSetup adds to g what turns the backend's settings into the
+// client's and updates the backend's record. A setting the client no
+// longer has is RESET by its quoted name, which PostgreSQL looks up
+// case-insensitively like any setting name (TimeZone, DateStyle and custom
+// x.y settings included).
+func settingsSetup(g *setupGroup, be *backend, want map[string]string) {
+	n := g.n
+	for name := range be.settings {
+		if _, ok := want[name]; !ok {
+			g.exec(`RESET "` + strings.ReplaceAll(name, `"`, `""`) + `"`)
+		}
+	}
 	for name, v := range want {
 		if cur, ok := be.settings[name]; ok && cur == v {
 			continue
 		}
-		buf, err = (&pgproto3.Bind{PreparedStatement: setStmtName, Parameters: [][]byte{[]byte(name), []byte(v)}}).Encode(buf)
-		if err != nil {
-			return buf, n, fmt.Errorf("encode setting: %w", err)
-		}
-		buf, _ = (&pgproto3.Execute{}).Encode(buf)
-		n++
+		g.exec(setSQL, name, v)
 	}
-	for name := range be.settings {
-		if _, ok := want[name]; ok {
-			continue
-		}
-		buf, err = (&pgproto3.Bind{PreparedStatement: resetStmtName, Parameters: [][]byte{[]byte(name)}}).Encode(buf)
-		if err != nil {
-			return buf, n, fmt.Errorf("encode reset: %w", err)
-		}
-		buf, _ = (&pgproto3.Execute{}).Encode(buf)
-		n++
-	}
-	if n > 0 {
+	if g.n > n {
 		be.settings = make(map[string]string, len(want))
 		for k, v := range want {
 			be.settings[k] = v
 		}
 	}
-	return buf, n, nil
 }
 
-// readSettings asks an idle backend, which no client holds, for the current
-// values of names. A nil value means the setting does not exist.
-func (b *backend) readSettings(names []string) (map[string]*string, error) {
+// settled is what settle found on a backend after a unit.
+type settled struct {
+	// settings are the values of the names asked for that the unit really
+	// left in force: PostgreSQL says their source is the session (a SET it
+	// refused, or one rolled back, is not there), or, for custom x.y
+	// settings that pg_settings does not list, they have a value.
+	settings     map[string]string
+	role, claims string
+	foreignStmts int // prepared statements not named by the proxy
+}
+
+// scrubSQL cleans, after a unit that may have left session state, what a
+// new connection would not have: every setting, custom ones included (the
+// role stays: RESET ALL never touches it, and the next client's setup puts
+// role and claims in force again), held cursors, LISTEN, session advisory
+// locks, temporary objects and sequence state (lastval). It first lifts a
+// statement_timeout and a default_transaction_read_only the unit may have
+// left, which would stop it. The proxy's cached statements (cs_*) stay:
+// they serve the next clients.
+const scrubSQL = "SET LOCAL statement_timeout = 0; RESET ALL; SET LOCAL transaction_read_only = off; CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
+
+// settle reads back, on an idle backend that no client holds, the settings
+// names a unit changed, and with scrub checks the identity, counts
+// prepared statements the proxy did not make, and runs scrubSQL, in one
+// round trip.
+func (b *backend) settle(names []string, scrub bool) (settled, error) {
 	var q strings.Builder
-	q.WriteString("SELECT n, pg_catalog.current_setting(n, true) FROM pg_catalog.unnest(ARRAY[")
+	q.WriteString("SELECT 'g', n, pg_catalog.current_setting(n, true), (SELECT s.source FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = n LIMIT 1) FROM pg_catalog.unnest(ARRAY[")
 	for i, n := range names {
 		if i > 0 {
 			q.WriteByte(',')
@@ -165,18 +170,38 @@ func (b *backend) readSettings(names []string) (map[string]*string, error) {
 		q.WriteString("'" + strings.ReplaceAll(n, "'", "''") + "'")
 	}
 	q.WriteString("]::text[]) n")
-	rows, err := b.simpleQuery(q.String())
-	if err != nil {
-		return nil, err
+	queries := []string{""}
+	if scrub {
+		q.WriteString(" UNION ALL SELECT 'i', pg_catalog.current_setting('role'), pg_catalog.current_setting('request.jwt.claims', true), (SELECT pg_catalog.count(*)::text FROM pg_catalog.pg_prepared_statements p WHERE p.name !~ '^cs_')")
+		queries = append(queries, scrubSQL)
 	}
-	out := make(map[string]*string, len(rows))
+	queries[0] = q.String()
+	rows, err := b.simpleQuery(queries...)
+	if err != nil {
+		return settled{}, err
+	}
+	st := settled{settings: make(map[string]string, len(names))}
 	for _, r := range rows {
-		if len(r) != 2 || r[0] == nil {
+		if len(r) != 4 || r[0] == nil || r[1] == nil {
 			continue
 		}
-		out[*r[0]] = r[1]
+		switch *r[0] {
+		case "g":
+			val, source := r[2], r[3]
+			if val != nil && ((source != nil && *source == "session") || (source == nil && *val != "")) {
+				st.settings[*r[1]] = *val
+			}
+		case "i":
+			st.role = *r[1]
+			if r[2] != nil {
+				st.claims = *r[2]
+			}
+			if r[3] != nil {
+				st.foreignStmts, _ = strconv.Atoi(*r[3])
+			}
+		}
 	}
-	return out, nil
+	return st, nil
 }
 
 // claimSettings returns the legacy request.jwt.claim.<name> settings of a
@@ -214,31 +239,18 @@ func validSettingPart(k string) bool {
 	return true
 }
 
-// claimSetup appends what turns the backend's legacy claim settings into
-// want (unset ones are set to empty) and returns the number of statements.
-func claimSetup(buf []byte, be *backend, want map[string]string) ([]byte, int, error) {
-	n := 0
-	var err error
-	set := func(name, v string) {
-		if err != nil {
-			return
-		}
-		buf, err = (&pgproto3.Bind{PreparedStatement: setStmtName, Parameters: [][]byte{[]byte(name), []byte(v)}}).Encode(buf)
-		if err == nil {
-			buf, err = (&pgproto3.Execute{}).Encode(buf)
-		}
-		n++
-	}
+// claimSetup adds to g what turns the backend's legacy claim settings into
+// want (unset ones are set to empty).
+func claimSetup(g *setupGroup, be *backend, want map[string]string) {
 	for name, v := range want {
 		if cur, ok := be.claimGUCs[name]; !ok || cur != v {
-			set(name, v)
+			g.exec(setSQL, name, v)
 		}
 	}
 	for name := range be.claimGUCs {
 		if _, ok := want[name]; !ok {
-			set(name, "")
+			g.exec(setSQL, name, "")
 		}
 	}
 	be.claimGUCs = want
-	return buf, n, err
 }

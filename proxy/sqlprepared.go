@@ -41,8 +41,9 @@ func (ss *session) translateSQLPrepared(be *backend, sp *SQLPrepared) []byte {
 	}
 	if !sp.Execute {
 		if ss.sqlStmts[sp.Name] != nil || ss.stmts[sp.Name] != nil {
-			ss.renames = append(ss.renames, errRename{from: identStmtName, to: sp.Name, seq: seq})
-			return appendCString(ss.out[:0], "PREPARE "+identStmtName+" AS SELECT 1")
+			// A text that fails to parse, its error replaced by 42P05.
+			ss.renames = append(ss.renames, errRename{from: refusedSQL, whole: refusalBody(duplicateStmt(sp.Name)), seq: seq})
+			return appendCString(ss.out[:0], refusedSQL)
 		}
 		sum := sha256.Sum256([]byte(sp.Tail))
 		st := &sqlStmt{proxyName: "cs_q_" + hex.EncodeToString(sum[:16]), tail: sp.Tail}

@@ -1,0 +1,94 @@
+package proxy
+
+import (
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// setupPlan is what precedes a client's first message on a backend whose
+// identity or settings differ from the client's:
+//
+//   - a group of statements (identity, settings) ended by its own Sync, so
+//     they commit on their own and no ROLLBACK of the client can undo them.
+//     Its last message prepares a gate: an empty statement under a fresh
+//     random name (backend.gateName). After an error PostgreSQL skips the
+//     rest of the group, so the gate exists only if every statement of the
+//     group took effect;
+//   - in the client's own batch, Describe then Close of the gate. If the
+//     gate is missing, the Describe fails and PostgreSQL skips the client's
+//     messages up to their Sync: nothing ever runs under another client's
+//     identity or settings. Neither message takes a snapshot or starts a
+//     query, so the client's first statement may still be BEGIN ISOLATION
+//     LEVEL ...
+//
+// Every statement of the group is parsed as the unnamed statement: the
+// proxy keeps no named statement on a backend that a client could reach,
+// and a name it cannot know is all the gate needs.
+type setupPlan struct {
+	group int  // statements in the committed group (0 = no group, no Sync)
+	gate  bool // the gate's Describe and Close follow the group
+}
+
+func (p setupPlan) empty() bool { return p.group == 0 && !p.gate }
+
+// setupGroup encodes the statements of a setup group.
+type setupGroup struct {
+	buf    []byte
+	n      int
+	parsed string // the text of the unnamed statement parsed last in the group
+	params [3][]byte
+	err    error
+}
+
+// exec adds one execution of sql with text parameters.
+func (g *setupGroup) exec(sql string, args ...string) {
+	if g.err != nil {
+		return
+	}
+	if g.parsed != sql {
+		g.buf, g.err = (&pgproto3.Parse{Query: sql}).Encode(g.buf)
+		g.parsed = sql
+	}
+	params := g.params[:0]
+	for _, a := range args {
+		params = append(params, []byte(a))
+	}
+	if g.err == nil {
+		g.buf, g.err = (&pgproto3.Bind{Parameters: params}).Encode(g.buf)
+	}
+	if g.err == nil {
+		g.buf, g.err = (&pgproto3.Execute{}).Encode(g.buf)
+	}
+	g.n++
+}
+
+// setupBytes appends to buf the setup (see setupPlan) that makes be serve
+// this client: the identity if identSetup, legacy claim settings, and the
+// client's session settings where they differ from the backend's.
+func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte, setupPlan, error) {
+	g := setupGroup{buf: buf}
+	if identSetup {
+		be.identity = ss.identKey
+		g.exec(identSQL, ss.ident.Role, ss.ident.Claims, ss.claimsMAC)
+	}
+	if ss.claimGUCs != nil || be.claimGUCs != nil {
+		claimSetup(&g, be, ss.claimGUCs)
+	}
+	if be.settingsKey != ss.settingsKey {
+		settingsSetup(&g, be, ss.settings)
+		be.settingsKey = ss.settingsKey
+	}
+	if g.err != nil || g.n == 0 {
+		return g.buf, setupPlan{}, g.err
+	}
+	gate := be.gateName()
+	var err error
+	buf, err = (&pgproto3.Parse{Name: gate}).Encode(g.buf)
+	if err == nil {
+		buf = append(buf, msgSync...)
+		buf, err = (&pgproto3.Describe{ObjectType: 'S', Name: gate}).Encode(buf)
+	}
+	if err == nil {
+		buf, err = (&pgproto3.Close{ObjectType: 'S', Name: gate}).Encode(buf)
+	}
+	return buf, setupPlan{group: g.n, gate: true}, err
+}

@@ -53,7 +53,7 @@ func (pv *planeProvisioner) Provision(ctx context.Context, p config.Project) (co
 		return p, fmt.Errorf("%w: provisioning a new database is not configured: set [provision].owner_url (a role that may CREATE DATABASE and CREATE ROLE on the server that will hold new projects), or give database_url", admin.ErrConflict)
 	}
 	password := pv.loginPassword()
-	if password == "" {
+	if password == "" && !pv.prov.LoginPerProject {
 		return p, fmt.Errorf("%w: provisioning a new database is not configured: set [provision].login_password_env (or login_password), the password of %s in the new project's database_url", admin.ErrConflict, pv.prov.LoginUser)
 	}
 	// Validate everything but the URLs before creating anything.
@@ -102,6 +102,7 @@ func (pv *planeProvisioner) Provision(ctx context.Context, p config.Project) (co
 	}
 	dbURL, ownerURL, err := projectdb.Provision(ctx, pv.prov.OwnerURL, projectdb.ProvisionSpec{
 		Database: p.Ref, LoginUser: pv.prov.LoginUser, LoginPassword: password, Roles: np.Roles,
+		LoginPerProject: pv.prov.LoginPerProject,
 	})
 	if err != nil {
 		if createdDir {

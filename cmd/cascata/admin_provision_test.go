@@ -145,6 +145,62 @@ func TestProvisionThroughAdminPlane(t *testing.T) {
 		t.Fatalf("storage dir after Drop: %v", err)
 	}
 
+	// [provision].login_per_project: a login role of each project's own,
+	// which alone may connect to its database and sees no other project's
+	// sessions (what a client escaping its JWT role would reach).
+	lpv := newProvisioner(app.a.plane)
+	lpv.prov.LoginPerProject = true
+	pa, err := lpv.Provision(ctx, config.Project{Ref: "lone_a", JWTSecret: appSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pb, err := lpv.Provision(ctx, config.Project{Ref: "lone_b", JWTSecret: appSecret})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ua, _ := url.Parse(pa.DatabaseURL)
+	pwA, _ := ua.User.Password()
+	if ua.User.Username() != "authenticator_lone_a" || len(pwA) < 32 || pwA == appLoginPassword {
+		t.Fatalf("per-project login URL: user %s, password of %d bytes", ua.User.Username(), len(pwA))
+	}
+	connA := pgtest.Connect(t, pa.DatabaseURL)
+	for name, u := range map[string]string{
+		"lone_b's login role":   strings.Replace(pb.DatabaseURL, "/lone_b", "/lone_a", 1),
+		"the shared login role": cl.Primary.URL("authenticator", appLoginPassword, "lone_a"),
+	} {
+		if c, err := pgx.Connect(ctx, u); err == nil {
+			c.Close(ctx)
+			t.Fatalf("%s connected to lone_a", name)
+		} else if !strings.Contains(err.Error(), "42501") {
+			t.Fatalf("%s connecting to lone_a: %v", name, err)
+		}
+	}
+	connB := pgtest.Connect(t, pb.DatabaseURL)
+	sleeping := make(chan error, 1)
+	go func() {
+		_, err := connB.Exec(ctx, "SELECT pg_sleep(3) /* secret of lone_b */")
+		sleeping <- err
+	}()
+	deadline := time.Now().Add(3 * time.Second)
+	for pgtest.QueryValue(t, super, `SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%secret of lone_b%' AND pid <> pg_backend_pid()`) != "1" {
+		if time.Now().After(deadline) {
+			t.Fatal("lone_b's query never showed in pg_stat_activity")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	var seen int
+	if err := connA.QueryRow(ctx, `SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%secret of lone_b%' AND pid <> pg_backend_pid()`).Scan(&seen); err != nil || seen != 0 {
+		t.Fatalf("lone_a's login role sees lone_b's query: %d %v", seen, err)
+	}
+	if err := <-sleeping; err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []config.Project{pa, pb} {
+		if err := lpv.Drop(ctx, p); err != nil {
+			t.Fatal(err)
+		}
+	}
+
 	// With [provision].storage_url the project's files go to <that>/<ref>.
 	t.Setenv("CASCATA_TEST_S3_KEY", "k")
 	t.Setenv("CASCATA_TEST_S3_SECRET", "s")

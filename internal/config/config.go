@@ -114,7 +114,11 @@ type Provision struct {
 	LoginUser        string `toml:"login_user"`
 	LoginPassword    string `toml:"login_password"`
 	LoginPasswordEnv string `toml:"login_password_env"`
-	StorageRoot      string `toml:"storage_root"`
+	// LoginPerProject gives each new project a login role of its own,
+	// <login_user>_<ref> with a random password, the only role besides the
+	// owner that may connect to its database.
+	LoginPerProject bool   `toml:"login_per_project"`
+	StorageRoot     string `toml:"storage_root"`
 	// StorageURL, "s3://bucket/prefix", gives imported projects their files
 	// under <storage_url>/<ref> instead of storage_root (the store's
 	// endpoint, region and credentials as the s3_* keys of a project).

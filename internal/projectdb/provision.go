@@ -3,6 +3,7 @@ package projectdb
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -23,8 +24,15 @@ type ProvisionSpec struct {
 	// It is created LOGIN NOINHERIT when missing; an existing role is left
 	// as it is (its password must then be LoginPassword). Required.
 	LoginUser string
-	// LoginPassword is LoginUser's password. Required.
+	// LoginPassword is LoginUser's password. Required unless LoginPerProject.
 	LoginPassword string
+	// LoginPerProject: the project gets a login role of its own,
+	// LoginName(LoginUser, Database), with a random password, and it is the
+	// only role besides the owner that may connect to the database. A
+	// client that escaped its JWT role would reach that login role only:
+	// it sees no other project's sessions in pg_stat_activity, and no other
+	// project's login role can connect to this database.
+	LoginPerProject bool
 	// Roles are the NOLOGIN roles a JWT may claim; missing ones are created
 	// (service_role with BYPASSRLS when the owner is a superuser) and each
 	// is granted to LoginUser. Required.
@@ -57,12 +65,23 @@ func Provision(ctx context.Context, ownerURL string, spec ProvisionSpec) (databa
 		return "", "", errors.New("provision: database name is required")
 	case spec.LoginUser == "":
 		return "", "", errors.New("provision: login user is required")
-	case spec.LoginPassword == "":
+	case spec.LoginPassword == "" && !spec.LoginPerProject:
 		return "", "", errors.New("provision: login password is required")
 	case len(spec.Roles) == 0:
 		return "", "", errors.New("provision: roles are required")
 	case slices.Contains(spec.Roles, spec.LoginUser):
 		return "", "", fmt.Errorf("provision: the login role %s cannot be one of the project roles", spec.LoginUser)
+	}
+	if spec.LoginPerProject {
+		spec.LoginUser = LoginName(spec.LoginUser, spec.Database)
+		var pw [24]byte
+		if _, err := rand.Read(pw[:]); err != nil {
+			return "", "", fmt.Errorf("provision: login password: %w", err)
+		}
+		spec.LoginPassword = hex.EncodeToString(pw[:])
+		if slices.Contains(spec.Roles, spec.LoginUser) {
+			return "", "", fmt.Errorf("provision: the login role %s cannot be one of the project roles", spec.LoginUser)
+		}
 	}
 	if databaseURL, err = withUserDatabase(ownerURL, url.UserPassword(spec.LoginUser, spec.LoginPassword), spec.Database); err != nil {
 		return "", "", err
@@ -97,6 +116,13 @@ func Provision(ctx context.Context, ownerURL string, spec ProvisionSpec) (databa
 	}
 	if err = grantInDatabase(ctx, ownerDBURL, spec.Roles); err != nil {
 		return "", "", fmt.Errorf("provision: %w", err)
+	}
+	if spec.LoginPerProject {
+		// Only this project's login role (and the owner) may connect.
+		db, login := ident(spec.Database), ident(spec.LoginUser)
+		if _, err = conn.Exec(ctx, "REVOKE CONNECT, TEMPORARY ON DATABASE "+db+" FROM PUBLIC; GRANT CONNECT, TEMPORARY ON DATABASE "+db+" TO "+login); err != nil {
+			return "", "", fmt.Errorf("provision: connect privilege: %w", err)
+		}
 	}
 	if err = checkLogin(ctx, databaseURL); err != nil {
 		return "", "", err
@@ -157,6 +183,13 @@ func ensureRoles(ctx context.Context, conn *pgx.Conn, spec ProvisionSpec) error 
 	}
 	if err := ensureRole(ctx, conn, spec.LoginUser, "LOGIN NOINHERIT "+pw); err != nil {
 		return err
+	}
+	if spec.LoginPerProject {
+		// A role of that name left by an earlier project of the same ref
+		// gets this project's password and no attribute beyond LOGIN.
+		if _, err := conn.Exec(ctx, "ALTER ROLE "+ident(spec.LoginUser)+" WITH LOGIN NOINHERIT NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS "+pw); err != nil {
+			return fmt.Errorf("login role %s: %w", spec.LoginUser, err)
+		}
 	}
 	for _, role := range spec.Roles {
 		attrs := "NOLOGIN"
@@ -324,4 +357,17 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return hex.EncodeToString(b)
+}
+
+// LoginName is the login role of a project provisioned with
+// LoginPerProject: <loginUser>_<database>, or, where that would pass
+// PostgreSQL's 63-byte limit (and be cut, so that two projects could share
+// it), a prefix of it and a hash of the whole.
+func LoginName(loginUser, database string) string {
+	name := loginUser + "_" + database
+	if len(name) <= 63 {
+		return name
+	}
+	sum := sha256.Sum256([]byte(name))
+	return name[:46] + "_" + hex.EncodeToString(sum[:8])
 }

@@ -465,3 +465,30 @@ func TestMalformedMessages(t *testing.T) {
 		return true
 	})
 }
+
+// The setup's gate runs no query and takes no snapshot: a client's first
+// statement on a backend that did not carry its identity may be BEGIN
+// ISOLATION LEVEL (the identity check it replaced failed such a BEGIN with
+// 25001).
+func TestBeginIsolationAfterIdentitySwitch(t *testing.T) {
+	for _, session := range []bool{false, true} {
+		h, _ := advStart(t, session)
+		for _, m := range execModes {
+			for i, sub := range []string{"first", "second"} {
+				c := h.connect(advProject, []string{"anon", "authenticated"}[i], sub)
+				ctx := context.Background()
+				if _, err := c.Exec(ctx, "BEGIN ISOLATION LEVEL SERIALIZABLE", m.mode); err != nil {
+					t.Fatalf("session %v, %s, %s: BEGIN ISOLATION LEVEL: %v", session, m.name, sub, err)
+				}
+				var iso string
+				if err := c.QueryRow(ctx, "SELECT current_setting('transaction_isolation')", m.mode).Scan(&iso); err != nil || iso != "serializable" {
+					t.Fatalf("session %v, %s: isolation %q %v", session, m.name, iso, err)
+				}
+				if _, err := c.Exec(ctx, "COMMIT", m.mode); err != nil {
+					t.Fatal(err)
+				}
+				c.Close(ctx)
+			}
+		}
+	}
+}

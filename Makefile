@@ -4,7 +4,7 @@ BIN     := bin/cascata
 PKGS    := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: help build run test lint fuzz bench compat pg clean
+.PHONY: help build run test lint fuzz bench compat compat-suites pg clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -26,6 +26,9 @@ test: pg build ## all tests against real PostgreSQL (race detector on), then the
 compat: pg build ## client matrix: drivers and ORMs through the proxy in transaction mode (installs its clients)
 	scripts/compat/run.sh
 
+compat-suites: pg ## pgx's and lib/pq's own test suites: direct, through cascata in session and transaction mode; writes scripts/compat-suites/RESULTS.md (COMPAT_SUITES_STRICT=1: fail on undocumented failures)
+	scripts/compat-suites/run.sh
+
 lint: ## go vet, gofmt, and golangci-lint where installed
 	$(GO) vet $(PKGS)
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); exit 1; }
@@ -34,6 +37,7 @@ lint: ## go vet, gofmt, and golangci-lint where installed
 fuzz: ## run each fuzz target for 30 s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzReadStartup -fuzztime 30s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzMsgReader -fuzztime 30s
+	$(GO) test ./proxy -run '^$$' -fuzz FuzzPostLogin -fuzztime 30s -parallel 1
 	$(GO) test ./router -run '^$$' -fuzz FuzzClassify -fuzztime 30s
 
 bench: build pg ## pgbench through cascata, PgBouncer and direct; writes bench/RESULTS.md

@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"cascata/internal/pgtest"
 	"context"
 	"encoding/binary"
 	"errors"
@@ -11,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"cascata/internal/pgtest"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"

@@ -211,7 +211,8 @@ func TestCancelStormHitsNoOtherClient(t *testing.T) {
 	aCancelled := 0
 	go func() {
 		for range 60 {
-			_, err := a.Exec(ctx, "SELECT pg_sleep(0.002)")
+			// Long enough for some of the storm to land on it.
+			_, err := a.Exec(ctx, "SELECT pg_sleep(0.02)")
 			if sqlstate(err) == "57014" {
 				aCancelled++
 			} else if err != nil {

@@ -160,6 +160,7 @@ func (ss *session) onExtended(typ byte) error {
 		ss.protocolViolation(err)
 		return err
 	}
+	ss.forgetLostParses()
 	if !ss.attached() {
 		ss.batch = append(ss.batch, typ)
 		ss.batch = append(ss.batch, byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4))
@@ -284,11 +285,13 @@ func (ss *session) flushBatch(term byte) error {
 	ss.out = ss.out[:0]
 	var perr error
 	i := 0
+	ss.syncCounted = term == 'S' // claim counted the batch's Sync
 	for off := 0; off < len(batch) && perr == nil; i++ {
 		typ, body, next := splitMsg(batch, off)
 		perr = ss.translate(be, typ, body, &routes[i])
 		off = next
 	}
+	ss.syncCounted = false
 	if term != 0 {
 		ss.appendMsg(term)
 	}

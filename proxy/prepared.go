@@ -66,6 +66,17 @@ type queued struct {
 	seq     uint64
 	stmt    string // proxy name whose state depends on this reply, or ""
 	evicted bool   // a Close that evicts stmt
+	// client is the client's statement whose Parse this reply answers: if
+	// the reply never comes (the Parse failed or was skipped), the name is
+	// not the client's (see lostParse).
+	client     string
+	clientStmt *stmt
+}
+
+// lostParse is a client's Parse that PostgreSQL did not carry out.
+type lostParse struct {
+	name string
+	st   *stmt
 }
 
 // errRename maps an error about a stand-in name back to the client's name,
@@ -110,19 +121,30 @@ func renameInError(body []byte, from, to string) ([]byte, bool) {
 	return bytes.ReplaceAll(body, quoted, []byte(strconv.Quote(to))), true
 }
 
+// batchSeq is the number of the Sync (or Query) that ends the batch whose
+// messages are being translated: the next one, unless that Sync was
+// counted already (a held batch is translated after its Sync claimed the
+// backend).
+func (ss *session) batchSeq() uint64 {
+	if ss.syncCounted {
+		return ss.syncSeq
+	}
+	return ss.syncSeq + 1
+}
+
 // push queues an expected reply for the batch now being sent. Call with mu held.
 func (ss *session) push(q *[]queued, e queued) {
-	e.seq = ss.syncSeq + 1
+	e.seq = ss.batchSeq()
 	*q = append(*q, e)
 }
 
 func (ss *session) pushRename(from, to string) {
-	ss.renames = append(ss.renames, errRename{from: from, to: to, seq: ss.syncSeq + 1})
+	ss.renames = append(ss.renames, errRename{from: from, to: to, seq: ss.batchSeq()})
 }
 
 // pushReplace says: the next error that mentions marker is replaced by body.
 func (ss *session) pushReplace(marker string, body []byte) {
-	ss.renames = append(ss.renames, errRename{from: marker, whole: body, seq: ss.syncSeq + 1})
+	ss.renames = append(ss.renames, errRename{from: marker, whole: body, seq: ss.batchSeq()})
 }
 
 // dropUnanswered forgets the expected replies of batches that have ended
@@ -130,6 +152,10 @@ func (ss *session) pushReplace(marker string, body []byte) {
 // concerned unsure on the backend. Call with mu held, at ReadyForQuery.
 func (ss *session) dropUnanswered(be *backend) {
 	for len(ss.parseQ) > 0 && ss.parseQ[0].seq <= ss.rfqSeq {
+		if e := ss.parseQ[0]; e.client != "" {
+			ss.lostParses = append(ss.lostParses, lostParse{e.client, e.clientStmt})
+			ss.parsesLost.Store(true)
+		}
 		if name := ss.parseQ[0].stmt; name != "" && be.stmts != nil {
 			if bs := be.stmts[name]; bs != nil {
 				bs.unsure = true
@@ -138,6 +164,10 @@ func (ss *session) dropUnanswered(be *backend) {
 		popFront(&ss.parseQ)
 	}
 	for len(ss.closeQ) > 0 && ss.closeQ[0].seq <= ss.rfqSeq {
+		if e := ss.closeQ[0]; e.client != "" {
+			ss.lostParses = append(ss.lostParses, lostParse{e.client, e.clientStmt})
+			ss.parsesLost.Store(true)
+		}
 		if e := ss.closeQ[0]; e.stmt != "" && be.stmts != nil {
 			if bs := be.stmts[e.stmt]; bs != nil {
 				bs.unsure = true
@@ -194,7 +224,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin}
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
-		ss.prepareOn(be, st, true)
+		ss.prepareOn(be, st, name)
 	case 'B':
 		portal, r1, ok := cstring(body)
 		if !ok {
@@ -271,6 +301,25 @@ func duplicateStmt(name string) error {
 	return &Error{Code: CodeDuplicatePreparedStmt, Message: "prepared statement \"" + name + "\" already exists"}
 }
 
+// forgetLostParses drops the client's names whose Parse PostgreSQL did not
+// carry out (it failed, or was skipped after an earlier error of its
+// batch), so that the client may Parse them again as it may on PostgreSQL.
+// The client goroutine calls it before it looks at its names.
+func (ss *session) forgetLostParses() {
+	if !ss.parsesLost.Load() {
+		return
+	}
+	ss.mu.Lock()
+	ss.parsesLost.Store(false)
+	for _, lp := range ss.lostParses {
+		if ss.stmts[lp.name] == lp.st {
+			delete(ss.stmts, lp.name)
+		}
+	}
+	ss.lostParses = ss.lostParses[:0]
+	ss.mu.Unlock()
+}
+
 // stmtTarget returns the backend name to use for a client's statement,
 // preparing it there first if needed; an unknown name maps to a stand-in
 // that fails with 26000.
@@ -281,13 +330,14 @@ func (ss *session) stmtTarget(be *backend, name string) string {
 		ss.pushRename(missingStmtName, name)
 		return missingStmtName
 	}
-	ss.prepareOn(be, st, false)
+	ss.prepareOn(be, st, "")
 	return st.proxyName
 }
 
-// prepareOn makes sure the backend has st. clientParse says the client sent
-// this Parse and expects a ParseComplete for it.
-func (ss *session) prepareOn(be *backend, st *stmt, clientParse bool) {
+// prepareOn makes sure the backend has st. A client name says the client
+// sent this Parse under that name and expects a ParseComplete for it.
+func (ss *session) prepareOn(be *backend, st *stmt, client string) {
+	clientParse := client != ""
 	if be.stmts == nil {
 		be.stmts = map[string]*backendStmt{}
 	}
@@ -295,7 +345,7 @@ func (ss *session) prepareOn(be *backend, st *stmt, clientParse bool) {
 	if bs := be.stmts[st.proxyName]; bs != nil && !bs.unsure {
 		bs.lastUse = be.clock
 		if clientParse {
-			ss.push(&ss.closeQ, queued{action: replyAsParseComplete})
+			ss.push(&ss.closeQ, queued{action: replyAsParseComplete, client: client, clientStmt: st})
 			ss.appendMsg('C', closeMsgBody(noopStmtName))
 		}
 		return
@@ -318,7 +368,7 @@ func (ss *session) prepareOn(be *backend, st *stmt, clientParse bool) {
 	if clientParse {
 		action = replyPass
 	}
-	ss.push(&ss.parseQ, queued{action: action, stmt: st.proxyName})
+	ss.push(&ss.parseQ, queued{action: action, stmt: st.proxyName, client: client, clientStmt: st})
 	ss.appendMsg('P', appendCString(nil, st.proxyName), st.rest)
 }
 
@@ -366,7 +416,7 @@ func (ss *session) retranslate(be *backend, typ byte, body []byte) {
 			ss.failParse(duplicateStmt(name)) // the first translation refused it
 			return
 		}
-		ss.prepareOn(be, st, true)
+		ss.prepareOn(be, st, name)
 	case 'B', 'D':
 		var portal, name string
 		var rest []byte

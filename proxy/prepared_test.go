@@ -1,7 +1,6 @@
 package proxy_test
 
 import (
-	"cascata/internal/pgtest"
 	"context"
 	"fmt"
 	"strings"
@@ -9,7 +8,10 @@ import (
 	"testing"
 	"time"
 
+	"cascata/internal/pgtest"
+
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // connectMode connects with a given pgx query exec mode (no simple-protocol override).
@@ -281,5 +283,70 @@ func TestDeallocateOnAnotherBackend(t *testing.T) {
 			t.Fatalf("EXECUTE after DEALLOCATE: %v", err)
 		}
 		_ = tx.Rollback(ctx)
+	}
+}
+
+// A Parse that fails, or that PostgreSQL skips after an earlier error of
+// its batch, leaves no name behind: the client may Parse it again, a Bind
+// of it fails with 26000 as on PostgreSQL, and another client on the same
+// backend prepares the same text.
+func TestFailedParseLeavesNoName(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	c := h.connectMode("p3", "anon", "x", "cache_statement")
+	pc := c.PgConn()
+	if _, err := pc.Prepare(ctx, "s1", "SELEC 1", nil); sqlstate(err) != "42601" {
+		t.Fatalf("bad Parse: %v", err)
+	}
+	if _, err := pc.Prepare(ctx, "s1", "SELECT 1", nil); err != nil {
+		t.Fatalf("Parse again after a failed one: %v", err)
+	}
+	// In one batch: a failing Parse, then one PostgreSQL skips.
+	b := &pgconn.Batch{}
+	b.ExecParams("SELEC 2", nil, nil, nil, nil)
+	res, err := pc.ExecBatch(ctx, b).ReadAll()
+	_ = res
+	if sqlstate(err) != "42601" {
+		t.Fatalf("batch: %v", err)
+	}
+	mr := pc.ExecParams(ctx, "SELECT 3", nil, nil, nil, nil)
+	if _, err := mr.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// A pipeline: Parse of a bad text, then Parse of s2, then Sync.
+	p := pc.StartPipeline(ctx)
+	p.SendPrepare("bad", "SELEC 4", nil)
+	p.SendPrepare("s2", "SELECT 4", nil)
+	if err := p.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		r, err := p.GetResults()
+		if err != nil {
+			if sqlstate(err) != "42601" {
+				t.Fatalf("pipeline result %d: %v", i, err)
+			}
+			continue
+		}
+		if _, ok := r.(*pgconn.PipelineSync); ok {
+			break
+		}
+	}
+	if err := p.Close(); err != nil && sqlstate(err) != "42601" {
+		t.Fatal(err)
+	}
+	rr := pc.ExecPrepared(ctx, "s2", nil, nil, nil).Read()
+	if sqlstate(rr.Err) != "26000" {
+		t.Fatalf("Bind of the skipped s2: %v, want 26000", rr.Err)
+	}
+	if _, err := pc.Prepare(ctx, "s2", "SELECT 4", nil); err != nil {
+		t.Fatalf("Parse s2 after it was skipped: %v", err)
+	}
+	if _, err := pc.Prepare(ctx, "bad", "SELECT 5", nil); err != nil {
+		t.Fatalf("Parse bad after it failed: %v", err)
+	}
+	other := h.connectMode("p3", "authenticated", "y", "cache_statement")
+	if _, err := other.PgConn().Prepare(ctx, "o", "SELECT 4", nil); err != nil {
+		t.Fatalf("another client preparing the same text: %v", err)
 	}
 }

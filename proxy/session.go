@@ -76,7 +76,10 @@ type session struct {
 	dropC            []uint64            // CommandCompletes of the proxy's own, by query
 	sqlPrepFail      []sqlPrepareErr
 	renames          []errRename
+	lostParses       []lostParse // guarded by mu; applied by the client goroutine
+	parsesLost       atomic.Bool // lostParses is not empty
 	syncSeq, rfqSeq  uint64
+	syncCounted      bool // the batch being translated has its Sync in syncSeq already (batchSeq)
 	out              []byte
 
 	// Routing (transaction mode).
@@ -1238,11 +1241,13 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 		ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
 		ss.unnamedOnBackend = false
 		ss.out = ss.out[:0]
+		ss.syncCounted = true
 		for off := 0; off < len(ss.replayRaw); {
 			typ, body, next := splitMsg(ss.replayRaw, off)
 			ss.retranslate(be, typ, body)
 			off = next
 		}
+		ss.syncCounted = false
 		ss.appendMsg('S')
 		buf = append(buf, ss.out...)
 	} else {

@@ -46,6 +46,9 @@ type pkgResult struct {
 	timedOut   bool     // "panic: test timed out"
 	running    []string // the tests a timeout names as running
 	inRunning  bool     // reading the list of running tests
+	// mainFailed: the binary failed after its tests passed (TestMain).
+	mainFailed bool
+	mainOutput []string
 	elapsed    float64
 	// reruns says how the package's binary died and what ran again.
 	reruns []string
@@ -352,10 +355,50 @@ func (r *runResult) finish() {
 	sort.Strings(names)
 	for _, n := range names {
 		p := r.pkgs[n]
-		if p.outcome == outFail && !failedPkg[n] {
+		if (p.outcome == outFail && !failedPkg[n]) || p.mainFailed {
 			r.pkgFailures = append(r.pkgFailures, p)
 		}
 	}
+}
+
+// checkMain notes the packages whose test binary failed in latest (a go
+// test run merged into r) although none of its tests failed there: its
+// TestMain (or the binary itself) failed after the tests.
+func (r *runResult) checkMain(latest *runResult) {
+	bad := map[string]bool{}
+	for _, t := range latest.order {
+		if t.outcome != outPass && t.outcome != outSkip {
+			bad[t.pkg] = true
+		}
+	}
+	for name, p := range latest.pkgs {
+		if p.outcome == outFail && !bad[name] && !p.timedOut {
+			if mp := r.pkgs[name]; mp != nil {
+				mp.mainFailed = true
+				mp.mainOutput = p.output
+			}
+		}
+	}
+}
+
+// mainExcerpt is the first line of a failed package's own output that
+// says something.
+func (p *pkgResult) mainExcerpt() string {
+	out := p.mainOutput
+	if out == nil {
+		out = p.output
+	}
+	for _, l := range out {
+		s := strings.TrimSpace(l)
+		if s == "" || s == "FAIL" || s == "PASS" || strings.HasPrefix(s, "FAIL\t") || strings.HasPrefix(s, "ok ") || strings.HasPrefix(s, "exit status") {
+			continue
+		}
+		if r := []rune(s); len(r) > 200 {
+			s = string(r[:200]) + "…"
+		}
+		return s
+	}
+	return ""
 }
 
 func (r *runResult) counts() string {
@@ -853,10 +896,16 @@ func (rep *report) markdown() string {
 			fmt.Fprintf(&b, "\n**undocumented (defect)** (%d)\n\n", len(undoc)+len(r.pkgFailures))
 			for _, p := range r.pkgFailures {
 				what := "package failed without a failing test"
-				if p.timedOut {
+				if p.mainFailed {
+					what = "its test binary failed after its tests passed (TestMain)"
+				} else if p.timedOut {
 					what = "package timed out"
 				}
-				fmt.Fprintf(&b, "- `%s` (%s)\n", p.name, what)
+				fmt.Fprintf(&b, "- `%s` (%s)", p.name, what)
+				if e := p.mainExcerpt(); e != "" {
+					fmt.Fprintf(&b, " — `%s`", strings.ReplaceAll(e, "`", "'"))
+				}
+				b.WriteString("\n")
 			}
 			for _, t := range undoc {
 				fmt.Fprintf(&b, "- `%s`", t.name())

@@ -776,7 +776,7 @@ func cleanEnv(env []string) []string {
 
 // maxReruns bounds how often the tests a dead test binary left behind
 // run again.
-const maxReruns = 6
+const maxReruns = 10
 
 // runSuite runs `go test -json` over the suite's packages in one mode.
 // When a package's test binary dies (a panic, or a test that hangs until
@@ -806,6 +806,7 @@ func (h *harness) runSuite(ctx context.Context, s *suite, mode string, px *proxy
 	args = append(args, strings.Fields(h.o.pkgs)...)
 	name := s.key + "-" + mode
 	r.err = h.goTest(ctx, s, r, env, args, limit, name)
+	r.checkMain(r)
 
 	latest := r
 	tried := map[string]string{}
@@ -840,6 +841,7 @@ func (h *harness) runSuite(ctx context.Context, s *suite, mode string, px *proxy
 			break
 		}
 		r.merge(next)
+		r.checkMain(next)
 		latest = next
 	}
 	r.elapsed = time.Since(start)
@@ -902,15 +904,17 @@ func (h *harness) listTests(ctx context.Context, s *suite, env []string, importP
 	cmd := exec.CommandContext(ctx, "go", "test", "-count=1", "-list", pattern, importPath)
 	cmd.Dir = s.src
 	cmd.Env = env
+	// A TestMain may fail after listing (lib/pq's checks for connections
+	// left open): the list is still good.
 	out, err := cmd.Output()
-	if err != nil {
-		return nil, fmt.Errorf("go test -list %s: %w", importPath, err)
-	}
 	var tests []string
 	for _, l := range strings.Split(string(out), "\n") {
 		if strings.HasPrefix(l, "Test") || strings.HasPrefix(l, "Example") || strings.HasPrefix(l, "Fuzz") {
 			tests = append(tests, strings.TrimSpace(l))
 		}
+	}
+	if len(tests) == 0 && err != nil {
+		return nil, fmt.Errorf("go test -list %s: %w", importPath, err)
 	}
 	return tests, nil
 }

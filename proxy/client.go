@@ -75,7 +75,7 @@ func (ss *session) onQuery() error {
 	if r.Refusal != nil {
 		return ss.refuse(r.Refusal)
 	}
-	be, err := ss.claim(true, want{pin: r.PinSession, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {
 		ss.failLocal('Q', err)
 		return nil
@@ -205,7 +205,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		}
 		sql, _, _ := cstring(rest)
 		*r = ss.classify(sql, true)
-		w := want{pin: r.PinSession, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
+		w := want{pin: r.PinSession, state: r.SessionState, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
 		}
@@ -238,7 +238,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		if st == nil {
 			return want{reason: "read"}
 		}
-		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin}
+		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin, state: st.state}
 	}
 	return want{reason: "read"}
 }
@@ -267,6 +267,7 @@ func (ss *session) flushBatch(term byte) error {
 		}
 		w.writes = w.writes || mw.writes
 		w.pin = w.pin || mw.pin
+		w.state = w.state || mw.state
 		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}

@@ -31,8 +31,11 @@ type Error struct {
 	Message string
 	Detail  string
 	Hint    string
-	Fatal   bool
-	Err     error // wrapped cause, never shown to the client
+	// Position is the 1-based character position of the error in the
+	// client's query text (0 = none).
+	Position int32
+	Fatal    bool
+	Err      error // wrapped cause, never shown to the client
 	// Reason is a short bounded label for metrics (e.g. an authentication
 	// failure's "expired"); "" lets the proxy derive one from the code.
 	Reason string
@@ -75,7 +78,7 @@ func toErrorResponse(err error, fatal bool) *pgproto3.ErrorResponse {
 		if pe.Fatal {
 			sev = "FATAL"
 		}
-		return &pgproto3.ErrorResponse{Severity: sev, SeverityUnlocalized: sev, Code: pe.Code, Message: pe.Message, Detail: pe.Detail, Hint: pe.Hint}
+		return &pgproto3.ErrorResponse{Severity: sev, SeverityUnlocalized: sev, Code: pe.Code, Message: pe.Message, Detail: pe.Detail, Hint: pe.Hint, Position: pe.Position}
 	}
 	var ss sqlStater
 	if errors.As(err, &ss) {

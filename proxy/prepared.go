@@ -46,7 +46,8 @@ type stmt struct {
 	rest      []byte // query text and parameter types as in Parse, after the name
 	primary   bool   // its text must run on the primary
 	writes    bool
-	pin       bool     // its text may leave session state
+	pin       bool     // its text pins a routed session
+	state     bool     // its text may leave session state (Route.SessionState)
 	gucs      []string // session settings it changes
 }
 
@@ -203,7 +204,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
 	}
-	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession}
+	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState}
 	switch typ {
 	case 'P':
 		name, rest, ok := cstring(body)
@@ -211,7 +212,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
@@ -221,7 +222,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.failParse(duplicateStmt(name))
 			return nil
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state}
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, name)

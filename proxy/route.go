@@ -21,6 +21,11 @@ type Route struct {
 	// temporary table, a lock, LISTEN, a SET, ...). A session-mode session
 	// that routes reads takes a dedicated primary backend from then on.
 	PinSession bool
+	// SessionState: the text may leave session state (temporary objects,
+	// held cursors, LISTEN, advisory locks, effects of calls the guard
+	// cannot see) that must be scrubbed before another client gets the
+	// backend.
+	SessionState bool
 	// Writes: the text may change data, so a later read of the same client
 	// must see its effect (read-your-writes).
 	Writes bool

@@ -426,6 +426,7 @@ func (ss *session) backendWriteFailed(be *backend, err error) error {
 // want is what the next unit needs of a backend.
 type want struct {
 	pin     bool // needs session state: a routed session takes a dedicated backend
+	state   bool // may leave session state: the backend is scrubbed at release
 	primary bool // must run on the primary
 	writes  bool // may write: read-your-writes bookkeeping
 	reason  string
@@ -465,7 +466,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mark(boundary)
 		ss.unitWrites = ss.unitWrites || w.writes
 		ss.unitGUCs = append(ss.unitGUCs, w.gucs...)
-		ss.unitState = ss.unitState || w.pin
+		ss.unitState = ss.unitState || w.state
 		ss.mu.Unlock()
 		return be, nil
 	}
@@ -536,7 +537,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mark(boundary)
 		ss.unnamedOnBackend = false
 		ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
-		ss.unitState = w.pin
+		ss.unitState = w.state
 		ss.mu.Unlock()
 		if serr != nil {
 			be.close()
@@ -1037,16 +1038,17 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
 	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
 	e := &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: CodeConnectionFailure,
-		Message: "server connection lost; the transaction was rolled back"}
+		Message: "server connection lost", Detail: "The transaction was rolled back; the connection to cascata goes on."}
 	if fatal != nil {
-		e.Code, e.Message = fatal.Code, fatal.Message
-		if fatal.Code != CodeInsufficientPrivs {
-			e.Message += " (the transaction was rolled back)"
+		// The server's own fields as they are; cascata's part in the detail.
+		e.Code, e.Message, e.Detail, e.Hint = fatal.Code, fatal.Message, fatal.Detail, fatal.Hint
+		if fatal.Code != CodeInsufficientPrivs && e.Detail == "" {
+			e.Detail = "The server closed its connection; the transaction was rolled back."
 		}
 	}
 	sessionMode := ss.sessionMode
 	if !gone && !sessionMode && pend == 0 && (dirty || status != 'I') {
-		ss.pendingErr = &Error{Code: e.Code, Message: e.Message}
+		ss.pendingErr = &Error{Code: e.Code, Message: e.Message, Detail: e.Detail, Hint: e.Hint}
 	}
 	ss.cond.Broadcast()
 	ss.mu.Unlock()

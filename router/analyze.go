@@ -1,12 +1,14 @@
 package router
 
 import (
+	"errors"
 	"slices"
 	"strconv"
 	"strings"
 	"unicode/utf8"
 
 	pg_query "github.com/pganalyze/pg_query_go/v5"
+	"github.com/pganalyze/pg_query_go/v5/parser"
 	"google.golang.org/protobuf/reflect/protoreflect"
 )
 
@@ -32,6 +34,9 @@ type facts struct {
 	tx        TxEffect
 	txLast    TxEffect
 	pin       bool
+	// state: some statement may leave session state the proxy does not
+	// track itself (Decision.SessionState).
+	state bool
 	// afterTxEnd: Decision.StatementsAfterTxEnd.
 	afterTxEnd bool
 	hint       RouteHint
@@ -70,12 +75,13 @@ func (f *facts) apply(p Policy) Decision {
 		return refusedDecision(f, f.untrusted, ReasonRefused)
 	}
 	d := Decision{
-		Target:     f.target,
-		Reason:     f.reason,
-		Tx:         f.tx,
-		TxLast:     f.txLast,
-		PinSession: f.pin,
-		RouteHint:  f.hint,
+		Target:       f.target,
+		Reason:       f.reason,
+		Tx:           f.tx,
+		TxLast:       f.txLast,
+		PinSession:   f.pin,
+		SessionState: f.state,
+		RouteHint:    f.hint,
 
 		StatementsAfterTxEnd: f.afterTxEnd,
 		Statements:           f.statements,
@@ -110,6 +116,7 @@ func (f *facts) apply(p Policy) Decision {
 				d.Reason = ReasonVolatileFunction
 			}
 			d.PinSession = true
+			d.SessionState = true
 			d.UnknownFunctions = unknown
 		}
 	}
@@ -183,6 +190,7 @@ type stmtInfo struct {
 	reason Reason
 	tx     TxEffect
 	pin    bool
+	state  bool // may leave untracked session state (facts.state)
 }
 
 // wctx is the context of the tree walk.
@@ -207,6 +215,10 @@ func (a *analyzer) run() {
 	tree, err := pg_query.Parse(a.sql)
 	if err != nil {
 		a.f.refusal = &Refusal{SQLState: SQLStateSyntaxError, Message: err.Error()}
+		var pe *parser.Error
+		if errors.As(err, &pe) && a.depth == 0 {
+			a.f.refusal.Position = pe.Cursorpos
+		}
 		a.f.refusalReason = ReasonUnparsable
 		a.f.target = Primary
 		return
@@ -225,7 +237,7 @@ func (a *analyzer) run() {
 		a.acc = stmtAcc{}
 		info := a.statement(raw.GetStmt())
 		info = a.acc.upgrade(info)
-		if info.target == Replica || !info.pin {
+		if info.target == Replica || !info.pin || !info.state {
 			for _, q := range a.acc.funcs {
 				if !slices.Contains(f.funcs, q) {
 					f.funcs = append(f.funcs, q)
@@ -243,6 +255,9 @@ func (a *analyzer) run() {
 		}
 		if info.pin {
 			f.pin = true
+		}
+		if info.state {
+			f.state = true
 		}
 		switch info.tx {
 		case TxCommit, TxCommitAndChain, TxRollback, TxRollbackAndChain, TxPrepare:
@@ -272,7 +287,7 @@ func (a *analyzer) run() {
 	if sessionHint && f.statements != 1 {
 		a.refuseCode(SQLStateFeatureNotSupported, "SET cascata.route must be sent as a query of its own")
 	}
-	if f.target == Primary && f.pin {
+	if f.target == Primary && f.pin && f.state {
 		f.funcs = nil // their volatility can change nothing
 	}
 	if f.refusal != nil {
@@ -288,6 +303,8 @@ func (acc *stmtAcc) upgrade(info stmtInfo) stmtInfo {
 			info.reason = r
 		}
 		info.pin = info.pin || pin
+		// Plain writes leave no session state of their own.
+		info.state = info.state || pin && r != ReasonWrite
 	}
 	if acc.write {
 		up(ReasonWrite, true)
@@ -312,7 +329,12 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 	if n == nil {
 		return stmtInfo{target: Replica, reason: ReasonRead}
 	}
-	primary := func(r Reason, pin bool) stmtInfo { return stmtInfo{target: Primary, reason: r, pin: pin} }
+	// Pinning statements may leave session state, but for plain writes
+	// (none of their own) and SQL PREPARE (its statement is the proxy's,
+	// under a name of its own).
+	primary := func(r Reason, pin bool) stmtInfo {
+		return stmtInfo{target: Primary, reason: r, pin: pin, state: pin && r != ReasonWrite}
+	}
 	switch n.GetNode().(type) {
 	case *pg_query.Node_SelectStmt:
 		a.visit(n.ProtoReflect(), wctx{exec: true})
@@ -333,7 +355,7 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 			if info.target == Replica {
 				info.reason = ReasonCursor
 			}
-			info.target, info.pin = Primary, true
+			info.target, info.pin, info.state = Primary, true, true
 		}
 		return info
 	case *pg_query.Node_FetchStmt, *pg_query.Node_ClosePortalStmt:
@@ -355,7 +377,7 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 		a.f.preparedUses++
 		a.children(s.PrepareStmt.ProtoReflect(), wctx{})
 		a.f.sqlPrepared = &SQLPrepared{Execute: false, Name: s.PrepareStmt.GetName()}
-		return primary(ReasonPrepared, true)
+		return stmtInfo{target: Primary, reason: ReasonPrepared, pin: true}
 	case *pg_query.Node_ExecuteStmt:
 		a.f.preparedUses++
 		a.children(s.ExecuteStmt.ProtoReflect(), wctx{exec: true})

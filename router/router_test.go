@@ -309,7 +309,9 @@ var classifyCases = []classifyCase{
 	replica(`SELECT my_stable(1), my_immutable(2)`, ReasonRead),
 	replica(`SELECT public.my_stable(1)`, ReasonRead),
 	primary(`SELECT my_volatile()`, ReasonVolatileFunction, true),
-	primary(`INSERT INTO t VALUES (my_func())`, ReasonWrite, true),
+	// A write pins anyway; the unknown function decides whether it may
+	// leave session state, so it is reported for lookup.
+	{sql: `INSERT INTO t VALUES (my_func())`, target: Primary, reason: ReasonWrite, pin: true, unknown: []QualifiedName{{Name: "my_func"}}},
 	// Locking reads do not pin by themselves, so the unknown function decides PinSession.
 	{sql: `SELECT my_func() FOR UPDATE`, target: Primary, reason: ReasonLockingRead, pin: true, unknown: []QualifiedName{{Name: "my_func"}}},
 

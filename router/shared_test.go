@@ -56,3 +56,36 @@ func TestReadsBackendState(t *testing.T) {
 		}
 	}
 }
+
+// SessionState marks what a proxy must scrub before another client gets
+// the backend, and nothing else: plain reads and writes, SQL PREPARE and
+// SET (whose settings the proxy tracks) are not.
+func TestSessionState(t *testing.T) {
+	c := NewClassifier(Options{})
+	for sql, want := range map[string]bool{
+		`SELECT * FROM items WHERE id = 1`:         false,
+		`INSERT INTO items (body) VALUES ('x')`:    false,
+		`UPDATE items SET body = 'y' WHERE id = 1`: false,
+		`DELETE FROM items`:                        false,
+		`COPY items FROM STDIN`:                    false,
+		`SET search_path = public`:                 false,
+		`PREPARE p AS SELECT 1`:                    false,
+		`SELECT pg_sleep(0.1)`:                     false,
+		`CREATE TEMP TABLE t (x int)`:              true,
+		`SELECT * INTO TEMP t2 FROM items`:         true,
+		`DECLARE c CURSOR WITH HOLD FOR SELECT 1`:  true,
+		`LISTEN ch`:                  true,
+		`SELECT pg_advisory_lock(1)`: true,
+		`SELECT nextval('s')`:        true,
+		`EXECUTE p`:                  true,
+		`CALL proc()`:                true,
+		`SELECT my_func()`:           true,
+		`INSERT INTO items (body) VALUES (my_func())`:        true,
+		`SELECT query_to_xml('SELECT 1', true, false, '')`:   true,
+		`SELECT set_config('statement_timeout', '1', false)`: true,
+	} {
+		if d := c.Classify(sql, Policy{}); d.SessionState != want {
+			t.Errorf("%q: SessionState %v, want %v", sql, d.SessionState, want)
+		}
+	}
+}

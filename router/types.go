@@ -236,6 +236,10 @@ type Refusal struct {
 	SQLState string
 	// Message is the human-readable error message.
 	Message string
+	// Position is where in the text the error is, as PostgreSQL reports
+	// it (the 1-based character position; 0 = none): set for syntax
+	// errors, so that psql can show its LINE 1: caret.
+	Position int
 }
 
 // Error returns the message prefixed with the SQLSTATE.
@@ -335,6 +339,14 @@ type Decision struct {
 	// CALL/DO, calls of volatile or unknown functions, and session-level SET
 	// or RESET of settings that change query results (see SessionGUCs).
 	PinSession bool
+	// SessionState is true when the text may leave session state that a
+	// proxy sharing backends must clean before another client gets the
+	// backend: temporary objects, WITH HOLD cursors, LISTEN, session
+	// advisory locks, sequence state, and anything a call may do out of
+	// sight (CALL, DO, EXECUTE, SQL-executing built-ins, volatile or
+	// unknown functions). Plain writes, SQL PREPARE and SET (see
+	// SessionGUCs) leave none of their own.
+	SessionState bool
 	// StatementsAfterTxEnd is true when a COMMIT, ROLLBACK (also AND
 	// CHAIN) or PREPARE TRANSACTION of the text is followed by another
 	// statement of the same text. Those statements run outside the

@@ -76,6 +76,7 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 	r := proxy.Route{
 		Primary:       d.Target == router.Primary,
 		PinSession:    d.PinSession,
+		SessionState:  d.SessionState,
 		Reason:        d.Reason.String(),
 		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
 		SessionGUCs:   d.SessionGUCs,
@@ -95,7 +96,7 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 	r.UntranslatedPrepared = d.PreparedUses > 0 && r.SQLPrepared == nil && r.Deallocate == nil
 	r.ReadsBackendState = d.ReadsBackendState
 	if d.Refusal != nil {
-		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message}
+		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message, Position: int32(d.Refusal.Position)}
 	}
 	switch d.Reason {
 	case router.ReasonTxControl, router.ReasonSessionState, router.ReasonHint, router.ReasonRead, router.ReasonEmpty, router.ReasonCursor:

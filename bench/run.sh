@@ -31,11 +31,19 @@
 #   BENCH_IDLE_CLIENTS [5000]  BENCH_USERS [1000]
 #   BENCH_OUT [bench/RESULTS.md]  BENCH_KEEP=1 keeps the work dir
 #   CASCATA_BIN [bin/cascata]
+#   CASCATA_BIN_BEFORE [unset]  a build of cascata before a change: it takes
+#                       the place of the GOMAXPROCS=1 target in the
+#                       select-only rounds (interleaved with the change), and
+#                       the identity-switching and scrubbed-unit rows run on
+#                       both builds
 # Logs of every run go to bench/out/ (git-ignored).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${CASCATA_BIN:-$ROOT/bin/cascata}
+BEFORE_BIN=${CASCATA_BIN_BEFORE:-}
+SECOND_LABEL="cascata, GOMAXPROCS=1"
+[ -n "$BEFORE_BIN" ] && SECOND_LABEL="cascata before the change"
 DUR=${BENCH_DURATION:-15}
 CONN_DUR=${BENCH_CONN_DURATION:-$DUR}
 SEL_DUR=${BENCH_SELECT_DURATION:-10}
@@ -448,7 +456,11 @@ sleep 2 # the proxies notice the closed clients
 CFG1=$WORK/cascata-gomaxprocs1.toml
 mkdir -p "$WORK/state1"
 sed -e "s#127.0.0.1:$CASCATA_PORT#127.0.0.1:$CASCATA1_PORT#; s#127.0.0.1:$ADMIN_PORT#127.0.0.1:$ADMIN1_PORT#; s#$WORK/state\"#$WORK/state1\"#" "$CFG" >"$CFG1"
-GOMAXPROCS=1 "$BIN" serve -config "$CFG1" >"$LOGDIR/cascata-gomaxprocs1.log" 2>&1 &
+if [ -n "$BEFORE_BIN" ]; then
+  "$BEFORE_BIN" serve -config "$CFG1" >"$LOGDIR/cascata-gomaxprocs1.log" 2>&1 &
+else
+  GOMAXPROCS=1 "$BIN" serve -config "$CFG1" >"$LOGDIR/cascata-gomaxprocs1.log" 2>&1 &
+fi
 CASCATA1_PID=$!
 "$TOOL" relay -listen "127.0.0.1:$RELAY_PORT" -target "127.0.0.1:$PP" -dur 2h >"$LOGDIR/relay.log" 2>&1 &
 RELAY_PID=$!
@@ -477,9 +489,12 @@ for t in "${SEL_TARGETS[@]}"; do
     median_row "$t-$mode"
   done
 done
-stop_pid "$CASCATA1_PID" 15
 stop_pid "$RELAY_PID" 5
-CASCATA1_PID="" RELAY_PID=""
+RELAY_PID=""
+if [ -z "$BEFORE_BIN" ]; then
+  stop_pid "$CASCATA1_PID" 15
+  CASCATA1_PID=""
+fi
 
 # --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
 
@@ -507,15 +522,38 @@ run_pgbench conn-pgbouncer-scram "$PGB_PID" PGPASSWORD="$PASSWORD" \
 run_pgbench conn-direct-scram "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
   pgbench "${CONN_ARGS[@]}" -h 127.0.0.1 -p "$PP" -U authenticator bench
 
+USER_TARGETS=("users:$CASCATA_PORT:$CASCATA_PID")
+[ -n "$BEFORE_BIN" ] && USER_TARGETS+=("usersbefore:$CASCATA1_PORT:$CASCATA1_PID")
 for kind in distinct same; do
-  say "run users-$kind ($USERS connections)"
-  flag=-distinct=false
-  [ "$kind" = distinct ] && flag=-distinct=true
-  echo "users-$kind: benchtool load -addr 127.0.0.1:$CASCATA_PORT -db bench -role authenticated -secret-env BENCH_JWT_SECRET -n $USERS -dur ${DUR}s $flag -pid <cascata>" >>"$COMMANDS"
-  timeout -k 5 $((DUR + 300)) "$TOOL" load -addr "127.0.0.1:$CASCATA_PORT" -db bench -role authenticated \
-    -secret-env BENCH_JWT_SECRET -n "$USERS" -dur "${DUR}s" "$flag" -pid "$CASCATA_PID" \
-    >"$LOGDIR/users-$kind.out" 2>"$LOGDIR/users-$kind.err" || say "users-$kind failed: $(tail -n3 "$LOGDIR/users-$kind.err")"
+  for ut in "${USER_TARGETS[@]}"; do
+    IFS=: read -r uid uport upid <<<"$ut"
+    say "run $uid-$kind ($USERS connections)"
+    flag=-distinct=false
+    [ "$kind" = distinct ] && flag=-distinct=true
+    echo "$uid-$kind: benchtool load -addr 127.0.0.1:$uport -db bench -role authenticated -secret-env BENCH_JWT_SECRET -n $USERS -dur ${DUR}s $flag -pid <cascata>" >>"$COMMANDS"
+    timeout -k 5 $((DUR + 300)) "$TOOL" load -addr "127.0.0.1:$uport" -db bench -role authenticated \
+      -secret-env BENCH_JWT_SECRET -n "$USERS" -dur "${DUR}s" "$flag" -pid "$upid" \
+      >"$LOGDIR/$uid-$kind.out" 2>"$LOGDIR/$uid-$kind.err" || say "$uid-$kind failed: $(tail -n3 "$LOGDIR/$uid-$kind.err")"
+  done
 done
+
+# Units that may leave session state are scrubbed on release (RESET ALL,
+# CLOSE ALL, UNLISTEN *, ...): here a session advisory lock taken and
+# released in one statement per transaction, on both builds when there is a
+# before build.
+SCRUB_ARGS=(-n -c "$CLIENTS" -j "$THREADS" -T "$DUR" -M simple -D "scale=$SCALE" -f "$ROOT/bench/scrubbed_unit.sql")
+if [ -n "$BEFORE_BIN" ]; then
+  for round in $(seq 1 "$ROUNDS"); do
+    run_pgbench "scrub-after-r$round" "$CASCATA_PID" PGPASSWORD="$TOKEN" \
+      pgbench "${SCRUB_ARGS[@]}" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
+    run_pgbench "scrub-before-r$round" "$CASCATA1_PID" PGPASSWORD="$TOKEN" \
+      pgbench "${SCRUB_ARGS[@]}" -h 127.0.0.1 -p "$CASCATA1_PORT" -U authenticated bench
+  done
+  median_row scrub-after
+  median_row scrub-before
+  stop_pid "$CASCATA1_PID" 15
+  CASCATA1_PID=""
+fi
 
 LOAD_END=$(cut -d' ' -f1-3 /proc/loadavg)
 CASCATA_STATE="running"
@@ -577,7 +615,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     row_sel "direct-$mode" "PostgreSQL direct" "$mode"
     row_sel "pgbouncer-$mode" "pgbouncer 1.18" "$mode"
     row_sel "cascata-$mode" "cascata" "$mode"
-    row_sel "cascata1-$mode" "cascata, GOMAXPROCS=1" "$mode"
+    row_sel "cascata1-$mode" "$SECOND_LABEL" "$mode"
     row_sel "relay-$mode" "Go byte relay (floor, no pooling)" "$mode"
   done
   echo
@@ -586,7 +624,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| -M | proxy | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn | TPS ratio per round | CPU ratio per round |"
   echo "|---|---|---:|---:|---|---|---|---|"
   for mode in simple extended prepared; do
-    for v in "cascata:cascata" "cascata1:cascata, GOMAXPROCS=1" "relay:Go byte relay (floor)"; do
+    for v in "cascata:cascata" "cascata1:$SECOND_LABEL" "relay:Go byte relay (floor)"; do
       id=${v%%:*}
       tr=$(ratio "$(field "$id-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
       cr=$(ratio "$(field "$id-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
@@ -663,12 +701,28 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "| tokens | connect s ($USERS logins) | logins/s | TPS | avg latency ms | errors | proxy CPU s per 1,000 txns |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
-  for kind in distinct same; do
+  for kind in distinct same $([ -n "$BEFORE_BIN" ] && echo before-distinct before-same); do
     f=$LOGDIR/users-$kind.out
+    [ "${kind#before-}" != "$kind" ] && f=$LOGDIR/usersbefore-${kind#before-}.out
     echo "| $kind | $(fmt "$(kv "$f" connect_secs)") | $(fmt "$(kv "$f" connects_per_sec)") | $(fmt "$(kv "$f" tps)") | $(fmt "$(kv "$f" latency_ms)") | $(fmt "$(kv "$f" errors)")$([ -n "$(kv "$f" first_error)" ] && echo " ($(kv "$f" first_error))") | $(fmt "$(kv "$f" proxy_cpu_per_1k)") |"
   done
   echo
   echo "TPS distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" tps)" "$(kv "$LOGDIR/users-same.out" tps)"); CPU per txn distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" proxy_cpu_per_1k)" "$(kv "$LOGDIR/users-same.out" proxy_cpu_per_1k)")."
+  if [ -n "$BEFORE_BIN" ]; then
+    echo
+    echo "Before the change: TPS distinct/same = $(ratio "$(kv "$LOGDIR/usersbefore-distinct.out" tps)" "$(kv "$LOGDIR/usersbefore-same.out" tps)"); distinct TPS after/before = $(ratio "$(kv "$LOGDIR/users-distinct.out" tps)" "$(kv "$LOGDIR/usersbefore-distinct.out" tps)"), CPU per txn after/before = $(ratio "$(kv "$LOGDIR/users-distinct.out" proxy_cpu_per_1k)" "$(kv "$LOGDIR/usersbefore-distinct.out" proxy_cpu_per_1k)")."
+    echo
+    echo "## Units that are scrubbed at release: \`SELECT pg_try_advisory_lock(k), pg_advisory_unlock(k)\` per transaction, $ROUNDS rounds of $DUR s"
+    echo
+    echo "| build | TPS | avg latency ms | transactions | failed txns/aborted clients | proxy CPU s | proxy CPU s per 1,000 txns |"
+    echo "|---|---:|---:|---:|---:|---:|---:|"
+    for v in "scrub-after:this build (scrubs)" "scrub-before:before the change"; do
+      id=${v%%:*}
+      echo "| ${v#*:} | $(num "$(field "$id" 2)" 0) | $(fmt "$(field "$id" 3)") | $(fmt "$(field "$id" 4)") | $(field "$id" 5)/$(field "$id" 6) | $(fmt "$(field "$id" 7)") | $(fmt "$(field "$id" 8)") |"
+    done
+    echo
+    echo "TPS after/before = $(ratio "$(field scrub-after 2)" "$(field scrub-before 2)"); proxy CPU per txn after/before = $(ratio "$(field scrub-after 8)" "$(field scrub-before 8)")."
+  fi
   echo
   echo "## Proxy health"
   echo

@@ -25,6 +25,8 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -94,7 +96,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.skip, "skip", os.Getenv("COMPAT_SUITES_SKIP"), "go test -skip pattern (a partial run)")
 	fs.StringVar(&o.pkgs, "pkgs", envOr("COMPAT_SUITES_PKGS", "./..."), "packages of each suite (a partial run unless ./...)")
 	fs.DurationVar(&o.testTimeout, "test-timeout", 300*time.Second, "go test -timeout, per package")
-	fs.DurationVar(&o.runTimeout, "run-timeout", 480*time.Second, "outer limit of one suite in one mode")
+	fs.DurationVar(&o.runTimeout, "run-timeout", 600*time.Second, "outer limit of one suite in one mode")
 	fs.DurationVar(&o.budget, "budget", 13*time.Minute, "time for all runs together; later runs are reported as not run")
 	fs.BoolVar(&o.strict, "strict", envBool("COMPAT_SUITES_STRICT"), "exit 1 when a failure has no documented reason")
 	fs.BoolVar(&o.keep, "keep", envBool("COMPAT_SUITES_KEEP"), "keep the work directory (clusters are stopped)")
@@ -300,6 +302,9 @@ func run(ctx context.Context, o *options) (int, error) {
 	}
 	rep.elapsed = time.Since(start)
 
+	if err := writeMeta(filepath.Join(work, "logs", "report.json"), rep); err != nil {
+		say("%v", err)
+	}
 	text := rep.markdown()
 	if o.out != "" {
 		if err := os.WriteFile(o.out, []byte(text), 0o644); err != nil {
@@ -360,34 +365,75 @@ func (h *harness) runMode(ctx context.Context, mode string, rep *report, deadlin
 }
 
 // reportFromLogs classifies the go test logs of an earlier run again
-// (after an edit of reasons.txt) and prints the report.
+// (after an edit of reasons.txt) and writes the report as that run would
+// have, with its times and notes (logs/report.json).
 func reportFromLogs(o *options, reasons *reasons, start time.Time) (int, error) {
-	rep := &report{started: start, modes: o.modes, reasons: reasons, partial: true, pgVersion: "see the run", cascataVersion: "see the run"}
+	rep := &report{started: start, modes: o.modes, reasons: reasons, partial: !o.defaultTable, pgVersion: "unknown", cascataVersion: "unknown"}
 	logs := filepath.Join(o.fromLogs, "logs")
+	meta, err := readMeta(filepath.Join(logs, "report.json"))
+	if err != nil {
+		return 2, err
+	}
 	for _, s := range allSuites() {
-		if !o.suites.MatchString(s.key) {
-			continue
+		if o.suites.MatchString(s.key) {
+			rep.suites = append(rep.suites, s)
 		}
-		rep.suites = append(rep.suites, s)
-		for _, mode := range o.modes {
+	}
+	for _, mode := range o.modes {
+		for _, s := range rep.suites {
 			r := newRunResult(s, mode)
+			m := meta.run(s.key, mode)
+			if m != nil && m.NotRun != "" {
+				r.notRun = m.NotRun
+				rep.add(r)
+				continue
+			}
 			if err := r.parseFile(filepath.Join(logs, s.key+"-"+mode+".json")); err != nil {
 				return 2, err
 			}
+			r.checkMain(r)
 			reruns, _ := filepath.Glob(filepath.Join(logs, s.key+"-"+mode+"-rerun*.json"))
+			sort.SliceStable(reruns, func(i, j int) bool { return rerunIndex(reruns[i]) < rerunIndex(reruns[j]) })
 			for _, f := range reruns {
 				next := newRunResult(s, mode)
 				if err := next.parseFile(f); err != nil {
 					return 2, err
 				}
 				r.merge(next)
+				r.checkMain(next)
+			}
+			if m != nil {
+				m.apply(r)
 			}
 			r.finish()
 			rep.add(r)
 		}
 	}
-	fmt.Print(rep.markdown())
+	if meta != nil {
+		meta.apply(rep)
+	}
+	text := rep.markdown()
+	if o.out != "" {
+		if err := os.WriteFile(o.out, []byte(text), 0o644); err != nil {
+			return 2, err
+		}
+		say("wrote %s", o.out)
+		fmt.Print(rep.summary())
+		return 0, nil
+	}
+	fmt.Print(text)
 	return 0, nil
+}
+
+var rerunRE = regexp.MustCompile(`-rerun(\d+)-`)
+
+func rerunIndex(path string) int {
+	m := rerunRE.FindStringSubmatch(filepath.Base(path))
+	if m == nil {
+		return 0
+	}
+	n, _ := strconv.Atoi(m[1])
+	return n
 }
 
 // holdOpen starts the proxy in o.hold mode and prints what each suite's

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -415,7 +416,7 @@ func (r *runResult) headline() string {
 		parts = append(parts, "error: "+r.err.Error())
 	}
 	if r.outerTimeout > 0 {
-		parts = append(parts, fmt.Sprintf("killed at the outer limit of %s", r.outerTimeout))
+		parts = append(parts, fmt.Sprintf("killed at the outer limit of %s", r.outerTimeout.Round(time.Second)))
 	}
 	for _, p := range r.timedOutPkgs() {
 		parts = append(parts, "package "+p+" hit go test -timeout")
@@ -924,4 +925,97 @@ func (rep *report) markdown() string {
 		}
 	}
 	return b.String()
+}
+
+// --- what a run leaves for -from-logs ----------------------------------------------
+
+// reportMeta is what the go test logs do not hold: times, notes, versions.
+type reportMeta struct {
+	Started   time.Time           `json:"started"`
+	ElapsedMS int64               `json:"elapsed_ms"`
+	PG        string              `json:"postgres"`
+	Cascata   string              `json:"cascata"`
+	Partial   bool                `json:"partial"`
+	Notes     map[string][]string `json:"notes"`
+	Runs      []runMeta           `json:"runs"`
+}
+
+type runMeta struct {
+	Suite          string              `json:"suite"`
+	Mode           string              `json:"mode"`
+	ElapsedMS      int64               `json:"elapsed_ms"`
+	NotRun         string              `json:"not_run,omitempty"`
+	Err            string              `json:"error,omitempty"`
+	OuterTimeoutMS int64               `json:"outer_timeout_ms,omitempty"`
+	Reruns         map[string][]string `json:"reruns,omitempty"`
+}
+
+func writeMeta(path string, rep *report) error {
+	m := reportMeta{Started: rep.started, ElapsedMS: rep.elapsed.Milliseconds(), PG: rep.pgVersion,
+		Cascata: rep.cascataVersion, Partial: rep.partial, Notes: rep.notes}
+	for _, r := range rep.runs {
+		rm := runMeta{Suite: r.suite.key, Mode: r.mode, ElapsedMS: r.elapsed.Milliseconds(), NotRun: r.notRun,
+			OuterTimeoutMS: r.outerTimeout.Milliseconds(), Reruns: map[string][]string{}}
+		if r.err != nil {
+			rm.Err = r.err.Error()
+		}
+		for n, p := range r.pkgs {
+			if len(p.reruns) > 0 {
+				rm.Reruns[n] = p.reruns
+			}
+		}
+		m.Runs = append(m.Runs, rm)
+	}
+	b, err := json.MarshalIndent(m, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(path, b, 0o644)
+}
+
+// readMeta reads report.json; nil without one.
+func readMeta(path string) (*reportMeta, error) {
+	b, err := os.ReadFile(path)
+	if os.IsNotExist(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var m reportMeta
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return &m, nil
+}
+
+func (m *reportMeta) run(suite, mode string) *runMeta {
+	if m == nil {
+		return nil
+	}
+	for i := range m.Runs {
+		if m.Runs[i].Suite == suite && m.Runs[i].Mode == mode {
+			return &m.Runs[i]
+		}
+	}
+	return nil
+}
+
+func (m *reportMeta) apply(rep *report) {
+	rep.started, rep.elapsed = m.Started, time.Duration(m.ElapsedMS)*time.Millisecond
+	rep.pgVersion, rep.cascataVersion, rep.partial = m.PG, m.Cascata, m.Partial || rep.partial
+	rep.notes = m.Notes
+}
+
+func (m *runMeta) apply(r *runResult) {
+	r.elapsed = time.Duration(m.ElapsedMS) * time.Millisecond
+	r.outerTimeout = time.Duration(m.OuterTimeoutMS) * time.Millisecond
+	if m.Err != "" {
+		r.err = errors.New(m.Err)
+	}
+	for n, lines := range m.Reruns {
+		if p := r.pkgs[n]; p != nil {
+			p.reruns = lines
+		}
+	}
 }

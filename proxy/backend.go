@@ -324,9 +324,8 @@ func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 	}
 }
 
-// gateName returns a fresh, unguessable statement name for a setup's gate.
-func (b *backend) gateName() string {
-	var name [len(gatePrefix) + 32]byte
+// gateName writes a fresh, unguessable statement name for a setup's gate.
+func (b *backend) gateName(name *[gateNameLen]byte) {
 	copy(name[:], gatePrefix)
 	const hexdigits = "0123456789abcdef"
 	for i := 0; i < 2; i++ {
@@ -336,7 +335,9 @@ func (b *backend) gateName() string {
 			v >>= 4
 		}
 	}
-	return string(name[:])
 }
 
-const gatePrefix = "cascata_gate_"
+const (
+	gatePrefix  = "cascata_gate_"
+	gateNameLen = len(gatePrefix) + 32
+)

@@ -1,6 +1,9 @@
 package proxy
 
 import (
+	"encoding/binary"
+	"unsafe"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -50,7 +53,7 @@ func (g *setupGroup) exec(sql string, args ...string) {
 	}
 	params := g.params[:0]
 	for _, a := range args {
-		params = append(params, []byte(a))
+		params = append(params, textParam(a))
 	}
 	if g.err == nil {
 		g.buf, g.err = (&pgproto3.Bind{Parameters: params}).Encode(g.buf)
@@ -80,15 +83,37 @@ func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte,
 	if g.err != nil || g.n == 0 {
 		return g.buf, setupPlan{}, g.err
 	}
-	gate := be.gateName()
-	var err error
-	buf, err = (&pgproto3.Parse{Name: gate}).Encode(g.buf)
-	if err == nil {
-		buf = append(buf, msgSync...)
-		buf, err = (&pgproto3.Describe{ObjectType: 'S', Name: gate}).Encode(buf)
+	var gate [gateNameLen]byte
+	be.gateName(&gate)
+	buf = appendGateMsg(g.buf, 'P', 0, gate[:], 0, 0, 0) // Parse: the empty query, no parameter types
+	buf = append(buf, msgSync...)
+	buf = appendGateMsg(buf, 'D', 'S', gate[:]) // Describe
+	buf = appendGateMsg(buf, 'C', 'S', gate[:]) // Close
+	return buf, setupPlan{group: g.n, gate: true}, nil
+}
+
+// appendGateMsg appends a message of type typ whose body is kind (unless
+// 0), the NUL-terminated name, then tail.
+func appendGateMsg(buf []byte, typ, kind byte, name []byte, tail ...byte) []byte {
+	n := 4 + len(name) + 1 + len(tail)
+	if kind != 0 {
+		n++
 	}
-	if err == nil {
-		buf, err = (&pgproto3.Close{ObjectType: 'S', Name: gate}).Encode(buf)
+	buf = append(buf, typ)
+	buf = binary.BigEndian.AppendUint32(buf, uint32(n))
+	if kind != 0 {
+		buf = append(buf, kind)
 	}
-	return buf, setupPlan{group: g.n, gate: true}, err
+	buf = append(buf, name...)
+	buf = append(buf, 0)
+	return append(buf, tail...)
+}
+
+// textParam is a's bytes as a Bind parameter, without a copy: Encode only
+// reads them. An empty string is an empty parameter, never NULL.
+func textParam(a string) []byte {
+	if a == "" {
+		return []byte{}
+	}
+	return unsafe.Slice(unsafe.StringData(a), len(a))
 }

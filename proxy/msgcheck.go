@@ -29,15 +29,15 @@ func checkFrontendMsg(typ byte, body []byte) error {
 		r := fieldReader{b: body}
 		r.cstring()
 		r.cstring()
-		n := r.int16()
+		n := r.count()
 		r.skip(4 * n)
 		err = r.end()
 	case msgTypeBind:
 		r := fieldReader{b: body}
 		r.cstring()
 		r.cstring()
-		r.skip(2 * r.int16())
-		params := r.int16()
+		r.skip(2 * r.count())
+		params := r.count()
 		for i := 0; i < params && r.err == nil; i++ {
 			if l := r.int32(); l > 0 {
 				r.skip(l)
@@ -45,7 +45,7 @@ func checkFrontendMsg(typ byte, body []byte) error {
 				r.fail("invalid parameter length")
 			}
 		}
-		r.skip(2 * r.int16())
+		r.skip(2 * r.count())
 		err = r.end()
 	case msgTypeDescribe, msgTypeClose:
 		if len(body) == 0 || (body[0] != 'S' && body[0] != 'P') {
@@ -97,17 +97,15 @@ func (r *fieldReader) cstring() {
 	r.fail("string not terminated")
 }
 
-func (r *fieldReader) int16() int {
+// count reads a 16-bit count, unsigned as PostgreSQL reads it (a Bind may
+// carry up to 65,535 parameters).
+func (r *fieldReader) count() int {
 	if len(r.b) < 2 {
 		r.fail("message too short")
 		return 0
 	}
-	v := int(int16(binary.BigEndian.Uint16(r.b)))
+	v := int(binary.BigEndian.Uint16(r.b))
 	r.b = r.b[2:]
-	if v < 0 {
-		r.fail("negative count")
-		return 0
-	}
 	return v
 }
 

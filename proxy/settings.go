@@ -162,6 +162,11 @@ const scrubSQL = "SET LOCAL statement_timeout = 0; RESET ALL; SET LOCAL transact
 // round trip.
 func (b *backend) settle(names []string, scrub bool) (settled, error) {
 	var q strings.Builder
+	if !slices.Contains(names, "statement_timeout") {
+		// A statement_timeout the unit left must not stop the read-back
+		// (when the unit set it, its value is what is read back).
+		q.WriteString("SET LOCAL statement_timeout = 0; ")
+	}
 	q.WriteString("SELECT 'g', n, pg_catalog.current_setting(n, true), (SELECT s.source FROM pg_catalog.pg_settings s WHERE pg_catalog.lower(s.name) = n LIMIT 1) FROM pg_catalog.unnest(ARRAY[")
 	for i, n := range names {
 		if i > 0 {

@@ -98,14 +98,14 @@ jwt_secret = %q
 }
 
 func TestTargetAllowed(t *testing.T) {
-	allowed := []string{"DB.example.com", "10.0.0.5:6543", "[::1]:5432", "::2"}
+	allowed := []string{"DB.example.com", "127.0.0.2:6543", "[::1]:5432", "127.0.0.3"}
 	for url, ok := range map[string]bool{
 		"postgres://u@db.example.com/x":                       true,
 		"postgres://u@db.EXAMPLE.com:7000/x":                  true,
-		"postgres://u@10.0.0.5:6543/x":                        true,
-		"postgres://u@10.0.0.5:5432/x":                        false,
+		"postgres://u@127.0.0.2:6543/x":                       true,
+		"postgres://u@127.0.0.2:5432/x":                       false,
 		"postgres://u@[::1]:5432/x":                           true,
-		"postgres://u@[::2]:1/x":                              true,
+		"postgres://u@127.0.0.3:1/x":                          true,
 		"postgres://u@evil.example.com/x":                     false,
 		"postgres://u@db.example.com,evil.example.com/x":      false,
 		"postgres://u@db.example.com/x?host=evil.example.com": false,

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"encoding/hex"
 	"encoding/json"
 	"slices"
 	"strconv"
@@ -172,7 +173,10 @@ func (b *backend) settle(names []string, scrub bool) (settled, error) {
 		if i > 0 {
 			q.WriteByte(',')
 		}
-		q.WriteString("'" + strings.ReplaceAll(n, "'", "''") + "'")
+		// Hex, so the text reads the same whatever the unit left in
+		// force (standard_conforming_strings = off by a function the
+		// guard cannot see would make backslashes escape quotes).
+		q.WriteString("pg_catalog.convert_from(pg_catalog.decode('" + hex.EncodeToString([]byte(n)) + "', 'hex'), 'UTF8')")
 	}
 	q.WriteString("]::text[]) n")
 	queries := []string{""}

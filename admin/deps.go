@@ -39,6 +39,21 @@ type PoolReader interface {
 	Pools() []PoolStat
 }
 
+// PinReader, when the PoolReader has it too, adds pinned clients to GET
+// /v1/pools.
+type PinReader interface {
+	Pinned() []PinStat
+}
+
+// PinStat is one project's clients that keep a backend for their session
+// state in transaction mode (temporary tables, LISTEN, WITH HOLD cursors,
+// advisory locks), and the project's max_pinned.
+type PinStat struct {
+	Project   string `json:"project"`
+	Pinned    int    `json:"pinned"`
+	MaxPinned int    `json:"max_pinned"`
+}
+
 // RoutingReader, when the PoolReader has it too, adds routing counts and
 // replica health to GET /v1/pools.
 type RoutingReader interface {

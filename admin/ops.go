@@ -52,6 +52,9 @@ type PoolList struct {
 	// and on replicas; Replicas is the last check of each replica server.
 	Routing  []RouteStat   `json:"routing"`
 	Replicas []ReplicaStat `json:"replicas"`
+	// Pinned counts, per project, the clients that keep a backend in
+	// transaction mode for their session state, and their bound.
+	Pinned []PinStat `json:"pinned"`
 }
 
 // ReadyFailure is one project whose primary does not answer.
@@ -274,9 +277,12 @@ func (h *Handler) pools(w http.ResponseWriter, r *http.Request) {
 	if ps == nil {
 		ps = []PoolStat{}
 	}
-	list := PoolList{Pools: ps, Routing: []RouteStat{}, Replicas: []ReplicaStat{}}
+	list := PoolList{Pools: ps, Routing: []RouteStat{}, Replicas: []ReplicaStat{}, Pinned: []PinStat{}}
 	if rr, ok := h.opts.Pools.(RoutingReader); ok {
 		list.Routing, list.Replicas = rr.Routing()
+	}
+	if pr, ok := h.opts.Pools.(PinReader); ok {
+		list.Pinned = pr.Pinned()
 	}
 	writeJSON(w, http.StatusOK, list)
 }

@@ -30,6 +30,7 @@ type ProjectView struct {
 	AnonRole      string       `json:"anon_role,omitempty"`
 	PoolMode      string       `json:"pool_mode"`
 	PoolSize      int          `json:"pool_size"`
+	MaxPinned     int          `json:"max_pinned"`
 	MaxReplicaLag string       `json:"max_replica_lag"`
 	StorageDir    string       `json:"storage_dir,omitempty"`
 	Source        string       `json:"source"`
@@ -70,6 +71,7 @@ type ProjectRequest struct {
 	TrustedRoles  []string `json:"trusted_roles"`
 	PoolMode      string   `json:"pool_mode"`
 	PoolSize      int      `json:"pool_size"`
+	MaxPinned     int      `json:"max_pinned"`
 	MaxReplicaLag string   `json:"max_replica_lag"`
 	StorageDir    string   `json:"storage_dir"`
 }
@@ -95,6 +97,7 @@ type ProjectPatch struct {
 	TrustedRoles  *[]string `json:"trusted_roles"`
 	PoolMode      *string   `json:"pool_mode"`
 	PoolSize      *int      `json:"pool_size"`
+	MaxPinned     *int      `json:"max_pinned"`
 	MaxReplicaLag *string   `json:"max_replica_lag"`
 	StorageDir    *string   `json:"storage_dir"`
 }
@@ -124,7 +127,7 @@ func (req ProjectRequest) project() (config.Project, error) {
 		JWTSecret: req.JWTSecret, JWTSecretEnv: req.JWTSecretEnv, JWTSecretFile: req.JWTSecretFile,
 		JWKSFile: req.JWKSFile, JWKSURL: req.JWKSURL, JWTIssuer: req.JWTIssuer, JWTAudience: req.JWTAudience,
 		JWTAllowNoExp: req.JWTAllowNoExp, JWTLeeway: leeway, Roles: req.Roles, RoleClaim: req.RoleClaim,
-		AnonRole: req.AnonRole, TrustedRoles: req.TrustedRoles, PoolMode: req.PoolMode, PoolSize: req.PoolSize,
+		AnonRole: req.AnonRole, TrustedRoles: req.TrustedRoles, PoolMode: req.PoolMode, PoolSize: req.PoolSize, MaxPinned: req.MaxPinned,
 		MaxReplicaLag: lag, StorageDir: req.StorageDir,
 	}, nil
 }
@@ -171,7 +174,13 @@ func (pt ProjectPatch) apply(p *config.Project) error {
 	}
 	set(&p.PoolMode, pt.PoolMode)
 	if pt.PoolSize != nil {
+		if p.MaxPinned == max(1, p.PoolSize/4) {
+			p.MaxPinned = 0 // it was the default: it follows pool_size
+		}
 		p.PoolSize = *pt.PoolSize
+	}
+	if pt.MaxPinned != nil {
+		p.MaxPinned = *pt.MaxPinned
 	}
 	if pt.MaxReplicaLag != nil {
 		d, err := parseDuration("max_replica_lag", *pt.MaxReplicaLag)
@@ -193,7 +202,7 @@ func (h *Handler) view(ref string, pools []PoolStat) (ProjectView, bool) {
 	v := ProjectView{
 		Ref: p.Ref, DatabaseURL: config.RedactURL(p.DatabaseURL), ReplicaURLs: []string{},
 		JWTIssuer: p.JWTIssuer, JWTAudience: p.JWTAudience, Roles: p.Roles, RoleClaim: p.RoleClaim, AnonRole: p.AnonRole,
-		PoolMode: p.PoolMode, PoolSize: p.PoolSize, MaxReplicaLag: p.MaxReplicaLag.String(), StorageDir: p.StorageDir,
+		PoolMode: p.PoolMode, PoolSize: p.PoolSize, MaxPinned: p.MaxPinned, MaxReplicaLag: p.MaxReplicaLag.String(), StorageDir: p.StorageDir,
 		Source: e.Source, ChangedBy: e.Reason, Changed: e.Changed, JWTKeys: []string{}, Pools: []PoolStat{},
 	}
 	if p.OwnerURL != "" {

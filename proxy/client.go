@@ -29,6 +29,8 @@ func (ss *session) classify(sql string, parse bool) Route {
 			Hint: "cascata gives each client its own statement names; it translates a PREPARE, EXECUTE or DEALLOCATE only when it is the whole query."}
 	case r.ReadsBackendState:
 		r.Refusal = &Error{Code: CodeInsufficientPrivs, Message: "pg_prepared_statements and pg_cursors cannot be read through cascata in transaction mode: the server connection is shared with other clients"}
+	case r.KeepsSessionState && ss.txMode:
+		r.Refusal = ss.reservePin()
 	}
 	if r.Refusal != nil {
 		r.Primary = true
@@ -75,7 +77,7 @@ func (ss *session) onQuery() error {
 	if r.Refusal != nil {
 		return ss.refuse(r.Refusal)
 	}
-	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {
 		ss.failLocal('Q', err)
 		return nil
@@ -205,7 +207,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		}
 		sql, _, _ := cstring(rest)
 		*r = ss.classify(sql, true)
-		w := want{pin: r.PinSession, state: r.SessionState, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
+		w := want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
 		}
@@ -238,7 +240,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		if st == nil {
 			return want{reason: "read"}
 		}
-		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin, state: st.state}
+		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin, state: st.state, keeps: st.keeps}
 	}
 	return want{reason: "read"}
 }
@@ -268,6 +270,7 @@ func (ss *session) flushBatch(term byte) error {
 		w.writes = w.writes || mw.writes
 		w.pin = w.pin || mw.pin
 		w.state = w.state || mw.state
+		w.keeps = w.keeps || mw.keeps
 		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}

@@ -82,6 +82,7 @@ type harnessOpts struct {
 	replicas    bool   // give projects the streaming replica
 	consistency string // proxy.Consistency*
 	poolSize    int
+	maxPinned   int
 	sessionMode bool
 	projects    []string
 }
@@ -121,6 +122,7 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 			Ref:             ref,
 			DatabaseURL:     cluster.Primary.URL("authenticator", loginPassword, ref),
 			PoolSize:        ho.poolSize,
+			MaxPinned:       ho.maxPinned,
 			SessionMode:     ho.sessionMode,
 			Consistency:     ho.consistency,
 			LegacyClaimGUCs: ho.legacyGUCs,

@@ -17,6 +17,8 @@ type Metrics struct {
 	queries      *prometheus.CounterVec
 	poolWait     *prometheus.HistogramVec
 	waitTimeouts *prometheus.CounterVec
+	pinned       *prometheus.GaugeVec
+	pinRefusals  *prometheus.CounterVec
 	routes       *prometheus.CounterVec
 	replicaLSNs  *prometheus.GaugeVec
 	replicaBytes *prometheus.GaugeVec
@@ -53,6 +55,12 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		waitTimeouts: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cascata_pool_wait_timeouts_total", Help: "Clients that got no backend within query_wait_timeout.",
 		}, []string{"project"}),
+		pinned: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_pinned_clients", Help: "Clients keeping a backend in transaction mode for their session state (temporary objects, LISTEN, WITH HOLD cursors, advisory locks), by project; at most max_pinned.",
+		}, []string{"project"}),
+		pinRefusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cascata_pin_refusals_total", Help: "Statements refused, or session state scrubbed, because the project had max_pinned clients pinned already.",
+		}, []string{"project"}),
 		routes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "cascata_route_decisions_total", Help: "Routing decisions by project, target and reason.",
 		}, []string{"project", "target", "reason"}),
@@ -70,7 +78,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"server"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.routes, m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp)
+		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.pinned, m.pinRefusals, m.routes, m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp)
 	}
 	return m
 }
@@ -101,6 +109,8 @@ type projectMetrics struct {
 	queries      prometheus.Counter
 	poolWait     prometheus.Observer
 	waitTimeouts prometheus.Counter
+	pinned       prometheus.Gauge
+	pinRefusals  prometheus.Counter
 }
 
 func (m *Metrics) forProject(ref string) *projectMetrics {
@@ -110,6 +120,8 @@ func (m *Metrics) forProject(ref string) *projectMetrics {
 		queries:      m.queries.WithLabelValues(ref),
 		poolWait:     m.poolWait.WithLabelValues(ref),
 		waitTimeouts: m.waitTimeouts.WithLabelValues(ref),
+		pinned:       m.pinned.WithLabelValues(ref),
+		pinRefusals:  m.pinRefusals.WithLabelValues(ref),
 	}
 }
 
@@ -147,5 +159,7 @@ func (m *Metrics) forgetProject(ref string) {
 	m.queries.DeletePartialMatch(l)
 	m.poolWait.DeletePartialMatch(l)
 	m.waitTimeouts.DeletePartialMatch(l)
+	m.pinned.DeletePartialMatch(l)
+	m.pinRefusals.DeletePartialMatch(l)
 	m.routes.DeletePartialMatch(l)
 }

@@ -48,6 +48,7 @@ type stmt struct {
 	writes    bool
 	pin       bool     // its text pins a routed session
 	state     bool     // its text may leave session state (Route.SessionState)
+	keeps     bool     // its text creates state the client keeps (Route.KeepsSessionState)
 	gucs      []string // session settings it changes
 }
 
@@ -204,7 +205,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
 	}
-	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState}
+	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState}
 	switch typ {
 	case 'P':
 		name, rest, ok := cstring(body)
@@ -212,7 +213,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
@@ -222,7 +223,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.failParse(duplicateStmt(name))
 			return nil
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps}
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, name)

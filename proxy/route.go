@@ -26,6 +26,11 @@ type Route struct {
 	// cannot see) that must be scrubbed before another client gets the
 	// backend.
 	SessionState bool
+	// KeepsSessionState: the text creates session state a client means to
+	// keep across transactions (temporary objects, LISTEN, WITH HOLD
+	// cursors, session advisory locks). In transaction mode the client
+	// keeps its backend while the state lasts (pin.go).
+	KeepsSessionState bool
 	// Writes: the text may change data, so a later read of the same client
 	// must see its effect (read-your-writes).
 	Writes bool

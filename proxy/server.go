@@ -40,6 +40,9 @@ type ProjectConfig struct {
 	ReplicaURLs []string
 	PoolSize    int
 	SessionMode bool
+	// MaxPinned bounds the clients that keep a backend for session state
+	// in transaction mode. 0 = PoolSize/4, at least 1.
+	MaxPinned int
 	// TrustedRoles may run DO blocks and CREATE FUNCTION (the Classifier decides).
 	TrustedRoles []string
 	// MaxReplicaLag: a replica further behind is not used. 0 = 1s.
@@ -138,6 +141,7 @@ type project struct {
 	turn       atomic.Uint64 // round robin among fit replicas
 	metrics    *projectMetrics
 	gate       *gate
+	pins       *pinCount
 	routesMu   sync.RWMutex
 	routes     map[routeKey]prometheus.Counter
 	toPrimary  atomic.Int64
@@ -227,6 +231,7 @@ type Server struct {
 	replicas   *replicaSet
 	projects   atomic.Pointer[map[string]*project]
 	gates      sync.Map // ref -> *gate, kept across reloads
+	pins       sync.Map // ref -> *pinCount, kept across reloads
 
 	clients atomic.Int64
 
@@ -288,6 +293,9 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 		if c.PoolSize <= 0 {
 			c.PoolSize = 20
 		}
+		if c.MaxPinned <= 0 {
+			c.MaxPinned = max(1, c.PoolSize/4)
+		}
 		if c.MaxReplicaLag <= 0 {
 			c.MaxReplicaLag = time.Second
 		}
@@ -295,7 +303,8 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 			c.Consistency = ConsistencyReadYourWrites
 		}
 		g, _ := s.gates.LoadOrStore(c.Ref, newGate())
-		p := &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate)}
+		pins, _ := s.pins.LoadOrStore(c.Ref, &pinCount{})
+		p := &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate), pins: pins.(*pinCount)}
 		for role, u := range c.RoleURLs {
 			rc, err := pgconn.ParseConfig(u)
 			if err != nil {
@@ -333,6 +342,7 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 			}
 		} else {
 			s.gates.Delete(ref)
+			s.pins.Delete(ref)
 			s.metrics.forgetProject(ref)
 		}
 		if !ok || old.cfg.DatabaseURL != nw.cfg.DatabaseURL || !slices.Equal(old.cfg.ReplicaURLs, nw.cfg.ReplicaURLs) {

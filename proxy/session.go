@@ -44,9 +44,11 @@ type session struct {
 	// lock, LISTEN, a SET ...): from then on it is a session-mode session.
 	routedSession bool
 	pinPending    bool // a routed session must pin at its next primary backend
-	keyPID        uint32
-	keySecret     []byte
-	metrics       *projectMetrics
+	// txMode: transaction mode (neither session mode nor a routed session).
+	txMode    bool
+	keyPID    uint32
+	keySecret []byte
+	metrics   *projectMetrics
 
 	mu           sync.Mutex
 	cond         *sync.Cond // broadcast when the backend is detached
@@ -93,6 +95,10 @@ type session struct {
 	settingsKey  string            // settingsKey(settings)
 	unitGUCs     []string          // settings changed in the running unit
 	unitState    bool              // the running unit may leave session state: scrub at release
+	unitKeeps    bool              // the running unit may create state the client keeps: look at its end (pin.go)
+	pinned       bool              // the client keeps its backend for its session state (pin.go)
+	pinSlot      *pinCount         // the project's pin counter the client holds a slot of
+	checking     bool              // the relay is looking at the backend between units: nothing else writes to it
 	gucsPending  bool              // their values are being read back
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
 	// A read unit on a replica whose replica dies before any reply reached
@@ -134,6 +140,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		params:        params,
 		sessionMode:   proj.cfg.SessionMode && len(proj.replicas) == 0,
 		routedSession: proj.cfg.SessionMode && len(proj.replicas) > 0,
+		txMode:        !proj.cfg.SessionMode,
 		metrics:       proj.metrics,
 		txStatus:      'I',
 		stmts:         map[string]*stmt{},
@@ -427,6 +434,7 @@ func (ss *session) backendWriteFailed(be *backend, err error) error {
 type want struct {
 	pin     bool // needs session state: a routed session takes a dedicated backend
 	state   bool // may leave session state: the backend is scrubbed at release
+	keeps   bool // may create state the client keeps: transaction mode pins (pin.go)
 	primary bool // must run on the primary
 	writes  bool // may write: read-your-writes bookkeeping
 	reason  string
@@ -447,7 +455,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	if ss.pinPending {
 		w.primary = true
 	}
-	for ss.retrying {
+	for ss.retrying || ss.checking {
 		ss.cond.Wait()
 	}
 	// A read unit still running on a replica (pipelined autocommit reads)
@@ -465,8 +473,13 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.replayOK = false // more than one send: not replayable
 		ss.mark(boundary)
 		ss.unitWrites = ss.unitWrites || w.writes
-		ss.unitGUCs = append(ss.unitGUCs, w.gucs...)
+		for _, g := range w.gucs {
+			if !slices.Contains(ss.unitGUCs, g) { // a pinned client's units add up
+				ss.unitGUCs = append(ss.unitGUCs, g)
+			}
+		}
 		ss.unitState = ss.unitState || w.state
+		ss.unitKeeps = ss.unitKeeps || w.keeps
 		ss.mu.Unlock()
 		return be, nil
 	}
@@ -538,6 +551,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.unnamedOnBackend = false
 		ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
 		ss.unitState = w.state
+		ss.unitKeeps = w.keeps
 		ss.mu.Unlock()
 		if serr != nil {
 			be.close()
@@ -765,12 +779,26 @@ func (ss *session) relay(a attachment) *unit {
 			gone := ss.clientGone.Load()
 			var u *unit
 			releasable := func() bool {
-				return ss.pending <= 0 && !ss.dirty && (ss.clientGone.Load() || (status == 'I' && !ss.sessionMode))
+				return ss.pending <= 0 && !ss.dirty && (ss.clientGone.Load() || (status == 'I' && !ss.sessionMode && !ss.pinned))
 			}
-			for releasable() && ss.writing {
+			// A unit that may have created state the client keeps, and
+			// every unit of a pinned client, ends with a look at the backend.
+			checkDue := func() bool {
+				return ss.pending <= 0 && !ss.dirty && !ss.clientGone.Load() && status == 'I' && ss.txMode && (ss.unitKeeps || ss.pinned)
+			}
+			for (releasable() || checkDue()) && ss.writing {
 				// The client goroutine is finishing the write this reply
 				// answers; the backend is not ours to give until it is done.
 				ss.cond.Wait()
+			}
+			if checkDue() {
+				if err := ss.pinCheck(be); err != nil {
+					ss.mu.Unlock()
+					_, _ = ss.wr.Write(rfq(status))
+					unlock()
+					ss.backendLost(be, err, nil)
+					return nil
+				}
 			}
 			if releasable() {
 				// Decide and detach in one critical section: once the lock is
@@ -935,7 +963,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	// one. The client's own settings were read back above; in session mode
 	// the backend is the client's and DISCARD ALL cleans it at the end.
 	u.scrub = clean && ss.unitState && !ss.sessionMode
-	ss.unitWrites, ss.unitState = false, false
+	ss.unitWrites, ss.unitState, ss.unitKeeps = false, false, false
 	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
@@ -1046,7 +1074,9 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 			e.Detail = "The server closed its connection; the transaction was rolled back."
 		}
 	}
-	sessionMode := ss.sessionMode
+	sessionMode := ss.sessionMode || ss.pinned // a pinned client's state is gone too
+	ss.pinned = false
+	ss.releasePinLocked()
 	if !gone && !sessionMode && pend == 0 && (dirty || status != 'I') {
 		ss.pendingErr = &Error{Code: e.Code, Message: e.Message, Detail: e.Detail, Hint: e.Hint}
 	}
@@ -1084,7 +1114,15 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 // the pool; a running statement is cancelled first.
 func (ss *session) finish() {
 	_ = ss.conn.Close() // unblocks a backend goroutine stuck writing to a dead client
+	defer func() {
+		ss.mu.Lock()
+		ss.releasePinLocked()
+		ss.mu.Unlock()
+	}()
 	ss.mu.Lock()
+	for ss.checking {
+		ss.cond.Wait() // the relay is talking to the backend
+	}
 	ss.clientGone.Store(true)
 	be := ss.be
 	if be == nil {
@@ -1104,9 +1142,10 @@ func (ss *session) finish() {
 	}
 	out = append(out, queryMsg("ROLLBACK")...)
 	ss.pending++
-	if ss.sessionMode {
+	if ss.sessionMode || ss.pinned {
 		out = append(out, queryMsg("DISCARD ALL")...)
 		ss.pending++
+		ss.unitState = false // DISCARD ALL is the scrub
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.sqlStmts = nil

@@ -37,6 +37,8 @@ type facts struct {
 	// state: some statement may leave session state the proxy does not
 	// track itself (Decision.SessionState).
 	state bool
+	// keeps: Decision.KeepsSessionState.
+	keeps bool
 	// afterTxEnd: Decision.StatementsAfterTxEnd.
 	afterTxEnd bool
 	hint       RouteHint
@@ -82,6 +84,8 @@ func (f *facts) apply(p Policy) Decision {
 		PinSession:   f.pin,
 		SessionState: f.state,
 		RouteHint:    f.hint,
+
+		KeepsSessionState: f.keeps,
 
 		StatementsAfterTxEnd: f.afterTxEnd,
 		Statements:           f.statements,
@@ -237,6 +241,9 @@ func (a *analyzer) run() {
 		a.acc = stmtAcc{}
 		info := a.statement(raw.GetStmt())
 		info = a.acc.upgrade(info)
+		if a.acc.into && mentionsTemp(a.sql) {
+			f.keeps = true // SELECT ... INTO TEMP
+		}
 		if info.target == Replica || !info.pin || !info.state {
 			for _, q := range a.acc.funcs {
 				if !slices.Contains(f.funcs, q) {
@@ -356,6 +363,7 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 				info.reason = ReasonCursor
 			}
 			info.target, info.pin, info.state = Primary, true, true
+			a.f.keeps = true
 		}
 		return info
 	case *pg_query.Node_FetchStmt, *pg_query.Node_ClosePortalStmt:
@@ -394,7 +402,10 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 	case *pg_query.Node_DoStmt:
 		a.visit(n.ProtoReflect(), wctx{exec: true})
 		return primary(ReasonCall, true)
-	case *pg_query.Node_ListenStmt, *pg_query.Node_UnlistenStmt:
+	case *pg_query.Node_ListenStmt:
+		a.f.keeps = true
+		return primary(ReasonListenNotify, true)
+	case *pg_query.Node_UnlistenStmt:
 		return primary(ReasonListenNotify, true)
 	case *pg_query.Node_NotifyStmt:
 		return primary(ReasonListenNotify, false)
@@ -411,7 +422,53 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 	// Everything else is DDL or another utility statement that changes the
 	// database: the walk applies the DDL rules and refuses what must be.
 	a.visit(n.ProtoReflect(), wctx{exec: true, ddl: true})
+	if mentionsTemp(a.sql) {
+		a.f.keeps = true // CREATE TEMP ..., CREATE ... pg_temp.name
+	}
 	return primary(ReasonDDL, true)
+}
+
+// mentionsTemp reports whether a text has the word TEMP or TEMPORARY, or
+// pg_temp, in any case: DDL that may create temporary objects. A false
+// positive only costs the proxy a look at the backend.
+func mentionsTemp(sql string) bool {
+	ident := func(c byte) bool {
+		return c == '_' || c == '$' || c >= '0' && c <= '9' || c|0x20 >= 'a' && c|0x20 <= 'z' || c >= 0x80
+	}
+	lower := func(i int, w string) bool {
+		if i < 0 || i+len(w) > len(sql) {
+			return false
+		}
+		for j := 0; j < len(w); j++ {
+			c := sql[i+j]
+			if c >= 'A' && c <= 'Z' {
+				c |= 0x20
+			}
+			if c != w[j] {
+				return false
+			}
+		}
+		return true
+	}
+	for i := 0; i+4 <= len(sql); i++ {
+		if !lower(i, "temp") {
+			continue
+		}
+		if lower(i-3, "pg_") && (i == 3 || !ident(sql[i-4])) {
+			return true // pg_temp, pg_temp_3
+		}
+		if i > 0 && ident(sql[i-1]) {
+			continue
+		}
+		end := i + 4
+		if lower(end, "orary") {
+			end += 5
+		}
+		if end == len(sql) || !ident(sql[end]) {
+			return true
+		}
+	}
+	return false
 }
 
 // explain handles EXPLAIN: without ANALYZE the statement is not executed.
@@ -916,6 +973,9 @@ func (a *analyzer) funcCall(n *pg_query.FuncCall, c wctx) {
 	case fnPin:
 		if c.exec {
 			a.acc.sidePin = true
+			if isSessionAdvisoryLock(name) {
+				a.f.keeps = true
+			}
 		}
 	default:
 		if c.exec {

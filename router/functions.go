@@ -271,3 +271,13 @@ func lookupFunction(schema, name string) fnClass {
 	}
 	return builtinFunctions[name]
 }
+
+// isSessionAdvisoryLock reports whether a built-in takes a session-level
+// advisory lock, which lasts until it is unlocked or the session ends.
+func isSessionAdvisoryLock(name string) bool {
+	switch strings.ToLower(name) {
+	case "pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared":
+		return true
+	}
+	return false
+}

@@ -89,3 +89,43 @@ func TestSessionState(t *testing.T) {
 		}
 	}
 }
+
+// KeepsSessionState marks the state a client means to keep across
+// transactions, which a proxy may keep its backend for; it implies
+// SessionState.
+func TestKeepsSessionState(t *testing.T) {
+	c := NewClassifier(Options{})
+	for sql, want := range map[string]bool{
+		`CREATE TEMP TABLE t (x int)`:                     true,
+		`create temporary table t (x int) on commit drop`: true,
+		`CREATE TABLE pg_temp.t (x int)`:                  true,
+		`CREATE TYPE pg_temp.r AS RANGE (subtype = text)`: true,
+		`CREATE TEMP VIEW v AS SELECT 1`:                  true,
+		`CREATE TEMP SEQUENCE s`:                          true,
+		`SELECT * INTO TEMP t2 FROM items`:                true,
+		`DECLARE c CURSOR WITH HOLD FOR SELECT 1`:         true,
+		`LISTEN ch`:                                          true,
+		`SELECT pg_advisory_lock(1)`:                         true,
+		`SELECT pg_try_advisory_lock_shared(1, 2)`:           true,
+		`SELECT 1; LISTEN ch`:                                true,
+		`CREATE TABLE t (x int)`:                             false,
+		`DROP TABLE t`:                                       false,
+		`UNLISTEN *`:                                         false,
+		`DECLARE c CURSOR FOR SELECT 1`:                      false,
+		`SELECT pg_advisory_xact_lock(1)`:                    false,
+		`SELECT pg_advisory_unlock(1)`:                       false,
+		`SELECT nextval('s')`:                                false,
+		`INSERT INTO temperatures VALUES (1)`:                false,
+		`SELECT * FROM items WHERE body = 'temporary'`:       false,
+		`CALL proc()`:                                        false,
+		`SELECT set_config('statement_timeout', '1', false)`: false,
+	} {
+		d := c.Classify(sql, Policy{})
+		if d.KeepsSessionState != want {
+			t.Errorf("%q: KeepsSessionState %v, want %v", sql, d.KeepsSessionState, want)
+		}
+		if want && !d.SessionState {
+			t.Errorf("%q: KeepsSessionState without SessionState", sql)
+		}
+	}
+}

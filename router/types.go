@@ -347,6 +347,13 @@ type Decision struct {
 	// unknown functions). Plain writes, SQL PREPARE and SET (see
 	// SessionGUCs) leave none of their own.
 	SessionState bool
+	// KeepsSessionState is true when the text creates session state that a
+	// client means to keep across transactions: temporary objects (any
+	// DDL that mentions temp, TEMPORARY or pg_temp), LISTEN, DECLARE ...
+	// WITH HOLD and session-level advisory locks. A proxy sharing backends
+	// may keep the backend for the client while the state lasts instead of
+	// scrubbing it. Every such text also has SessionState.
+	KeepsSessionState bool
 	// StatementsAfterTxEnd is true when a COMMIT, ROLLBACK (also AND
 	// CHAIN) or PREPARE TRANSACTION of the text is followed by another
 	// statement of the same text. Those statements run outside the

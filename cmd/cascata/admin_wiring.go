@@ -181,6 +181,17 @@ func (r poolReader) Pools() []admin.PoolStat {
 	return out
 }
 
+// Pinned adds pinned clients to /v1/pools.
+func (r poolReader) Pinned() []admin.PinStat {
+	ps := r.srv.PinStats()
+	out := make([]admin.PinStat, len(ps))
+	for i, p := range ps {
+		out[i] = admin.PinStat(p)
+	}
+	slices.SortFunc(out, func(a, b admin.PinStat) int { return strings.Compare(a.Project, b.Project) })
+	return out
+}
+
 // Routing adds routing counts and replica health to /v1/pools.
 func (r poolReader) Routing() ([]admin.RouteStat, []admin.ReplicaStat) {
 	rs := r.srv.RouteStats()

@@ -172,6 +172,11 @@ type Project struct {
 	PoolMode string `toml:"pool_mode"`
 	// PoolSize is the number of backend connections of this project per host. Default 20.
 	PoolSize int `toml:"pool_size"`
+	// MaxPinned bounds the backends clients of this project may keep in
+	// transaction mode while they hold session state (temporary tables,
+	// LISTEN, WITH HOLD cursors, session advisory locks). Default
+	// pool_size/4, at least 1.
+	MaxPinned int `toml:"max_pinned"`
 	// MaxReplicaLag: a replica further behind is not used. Default 1s.
 	MaxReplicaLag Duration `toml:"max_replica_lag"`
 	// LegacyClaimGUCs also sets request.jwt.claim.<name> per top-level claim. Default false.
@@ -287,6 +292,7 @@ func (pr *Project) applyDefaults(c *Config) {
 	setString(&pr.RoleClaim, "role")
 	setString(&pr.PoolMode, c.Proxy.PoolMode)
 	setInt(&pr.PoolSize, 20)
+	setInt(&pr.MaxPinned, max(1, pr.PoolSize/4))
 	setDuration(&pr.MaxReplicaLag, time.Second)
 	setString(&pr.Consistency, "read_your_writes")
 	setDuration(&pr.JWTLeeway, 30*time.Second)
@@ -479,6 +485,9 @@ func (pr *Project) Validate() Problems {
 	}
 	if pr.PoolSize <= 0 {
 		add("pool_size", "must be positive")
+	}
+	if pr.MaxPinned < 0 || pr.MaxPinned > pr.PoolSize {
+		add("max_pinned", "must be between 1 and pool_size (%d), not %d", pr.PoolSize, pr.MaxPinned)
 	}
 	switch pr.Consistency {
 	case "read_your_writes", "eventual", "primary_only":

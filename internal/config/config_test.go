@@ -28,7 +28,7 @@ func TestDefaults(t *testing.T) {
 		t.Fatalf("proxy defaults: %+v", p)
 	}
 	pr := c.Projects[0]
-	if pr.PoolSize != 20 || pr.RoleClaim != "role" || len(pr.Roles) != 3 || pr.Consistency != "read_your_writes" ||
+	if pr.PoolSize != 20 || pr.MaxPinned != 5 || pr.RoleClaim != "role" || len(pr.Roles) != 3 || pr.Consistency != "read_your_writes" ||
 		pr.MaxReplicaLag.Duration != time.Second || pr.StorageDir != ".cascata/storage/demo" {
 		t.Fatalf("project defaults: %+v", pr)
 	}
@@ -68,6 +68,8 @@ s3_access_key_env = "CASCATA_TEST_UNSET_S3_KEY"
 ref = "twin"
 database_url = "postgres://a@h/db"
 jwt_secret = "s"
+pool_size = 4
+max_pinned = 5
 `))
 	var ps Problems
 	if !errors.As(err, &ps) {
@@ -87,6 +89,7 @@ jwt_secret = "s"
 		`projects[0] (Bad-Ref).anon_role: "ghost" is not in roles`,
 		`projects[0] (Bad-Ref).role_logins.nobody: "nobody" is not in roles`,
 		`projects[2] (twin).ref: duplicate of projects[1]`,
+		`projects[2] (twin).max_pinned: must be between 1 and pool_size (4), not 5`,
 		`projects[1] (twin).storage_url: must be s3://bucket/prefix`,
 		`projects[1] (twin).storage_dir: storage_dir and storage_url exclude each other`,
 		`projects[1] (twin).s3_endpoint: must be an http(s):// URL`,

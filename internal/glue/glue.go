@@ -74,12 +74,13 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		fns.learn(d.UnknownFunctions)
 	}
 	r := proxy.Route{
-		Primary:       d.Target == router.Primary,
-		PinSession:    d.PinSession,
-		SessionState:  d.SessionState,
-		Reason:        d.Reason.String(),
-		BeginReadOnly: d.Tx == router.TxBeginReadOnly,
-		SessionGUCs:   d.SessionGUCs,
+		Primary:           d.Target == router.Primary,
+		PinSession:        d.PinSession,
+		SessionState:      d.SessionState,
+		KeepsSessionState: d.KeepsSessionState,
+		Reason:            d.Reason.String(),
+		BeginReadOnly:     d.Tx == router.TxBeginReadOnly,
+		SessionGUCs:       d.SessionGUCs,
 	}
 	if sp := d.SQLPrepared; sp != nil {
 		kw := "PREPARE"

@@ -32,7 +32,7 @@ func ProjectOf(p *config.Project) (Project, error) {
 		},
 		Proxy: proxy.ProjectConfig{
 			Ref: p.Ref, DatabaseURL: p.DatabaseURL, ReplicaURLs: p.ReplicaURLs,
-			PoolSize: p.PoolSize, SessionMode: p.PoolMode == config.PoolModeSession,
+			PoolSize: p.PoolSize, MaxPinned: p.MaxPinned, SessionMode: p.PoolMode == config.PoolModeSession,
 			TrustedRoles: p.TrustedRoles, MaxReplicaLag: p.MaxReplicaLag.Duration, Consistency: p.Consistency,
 			RoleURLs: p.RoleLogins, LegacyClaimGUCs: p.LegacyClaimGUCs,
 		},

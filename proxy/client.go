@@ -77,7 +77,7 @@ func (ss *session) onQuery() error {
 	if r.Refusal != nil {
 		return ss.refuse(r.Refusal)
 	}
-	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {
 		ss.failLocal('Q', err)
 		return nil
@@ -207,7 +207,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		}
 		sql, _, _ := cstring(rest)
 		*r = ss.classify(sql, true)
-		w := want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
+		w := want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
 		if parsed != nil {
 			parsed[name] = w
 		}
@@ -240,7 +240,7 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 		if st == nil {
 			return want{reason: "read"}
 		}
-		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin, state: st.state, keeps: st.keeps}
+		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin, state: st.state, keeps: st.keeps, ddl: st.ddl}
 	}
 	return want{reason: "read"}
 }
@@ -271,6 +271,7 @@ func (ss *session) flushBatch(term byte) error {
 		w.pin = w.pin || mw.pin
 		w.state = w.state || mw.state
 		w.keeps = w.keeps || mw.keeps
+		w.ddl = w.ddl || mw.ddl
 		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}

@@ -148,11 +148,11 @@ func (ss *session) reservePinLocked() error {
 	if proj == nil {
 		return nil // gone: the statement fails when it asks for a backend
 	}
-	if !proj.pins.take(proj.cfg.MaxPinned) {
+	if !proj.run.pins.take(proj.cfg.MaxPinned) {
 		proj.metrics.pinRefusals.Inc()
 		return tooManyPinned(ss.ref, proj.cfg.MaxPinned)
 	}
-	ss.pinSlot = proj.pins
+	ss.pinSlot = &proj.run.pins
 	ss.metrics.pinned.Inc()
 	return nil
 }
@@ -216,7 +216,7 @@ func (s *Server) PinStats() []PinStat {
 	projects := *s.projects.Load()
 	out := make([]PinStat, 0, len(projects))
 	for ref, p := range projects {
-		out = append(out, PinStat{Project: ref, Pinned: int(p.pins.n.Load()), MaxPinned: p.cfg.MaxPinned})
+		out = append(out, PinStat{Project: ref, Pinned: int(p.run.pins.n.Load()), MaxPinned: p.cfg.MaxPinned})
 	}
 	return out
 }

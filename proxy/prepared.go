@@ -49,6 +49,8 @@ type stmt struct {
 	pin       bool     // its text pins a routed session
 	state     bool     // its text may leave session state (Route.SessionState)
 	keeps     bool     // its text creates state the client keeps (Route.KeepsSessionState)
+	ddl       bool     // its text changes the schema (Route.ChangesSchema)
+	epoch     uint64   // the project's schema epoch when the client parsed it
 	gucs      []string // session settings it changes
 }
 
@@ -92,7 +94,8 @@ type errRename struct {
 // backendStmt is a statement prepared on one backend.
 type backendStmt struct {
 	lastUse uint64
-	unsure  bool // a Parse or Close of it was skipped: close and parse again
+	unsure  bool   // a Parse or Close of it was skipped: close and parse again
+	epoch   uint64 // the project's schema epoch when it was parsed
 }
 
 // statementName returns the proxy-owned name of a statement: same text and
@@ -205,7 +208,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
 	}
-	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState}
+	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema}
 	switch typ {
 	case 'P':
 		name, rest, ok := cstring(body)
@@ -213,7 +216,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
@@ -223,7 +226,8 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.failParse(duplicateStmt(name))
 			return nil
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps}
+		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl,
+			epoch: ss.projRun.schema.Load()}
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, name)
@@ -344,7 +348,7 @@ func (ss *session) prepareOn(be *backend, st *stmt, client string) {
 		be.stmts = map[string]*backendStmt{}
 	}
 	be.clock++
-	if bs := be.stmts[st.proxyName]; bs != nil && !bs.unsure {
+	if bs := be.stmts[st.proxyName]; bs != nil && !bs.unsure && bs.epoch >= st.epoch {
 		bs.lastUse = be.clock
 		if clientParse {
 			ss.push(&ss.closeQ, queued{action: replyAsParseComplete, client: client, clientStmt: st})
@@ -365,7 +369,7 @@ func (ss *session) prepareOn(be *backend, st *stmt, client string) {
 		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: victim, evicted: true})
 		ss.appendMsg('C', closeMsgBody(victim))
 	}
-	be.stmts[st.proxyName] = &backendStmt{lastUse: be.clock}
+	be.stmts[st.proxyName] = &backendStmt{lastUse: be.clock, epoch: ss.projRun.schema.Load()}
 	action := replyDrop
 	if clientParse {
 		action = replyPass

@@ -31,6 +31,9 @@ type Route struct {
 	// cursors, session advisory locks). In transaction mode the client
 	// keeps its backend while the state lasts (pin.go).
 	KeepsSessionState bool
+	// ChangesSchema: the text has DDL. Statements the proxy prepared
+	// before it are prepared again for the Parses that follow.
+	ChangesSchema bool
 	// Writes: the text may change data, so a later read of the same client
 	// must see its effect (read-your-writes).
 	Writes bool

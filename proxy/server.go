@@ -141,11 +141,21 @@ type project struct {
 	turn       atomic.Uint64 // round robin among fit replicas
 	metrics    *projectMetrics
 	gate       *gate
-	pins       *pinCount
+	run        *projectRun
 	routesMu   sync.RWMutex
 	routes     map[routeKey]prometheus.Counter
 	toPrimary  atomic.Int64
 	toReplica  atomic.Int64
+}
+
+// projectRun is what a project's clients share at run time, kept across
+// reloads: its pinned clients and its schema epoch.
+type projectRun struct {
+	pins pinCount
+	// schema counts the DDL its clients ran; a statement prepared on a
+	// backend before the last DDL is prepared again for a client's Parse
+	// (prepared.go).
+	schema atomic.Uint64
 }
 
 // routeKey names a routing decision's counter.
@@ -231,7 +241,7 @@ type Server struct {
 	replicas   *replicaSet
 	projects   atomic.Pointer[map[string]*project]
 	gates      sync.Map // ref -> *gate, kept across reloads
-	pins       sync.Map // ref -> *pinCount, kept across reloads
+	runs       sync.Map // ref -> *projectRun, kept across reloads
 
 	clients atomic.Int64
 
@@ -303,8 +313,8 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 			c.Consistency = ConsistencyReadYourWrites
 		}
 		g, _ := s.gates.LoadOrStore(c.Ref, newGate())
-		pins, _ := s.pins.LoadOrStore(c.Ref, &pinCount{})
-		p := &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate), pins: pins.(*pinCount)}
+		run, _ := s.runs.LoadOrStore(c.Ref, &projectRun{})
+		p := &project{cfg: c, primary: pc, metrics: s.metrics.forProject(c.Ref), gate: g.(*gate), run: run.(*projectRun)}
 		for role, u := range c.RoleURLs {
 			rc, err := pgconn.ParseConfig(u)
 			if err != nil {
@@ -342,7 +352,7 @@ func (s *Server) SetProjects(cfgs []ProjectConfig) error {
 			}
 		} else {
 			s.gates.Delete(ref)
-			s.pins.Delete(ref)
+			s.runs.Delete(ref)
 			s.metrics.forgetProject(ref)
 		}
 		if !ok || old.cfg.DatabaseURL != nw.cfg.DatabaseURL || !slices.Equal(old.cfg.ReplicaURLs, nw.cfg.ReplicaURLs) {

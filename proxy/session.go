@@ -96,6 +96,8 @@ type session struct {
 	unitGUCs     []string          // settings changed in the running unit
 	unitState    bool              // the running unit may leave session state: scrub at release
 	unitKeeps    bool              // the running unit may create state the client keeps: look at its end (pin.go)
+	unitDDL      bool              // the running unit has DDL: the schema epoch moves again at its end
+	projRun      *projectRun       // the project's shared run-time state (schema epoch, pins)
 	pinned       bool              // the client keeps its backend for its session state (pin.go)
 	pinSlot      *pinCount         // the project's pin counter the client holds a slot of
 	checking     bool              // the relay is looking at the backend between units: nothing else writes to it
@@ -141,6 +143,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		sessionMode:   proj.cfg.SessionMode && len(proj.replicas) == 0,
 		routedSession: proj.cfg.SessionMode && len(proj.replicas) > 0,
 		txMode:        !proj.cfg.SessionMode,
+		projRun:       proj.run,
 		metrics:       proj.metrics,
 		txStatus:      'I',
 		stmts:         map[string]*stmt{},
@@ -435,6 +438,7 @@ type want struct {
 	pin     bool // needs session state: a routed session takes a dedicated backend
 	state   bool // may leave session state: the backend is scrubbed at release
 	keeps   bool // may create state the client keeps: transaction mode pins (pin.go)
+	ddl     bool // changes the schema: statements prepared before are prepared again
 	primary bool // must run on the primary
 	writes  bool // may write: read-your-writes bookkeeping
 	reason  string
@@ -454,6 +458,12 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	}
 	if ss.pinPending {
 		w.primary = true
+	}
+	if w.ddl {
+		// Parses from now on, this client's own included, get statements
+		// prepared after the change; the end of the unit moves it again.
+		ss.projRun.schema.Add(1)
+		ss.unitDDL = true
 	}
 	for ss.retrying || ss.checking {
 		ss.cond.Wait()
@@ -963,7 +973,10 @@ func (ss *session) detachLocked(clean bool) *unit {
 	// one. The client's own settings were read back above; in session mode
 	// the backend is the client's and DISCARD ALL cleans it at the end.
 	u.scrub = clean && ss.unitState && !ss.sessionMode
-	ss.unitWrites, ss.unitState, ss.unitKeeps = false, false, false
+	if ss.unitDDL {
+		ss.projRun.schema.Add(1) // the change is committed (or rolled back) now
+	}
+	ss.unitWrites, ss.unitState, ss.unitKeeps, ss.unitDDL = false, false, false, false
 	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'

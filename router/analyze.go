@@ -39,6 +39,8 @@ type facts struct {
 	state bool
 	// keeps: Decision.KeepsSessionState.
 	keeps bool
+	// ddl: Decision.ChangesSchema.
+	ddl bool
 	// afterTxEnd: Decision.StatementsAfterTxEnd.
 	afterTxEnd bool
 	hint       RouteHint
@@ -86,6 +88,7 @@ func (f *facts) apply(p Policy) Decision {
 		RouteHint:    f.hint,
 
 		KeepsSessionState: f.keeps,
+		ChangesSchema:     f.ddl,
 
 		StatementsAfterTxEnd: f.afterTxEnd,
 		Statements:           f.statements,
@@ -422,6 +425,7 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 	// Everything else is DDL or another utility statement that changes the
 	// database: the walk applies the DDL rules and refuses what must be.
 	a.visit(n.ProtoReflect(), wctx{exec: true, ddl: true})
+	a.f.ddl = true
 	if mentionsTemp(a.sql) {
 		a.f.keeps = true // CREATE TEMP ..., CREATE ... pg_temp.name
 	}

@@ -354,6 +354,12 @@ type Decision struct {
 	// may keep the backend for the client while the state lasts instead of
 	// scrubbing it. Every such text also has SessionState.
 	KeepsSessionState bool
+	// ChangesSchema is true when the text has DDL (CREATE, ALTER, DROP,
+	// COMMENT, GRANT, ... outside of plain reads and writes): statements
+	// prepared before it may describe tables and types that changed. A
+	// proxy that shares prepared statements between clients must prepare
+	// them again for the Parses that follow.
+	ChangesSchema bool
 	// StatementsAfterTxEnd is true when a COMMIT, ROLLBACK (also AND
 	// CHAIN) or PREPARE TRANSACTION of the text is followed by another
 	// statement of the same text. Those statements run outside the

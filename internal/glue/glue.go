@@ -78,6 +78,7 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		PinSession:        d.PinSession,
 		SessionState:      d.SessionState,
 		KeepsSessionState: d.KeepsSessionState,
+		ChangesSchema:     d.ChangesSchema,
 		Reason:            d.Reason.String(),
 		BeginReadOnly:     d.Tx == router.TxBeginReadOnly,
 		SessionGUCs:       d.SessionGUCs,

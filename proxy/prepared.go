@@ -222,7 +222,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.appendMsg('P', body)
 			return nil
 		}
-		if _, dup := ss.stmts[name]; dup {
+		if _, dup := ss.stmts[name]; dup || ss.sqlStmts[name] != nil {
 			ss.failParse(duplicateStmt(name))
 			return nil
 		}

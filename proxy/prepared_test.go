@@ -350,3 +350,60 @@ func TestFailedParseLeavesNoName(t *testing.T) {
 		t.Fatalf("another client preparing the same text: %v", err)
 	}
 }
+
+// TestSQLExecuteOfProtocolStatement: a statement prepared with the
+// protocol's Parse may be run by SQL EXECUTE and dropped by DEALLOCATE, on
+// whichever backend serves the client, as on PostgreSQL (one namespace).
+func TestSQLExecuteOfProtocolStatement(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2})
+	ctx := context.Background()
+	a := h.connect("p3", "authenticated", "proto-exec-a")
+	pc := a.PgConn()
+	if _, err := pc.Prepare(ctx, "typed", "SELECT $1 + 1, $2::text", []uint32{23, 25}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pc.Prepare(ctx, "untyped", "SELECT $1::int * 3", nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pc.Prepare(ctx, "noparams", "SELECT current_user", nil); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 10 {
+		var n, m int
+		var s string
+		if err := a.QueryRow(ctx, fmt.Sprintf("EXECUTE typed(%d, 'x')", i), pgx.QueryExecModeSimpleProtocol).Scan(&n, &s); err != nil || n != i+1 || s != "x" {
+			t.Fatalf("EXECUTE typed(%d): %d %q %v", i, n, s, err)
+		}
+		if err := a.QueryRow(ctx, fmt.Sprintf("EXECUTE untyped(%d)", i), pgx.QueryExecModeSimpleProtocol).Scan(&m); err != nil || m != 3*i {
+			t.Fatalf("EXECUTE untyped(%d): %d %v", i, m, err)
+		}
+		if err := a.QueryRow(ctx, "EXECUTE noparams", pgx.QueryExecModeSimpleProtocol).Scan(&s); err != nil || s != "authenticated" {
+			t.Fatalf("EXECUTE noparams: %q %v", s, err)
+		}
+		// Other clients take the backends in between.
+		c := h.connect("p3", "anon", fmt.Sprint("proto-exec-filler", i))
+		if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Errors name the client's statement.
+	if _, err := a.Exec(ctx, "EXECUTE typed(1)", pgx.QueryExecModeSimpleProtocol); sqlstate(err) != "42601" || !strings.Contains(err.Error(), `"typed"`) {
+		t.Fatalf("EXECUTE with too few parameters: %v", err)
+	}
+	// One namespace: SQL PREPARE of a protocol name is a duplicate.
+	if _, err := a.Exec(ctx, "PREPARE typed AS SELECT 1", pgx.QueryExecModeSimpleProtocol); sqlstate(err) != "42P05" {
+		t.Fatalf("PREPARE of a protocol-level name: %v", err)
+	}
+	if _, err := a.Exec(ctx, "PREPARE sqlname AS SELECT 1", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pc.Prepare(ctx, "sqlname", "SELECT 2", nil); sqlstate(err) != "42P05" {
+		t.Fatalf("Parse of a SQL-prepared name: %v", err)
+	}
+	if _, err := a.Exec(ctx, "DEALLOCATE untyped", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Exec(ctx, "EXECUTE untyped(1)", pgx.QueryExecModeSimpleProtocol); sqlstate(err) != "26000" || !strings.Contains(err.Error(), `"untyped"`) {
+		t.Fatalf("EXECUTE after DEALLOCATE: %v", err)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -240,8 +241,9 @@ type Server struct {
 	classifier Classifier
 	replicas   *replicaSet
 	projects   atomic.Pointer[map[string]*project]
-	gates      sync.Map // ref -> *gate, kept across reloads
-	runs       sync.Map // ref -> *projectRun, kept across reloads
+	gates      sync.Map    // ref -> *gate, kept across reloads
+	runs       sync.Map    // ref -> *projectRun, kept across reloads
+	types      *pgtype.Map // built-in type names by OID (read only)
 
 	clients atomic.Int64
 
@@ -272,6 +274,7 @@ func NewServer(opts Options) (*Server, error) {
 		metrics:    opts.Metrics,
 		classifier: opts.Classifier,
 		sessions:   map[uint32]*session{},
+		types:      pgtype.NewMap(),
 	}
 	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
 	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, s.log, s.metrics)

@@ -3,7 +3,10 @@ package proxy
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/binary"
 	"encoding/hex"
+	"strconv"
+	"strings"
 )
 
 // SQL-level PREPARE / EXECUTE / DEALLOCATE in transaction mode.
@@ -26,6 +29,7 @@ type sqlPrepareErr struct {
 	seq       uint64
 	name      string
 	proxyName string
+	protocol  bool // a protocol-level statement: unsure on the backend after an error
 }
 
 // translateSQLPrepared rewrites a single-statement PREPARE or EXECUTE for
@@ -59,6 +63,9 @@ func (ss *session) translateSQLPrepared(be *backend, sp *SQLPrepared) []byte {
 		return appendCString(ss.out[:0], "PREPARE "+st.proxyName+st.tail)
 	}
 	st := ss.sqlStmts[sp.Name]
+	if pst := ss.stmts[sp.Name]; st == nil && pst != nil {
+		return ss.executeProtocolStmt(be, pst, sp, seq)
+	}
 	if st == nil {
 		ss.renames = append(ss.renames, errRename{from: missingStmtName, to: sp.Name, seq: seq})
 		return appendCString(ss.out[:0], "EXECUTE "+missingStmtName+sp.Tail)
@@ -69,6 +76,71 @@ func (ss *session) translateSQLPrepared(be *backend, sp *SQLPrepared) []byte {
 		return appendCString(ss.out[:0], "PREPARE "+st.proxyName+st.tail+"\n;\nEXECUTE "+st.proxyName+sp.Tail)
 	}
 	return appendCString(ss.out[:0], "EXECUTE "+st.proxyName+sp.Tail)
+}
+
+// executeProtocolStmt rewrites a SQL EXECUTE of a statement the client
+// prepared with the protocol's Parse (PostgreSQL has one namespace for
+// both). On a backend that lacks the statement it is prepared in the same
+// query string by a SQL PREPARE of its text with the parameter types of the
+// Parse, whose CommandComplete is dropped. Call with mu held.
+func (ss *session) executeProtocolStmt(be *backend, st *stmt, sp *SQLPrepared, seq uint64) []byte {
+	ss.renames = append(ss.renames, errRename{from: st.proxyName, to: sp.Name, seq: seq})
+	// If the query fails, whether the statement exists is unsure.
+	ss.sqlPrepFail = append(ss.sqlPrepFail, sqlPrepareErr{seq: seq, proxyName: st.proxyName, protocol: true})
+	if be.stmts == nil {
+		be.stmts = map[string]*backendStmt{}
+	}
+	be.clock++
+	if bs := be.stmts[st.proxyName]; bs != nil {
+		// Prepared here (perhaps before a change of the schema, which then
+		// fails as a statement prepared before it does on PostgreSQL).
+		bs.lastUse = be.clock
+		return appendCString(ss.out[:0], "EXECUTE "+st.proxyName+sp.Tail)
+	}
+	prep, err := ss.sqlPrepareText(st)
+	if err != nil {
+		ss.renames = append(ss.renames, errRename{from: refusedSQL, whole: refusalBody(err), seq: seq})
+		return appendCString(ss.out[:0], refusedSQL)
+	}
+	be.stmts[st.proxyName] = &backendStmt{lastUse: be.clock, epoch: ss.projRun.schema.Load()}
+	ss.dropC = append(ss.dropC, seq)
+	return appendCString(ss.out[:0], prep+"\n;\nEXECUTE "+st.proxyName+sp.Tail)
+}
+
+// sqlPrepareText is the SQL PREPARE of a protocol-level statement under its
+// proxy name: its text, and its Parse's parameter types by name (0, not
+// specified, is unknown, which PREPARE infers the same way). Types other
+// than PostgreSQL's built-in ones cannot be named without a look-up.
+func (ss *session) sqlPrepareText(st *stmt) (string, error) {
+	query, rest, ok := cstring(st.rest)
+	if !ok || len(rest) < 2 {
+		return "", fatalError(CodeProtocolViolation, "invalid Parse message")
+	}
+	n := int(binary.BigEndian.Uint16(rest))
+	var b strings.Builder
+	b.WriteString("PREPARE " + st.proxyName)
+	for i := 0; i < n && len(rest) >= 2+4*(i+1); i++ {
+		oid := binary.BigEndian.Uint32(rest[2+4*i:])
+		if i == 0 {
+			b.WriteString(" (")
+		} else {
+			b.WriteString(", ")
+		}
+		if oid == 0 {
+			b.WriteString("unknown")
+		} else if t, ok := ss.srv.types.TypeForOID(oid); ok {
+			b.WriteString(`pg_catalog."` + t.Name + `"`)
+		} else {
+			return "", &Error{Code: CodeFeatureNotSupported,
+				Message: "EXECUTE of a statement prepared with a parameter of a type that is not built in (OID " + strconv.FormatUint(uint64(oid), 10) + ") is not supported through cascata in transaction mode",
+				Hint:    "Execute it with the protocol's Bind and Execute, or leave the parameter's type unspecified in the Parse."}
+		}
+		if i == n-1 {
+			b.WriteByte(')')
+		}
+	}
+	b.WriteString(" AS " + query)
+	return b.String(), nil
 }
 
 // dropCommandComplete reports whether a CommandComplete of the query now
@@ -86,6 +158,13 @@ func (ss *session) dropCommandComplete() bool {
 func (ss *session) sqlPrepareFailed(be *backend) {
 	for len(ss.sqlPrepFail) > 0 && ss.sqlPrepFail[0].seq == ss.rfqSeq+1 {
 		f := ss.sqlPrepFail[0]
+		if f.protocol {
+			if bs := be.stmts[f.proxyName]; bs != nil {
+				bs.unsure = true
+			}
+			popFront(&ss.sqlPrepFail)
+			continue
+		}
 		if st := ss.sqlStmts[f.name]; st != nil && st.proxyName == f.proxyName {
 			delete(ss.sqlStmts, f.name)
 		}

@@ -65,6 +65,9 @@ func (ss *session) onQuery() error {
 		return nil
 	}
 	r := ss.classify(sql, false)
+	if r.Reset != ResetNone && r.Refusal == nil {
+		return ss.onReset(sql, r)
+	}
 	if r.Hint == HintSessionPrimary || r.Hint == HintSessionAuto {
 		ss.routePrimary = r.Hint == HintSessionPrimary
 		if !ss.attached() {
@@ -118,7 +121,9 @@ func (ss *session) refuse(refusal error) error {
 	}
 	defer ss.doneWriting()
 	ss.mu.Lock()
+	ss.syncCounted = true // claim counted the query
 	ss.pushReplace(refusedSQL, refusalBody(refusal))
+	ss.syncCounted = false
 	ss.mu.Unlock()
 	ss.scratch = appendCString(ss.scratch[:0], refusedSQL)
 	if err := writeMsg(be.wr, 'Q', ss.scratch); err != nil {

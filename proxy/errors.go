@@ -9,16 +9,17 @@ import (
 
 // SQLSTATEs the proxy itself answers with.
 const (
-	CodeTooManyConnections  = "53300"
-	CodeInvalidPassword     = "28P01"
-	CodeInvalidAuthSpec     = "28000"
-	CodeInvalidCatalog      = "3D000"
-	CodeProtocolViolation   = "08P01"
-	CodeConnectionFailure   = "08006"
-	CodeCannotConnectNow    = "57P03"
-	CodeAdminShutdown       = "57P01"
-	CodeInsufficientPrivs   = "42501"
-	CodeFeatureNotSupported = "0A000"
+	CodeTooManyConnections   = "53300"
+	CodeInvalidPassword      = "28P01"
+	CodeInvalidAuthSpec      = "28000"
+	CodeInvalidCatalog       = "3D000"
+	CodeProtocolViolation    = "08P01"
+	CodeConnectionFailure    = "08006"
+	CodeCannotConnectNow     = "57P03"
+	CodeAdminShutdown        = "57P01"
+	CodeInsufficientPrivs    = "42501"
+	CodeFeatureNotSupported  = "0A000"
+	CodeActiveSQLTransaction = "25001"
 	// CodeDuplicatePreparedStmt is duplicate_prepared_statement.
 	CodeDuplicatePreparedStmt = "42P05"
 )

@@ -163,9 +163,11 @@ var guardAttacks = []guardAttack{
 	{name: "RESET SESSION AUTHORIZATION", sql: `RESET SESSION AUTHORIZATION`},
 	{name: "generic SET session_authorization", sql: `SET "session_authorization" TO 'postgres'`},
 	{name: "set_config session_authorization", sql: `SELECT set_config('session_authorization', 'postgres', false)`},
-	// Wholesale resets.
-	{name: "RESET ALL", sql: `RESET ALL`},
-	{name: "DISCARD ALL", sql: `/*x*/ discard ALL`},
+	// Wholesale resets: emulated alone (see the controls below), refused
+	// where they cannot be.
+	{name: "RESET ALL twice", sql: `RESET ALL; /*x*/ reset all`, code: "0A000"},
+	{name: "DISCARD ALL with another statement", sql: `SELECT 1; /*x*/ discard ALL`, code: "25001"},
+	{name: "DISCARD ALL in query_to_xml", sql: `SELECT query_to_xml('DISCARD ALL', true, false, '')`},
 	// set_config on the role.
 	{name: "set_config role", sql: `SELECT set_config('role', 'service_role', false)`},
 	{name: "PG_CATALOG.\"set_config\" upper-case name", sql: `SELECT PG_CATALOG."set_config"('ROLE', 'service_role', false)`},
@@ -227,7 +229,7 @@ var guardAttacks = []guardAttack{
 	{name: "exec mode: claims in one batch", via: viaExec, sql: `SELECT set_config('request.jwt.claims', $1::text, true)`, args: []any{`{"sub":"victim"}`}},
 	{name: "pgconn.Prepare SET ROLE", via: viaPrepare, sql: `SET ROLE service_role`},
 	{name: "pgconn.Prepare set_config", via: viaPrepare, sql: `SELECT pg_catalog.set_config('role', $1, false)`},
-	{name: "pgconn.Prepare RESET ALL", via: viaPrepare, sql: `RESET ALL`},
+	{name: "pgconn.Prepare RESET ALL in query_to_xml", via: viaPrepare, sql: `SELECT query_to_xml('RESET ALL', true, false, '')`},
 	{name: "pgconn.ExecParams SET SESSION AUTHORIZATION", via: viaUnnamed, sql: `SET SESSION AUTHORIZATION postgres`},
 	{name: "pgconn.ExecParams set_config", via: viaUnnamed, sql: `SELECT set_config('role', 'service_role', false)`},
 }
@@ -316,6 +318,9 @@ func TestGuardAttackSuite(t *testing.T) {
 		`DISCARD PLANS`,
 		`SELECT current_setting('role'), current_setting('request.jwt.claims')`,
 		`RESET statement_timeout`,
+		`RESET ALL`,
+		`/*x*/ discard ALL`,
+		`SELECT 1; RESET ALL`,
 	} {
 		if _, err := simple.c.Exec(ctx, q); err != nil {
 			t.Errorf("harmless %q refused: %v", q, err)

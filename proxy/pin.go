@@ -178,6 +178,9 @@ func (ss *session) pinCheck(be *backend) error {
 	keeps, err := ss.keepsSessionState(be)
 	ss.mu.Lock()
 	ss.checking = false
+	// The look was a simple query, which drops the unnamed statement: the
+	// client's is parsed again before its next use.
+	ss.unnamedOnBackend = false
 	ss.cond.Broadcast()
 	if err != nil {
 		return err

@@ -215,3 +215,24 @@ func TestPinListenNotify(t *testing.T) {
 		t.Fatalf("%d pinned after UNLISTEN, want 0", got)
 	}
 }
+
+// A pinned client's unnamed statement survives the proxy's look at its
+// backend between batches (pgx's describe_exec: Parse and Describe, then
+// Bind and Execute).
+func TestPinnedUnnamedStatement(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{pinProject}})
+	ctx := context.Background()
+	c := h.connect(pinProject, "authenticated", "unnamed")
+	if _, err := c.Exec(ctx, "CREATE TEMP TABLE u (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		if _, err := c.Exec(ctx, "INSERT INTO u VALUES ($1)", pgx.QueryExecModeDescribeExec, i); err != nil {
+			t.Fatalf("insert %d: %v", i, err)
+		}
+	}
+	var n int
+	if err := c.QueryRow(ctx, "SELECT count(*) FROM u WHERE x >= $1", pgx.QueryExecModeDescribeExec, 0).Scan(&n); err != nil || n != 3 {
+		t.Fatalf("count: %d, %v", n, err)
+	}
+}

@@ -46,12 +46,13 @@ type stmt struct {
 	rest      []byte // query text and parameter types as in Parse, after the name
 	primary   bool   // its text must run on the primary
 	writes    bool
-	pin       bool     // its text pins a routed session
-	state     bool     // its text may leave session state (Route.SessionState)
-	keeps     bool     // its text creates state the client keeps (Route.KeepsSessionState)
-	ddl       bool     // its text changes the schema (Route.ChangesSchema)
-	epoch     uint64   // the project's schema epoch when the client parsed it
-	gucs      []string // session settings it changes
+	pin       bool      // its text pins a routed session
+	state     bool      // its text may leave session state (Route.SessionState)
+	keeps     bool      // its text creates state the client keeps (Route.KeepsSessionState)
+	ddl       bool      // its text changes the schema (Route.ChangesSchema)
+	epoch     uint64    // the project's schema epoch when the client parsed it
+	reset     ResetKind // its text was RESET ALL or DISCARD ALL, rewritten (reset.go)
+	gucs      []string  // session settings it changes
 }
 
 // replyAction says what to do with one ParseComplete or CloseComplete.
@@ -82,6 +83,14 @@ type lostParse struct {
 	name string
 	st   *stmt
 }
+
+// resultFormatsMismatch is in PostgreSQL's error for a Bind that gives more
+// result formats than the statement has columns.
+const resultFormatsMismatch = "result formats but query has"
+
+// planChangedBody is PostgreSQL's error for a prepared statement whose
+// result type changed since it was prepared.
+var planChangedBody = refusalBody(&Error{Code: CodeFeatureNotSupported, Message: "cached plan must not change result type"})
 
 // errRename maps an error about a stand-in name back to the client's name,
 // or, with whole set, replaces an error that mentions from entirely.
@@ -137,6 +146,30 @@ func (ss *session) batchSeq() uint64 {
 	return ss.syncSeq + 1
 }
 
+// renameError applies to an error of the batch now being answered the
+// first of its rename rules that matches, and drops that rule. Call with
+// mu held.
+func (ss *session) renameError(body []byte) []byte {
+	for i, rn := range ss.renames {
+		if rn.seq > ss.rfqSeq+1 {
+			break
+		}
+		if rn.whole != nil {
+			if !bytes.Contains(body, []byte(rn.from)) {
+				continue
+			}
+			body = rn.whole
+		} else if nb, ok := renameInError(body, rn.from, rn.to); ok {
+			body = nb
+		} else {
+			continue
+		}
+		ss.renames = slices.Delete(ss.renames, i, i+1)
+		return body
+	}
+	return body
+}
+
 // push queues an expected reply for the batch now being sent. Call with mu held.
 func (ss *session) push(q *[]queued, e queued) {
 	e.seq = ss.batchSeq()
@@ -188,6 +221,9 @@ func (ss *session) dropUnanswered(be *backend) {
 	for len(ss.dropC) > 0 && ss.dropC[0] <= ss.rfqSeq {
 		popFront(&ss.dropC)
 	}
+	for len(ss.retags) > 0 && ss.retags[0].seq <= ss.rfqSeq {
+		popFront(&ss.retags)
+	}
 	for len(ss.sqlPrepFail) > 0 && ss.sqlPrepFail[0].seq <= ss.rfqSeq {
 		popFront(&ss.sqlPrepFail)
 	}
@@ -204,6 +240,25 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.failParse(r.Refusal)
 		return nil
 	}
+	if typ == 'P' && r.Reset != ResetNone {
+		if _, rest, ok := cstring(body); ok {
+			if sql, _, ok := cstring(rest); ok && !isWholeReset(sql, *r) {
+				// What PostgreSQL answers before it runs anything.
+				ss.failParse(&Error{Code: "42601", Message: "cannot insert multiple commands into a prepared statement"})
+				return nil
+			}
+		}
+		if r.Reset == DiscardAll && ss.be != nil && ss.txStatus != 'I' {
+			ss.failParse(discardInTransaction())
+			return nil
+		}
+		body = ss.resetParse(body, r.Reset)
+		if !ss.translatesNames() {
+			// Names pass through: the reset is taken to run in this batch.
+			ss.resetClient(be, r.Reset)
+			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: r.Reset.tag()})
+		}
+	}
 	if ss.sessionMode && !ss.routedSession {
 		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
 		return nil
@@ -216,7 +271,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl}
+			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: r.Reset}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
 			ss.appendMsg('P', body)
@@ -227,7 +282,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return nil
 		}
 		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl,
-			epoch: ss.projRun.schema.Load()}
+			epoch: ss.projRun.schema.Load(), reset: r.Reset}
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, name)
@@ -240,13 +295,30 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		if !ok {
 			return bad()
 		}
+		st := ss.stmts[name]
+		if name == "" {
+			st = ss.unnamed
+		}
 		if name == "" {
 			ss.ensureUnnamed()
 			ss.appendMsg('B', body)
-			return nil
+		} else {
+			target := ss.stmtTarget(be, name)
+			ss.appendMsg('B', appendCString(nil, portal), appendCString(nil, target), r2)
+			if st != nil && st.epoch < ss.projRun.schema.Load() {
+				// DDL since the client prepared it, and perhaps prepared
+				// anew here: if its result no longer has the columns the
+				// client's Bind asks formats for, PostgreSQL's own error
+				// for a statement whose result type changed.
+				ss.pushReplace(resultFormatsMismatch, planChangedBody)
+			}
 		}
-		target := ss.stmtTarget(be, name)
-		ss.appendMsg('B', appendCString(nil, portal), appendCString(nil, target), r2)
+		if st != nil && st.reset != ResetNone {
+			// Its Execute resets the client's session (after this Bind,
+			// which still needed the client's names).
+			ss.resetClient(be, st.reset)
+			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: st.reset.tag()})
+		}
 	case 'D':
 		if len(body) < 2 {
 			return bad()

@@ -34,6 +34,10 @@ type Route struct {
 	// ChangesSchema: the text has DDL. Statements the proxy prepared
 	// before it are prepared again for the Parses that follow.
 	ChangesSchema bool
+	// Reset: the text has a RESET ALL (at bytes ResetStart to ResetEnd) or
+	// is exactly DISCARD ALL, which the proxy emulates (reset.go).
+	Reset                ResetKind
+	ResetStart, ResetEnd int
 	// Writes: the text may change data, so a later read of the same client
 	// must see its effect (read-your-writes).
 	Writes bool

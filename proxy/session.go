@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -76,6 +75,7 @@ type session struct {
 	parseQ, closeQ   []queued
 	sqlStmts         map[string]*sqlStmt // SQL-level PREPAREd names (sqlprepared.go)
 	dropC            []uint64            // CommandCompletes of the proxy's own, by query
+	retags           []retag             // CommandCompletes of a proxy-made reset, retagged (reset.go)
 	sqlPrepFail      []sqlPrepareErr
 	renames          []errRename
 	lostParses       []lostParse // guarded by mu; applied by the client goroutine
@@ -159,7 +159,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 // greet finishes the startup: AuthenticationOk, the server's parameters,
 // the synthetic BackendKeyData and ReadyForQuery.
 func (ss *session) greet(ctx context.Context) error {
-	if enc, ok := ss.params["client_encoding"]; ok && !isUTF8(enc) {
+	if enc := startupEncoding(ss.params); enc != "" && !isUTF8(enc) {
 		return &Error{Code: "22023", Fatal: true, Message: "client_encoding " + enc + " is not supported; cascata speaks UTF8"}
 	}
 	// Startup settings are put in force with set_config, so they pass the
@@ -167,7 +167,12 @@ func (ss *session) greet(ctx context.Context) error {
 	for name, v := range ss.settings {
 		stmt := `SET "` + strings.ReplaceAll(name, `"`, `""`) + `" TO '` + strings.ReplaceAll(v, "'", "''") + `'`
 		if r := ss.classify(stmt, false); r.Refusal != nil {
-			return &Error{Code: CodeInsufficientPrivs, Fatal: true, Message: "startup parameter " + name + " refused: " + r.Refusal.Error()}
+			msg := r.Refusal.Error()
+			var pe *Error
+			if errors.As(r.Refusal, &pe) {
+				msg = pe.Message // its SQLSTATE is the error's own
+			}
+			return &Error{Code: CodeInsufficientPrivs, Fatal: true, Message: "startup parameter " + name + " refused: " + msg}
 		}
 	}
 	params, err := ss.serverParams(ctx)
@@ -847,17 +852,7 @@ func (ss *session) relay(a attachment) *unit {
 			gone := ss.clientGone.Load()
 			ss.sqlPrepareFailed(be)
 			forgetMissingSQLStmt(be, body)
-			if len(ss.renames) > 0 {
-				if rn := ss.renames[0]; rn.whole != nil {
-					if bytes.Contains(body, []byte(rn.from)) {
-						body = rn.whole
-						popFront(&ss.renames)
-					}
-				} else if nb, ok := renameInError(body, rn.from, rn.to); ok {
-					body = nb
-					popFront(&ss.renames)
-				}
-			}
+			body = ss.renameError(body)
 			ss.mu.Unlock()
 			if !gone {
 				_ = writeMsg(ss.wr, 'E', body)
@@ -874,6 +869,9 @@ func (ss *session) relay(a attachment) *unit {
 				be.identity = ""
 			}
 			gone := ss.clientGone.Load() || ss.dropCommandComplete()
+			if tag := ss.retagCommandComplete(body); tag != nil {
+				body = tag
+			}
 			ss.mu.Unlock()
 			if !gone {
 				_ = writeMsg(ss.wr, 'C', body)
@@ -981,7 +979,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
 	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
-	ss.dropC, ss.sqlPrepFail = ss.dropC[:0], ss.sqlPrepFail[:0]
+	ss.dropC, ss.sqlPrepFail, ss.retags = ss.dropC[:0], ss.sqlPrepFail[:0], ss.retags[:0]
 	ss.cond.Broadcast()
 	return u
 }
@@ -1025,7 +1023,11 @@ func (ss *session) settleUnit(u *unit) {
 			be.identity = ""
 			be.settings, be.settingsKey, be.claimGUCs = nil, "", nil
 		}
-		ss.gucsPending = false
+		if u.readGUCs != nil {
+			// Only this unit's read-back was awaited: a scrub-only unit
+			// that ends meanwhile must not let the client go on before it.
+			ss.gucsPending = false
+		}
 		ss.cond.Broadcast()
 		ss.mu.Unlock()
 		if err != nil {

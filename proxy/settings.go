@@ -23,22 +23,29 @@ import (
 const setSQL = "SELECT pg_catalog.set_config($1, $2, false)"
 
 // startupSettings are the parameters a client may give at startup that are
-// settings to keep in force (everything but the connection's own keys).
+// settings to keep in force (everything but the connection's own keys and
+// client_encoding, see startupEncoding). As in PostgreSQL, a parameter of
+// its own overrides the same setting given in options.
 func startupSettings(params map[string]string) map[string]string {
-	out := map[string]string{}
+	out := parseOptions(params["options"])
 	for k, v := range params {
 		switch k {
-		case "user", "database", "replication", "client_encoding":
-			continue
-		case "options":
-			for name, val := range parseOptions(v) {
-				out[name] = val
-			}
+		case "user", "database", "replication", "options":
 			continue
 		}
 		out[strings.ToLower(k)] = v
 	}
+	delete(out, "client_encoding")
 	return out
+}
+
+// startupEncoding is the client_encoding a client asked for at startup
+// (its parameter, else -c client_encoding in options), "" if none.
+func startupEncoding(params map[string]string) string {
+	if enc, ok := params["client_encoding"]; ok {
+		return enc
+	}
+	return parseOptions(params["options"])["client_encoding"]
 }
 
 // parseOptions reads "-c name=value" and "--name=value" pairs of the

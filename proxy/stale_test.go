@@ -156,3 +156,64 @@ func TestStaleStatementsAfterDDL(t *testing.T) {
 		}
 	})
 }
+
+// A statement prepared before a change that removed one of its columns,
+// executed on a backend that has to prepare it anew, fails as it would on
+// PostgreSQL (0A000), not with the Bind's format count (08P01).
+func TestStalePlanOnAnotherBackend(t *testing.T) {
+	ctx := context.Background()
+	su := pgtest.Connect(t, cluster.Primary.SuperuserURL(staleProject))
+	if _, err := su.Exec(ctx, `DROP SCHEMA IF EXISTS stale2 CASCADE; CREATE SCHEMA stale2 AUTHORIZATION service_role`); err != nil {
+		t.Fatal(err)
+	}
+	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{staleProject}})
+	a := h.connect(staleProject, "service_role", "a")
+	if _, err := a.Exec(ctx, "CREATE TABLE stale2.t (id int, f1 int, f2 int); INSERT INTO stale2.t VALUES (1, 2, 3)"); err != nil {
+		t.Fatal(err)
+	}
+	const q = "SELECT * FROM stale2.t WHERE id = $1"
+	tx, err := a.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Prepare(ctx, "q", q); err != nil {
+		t.Fatal(err)
+	}
+	var prepared int
+	if err := tx.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&prepared); err != nil {
+		t.Fatal(err)
+	}
+	_ = tx.Rollback(ctx)
+	// Another client holds the backend that has the statement, a third
+	// changes the table on the other one.
+	holder := h.connect(staleProject, "service_role", "holder")
+	htx, err := holder.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = htx.Rollback(ctx) }()
+	var held int
+	if err := htx.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&held); err != nil {
+		t.Fatal(err)
+	}
+	if held != prepared {
+		t.Fatalf("the holder got backend %d, not %d where the statement is", held, prepared)
+	}
+	b := h.connect(staleProject, "service_role", "b")
+	if _, err := b.Exec(ctx, "ALTER TABLE stale2.t DROP COLUMN f1"); err != nil {
+		t.Fatal(err)
+	}
+	// Executed with one result format per column the client described.
+	rr := a.PgConn().ExecPrepared(ctx, "q", [][]byte{[]byte("1")}, nil, []int16{0, 0, 0}).Read()
+	if sqlstate(rr.Err) != "0A000" {
+		t.Fatalf("the statement prepared before the change, on another backend: %v, want 0A000", rr.Err)
+	}
+	// Prepared again it works.
+	if err := a.Deallocate(ctx, "q"); err != nil {
+		t.Fatal(err)
+	}
+	var id, f2 int
+	if err := a.QueryRow(ctx, q, 1).Scan(&id, &f2); err != nil || f2 != 3 {
+		t.Fatalf("prepared again: %d %d %v", id, f2, err)
+	}
+}

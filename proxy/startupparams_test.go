@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
@@ -100,5 +101,37 @@ func TestStartupParameters(t *testing.T) {
 	c := h.connect("p1", "authenticated", "after")
 	if _, err := c.Exec(context.Background(), "SELECT 1"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// As in PostgreSQL, a startup parameter overrides the same setting in
+// options (lib/pq sends client_encoding=UTF8 beside the user's options).
+func TestStartupParameterOverridesOptions(t *testing.T) {
+	h := startProxy(t, harnessOpts{projects: []string{"p1"}})
+	ctx := context.Background()
+	u := h.url("p1", "authenticated", token(t, "p1", "authenticated", "opts", nil))
+	cfg, err := pgx.ParseConfig(u)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.RuntimeParams["options"] = "-c client_encoding=SQL_ASCII -c search_path=pg_catalog"
+	cfg.RuntimeParams["client_encoding"] = "UTF8"
+	cfg.RuntimeParams["search_path"] = "public"
+	c, err := pgx.ConnectConfig(ctx, cfg)
+	if err != nil {
+		t.Fatalf("connect: %v", err)
+	}
+	defer c.Close(ctx)
+	var enc, sp string
+	if err := c.QueryRow(ctx, "SELECT current_setting('client_encoding'), current_setting('search_path')").Scan(&enc, &sp); err != nil {
+		t.Fatal(err)
+	}
+	if enc != "UTF8" || sp != "public" {
+		t.Fatalf("client_encoding %q, search_path %q; want UTF8, public", enc, sp)
+	}
+	// Without a parameter of its own, options' encoding is the client's.
+	delete(cfg.RuntimeParams, "client_encoding")
+	if _, err := pgx.ConnectConfig(ctx, cfg); sqlstate(err) != "22023" {
+		t.Fatalf("options' client_encoding=SQL_ASCII: %v, want 22023", err)
 	}
 }

@@ -41,6 +41,10 @@ type facts struct {
 	keeps bool
 	// ddl: Decision.ChangesSchema.
 	ddl bool
+	// reset: Decision.Reset; resets counts them, resetStart/End locate it.
+	reset                ResetKind
+	resets               int
+	resetStart, resetEnd int
 	// afterTxEnd: Decision.StatementsAfterTxEnd.
 	afterTxEnd bool
 	hint       RouteHint
@@ -89,6 +93,9 @@ func (f *facts) apply(p Policy) Decision {
 
 		KeepsSessionState: f.keeps,
 		ChangesSchema:     f.ddl,
+		Reset:             f.reset,
+		ResetStart:        f.resetStart,
+		ResetEnd:          f.resetEnd,
 
 		StatementsAfterTxEnd: f.afterTxEnd,
 		Statements:           f.statements,
@@ -173,6 +180,8 @@ type analyzer struct {
 	// eligible: every statement is of a kind whose analysis never depends
 	// on literal values (SELECT/INSERT/UPDATE/DELETE/MERGE).
 	eligible bool
+	// stmtStart, stmtEnd: the byte offsets of the statement being analysed.
+	stmtStart, stmtEnd int
 	// literalDep: the analysis read the value of some constant.
 	literalDep bool
 	wantLocs   bool
@@ -242,6 +251,17 @@ func (a *analyzer) run() {
 			f.afterTxEnd = true
 		}
 		a.acc = stmtAcc{}
+		a.stmtStart = int(raw.GetStmtLocation())
+		a.stmtEnd = len(a.sql)
+		if l := raw.GetStmtLen(); l > 0 {
+			a.stmtEnd = a.stmtStart + int(l)
+		}
+		for a.stmtStart < a.stmtEnd && isSpace(a.sql[a.stmtStart]) {
+			a.stmtStart++
+		}
+		for a.stmtEnd > a.stmtStart && isSpace(a.sql[a.stmtEnd-1]) {
+			a.stmtEnd--
+		}
 		info := a.statement(raw.GetStmt())
 		info = a.acc.upgrade(info)
 		if a.acc.into && mentionsTemp(a.sql) {
@@ -296,6 +316,12 @@ func (a *analyzer) run() {
 	}
 	if sessionHint && f.statements != 1 {
 		a.refuseCode(SQLStateFeatureNotSupported, "SET cascata.route must be sent as a query of its own")
+	}
+	switch {
+	case f.resets > 1:
+		a.refuseCode(SQLStateFeatureNotSupported, "RESET ALL or DISCARD ALL may appear once in a query")
+	case f.reset == DiscardAll && f.statements != 1:
+		a.refuseCode(SQLStateActiveSQLTransaction, "DISCARD ALL cannot run inside a transaction block")
 	}
 	if f.target == Primary && f.pin && f.state {
 		f.funcs = nil // their volatility can change nothing
@@ -381,7 +407,8 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 		return stmtInfo{target: Replica, reason: ReasonSessionState}
 	case *pg_query.Node_DiscardStmt:
 		if s.DiscardStmt.GetTarget() == pg_query.DiscardMode_DISCARD_ALL {
-			a.refuse("DISCARD ALL is not allowed: it would reset the session role")
+			a.sessionReset(DiscardAll, "DISCARD ALL")
+			return primary(ReasonSessionState, true)
 		}
 		return primary(ReasonSessionState, false)
 	case *pg_query.Node_PrepareStmt:
@@ -473,6 +500,19 @@ func mentionsTemp(sql string) bool {
 		}
 	}
 	return false
+}
+
+// sessionReset records a top-level RESET ALL or DISCARD ALL, which a proxy
+// emulates when it is the whole text (see Decision.Reset); in a query given
+// to a function it is refused.
+func (a *analyzer) sessionReset(k ResetKind, what string) {
+	if a.depth > 0 {
+		a.refuse(what + " is not allowed here: it would reset the session role")
+		return
+	}
+	a.f.reset = k
+	a.f.resets++
+	a.f.resetStart, a.f.resetEnd = a.stmtStart, a.stmtEnd
 }
 
 // explain handles EXPLAIN: without ANALYZE the statement is not executed.
@@ -671,7 +711,8 @@ func (a *analyzer) topSet(s *pg_query.VariableSetStmt) stmtInfo {
 	session := stmtInfo{target: Primary, reason: ReasonSessionState}
 	switch s.GetKind() {
 	case pg_query.VariableSetKind_VAR_RESET_ALL:
-		a.refuse("RESET ALL is not allowed: it would reset the session role")
+		a.sessionReset(ResetAll, "RESET ALL")
+		session.pin = true
 		return session
 	case pg_query.VariableSetKind_VAR_SET_MULTI:
 		switch s.GetName() {

@@ -129,3 +129,32 @@ func TestKeepsSessionState(t *testing.T) {
 		}
 	}
 }
+
+// A lone RESET ALL or DISCARD ALL is reported for the proxy to emulate.
+func TestReset(t *testing.T) {
+	c := NewClassifier(Options{})
+	// asyncpg's Pool resets a connection with this text.
+	const asyncpg = "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;\nRESET ALL;"
+	d := c.Classify(asyncpg, Policy{})
+	if d.Refusal != nil || d.Reset != ResetAll || asyncpg[d.ResetStart:d.ResetEnd] != "RESET ALL" {
+		t.Fatalf("asyncpg's reset query: %+v, located %q", d, asyncpg[d.ResetStart:d.ResetEnd])
+	}
+	d = c.Classify("SELECT 1 /* ok */ ; reset all ; SELECT 2", Policy{})
+	if d.Refusal != nil || d.Reset != ResetAll || d.ResetStart != 20 || d.ResetEnd != 29 {
+		t.Fatalf("RESET ALL between statements: %+v", d)
+	}
+	for sql, want := range map[string]ResetKind{
+		`RESET ALL`:          ResetAll,
+		`reset all;`:         ResetAll,
+		`DISCARD ALL`:        DiscardAll,
+		` discard all ; `:    DiscardAll,
+		`DISCARD TEMP`:       ResetNone,
+		`RESET search_path`:  ResetNone,
+		`SELECT 'RESET ALL'`: ResetNone,
+	} {
+		d := c.Classify(sql, Policy{})
+		if d.Reset != want || d.Refusal != nil {
+			t.Errorf("%q: Reset %v (refusal %v), want %v", sql, d.Reset, d.Refusal, want)
+		}
+	}
+}

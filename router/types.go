@@ -228,6 +228,8 @@ const (
 	SQLStateInvalidParameterValue = "22023"
 	// SQLStateFeatureNotSupported is feature_not_supported.
 	SQLStateFeatureNotSupported = "0A000"
+	// SQLStateActiveSQLTransaction is active_sql_transaction.
+	SQLStateActiveSQLTransaction = "25001"
 )
 
 // Refusal is the error the proxy answers with instead of forwarding a text.
@@ -360,6 +362,18 @@ type Decision struct {
 	// proxy that shares prepared statements between clients must prepare
 	// them again for the Parses that follow.
 	ChangesSchema bool
+	// Reset is set when the text has a RESET ALL (anywhere, once) or is
+	// exactly one DISCARD ALL. Run as they are they would reset the role a
+	// proxy put in force; a proxy emulates them on the client's own
+	// session instead. ResetStart and ResetEnd are the byte offsets of the
+	// RESET ALL statement in the text (without its semicolon), for a proxy
+	// that replaces it. Two of them in one text, or one in a query given
+	// to a function, are refused; a DISCARD ALL with other statements is
+	// refused with 25001, as PostgreSQL runs a multi-statement text in one
+	// transaction.
+	Reset      ResetKind
+	ResetStart int
+	ResetEnd   int
 	// StatementsAfterTxEnd is true when a COMMIT, ROLLBACK (also AND
 	// CHAIN) or PREPARE TRANSACTION of the text is followed by another
 	// statement of the same text. Those statements run outside the
@@ -418,6 +432,15 @@ type Options struct {
 	// are always analysed afresh. 0 means 16384.
 	MaxCachedQueryBytes int
 }
+
+// ResetKind names a statement that resets the whole session.
+type ResetKind uint8
+
+const (
+	ResetNone  ResetKind = iota
+	ResetAll             // RESET ALL: every setting back to its session default
+	DiscardAll           // DISCARD ALL: settings, prepared statements, cursors, temporary tables, LISTEN, advisory locks, sequences, plans
+)
 
 // Deallocate is a DEALLOCATE statement: of one prepared statement, or ALL.
 type Deallocate struct {

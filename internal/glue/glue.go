@@ -79,6 +79,9 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		SessionState:      d.SessionState,
 		KeepsSessionState: d.KeepsSessionState,
 		ChangesSchema:     d.ChangesSchema,
+		Reset:             resetKind(d.Reset),
+		ResetStart:        d.ResetStart,
+		ResetEnd:          d.ResetEnd,
 		Reason:            d.Reason.String(),
 		BeginReadOnly:     d.Tx == router.TxBeginReadOnly,
 		SessionGUCs:       d.SessionGUCs,
@@ -114,4 +117,15 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		r.Hint = proxy.HintSessionAuto
 	}
 	return r
+}
+
+// resetKind maps the router's whole-session reset to the proxy's.
+func resetKind(k router.ResetKind) proxy.ResetKind {
+	switch k {
+	case router.ResetAll:
+		return proxy.ResetAll
+	case router.DiscardAll:
+		return proxy.DiscardAll
+	}
+	return proxy.ResetNone
 }

@@ -494,21 +494,21 @@ async def run_asyncpg(url, t):
     await acheck("cancel", cancel)
 
     # asyncpg.Pool resets a connection on release with its reset query
-    # (pg_advisory_unlock_all, CLOSE ALL, UNLISTEN *, RESET ALL). RESET ALL
-    # would reset the session role, so the guard refuses it (42501); the
-    # README's workaround drops it from the reset query (asyncpg >= 0.30 can
-    # pass reset= to create_pool instead).
-    class ResetWithoutResetAll(asyncpg.Connection):
-        def _get_reset_query(self):
-            return "SELECT pg_advisory_unlock_all();\nCLOSE ALL;\nUNLISTEN *;"
-
+    # (pg_advisory_unlock_all, CLOSE ALL, UNLISTEN *, RESET ALL), which
+    # cascata emulates for the client's own session: the pool runs as it is.
     async def pool():
-        p = await asyncpg.create_pool(url, min_size=1, max_size=2, timeout=10,
-                                      connection_class=ResetWithoutResetAll)
+        p = await asyncpg.create_pool(url, min_size=1, max_size=2, timeout=10)
         try:
+            first = None
             for i in range(3):
                 async with p.acquire() as c:
                     expect("current_user", "authenticated", await c.fetchval("select current_user"))
+                    sp = await c.fetchval("select current_setting('search_path')")
+                    if first is None:
+                        first = sp
+                    # the SET of the last acquire was reset on release
+                    expect("search_path after a release", first, sp)
+                    await c.execute("set search_path = pg_catalog")
         finally:
             p.terminate()
 

@@ -457,6 +457,12 @@ async def run_asyncpg(url, t):
                 want += "".join(f"{i}\tcopy {i}\t{i % 7}\n" for i in range(first, first + 100))
             finally:
                 fresh.terminate()
+        # conn did not write those rows, so read-your-writes does not hold
+        # its reads back for them: wait (bounded) until its reads see them.
+        for _ in range(50):
+            if await conn.fetchval(f"select count(*) from {t} where id >= 1000") == 300:
+                break
+            await asyncio.sleep(0.1)
         out = io.BytesIO()
         await conn.copy_from_query(f"select id, name, qty from {t} where id >= 1000 order by id", output=out, timeout=5)
         expect("COPY TO output equals the records", True, out.getvalue() == want.encode())

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"cascata/auth"
+	"cascata/internal/pgtest"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -206,9 +207,10 @@ var guardAttacks = []guardAttack{
 	// Routes around the guard.
 	{name: "DO block with set_config", sql: `DO $$BEGIN PERFORM set_config('role', 'service_role', false); END$$`},
 	{name: "DO block with dynamic SET ROLE", sql: `do language plpgsql $x$ begin execute 'SET ROLE service_role'; end $x$`},
-	{name: "innocent DO block (role not trusted)", sql: `DO $$ BEGIN NULL; END $$`},
+	{name: "DO block with dynamic SQL built at run time (role not trusted)", sql: `DO $$ BEGIN EXECUTE 'SELECT ' || 1; END $$`},
 	{name: "CREATE FUNCTION", sql: `CREATE FUNCTION pg_temp.esc() RETURNS text LANGUAGE sql AS $$ SELECT set_config('role', 'service_role', false) $$`},
-	{name: "CREATE OR REPLACE PROCEDURE", sql: `create or replace procedure pg_temp.p() language sql as $$ select 1 $$`},
+	{name: "CREATE OR REPLACE PROCEDURE", sql: `create or replace procedure pg_temp.p() language sql as $$ select 1; set role service_role $$`},
+	{name: "CREATE FUNCTION in another language", sql: `CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE plperl AS 'return 1'`},
 	{name: "CREATE TEMP VIEW over set_config", sql: `CREATE TEMP VIEW esc AS SELECT set_config('role', 'service_role', false) AS r`},
 	{name: "CREATE TEMP TABLE with set_config default", sql: `CREATE TEMP TABLE esc (r text DEFAULT set_config('role', 'service_role', false))`},
 	{name: "ALTER ROLE SET role", sql: `ALTER ROLE authenticated SET role = 'service_role'`},
@@ -321,6 +323,7 @@ func TestGuardAttackSuite(t *testing.T) {
 		`RESET ALL`,
 		`/*x*/ discard ALL`,
 		`SELECT 1; RESET ALL`,
+		`DO $$ DECLARE n int; BEGIN SELECT count(*) INTO n FROM pg_class; RAISE NOTICE '%', n; END $$`,
 	} {
 		if _, err := simple.c.Exec(ctx, q); err != nil {
 			t.Errorf("harmless %q refused: %v", q, err)
@@ -758,7 +761,7 @@ func TestGuardTrustedRole(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	do := `DO $$ BEGIN PERFORM 1; END $$`
+	do := `DO $$ BEGIN EXECUTE 'SELECT ' || 1; END $$` // a body the guard cannot see whole
 	trusted := newGuardClient(t, h, "trusted", "p2", "service_role", "ops", "simple_protocol")
 	untrusted := newGuardClient(t, h, "untrusted", "p2", "authenticated", "user", "simple_protocol")
 	if _, err := trusted.c.Exec(ctx, do); err != nil {
@@ -774,4 +777,46 @@ func TestGuardTrustedRole(t *testing.T) {
 		t.Errorf("SET ROLE as a trusted role: %v, want 42501", err)
 	}
 	trusted.check(t, "SET ROLE as trusted")
+}
+
+// TestGuardFunctionBodies: a role that is not trusted may run DO and create
+// functions whose body the guard sees whole (LANGUAGE sql or plpgsql,
+// dynamic SQL only as string constants), each statement guarded; anything
+// refused inside refuses the whole.
+func TestGuardFunctionBodies(t *testing.T) {
+	ctx := context.Background()
+	su := pgtest.Connect(t, cluster.Primary.SuperuserURL("p1"))
+	if _, err := su.Exec(ctx, `DROP SCHEMA IF EXISTS bodies CASCADE; CREATE SCHEMA bodies AUTHORIZATION service_role`); err != nil {
+		t.Fatal(err)
+	}
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p1"}})
+	gc := newGuardClient(t, h, "untrusted", "p1", "service_role", "dev", "simple_protocol")
+	for _, q := range []string{
+		`CREATE FUNCTION bodies.add(a int, b int) RETURNS int LANGUAGE plpgsql AS $$ DECLARE c int; BEGIN c := a + b; RETURN c; END $$`,
+		`CREATE PROCEDURE bodies.swap(INOUT x int, INOUT y int) LANGUAGE plpgsql AS $$ DECLARE t int; BEGIN t := x; x := y; y := t; END $$`,
+		`CREATE FUNCTION bodies.twice(int) RETURNS int LANGUAGE sql AS 'SELECT $1 * 2'`,
+		`DO $$ BEGIN RAISE NOTICE 'hello'; EXECUTE 'SELECT 1'; END $$`,
+	} {
+		if _, err := gc.c.Exec(ctx, q); err != nil {
+			t.Fatalf("%s: %v", q, err)
+		}
+		gc.check(t, q)
+	}
+	var sum, twice, x, y int
+	if err := gc.c.QueryRow(ctx, "SELECT bodies.add(2, 3), bodies.twice(21)").Scan(&sum, &twice); err != nil || sum != 5 || twice != 42 {
+		t.Fatalf("calls: %d %d %v", sum, twice, err)
+	}
+	if err := gc.c.QueryRow(ctx, "CALL bodies.swap(1, 2)").Scan(&x, &y); err != nil || x != 2 || y != 1 {
+		t.Fatalf("CALL: %d %d %v", x, y, err)
+	}
+	for _, q := range []string{
+		`CREATE FUNCTION bodies.esc() RETURNS void LANGUAGE plpgsql AS $$ BEGIN SET ROLE authenticator; END $$`,
+		`CREATE FUNCTION bodies.esc() RETURNS text LANGUAGE sql AS $$ SELECT set_config('request.jwt.claims', '{}', false) $$`,
+		`CREATE FUNCTION bodies.esc(r text) RETURNS void LANGUAGE plpgsql AS $$ BEGIN EXECUTE format('SET ROLE %I', r); END $$`,
+	} {
+		if _, err := gc.c.Exec(ctx, q); sqlstate(err) != "42501" {
+			t.Fatalf("%s: %v, want 42501", q, err)
+		}
+		gc.check(t, q)
+	}
 }

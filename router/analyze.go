@@ -911,12 +911,14 @@ func (a *analyzer) visit(m protoreflect.Message, c wctx) {
 	case *pg_query.ViewStmt, *pg_query.RuleStmt:
 		c.viewDef = true
 	case *pg_query.DoStmt:
-		if a.f.untrusted == nil {
-			a.f.untrusted = &Refusal{SQLState: SQLStateInsufficientPrivilege, Message: "DO is only allowed for trusted roles"}
+		lang, body := doBody(n)
+		if r := a.bodyReason(lang, body, false, a.sql[a.stmtStart:a.stmtEnd]); r != "" && a.f.untrusted == nil {
+			a.f.untrusted = &Refusal{SQLState: SQLStateInsufficientPrivilege, Message: "DO is only allowed for trusted roles here: " + r}
 		}
 	case *pg_query.CreateFunctionStmt:
-		if a.f.untrusted == nil {
-			a.f.untrusted = &Refusal{SQLState: SQLStateInsufficientPrivilege, Message: "CREATE FUNCTION/PROCEDURE is only allowed for trusted roles"}
+		lang, body, atomic := functionBody(n)
+		if r := a.bodyReason(lang, body, atomic, a.sql[a.stmtStart:a.stmtEnd]); r != "" && a.f.untrusted == nil {
+			a.f.untrusted = &Refusal{SQLState: SQLStateInsufficientPrivilege, Message: "CREATE FUNCTION/PROCEDURE is only allowed for trusted roles here: " + r}
 		}
 	case *pg_query.CreateRoleStmt, *pg_query.AlterRoleStmt, *pg_query.DropRoleStmt, *pg_query.AlterRoleSetStmt:
 		a.refuse("role management is not allowed")

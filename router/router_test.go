@@ -195,9 +195,26 @@ var classifyCases = []classifyCase{
 	refused(`copy t from program 'id'`),
 	refused(`LOAD 'auto_explain'`),
 	refused(`DO $$ BEGIN EXECUTE 'SET ROLE postgres'; END $$`),
-	refused(`do language plpgsql 'begin null; end'`),
-	refused(`CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'`),
-	refused(`create or replace procedure p() language plpgsql as $$ begin end $$`),
+	// Bodies the guard sees whole are guarded statement by statement.
+	refused(`do language plpgsql 'begin set role service_role; end'`),
+	refused(`CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1; SET ROLE service_role; SELECT 2'`),
+	refused(`create or replace procedure p() language plpgsql as $$ begin perform set_config('role', 'x', false); end $$`),
+	refused(`DO $$ DECLARE r text := current_setting('role'); BEGIN EXECUTE 'SET ROLE ' || r; END $$`),
+	refused(`DO $$ DECLARE a int[]; BEGIN a[set_config('role', 'x', false)::int] := 1; END $$`),
+	refused(`DO $$ BEGIN FOR r IN EXECUTE 'SELECT set_config(''role'', ''x'', false)' LOOP END LOOP; END $$`),
+	refused(`DO $$ DECLARE c refcursor; BEGIN OPEN c FOR EXECUTE 'SELECT set_config(''role'', ''x'', false)'; END $$`),
+	refused(`CREATE FUNCTION f() RETURNS SETOF text LANGUAGE plpgsql AS $$ BEGIN RETURN QUERY EXECUTE 'RESET ROLE'; END $$`),
+	refused(`DO $$ BEGIN PREPARE cs_00 AS SELECT 1; END $$`),
+	refused(`DO $$ BEGIN IF set_config('request.jwt.claims', '{}', false) IS NULL THEN NULL; END IF; END $$`),
+	refused(`CREATE FUNCTION f() RETURNS int LANGUAGE plperl AS 'return 1'`),
+	refused(`CREATE FUNCTION f() RETURNS int BEGIN ATOMIC SELECT 1; END`),
+	refused(`CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'sym'`),
+	refused(`DO $$ BEGIN EXECUTE 'DO $x$ BEGIN EXECUTE ''SET ROLE postgres''; END $x$'; END $$`),
+	primary(`do language plpgsql 'begin null; end'`, ReasonCall, true),
+	primary(`CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'`, ReasonDDL, true),
+	primary(`create or replace procedure p() language plpgsql as $$ begin end $$`, ReasonDDL, true),
+	primary(`CREATE FUNCTION add(a int, b int, OUT c int) LANGUAGE plpgsql AS $$ DECLARE d int := 1; BEGIN c := a + b + d; IF c > 10 THEN RAISE NOTICE 'big %', c; END IF; EXECUTE 'SELECT 1'; END $$`, ReasonDDL, true),
+	primary(`DO $$ BEGIN RAISE NOTICE 'hello'; END $$`, ReasonCall, true),
 
 	// --- unparsable / undecodable ---
 	unparsable(`SELEC 1`, SQLStateSyntaxError),
@@ -477,10 +494,13 @@ func TestStatementsAfterTxEnd(t *testing.T) {
 
 func TestPolicyNotInCacheKey(t *testing.T) {
 	c := NewClassifier(Options{})
-	sql := `DO $$ BEGIN PERFORM 1; END $$`
+	sql := `DO $$ BEGIN PERFORM pg_catalog.set_config('role', 'x', false); END $$`
 	for i := 0; i < 3; i++ {
 		if d := c.Classify(sql, Policy{TrustedRole: true}); d.Refusal != nil {
 			t.Fatalf("trusted DO refused: %v", d.Refusal)
+		}
+		if d := c.Classify(`DO $$ BEGIN PERFORM 1; END $$`, Policy{}); d.Refusal != nil {
+			t.Fatalf("untrusted DO whose body is guarded refused: %v", d.Refusal)
 		}
 		if d := c.Classify(sql, Policy{}); d.Refusal == nil {
 			t.Fatalf("untrusted DO allowed")

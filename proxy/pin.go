@@ -1,9 +1,10 @@
 package proxy
 
 import (
+	"context"
 	"errors"
 	"fmt"
-	"sync/atomic"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -18,34 +19,71 @@ import (
 // come, and at each idle ReadyForQuery the proxy looks at the backend
 // (sessionStateSQL) to learn whether the state is gone, which gives the
 // backend back to the pool. At most max_pinned clients of a project are
-// pinned at once; the slot is taken when the statement is classified, so a
-// client past the bound gets an error before anything runs.
+// pinned at once; the slot is taken when the statement is classified,
+// waiting up to query_wait_timeout for one to be given back, so a client
+// past the bound gets an error before anything runs.
 
 // pinCount counts a project's pinned clients (kept across reloads).
 type pinCount struct {
-	n atomic.Int32
+	mu    sync.Mutex
+	n     int
+	freed chan struct{} // closed when a slot is given back, nil if no one waits
 }
 
-// take takes a slot if fewer than max are taken.
-func (pc *pinCount) take(max int) bool {
+// take takes a slot, waiting until ctx ends for one while max are taken.
+func (pc *pinCount) take(ctx context.Context, max int) bool {
 	for {
-		n := pc.n.Load()
-		if int(n) >= max {
-			return false
-		}
-		if pc.n.CompareAndSwap(n, n+1) {
+		pc.mu.Lock()
+		if pc.n < max {
+			pc.n++
+			pc.mu.Unlock()
 			return true
+		}
+		if pc.freed == nil {
+			pc.freed = make(chan struct{})
+		}
+		ch := pc.freed
+		pc.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return false
 		}
 	}
 }
 
-func (pc *pinCount) give() { pc.n.Add(-1) }
+// tryTake takes a slot if fewer than max are taken.
+func (pc *pinCount) tryTake(max int) bool {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	if pc.n >= max {
+		return false
+	}
+	pc.n++
+	return true
+}
+
+func (pc *pinCount) give() {
+	pc.mu.Lock()
+	pc.n--
+	if pc.freed != nil {
+		close(pc.freed)
+		pc.freed = nil
+	}
+	pc.mu.Unlock()
+}
+
+func (pc *pinCount) count() int {
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	return pc.n
+}
 
 // tooManyPinned is the error of a statement that would pin one client more
 // than max_pinned.
 func tooManyPinned(ref string, max int) error {
 	return &Error{Code: CodeTooManyConnections,
-		Message: fmt.Sprintf("project %q already has max_pinned = %d clients keeping a server connection for session state", ref, max),
+		Message: fmt.Sprintf("project %q has max_pinned = %d clients keeping a server connection for session state, and none gave one back within query_wait_timeout", ref, max),
 		Detail:  "Temporary tables, LISTEN, WITH HOLD cursors and session advisory locks keep a server connection for their client in transaction mode.",
 		Hint:    "Drop the state when done (DROP TABLE, UNLISTEN, CLOSE, pg_advisory_unlock), end idle clients that hold it, or raise the project's max_pinned (at most its pool_size)."}
 }
@@ -131,30 +169,47 @@ func (ss *session) keepsSessionState(be *backend) (bool, error) {
 }
 
 // reservePin takes a slot of the project's max_pinned for a statement that
-// creates state the client keeps, or returns the error the statement gets
-// instead. A client holds one slot at most.
+// creates state the client keeps, waiting up to query_wait_timeout for one,
+// or returns the error the statement gets instead. A client holds one slot
+// at most. The client goroutine calls it, without mu: the relay goes on
+// meanwhile.
 func (ss *session) reservePin() error {
 	ss.mu.Lock()
-	defer ss.mu.Unlock()
-	return ss.reservePinLocked()
-}
-
-// reservePinLocked is reservePin with mu held.
-func (ss *session) reservePinLocked() error {
-	if ss.pinSlot != nil {
-		return nil
-	}
+	held := ss.pinSlot != nil
+	ss.mu.Unlock()
 	proj := ss.srv.project(ss.ref)
-	if proj == nil {
-		return nil // gone: the statement fails when it asks for a backend
+	if held || proj == nil {
+		return nil // a project gone fails when the statement asks for a backend
 	}
-	if !proj.run.pins.take(proj.cfg.MaxPinned) {
+	ctx, cancel := context.WithTimeout(context.Background(), ss.srv.opts.QueryWaitTimeout)
+	defer cancel()
+	if !proj.run.pins.take(ctx, proj.cfg.MaxPinned) {
 		proj.metrics.pinRefusals.Inc()
 		return tooManyPinned(ss.ref, proj.cfg.MaxPinned)
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	if ss.pinSlot != nil {
+		proj.run.pins.give() // the relay pinned the client meanwhile
+		return nil
 	}
 	ss.pinSlot = &proj.run.pins
 	ss.metrics.pinned.Inc()
 	return nil
+}
+
+// tryPinLocked takes a slot without waiting. Call with mu held.
+func (ss *session) tryPinLocked() bool {
+	if ss.pinSlot != nil {
+		return true
+	}
+	proj := ss.srv.project(ss.ref)
+	if proj == nil || !proj.run.pins.tryTake(proj.cfg.MaxPinned) {
+		return false
+	}
+	ss.pinSlot = &proj.run.pins
+	ss.metrics.pinned.Inc()
+	return true
 }
 
 // releasePinLocked gives the client's slot back. Call with mu held.
@@ -188,7 +243,7 @@ func (ss *session) pinCheck(be *backend) error {
 	ss.unitKeeps = false
 	switch {
 	case keeps && ss.pinned:
-	case keeps && ss.pinSlot == nil && ss.reservePinLocked() != nil:
+	case keeps && !ss.tryPinLocked():
 		// No slot left (the state came from a statement that did not
 		// take one, e.g. a prepared statement executed again): the
 		// backend is scrubbed at release, and the client is told.
@@ -219,7 +274,7 @@ func (s *Server) PinStats() []PinStat {
 	projects := *s.projects.Load()
 	out := make([]PinStat, 0, len(projects))
 	for ref, p := range projects {
-		out = append(out, PinStat{Project: ref, Pinned: int(p.run.pins.n.Load()), MaxPinned: p.cfg.MaxPinned})
+		out = append(out, PinStat{Project: ref, Pinned: p.run.pins.count(), MaxPinned: p.cfg.MaxPinned})
 	}
 	return out
 }

@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"cascata/proxy"
+
 	"github.com/jackc/pgx/v5"
 )
 
@@ -134,10 +136,12 @@ func TestPinnedClientLeaves(t *testing.T) {
 	}
 }
 
-// Past max_pinned a statement that would pin gets 53300 naming the setting,
-// runs nothing, and the client goes on; a slot given back is free again.
+// Past max_pinned a statement that would pin waits query_wait_timeout for
+// a slot, then gets 53300 naming the setting, runs nothing, and the client
+// goes on; a slot given back is free again, also to a client waiting.
 func TestPinBound(t *testing.T) {
-	h := startProxy(t, harnessOpts{poolSize: 4, maxPinned: 1, projects: []string{pinProject}})
+	h := startProxy(t, harnessOpts{poolSize: 4, maxPinned: 1, projects: []string{pinProject},
+		opts: proxy.Options{QueryWaitTimeout: 300 * time.Millisecond}})
 	ctx := context.Background()
 	a := h.connect(pinProject, "authenticated", "alice")
 	b := h.connect(pinProject, "authenticated", "bob")
@@ -176,6 +180,22 @@ func TestPinBound(t *testing.T) {
 	}
 	if _, err := b.Exec(ctx, "CREATE TEMP TABLE t (x int)"); err != nil {
 		t.Fatalf("a free slot: %v", err)
+	}
+	// A client waiting for a slot gets the one given back.
+	done := make(chan error, 1)
+	go func() {
+		_, err := a.Exec(ctx, "LISTEN waiting")
+		done <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // a is waiting for the slot (the wait is the subject)
+	if _, err := b.Exec(ctx, "DROP TABLE t"); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("the waiting client: %v", err)
+	}
+	if got := pinnedCount(t, h, pinProject); got != 1 {
+		t.Fatalf("%d pinned after the waiting client's LISTEN, want 1", got)
 	}
 }
 

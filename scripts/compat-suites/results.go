@@ -356,7 +356,12 @@ func (r *runResult) finish() {
 	sort.Strings(names)
 	for _, n := range names {
 		p := r.pkgs[n]
-		if (p.outcome == outFail && !failedPkg[n]) || p.mainFailed {
+		switch {
+		case p.mainFailed:
+			// Listed (and documented) as the failure of a test named
+			// TestMain, e.g. "pq:TestMain"; not counted with the tests.
+			r.failures = append(r.failures, &testResult{pkg: n, test: "TestMain", outcome: outFail, output: p.mainOutput})
+		case p.outcome == outFail && !failedPkg[n]:
 			r.pkgFailures = append(r.pkgFailures, p)
 		}
 	}

@@ -64,6 +64,7 @@ func (ss *session) onQuery() error {
 		ss.failLocal('Q', fatalError(CodeProtocolViolation, "invalid Query message"))
 		return nil
 	}
+	ss.forgetLostParses() // an EXECUTE must not find a name whose Parse failed
 	r := ss.classify(sql, false)
 	if r.Reset != ResetNone && r.Refusal == nil {
 		return ss.onReset(sql, r)

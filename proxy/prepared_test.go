@@ -407,3 +407,27 @@ func TestSQLExecuteOfProtocolStatement(t *testing.T) {
 		t.Fatalf("EXECUTE after DEALLOCATE: %v", err)
 	}
 }
+
+// A Parse PostgreSQL refused (two statements) leaves no name that SQL
+// EXECUTE could reach, and its text never runs as a query string.
+func TestExecuteOfRefusedParse(t *testing.T) {
+	ctx := context.Background()
+	su := pgtest.Connect(t, cluster.Primary.SuperuserURL("p1"))
+	if _, err := su.Exec(ctx, `DROP SCHEMA IF EXISTS multi CASCADE; CREATE SCHEMA multi AUTHORIZATION service_role`); err != nil {
+		t.Fatal(err)
+	}
+	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{"p1"}})
+	a := h.connect("p1", "service_role", "multi")
+	if _, err := a.PgConn().Prepare(ctx, "multi", "SELECT 1; CREATE TABLE multi.pwned (x int)", nil); sqlstate(err) != "42601" {
+		t.Fatalf("Parse of two statements: %v", err)
+	}
+	for range 3 {
+		if _, err := a.Exec(ctx, "EXECUTE multi", pgx.QueryExecModeSimpleProtocol); sqlstate(err) != "26000" {
+			t.Fatalf("EXECUTE of the refused Parse: %v", err)
+		}
+	}
+	var n int
+	if err := su.QueryRow(ctx, "SELECT count(*) FROM pg_class WHERE relname = 'pwned'").Scan(&n); err != nil || n != 0 {
+		t.Fatalf("the second statement ran: %d %v", n, err)
+	}
+}

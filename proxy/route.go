@@ -38,6 +38,8 @@ type Route struct {
 	// is exactly DISCARD ALL, which the proxy emulates (reset.go).
 	Reset                ResetKind
 	ResetStart, ResetEnd int
+	// Statements is the number of statements in the text.
+	Statements int
 	// Writes: the text may change data, so a later read of the same client
 	// must see its effect (read-your-writes).
 	Writes bool

@@ -116,6 +116,10 @@ func (ss *session) sqlPrepareText(st *stmt) (string, error) {
 	if !ok || len(rest) < 2 {
 		return "", fatalError(CodeProtocolViolation, "invalid Parse message")
 	}
+	// Parse takes one statement; in a query string more would run.
+	if r := ss.srv.classifier.Classify(ss.ref, query, ss.trusted); r.Refusal != nil || r.Statements != 1 {
+		return "", &Error{Code: "42601", Message: "cannot insert multiple commands into a prepared statement"}
+	}
 	n := int(binary.BigEndian.Uint16(rest))
 	var b strings.Builder
 	b.WriteString("PREPARE " + st.proxyName)

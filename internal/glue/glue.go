@@ -79,6 +79,7 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		SessionState:      d.SessionState,
 		KeepsSessionState: d.KeepsSessionState,
 		ChangesSchema:     d.ChangesSchema,
+		Statements:        d.Statements,
 		Reset:             resetKind(d.Reset),
 		ResetStart:        d.ResetStart,
 		ResetEnd:          d.ResetEnd,

@@ -17,6 +17,7 @@ import (
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
 	"cascata/internal/projectdb"
+	"cascata/internal/volatility"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -94,7 +95,7 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 	if ho.opts.Classifier == nil {
 		cls := glue.NewClassifier()
 		for _, ref := range testProjects {
-			cls.SetFunctions(ref, glue.NewFunctions(cluster.Primary.URL("authenticator", loginPassword, ref), nil, nil, slog.Default()))
+			cls.SetFunctions(ref, volatility.New(cluster.Primary.URL("authenticator", loginPassword, ref), nil, nil, slog.Default()))
 		}
 		t.Cleanup(cls.Close)
 		ho.opts.Classifier = cls

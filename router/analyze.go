@@ -138,12 +138,22 @@ func (f *facts) apply(p Policy) Decision {
 		d.Target = Primary
 		d.Reason = ReasonHint
 	}
+	d.Writes = mayWrite(d.Target, d.Reason)
 	return d
+}
+
+// mayWrite is Decision.Writes: the primary, for a reason that may change data.
+func mayWrite(t Target, r Reason) bool {
+	switch r {
+	case ReasonTxControl, ReasonSessionState, ReasonHint, ReasonRead, ReasonEmpty, ReasonCursor:
+		return false
+	}
+	return t == Primary
 }
 
 func refusedDecision(f *facts, r *Refusal, reason Reason) Decision {
 	cp := *r
-	return Decision{Target: Primary, Reason: reason, Refusal: &cp, Statements: f.statements}
+	return Decision{Target: Primary, Reason: reason, Refusal: &cp, Statements: f.statements, Writes: mayWrite(Primary, reason)}
 }
 
 // checkText refuses texts that cannot be inspected faithfully: invalid
@@ -414,12 +424,12 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 	case *pg_query.Node_PrepareStmt:
 		a.f.preparedUses++
 		a.children(s.PrepareStmt.ProtoReflect(), wctx{})
-		a.f.sqlPrepared = &SQLPrepared{Execute: false, Name: s.PrepareStmt.GetName()}
+		a.f.sqlPrepared = a.sqlPrepared(false, s.PrepareStmt.GetName())
 		return stmtInfo{target: Primary, reason: ReasonPrepared, pin: true}
 	case *pg_query.Node_ExecuteStmt:
 		a.f.preparedUses++
 		a.children(s.ExecuteStmt.ProtoReflect(), wctx{exec: true})
-		a.f.sqlPrepared = &SQLPrepared{Execute: true, Name: s.ExecuteStmt.GetName()}
+		a.f.sqlPrepared = a.sqlPrepared(true, s.ExecuteStmt.GetName())
 		return primary(ReasonPrepared, true) // the statement may do anything a text can
 	case *pg_query.Node_DeallocateStmt:
 		a.f.preparedUses++
@@ -500,6 +510,21 @@ func mentionsTemp(sql string) bool {
 		}
 	}
 	return false
+}
+
+// sqlPrepared describes the PREPARE or EXECUTE being analysed, with the
+// text after its statement name, or is nil when that text cannot be found
+// (then the statement is never the lone one a proxy may translate).
+func (a *analyzer) sqlPrepared(execute bool, name string) *SQLPrepared {
+	kw := "PREPARE"
+	if execute {
+		kw = "EXECUTE"
+	}
+	tail, ok := afterStatementName(a.sql[a.stmtStart:a.stmtEnd], kw)
+	if !ok {
+		return nil
+	}
+	return &SQLPrepared{Execute: execute, Name: name, Tail: tail}
 }
 
 // sessionReset records a top-level RESET ALL or DISCARD ALL, which a proxy

@@ -384,6 +384,11 @@ type Decision struct {
 	// RouteHint is the client's routing hint (see RouteHint). The proxy
 	// consumes SessionPrimary/SessionAuto texts and never forwards them.
 	RouteHint RouteHint
+	// Writes is true when the text may change data: a later read of the
+	// same client must see its effect (read-your-writes). It is the
+	// primary target for any reason but transaction control, session
+	// state, routing hints, reads, cursors and empty texts.
+	Writes bool
 	// Statements is the number of statements in the text. 0 means an empty
 	// text (only whitespace, comments or semicolons): not refused, Target
 	// Replica, Reason ReasonEmpty; the proxy answers EmptyQueryResponse
@@ -449,7 +454,10 @@ type Deallocate struct {
 }
 
 // SQLPrepared is a SQL-level PREPARE (Execute false) or EXECUTE of Name.
+// Tail is the statement's text after the name: "(types) AS query" or
+// "(arguments)", for a proxy that rewrites the name.
 type SQLPrepared struct {
 	Execute bool
 	Name    string
+	Tail    string
 }

@@ -20,6 +20,7 @@ import (
 	"cascata/internal/config"
 	"cascata/internal/glue"
 	"cascata/internal/projectdb"
+	"cascata/internal/volatility"
 	"cascata/proxy"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -87,7 +88,7 @@ func (a *app) applyProjects(projects []config.Project) error {
 	keep := map[string]bool{}
 	err := glue.Apply(a.ver, a.srv, projects, func(p *config.Project, pc *proxy.ProjectConfig) {
 		keep[p.Ref] = true
-		a.cls.SetFunctions(p.Ref, glue.NewFunctions(p.DatabaseURL, p.ReadOnlyFunctions, p.WriteFunctions, a.log))
+		a.cls.SetFunctions(p.Ref, volatility.New(p.DatabaseURL, p.ReadOnlyFunctions, p.WriteFunctions, a.log))
 		pc.ClaimsMAC = a.claimsMAC(p)
 	})
 	if err != nil {

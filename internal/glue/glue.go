@@ -1,6 +1,8 @@
 // Package glue adapts auth/ and router/ to the interfaces the proxy declares.
 // The proxy knows nothing of JWTs or SQL; this is the one place that turns
-// their answers into what the wire layer needs.
+// their answers into what the wire layer needs, field for field: the
+// decisions themselves (what writes, where a PREPARE's tail starts) are the
+// router's, and the function volatility table is internal/volatility.
 package glue
 
 import (
@@ -9,6 +11,7 @@ import (
 	"sync"
 
 	"cascata/auth"
+	"cascata/internal/volatility"
 	"cascata/proxy"
 	"cascata/router"
 )
@@ -33,7 +36,7 @@ func (a Authenticator) Authenticate(ctx context.Context, ref, userRole, token st
 // table of each project's own functions.
 type Classifier struct {
 	C     *router.Classifier
-	funcs sync.Map // project ref -> *Functions
+	funcs sync.Map // project ref -> *volatility.Learner
 }
 
 // NewClassifier returns a Classifier with the router's default caches.
@@ -42,9 +45,9 @@ func NewClassifier() *Classifier {
 }
 
 // SetFunctions installs (or, with nil, removes) a project's function table.
-func (rc *Classifier) SetFunctions(ref string, f *Functions) {
-	if old, ok := rc.funcs.Load(ref); ok && old.(*Functions) != f {
-		old.(*Functions).Close()
+func (rc *Classifier) SetFunctions(ref string, f *volatility.Learner) {
+	if old, ok := rc.funcs.Load(ref); ok && old.(*volatility.Learner) != f {
+		old.(*volatility.Learner).Close()
 	}
 	if f == nil {
 		rc.funcs.Delete(ref)
@@ -56,7 +59,7 @@ func (rc *Classifier) SetFunctions(ref string, f *Functions) {
 // Close stops every function lookup.
 func (rc *Classifier) Close() {
 	rc.funcs.Range(func(_, v any) bool {
-		v.(*Functions).Close()
+		v.(*volatility.Learner).Close()
 		return true
 	})
 }
@@ -64,17 +67,18 @@ func (rc *Classifier) Close() {
 // Classify implements proxy.Classifier.
 func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.Route {
 	pol := router.Policy{TrustedRole: trusted}
-	var fns *Functions
+	var fns *volatility.Learner
 	if v, ok := rc.funcs.Load(project); ok {
-		fns = v.(*Functions)
+		fns = v.(*volatility.Learner)
 		pol.Functions = fns
 	}
 	d := rc.C.Classify(sql, pol)
 	if fns != nil && len(d.UnknownFunctions) > 0 {
-		fns.learn(d.UnknownFunctions)
+		fns.Learn(d.UnknownFunctions)
 	}
 	r := proxy.Route{
 		Primary:           d.Target == router.Primary,
+		Writes:            d.Writes,
 		PinSession:        d.PinSession,
 		SessionState:      d.SessionState,
 		KeepsSessionState: d.KeepsSessionState,
@@ -88,13 +92,7 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 		SessionGUCs:       d.SessionGUCs,
 	}
 	if sp := d.SQLPrepared; sp != nil {
-		kw := "PREPARE"
-		if sp.Execute {
-			kw = "EXECUTE"
-		}
-		if tail, ok := afterStatementName(sql, kw); ok {
-			r.SQLPrepared = &proxy.SQLPrepared{Execute: sp.Execute, Name: sp.Name, Tail: tail}
-		}
+		r.SQLPrepared = &proxy.SQLPrepared{Execute: sp.Execute, Name: sp.Name, Tail: sp.Tail}
 	}
 	if d.Deallocate != nil {
 		r.Deallocate = &proxy.Deallocate{All: d.Deallocate.All, Name: d.Deallocate.Name}
@@ -103,11 +101,6 @@ func (rc *Classifier) Classify(project string, sql string, trusted bool) proxy.R
 	r.ReadsBackendState = d.ReadsBackendState
 	if d.Refusal != nil {
 		r.Refusal = &proxy.Error{Code: d.Refusal.SQLState, Message: d.Refusal.Message, Position: int32(d.Refusal.Position)}
-	}
-	switch d.Reason {
-	case router.ReasonTxControl, router.ReasonSessionState, router.ReasonHint, router.ReasonRead, router.ReasonEmpty, router.ReasonCursor:
-	default:
-		r.Writes = r.Primary
 	}
 	switch d.RouteHint {
 	case router.ForcePrimaryOnce:

@@ -1,4 +1,4 @@
-package glue
+package router
 
 import (
 	"strings"
@@ -10,12 +10,12 @@ import (
 // PREPARE or EXECUTE (keyword, then the name, each possibly after spaces
 // and comments), or false when the text does not have that shape.
 func afterStatementName(sql, keyword string) (string, bool) {
-	i := skipSpace(sql, 0)
+	i := skipSpaceAndComments(sql, 0)
 	if len(sql)-i < len(keyword) || !strings.EqualFold(sql[i:i+len(keyword)], keyword) {
 		return "", false
 	}
 	i += len(keyword)
-	j := skipSpace(sql, i)
+	j := skipSpaceAndComments(sql, i)
 	if j == i || j >= len(sql) {
 		return "", false
 	}
@@ -45,8 +45,8 @@ func afterStatementName(sql, keyword string) (string, bool) {
 	return sql[k:], true
 }
 
-// skipSpace skips white space and comments from i.
-func skipSpace(s string, i int) int {
+// skipSpaceAndComments skips white space and comments from i.
+func skipSpaceAndComments(s string, i int) int {
 	for i < len(s) {
 		switch {
 		case s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r' || s[i] == '\f':

@@ -1,4 +1,7 @@
-package glue
+// Package volatility learns the volatility of a project's own functions
+// from pg_proc, for the router to tell reads that may go to a replica from
+// calls that must run on the primary.
+package volatility
 
 import (
 	"context"
@@ -12,13 +15,13 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
-// Functions learns the volatility of a project's own functions (user
+// Learner learns the volatility of a project's own functions (user
 // functions, extensions) from pg_proc on its primary, once per name, so
 // that reads calling STABLE or IMMUTABLE functions can go to a replica.
 // Until a name is learnt, calls to it are treated as volatile (primary).
 // Names listed in the project's read_only_functions / write_functions
-// override what pg_proc says.
-type Functions struct {
+// override what pg_proc says. It implements router.FunctionClassifier.
+type Learner struct {
 	url       string
 	log       *slog.Logger
 	overrides map[string]router.Volatility
@@ -31,11 +34,12 @@ type Functions struct {
 	cancel   context.CancelFunc
 }
 
-// NewFunctions returns the function table of one project. databaseURL is
-// used to read pg_proc; readOnly and write are the configured overrides.
-func NewFunctions(databaseURL string, readOnly, write []string, log *slog.Logger) *Functions {
+// New returns the learner of one project. databaseURL is used to read
+// pg_proc; readOnly and write are the configured overrides ("name" or
+// "schema.name").
+func New(databaseURL string, readOnly, write []string, log *slog.Logger) *Learner {
 	ctx, cancel := context.WithCancel(context.Background())
-	f := &Functions{url: databaseURL, log: log, overrides: map[string]router.Volatility{},
+	f := &Learner{url: databaseURL, log: log, overrides: map[string]router.Volatility{},
 		known: map[string]router.Volatility{}, inflight: map[string]bool{}, ctx: ctx, cancel: cancel}
 	for _, n := range readOnly {
 		f.overrides[strings.ToLower(n)] = router.Stable
@@ -47,7 +51,7 @@ func NewFunctions(databaseURL string, readOnly, write []string, log *slog.Logger
 }
 
 // Close stops lookups in flight and waits for them.
-func (f *Functions) Close() {
+func (f *Learner) Close() {
 	f.cancel()
 	f.wg.Wait()
 }
@@ -60,7 +64,7 @@ func key(schema, name string) string {
 }
 
 // Volatility implements router.FunctionClassifier.
-func (f *Functions) Volatility(schema, name string) router.Volatility {
+func (f *Learner) Volatility(schema, name string) router.Volatility {
 	k := key(schema, name)
 	if v, ok := f.overrides[k]; ok {
 		return v
@@ -73,8 +77,9 @@ func (f *Functions) Volatility(schema, name string) router.Volatility {
 	return f.known[k]
 }
 
-// learn looks up unknown names in the background; later texts use the answer.
-func (f *Functions) learn(names []router.QualifiedName) {
+// Learn looks up unknown names in the background; later texts use the
+// answer. Names already known or being looked up are skipped.
+func (f *Learner) Learn(names []router.QualifiedName) {
 	f.mu.Lock()
 	var missing []router.QualifiedName
 	for _, n := range names {
@@ -108,7 +113,7 @@ func (f *Functions) learn(names []router.QualifiedName) {
 // lookup asks pg_proc. A name with several overloads takes the most
 // volatile of them; a name that does not exist is volatile (the call will
 // fail anyway, on the primary).
-func (f *Functions) lookup(names []router.QualifiedName) map[string]router.Volatility {
+func (f *Learner) lookup(names []router.QualifiedName) map[string]router.Volatility {
 	ctx, cancel := context.WithTimeout(f.ctx, 5*time.Second)
 	defer cancel()
 	out := map[string]router.Volatility{}

@@ -256,3 +256,33 @@ func TestPinnedUnnamedStatement(t *testing.T) {
 		t.Fatalf("count: %d, %v", n, err)
 	}
 }
+
+// A WITH HOLD cursor outlives its transaction in transaction mode: its
+// client keeps the backend until it closes the cursor.
+func TestPinHeldCursor(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{pinProject}})
+	ctx := context.Background()
+	c := h.connect(pinProject, "authenticated", "cursor")
+	other := h.connect(pinProject, "authenticated", "other")
+	if _, err := c.Exec(ctx, "BEGIN; DECLARE held CURSOR WITH HOLD FOR SELECT g FROM generate_series(1, 10) g; COMMIT", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	if got := pinnedCount(t, h, pinProject); got != 1 {
+		t.Fatalf("%d pinned after DECLARE WITH HOLD, want 1", got)
+	}
+	for want := 1; want <= 3; want++ {
+		var g int
+		if err := c.QueryRow(ctx, "FETCH 1 FROM held", pgx.QueryExecModeSimpleProtocol).Scan(&g); err != nil || g != want {
+			t.Fatalf("FETCH %d: %d %v", want, g, err)
+		}
+		if _, err := other.Exec(ctx, "FETCH 1 FROM held", pgx.QueryExecModeSimpleProtocol); sqlstate(err) != "34000" {
+			t.Fatalf("another client fetches the held cursor: %v", err)
+		}
+	}
+	if _, err := c.Exec(ctx, "CLOSE held", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	if got := pinnedCount(t, h, pinProject); got != 0 {
+		t.Fatalf("%d pinned after CLOSE, want 0", got)
+	}
+}

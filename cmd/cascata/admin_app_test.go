@@ -20,6 +20,8 @@ import (
 	"cascata/internal/config"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
+
+	"github.com/jackc/pgx/v5"
 )
 
 const (
@@ -108,15 +110,21 @@ func (r *runningApp) admin(t *testing.T, method, path string, body any, want int
 	}
 }
 
-// database is the database a client of ref lands on through the proxy.
-func (r *runningApp) database(t *testing.T, ref string) string {
+// client connects to ref through the proxy as authenticated.
+func (r *runningApp) client(t *testing.T, ref string) *pgx.Conn {
 	t.Helper()
 	tok, err := auth.Mint(auth.MintKey{Secret: []byte(appSecret)}, map[string]any{"role": "authenticated", "ref": ref}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
 	}
 	host, port, _ := net.SplitHostPort(r.proxyAddr)
-	c := pgtest.Connect(t, fmt.Sprintf("postgres://authenticated:%s@%s:%s/%s?sslmode=disable&default_query_exec_mode=simple_protocol", url.QueryEscape(tok), host, port, ref))
+	return pgtest.Connect(t, fmt.Sprintf("postgres://authenticated:%s@%s:%s/%s?sslmode=disable&default_query_exec_mode=simple_protocol", url.QueryEscape(tok), host, port, ref))
+}
+
+// database is the database a client of ref lands on through the proxy.
+func (r *runningApp) database(t *testing.T, ref string) string {
+	t.Helper()
+	c := r.client(t, ref)
 	var db string
 	if err := c.QueryRow(t.Context(), "SELECT current_database() || ':' || (SELECT count(*) FROM items)").Scan(&db); err != nil {
 		t.Fatal(err)
@@ -180,6 +188,7 @@ jwt_secret = %q
 	if db := r1.database(t, "app_a"); db != "app_a:2" {
 		t.Fatalf("before: %s", db)
 	}
+	checkPinnedCounted(t, r1)
 	r1.admin(t, "POST", "/v1/projects", admin.ProjectRequest{Ref: "app_b", DatabaseURL: cl.Primary.URL("authenticator", appLoginPassword, "app_b"), JWTSecret: appSecret}, http.StatusCreated, nil)
 	if db := r1.database(t, "app_b"); db != "app_b:2" {
 		t.Fatalf("run-time project: %s", db)
@@ -242,5 +251,51 @@ jwt_secret = %q
 	}
 	if db := r2.database(t, "app_a"); db != "app_a_target:2" {
 		t.Fatalf("after reload: %s", db)
+	}
+}
+
+// checkPinnedCounted: a client keeping a temporary table in transaction
+// mode is counted in GET /v1/pools and /metrics until it leaves.
+func checkPinnedCounted(t *testing.T, r *runningApp) {
+	t.Helper()
+	c := r.client(t, "app_a")
+	if _, err := c.Exec(t.Context(), "CREATE TEMP TABLE kept (x int)"); err != nil {
+		t.Fatal(err)
+	}
+	pinned := func() (admin.PinStat, string) {
+		var pools admin.PoolList
+		r.admin(t, "GET", "/v1/pools", nil, http.StatusOK, &pools)
+		var ps admin.PinStat
+		for _, p := range pools.Pinned {
+			if p.Project == "app_a" {
+				ps = p
+			}
+		}
+		status, metrics := r.do(t, "GET", "/metrics", nil, nil)
+		if status != http.StatusOK {
+			t.Fatalf("/metrics: %d", status)
+		}
+		return ps, string(metrics)
+	}
+	ps, metrics := pinned()
+	if ps != (admin.PinStat{Project: "app_a", Pinned: 1, MaxPinned: 5}) {
+		t.Fatalf("GET /v1/pools pinned: %+v", ps)
+	}
+	if !strings.Contains(metrics, `cascata_pinned_clients{project="app_a"} 1`) {
+		t.Fatalf("/metrics has no pinned client:\n%s", metrics)
+	}
+	if err := c.Close(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ps, metrics = pinned()
+		if ps.Pinned == 0 && strings.Contains(metrics, `cascata_pinned_clients{project="app_a"} 0`) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the client left, still pinned: %+v", ps)
+		}
+		time.Sleep(50 * time.Millisecond)
 	}
 }

@@ -180,6 +180,8 @@ run_pgbench() {
   local out=$LOGDIR/$id.out err=$LOGDIR/$id.err rc=0 c0 c1
   echo "$id: $(redact "$*")" >>"$COMMANDS"
   say "run $id"
+  local load
+  load=$(cut -d' ' -f1 /proc/loadavg)
   c0=$(cpu_of "$pid")
   local longest=$((DUR > CONN_DUR ? DUR : CONN_DUR))
   longest=$((SEL_DUR > longest ? SEL_DUR : longest))
@@ -204,7 +206,7 @@ run_pgbench() {
   if [ -n "$pid" ] && ! alive "$pid"; then
     note="$note; PROXY DIED (pid $pid)"
   fi
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "${tps:-}" "${lat:-}" "${txns:-}" "$failed" "$aborted" "$cpu" "$per1k" "$rc" "$note" >>"$RESULTS"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "${tps:-}" "${lat:-}" "${txns:-}" "$failed" "$aborted" "$cpu" "$per1k" "$rc" "$note" "$load" "$per1k" "$per1k" >>"$RESULTS"
 }
 
 # median_row ID: a row ID made of the rows ID-r1, ID-r2, ...: the medians
@@ -219,16 +221,22 @@ median_row() {
       n++
       if ($2 != "") tps[++nt] = $2 + 0
       if ($3 != "") lat[++nl] = $3 + 0
-      if ($8 != "") per[++np] = $8 + 0
+      if ($8 != "") {
+        per[++np] = $8 + 0
+        if (np == 1 || $8 + 0 < lo) lo = $8 + 0
+        if (np == 1 || $8 + 0 > hi) hi = $8 + 0
+      }
+      if ($11 != "") load[++nd] = $11 + 0
       txns += $4; failed += $5; aborted += $6; cpu += $7
       if ($9 != 0) rc = $9
     }
     END {
       if (!n) exit
       # No note: the failures list names the rounds themselves.
-      printf "%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\n", id,
+      printf "%s\t%s\t%s\t%d\t%d\t%d\t%s\t%s\t%d\t%s\t%s\t%s\t%s\n", id,
         nt ? sprintf("%.1f", med(tps, nt)) : "", nl ? sprintf("%.3f", med(lat, nl)) : "",
-        txns, failed, aborted, (cpu != 0 ? sprintf("%.2f", cpu) : ""), np ? sprintf("%.4f", med(per, np)) : "", rc, ""
+        txns, failed, aborted, (cpu != 0 ? sprintf("%.2f", cpu) : ""), np ? sprintf("%.4f", med(per, np)) : "", rc, "",
+        nd ? sprintf("%.2f", med(load, nd)) : "", np ? sprintf("%.4f", lo) : "", np ? sprintf("%.4f", hi) : ""
     }' "$RESULTS" >>"$RESULTS"
 }
 # round_ratios A B COLUMN: the per-round ratios A/B of a column ("0.81 0.86 0.90").
@@ -241,7 +249,8 @@ round_ratios() {
 }
 
 # field ID COLUMN: a column of results.tsv (2 tps, 3 lat, 4 txns, 5 failed,
-# 6 aborted, 7 cpu, 8 cpu/1k, 9 rc, 10 note).
+# 6 aborted, 7 cpu, 8 cpu/1k, 9 rc, 10 note, 11 load average (1 min) at the
+# start, 12 and 13 the lowest and highest cpu/1k over the rounds).
 field() { awk -F'\t' -v id="$1" -v c="$2" '$1 == id {print $c}' "$RESULTS"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f", a / b}'; }
 kv() { grep -m1 "^$2=" "$1" | cut -d= -f2- || true; }
@@ -364,10 +373,14 @@ consistency = \"primary_only\""
 } >"$CFG"
 "$BIN" check -config "$CFG" >"$LOGDIR/check.log" 2>&1 || { cat "$LOGDIR/check.log" >&2; die "cascata check"; }
 
-say "starting cascata on 127.0.0.1:$CASCATA_PORT (admin $ADMIN_PORT)"
-"$BIN" serve -config "$CFG" >"$LOGDIR/cascata.log" 2>&1 &
-CASCATA_PID=$!
-wait_healthy "$ADMIN_PORT" "$CASCATA_PID" "$LOGDIR/cascata.log"
+# start_cascata: a fresh cascata process on $CASCATA_PORT (log appended).
+start_cascata() {
+  say "starting cascata on 127.0.0.1:$CASCATA_PORT (admin $ADMIN_PORT)"
+  "$BIN" serve -config "$CFG" >>"$LOGDIR/cascata.log" 2>&1 &
+  CASCATA_PID=$!
+  wait_healthy "$ADMIN_PORT" "$CASCATA_PID" "$LOGDIR/cascata.log"
+}
+start_cascata
 TOKEN=$("$BIN" token -config "$CFG" -project bench -role authenticated -sub bench-user -ttl 2h)
 TOKEN_REP=$("$BIN" token -config "$CFG" -project benchrep -role authenticated -sub bench-user -ttl 2h)
 TOKEN_PO=$("$BIN" token -config "$CFG" -project benchpo -role authenticated -sub bench-user -ttl 2h)
@@ -397,14 +410,19 @@ log_disconnections = 0
 logfile = $WORK/pgb/pgbouncer.log
 EOF
 [ ${#AS_PG[@]} -gt 0 ] && chown -R postgres: "$WORK/pgb"
-say "starting pgbouncer on 127.0.0.1:$PGB_PORT"
-"${AS_PG[@]}" "$PGBOUNCER" "$WORK/pgb/pgbouncer.ini" >"$LOGDIR/pgbouncer.stderr" 2>&1 &
-PGB_PID=$!
-for _ in $(seq 1 100); do
-  PGPASSWORD=$PASSWORD psql -X -Atc 'SELECT 1' -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench >/dev/null 2>&1 && break
-  alive "$PGB_PID" || { cat "$LOGDIR/pgbouncer.stderr" "$WORK/pgb/pgbouncer.log" >&2 || true; die "pgbouncer exited"; }
-  sleep 0.1
-done
+# start_pgbouncer: a fresh pgbouncer process on $PGB_PORT.
+start_pgbouncer() {
+  say "starting pgbouncer on 127.0.0.1:$PGB_PORT"
+  "${AS_PG[@]}" "$PGBOUNCER" "$WORK/pgb/pgbouncer.ini" >>"$LOGDIR/pgbouncer.stderr" 2>&1 &
+  PGB_PID=$!
+  for _ in $(seq 1 100); do
+    PGPASSWORD=$PASSWORD psql -X -Atc 'SELECT 1' -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench >/dev/null 2>&1 && return
+    alive "$PGB_PID" || { cat "$LOGDIR/pgbouncer.stderr" "$WORK/pgb/pgbouncer.log" >&2 || true; die "pgbouncer exited"; }
+    sleep 0.1
+  done
+  die "pgbouncer did not answer within 10 s"
+}
+start_pgbouncer
 
 # Sanity: each path answers as the right role. A failure is recorded (and
 # the runs through that path will show it) rather than ending the bench.
@@ -443,7 +461,13 @@ echo "idle-pgbouncer: benchtool idle -addr 127.0.0.1:$PGB_PORT -db bench -user a
 timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$PGB_PORT" -db bench -user authenticator -password-env BENCH_PW \
   -n "$IDLE_CLIENTS" -stmts 0 -pid "$PGB_PID" >"$IDLE_B" 2>"$LOGDIR/idle-pgbouncer.err" ||
   say "idle (pgbouncer) failed: $(tail -n3 "$LOGDIR/idle-pgbouncer.err")"
-sleep 2 # the proxies notice the closed clients
+# Every target meets the select-only rounds in the same fresh conditions:
+# no proxy carries what the idle clients left (thousands of closed
+# sockets, a grown heap), so both proxies start again.
+stop_pid "$PGB_PID" 10
+start_pgbouncer
+stop_pid "$CASCATA_PID" 15
+start_cascata
 
 # --- 4. select-only: direct, pgbouncer, cascata --------------------------------
 
@@ -474,8 +498,13 @@ for round in $(seq 1 "$ROUNDS"); do
   for mode in simple extended prepared; do
     run_pgbench "direct-$mode-r$round" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
       pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PP" -U authenticator bench
-    run_pgbench "pgbouncer-$mode-r$round" "$PGB_PID" PGPASSWORD="$PASSWORD" \
-      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+    # PgBouncer 1.18 cannot run -M prepared in transaction mode ("P_0
+    # already exists"), and the statements its failed runs leave on its
+    # server connections would follow it into the next rounds: not run.
+    if [ "$mode" != prepared ]; then
+      run_pgbench "pgbouncer-$mode-r$round" "$PGB_PID" PGPASSWORD="$PASSWORD" \
+        pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+    fi
     run_pgbench "cascata-$mode-r$round" "$CASCATA_PID" PGPASSWORD="$TOKEN" \
       pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
     run_pgbench "cascata1-$mode-r$round" "$CASCATA1_PID" PGPASSWORD="$TOKEN" \
@@ -495,6 +524,15 @@ if [ -z "$BEFORE_BIN" ]; then
   stop_pid "$CASCATA1_PID" 15
   CASCATA1_PID=""
 fi
+
+# PgBouncer alone: a fresh process, one run per mode with nothing else of
+# the bench's own at work, to check its numbers in the rounds against.
+stop_pid "$PGB_PID" 10
+start_pgbouncer
+for mode in simple extended; do
+  run_pgbench "pgbouncer-alone-$mode" "$PGB_PID" PGPASSWORD="$PASSWORD" \
+    pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+done
 
 # --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
 
@@ -569,9 +607,16 @@ fmt() { [ -n "$1" ] && printf '%s' "$1" || printf '—'; }
 num() { [ -n "$1" ] && awk -v v="$1" -v d="$2" 'BEGIN {printf "%.*f", d, v}' || printf '—'; }
 row_sel() { # ID TARGET MODE
   local id=$1
-  printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$2" "$3" "$(num "$(field "$id" 2)" 0)" "$(fmt "$(field "$id" 3)")" \
-    "$(fmt "$(field "$id" 4)")" "$(field "$id" 5)/$(field "$id" 6)" "$(fmt "$(field "$id" 7)")" "$(fmt "$(field "$id" 8)")"
+  if [ -z "$(field "$id" 1)" ]; then
+    printf '| %s | %s | not run |||||||\n' "$2" "$3"
+    return
+  fi
+  printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$2" "$3" "$(num "$(field "$id" 2)" 0)" "$(fmt "$(field "$id" 3)")" \
+    "$(fmt "$(field "$id" 4)")" "$(field "$id" 5)/$(field "$id" 6)" "$(fmt "$(field "$id" 7)")" "$(fmt "$(field "$id" 8)")" \
+    "$(spread "$(field "$id" 12)" "$(field "$id" 13)")" "$(fmt "$(field "$id" 11)")"
 }
+# spread LO HI: HI/LO of the CPU per 1,000 transactions over the rounds.
+spread() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "" || b == "" || a + 0 == 0) print "—"; else printf "%.2f", b / a}'; }
 verdict() { # VALUE OP LIMIT
   awk -v v="$1" -v op="$2" -v l="$3" 'BEGIN {
     if (v == "n/a") { print "n/a"; exit }
@@ -607,10 +652,12 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "## Select-only: \`pgbench -n -S -c $CLIENTS -j $THREADS -T $SEL_DUR\`, $ROUNDS rounds (issue 2, issue 5)"
   echo
   echo "Each round runs every target and mode in turn; TPS, latency and CPU per 1,000 transactions are the medians"
-  echo "over the rounds, transactions, failures and CPU seconds their totals."
+  echo "over the rounds, transactions, failures and CPU seconds their totals. Both proxies start afresh after the"
+  echo "idle-client measurement, so no target carries its leftovers; PgBouncer 1.18 does not run \`-M prepared\`"
+  echo "(it cannot in transaction mode, and its failed runs would leave statements on its server connections)."
   echo
-  echo "| target | -M | TPS | avg latency ms | transactions | failed txns/aborted clients | proxy CPU s | proxy CPU s per 1,000 txns |"
-  echo "|---|---|---:|---:|---:|---:|---:|---:|"
+  echo "| target | -M | TPS | avg latency ms | transactions | failed txns/aborted clients | proxy CPU s | proxy CPU s per 1,000 txns | CPU per txn, highest/lowest round | load average (1 min) at the start of a run, median |"
+  echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   for mode in simple extended prepared; do
     row_sel "direct-$mode" "PostgreSQL direct" "$mode"
     row_sel "pgbouncer-$mode" "pgbouncer 1.18" "$mode"
@@ -629,12 +676,23 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
       tr=$(ratio "$(field "$id-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
       cr=$(ratio "$(field "$id-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
       rounds="$(round_ratios "$id-$mode" "pgbouncer-$mode" 2) | $(round_ratios "$id-$mode" "pgbouncer-$mode" 8)"
-      if [ "$(field "pgbouncer-$mode" 6)" != 0 ] || [ "$(field "pgbouncer-$mode" 9)" != 0 ]; then
+      if [ -z "$(field "pgbouncer-$mode" 1)" ]; then
+        echo "| $mode | ${v#*:} | — | — | PgBouncer 1.18 cannot run it in transaction mode: not run | | |"
+      elif [ "$(field "pgbouncer-$mode" 6)" != 0 ] || [ "$(field "pgbouncer-$mode" 9)" != 0 ]; then
         echo "| $mode | ${v#*:} | $tr | $cr | pgbouncer failed: not comparable | | $rounds |"
       else
         echo "| $mode | ${v#*:} | $tr | $cr | $(verdict "$tr" '>=' 1) | $(verdict "$cr" '<=' 1.5) | $rounds |"
       fi
     done
+  done
+  echo
+  echo "PgBouncer's own numbers, checked: after the rounds a fresh PgBouncer ran alone (one run per mode, the other"
+  echo "proxies idle). Its CPU per 1,000 transactions there, and in the rounds (median):"
+  echo
+  echo "| -M | alone | in the rounds | rounds / alone | TPS alone | TPS in the rounds |"
+  echo "|---|---:|---:|---:|---:|---:|"
+  for mode in simple extended; do
+    echo "| $mode | $(fmt "$(field "pgbouncer-alone-$mode" 8)") | $(fmt "$(field "pgbouncer-$mode" 8)") | $(ratio "$(field "pgbouncer-$mode" 8)" "$(field "pgbouncer-alone-$mode" 8)") | $(num "$(field "pgbouncer-alone-$mode" 2)" 0) | $(num "$(field "pgbouncer-$mode" 2)" 0) |"
   done
   echo
   echo "The byte relay does no protocol work and gives each client its own server connection; it reads and"

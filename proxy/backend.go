@@ -261,7 +261,7 @@ func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
 	defer func() { _ = b.conn.SetDeadline(time.Time{}) }()
 	for _, sql := range sqls {
-		if err := writeMsg(b.wr, 'Q', append([]byte(sql), 0)); err != nil {
+		if err := writeMsg(b.wr, msgTypeQuery, append([]byte(sql), 0)); err != nil {
 			return nil, err
 		}
 	}
@@ -277,7 +277,7 @@ func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 			return nil, err
 		}
 		switch typ {
-		case 'D':
+		case msgTypeDataRow:
 			body, err := b.rd.body()
 			if err != nil {
 				return nil, err
@@ -294,7 +294,7 @@ func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 				}
 			}
 			rows = append(rows, row)
-		case 'E':
+		case msgTypeErrorResponse:
 			body, err := b.rd.body()
 			if err != nil {
 				return nil, err
@@ -304,7 +304,7 @@ func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 			if qerr == nil {
 				qerr = fmt.Errorf("server error %s: %s", er.Code, er.Message)
 			}
-		case 'Z':
+		case msgTypeReadyForQuery:
 			body, err := b.rd.body()
 			if err != nil {
 				return nil, err

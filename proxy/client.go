@@ -61,7 +61,7 @@ func (ss *session) onQuery() error {
 	}
 	sql, ok := queryText(body)
 	if !ok {
-		ss.failLocal('Q', fatalError(CodeProtocolViolation, "invalid Query message"))
+		ss.failLocal(msgTypeQuery, fatalError(CodeProtocolViolation, "invalid Query message"))
 		return nil
 	}
 	ss.forgetLostParses() // an EXECUTE must not find a name whose Parse failed
@@ -83,7 +83,7 @@ func (ss *session) onQuery() error {
 	}
 	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {
-		ss.failLocal('Q', err)
+		ss.failLocal(msgTypeQuery, err)
 		return nil
 	}
 	defer ss.doneWriting()
@@ -97,10 +97,10 @@ func (ss *session) onQuery() error {
 	ss.unnamedOnBackend = false // a simple query drops the unnamed statement
 	ss.mu.Lock()
 	if ss.be == be && ss.replayOK && len(ss.replay) == 0 {
-		ss.keepReplay(append(append(ss.out[:0], 'Q', byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4)), body...))
+		ss.keepReplay(append(append(ss.out[:0], msgTypeQuery, byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4)), body...))
 	}
 	ss.mu.Unlock()
-	if err := writeMsg(be.wr, 'Q', body); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, body); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
@@ -117,7 +117,7 @@ func (ss *session) refuse(refusal error) error {
 	}
 	be, err := ss.claim(true, want{primary: true, reason: "refused"})
 	if err != nil {
-		ss.failLocal('Q', err)
+		ss.failLocal(msgTypeQuery, err)
 		return nil
 	}
 	defer ss.doneWriting()
@@ -127,7 +127,7 @@ func (ss *session) refuse(refusal error) error {
 	ss.syncCounted = false
 	ss.mu.Unlock()
 	ss.scratch = appendCString(ss.scratch[:0], refusedSQL)
-	if err := writeMsg(be.wr, 'Q', ss.scratch); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, ss.scratch); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
@@ -157,7 +157,7 @@ func (ss *session) writeLocalComplete(tag string) {
 // Flush, so the batch is routed as a whole; otherwise it goes to the
 // attached backend at once.
 func (ss *session) onExtended(typ byte) error {
-	if typ == 'E' {
+	if typ == msgTypeExecute {
 		ss.metrics.queries.Inc()
 	}
 	body, err := ss.rd.body()
@@ -206,7 +206,7 @@ func (ss *session) onExtended(typ byte) error {
 // holds the statements parsed earlier in the same held batch.
 func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]want) want {
 	switch typ {
-	case 'P':
+	case msgTypeParse:
 		name, rest, ok := cstring(body)
 		if !ok {
 			return want{primary: true}
@@ -218,17 +218,17 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 			parsed[name] = w
 		}
 		return w
-	case 'B', 'D':
+	case msgTypeBind, msgTypeDescribe:
 		var name string
 		var ok bool
-		if typ == 'B' {
+		if typ == msgTypeBind {
 			_, rest, ok1 := cstring(body)
 			if !ok1 {
 				return want{primary: true}
 			}
 			name, _, ok = cstring(rest)
 		} else {
-			if len(body) < 2 || body[0] != 'S' {
+			if len(body) < 2 || body[0] != kindStatement {
 				return want{reason: "read"}
 			}
 			name, _, ok = cstring(body[1:])
@@ -281,12 +281,12 @@ func (ss *session) flushBatch(term byte) error {
 		w.gucs = append(w.gucs, mw.gucs...)
 		off = next
 	}
-	if term != 'S' {
+	if term != msgTypeSync {
 		// A batch ended by Flush (or too large to hold) leaves the unit
 		// open with more to come that the proxy has not seen: primary.
 		w.primary = true
 	}
-	be, err := ss.claim(term == 'S', w)
+	be, err := ss.claim(term == msgTypeSync, w)
 	if err != nil {
 		ss.failBatch(term, err)
 		return nil
@@ -296,7 +296,7 @@ func (ss *session) flushBatch(term byte) error {
 	ss.out = ss.out[:0]
 	var perr error
 	i := 0
-	ss.syncCounted = term == 'S' // claim counted the batch's Sync
+	ss.syncCounted = term == msgTypeSync // claim counted the batch's Sync
 	for off := 0; off < len(batch) && perr == nil; i++ {
 		typ, body, next := splitMsg(batch, off)
 		perr = ss.translate(be, typ, body, &routes[i])
@@ -307,7 +307,7 @@ func (ss *session) flushBatch(term byte) error {
 		ss.appendMsg(term)
 	}
 	out := ss.out
-	if term == 'S' && ss.replayOK && len(ss.replay) == 0 {
+	if term == msgTypeSync && ss.replayOK && len(ss.replay) == 0 {
 		ss.keepReplay(out)
 		if ss.replayNamed {
 			// Named statements translate per backend: keep the client's
@@ -358,11 +358,11 @@ func (ss *session) protocolViolation(err error) {
 
 // failBatch answers a held batch that could not run.
 func (ss *session) failBatch(term byte, err error) {
-	if term == 'S' {
+	if term == msgTypeSync {
 		ss.writeLocal(toErrorResponse(err, false), 'I')
 		return
 	}
-	ss.failLocal('P', err)
+	ss.failLocal(msgTypeParse, err)
 }
 
 // splitMsg returns the message at off in a held batch and the next offset.

@@ -5,17 +5,6 @@ import (
 	"fmt"
 )
 
-// Frontend message types after login (PostgreSQL protocol 3.0).
-const (
-	msgTypeParse    = 'P'
-	msgTypeBind     = 'B'
-	msgTypeDescribe = 'D'
-	msgTypeClose    = 'C'
-	msgTypeExecute  = 'E'
-	msgTypeSync     = 'S'
-	msgTypeFlush    = 'H'
-)
-
 // checkFrontendMsg checks the layout of an extended-protocol message body
 // the way PostgreSQL's own reader does (every field present, counts not
 // negative, nothing left over), without copying it. A message that fails
@@ -48,7 +37,7 @@ func checkFrontendMsg(typ byte, body []byte) error {
 		r.skip(2 * r.count())
 		err = r.end()
 	case msgTypeDescribe, msgTypeClose:
-		if len(body) == 0 || (body[0] != 'S' && body[0] != 'P') {
+		if len(body) == 0 || (body[0] != kindStatement && body[0] != kindPortal) {
 			return fmt.Errorf("invalid %c message subtype", typ)
 		}
 		r := fieldReader{b: body[1:]}

@@ -108,7 +108,7 @@ const sessionStateSQL = "SET LOCAL statement_timeout = 0; SELECT " +
 func (ss *session) keepsSessionState(be *backend) (bool, error) {
 	_ = be.conn.SetDeadline(time.Now().Add(5 * time.Second))
 	defer func() { _ = be.conn.SetDeadline(time.Time{}) }()
-	if err := writeMsg(be.wr, 'Q', append([]byte(sessionStateSQL), 0)); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, append([]byte(sessionStateSQL), 0)); err != nil {
 		return false, err
 	}
 	if err := be.wr.Flush(); err != nil {
@@ -122,7 +122,7 @@ func (ss *session) keepsSessionState(be *backend) (bool, error) {
 			return false, err
 		}
 		switch typ {
-		case 'D':
+		case msgTypeDataRow:
 			body, err := be.rd.body()
 			if err != nil {
 				return false, err
@@ -132,7 +132,7 @@ func (ss *session) keepsSessionState(be *backend) (bool, error) {
 				return false, fmt.Errorf("session state check: unexpected row")
 			}
 			keeps, answered = string(dr.Values[0]) != "0", true
-		case 'E':
+		case msgTypeErrorResponse:
 			body, err := be.rd.body()
 			if err != nil {
 				return false, err
@@ -140,13 +140,13 @@ func (ss *session) keepsSessionState(be *backend) (bool, error) {
 			var er pgproto3.ErrorResponse
 			_ = er.Decode(body)
 			qerr = fmt.Errorf("session state check: server error %s: %s", er.Code, er.Message)
-		case 'A':
+		case msgTypeNotification:
 			if ss.clientGone.Load() {
 				_ = be.rd.skip()
 			} else if err := be.rd.forward(ss.wr); err != nil && !isNetWriteErr(err) {
 				return false, err
 			}
-		case 'Z':
+		case msgTypeReadyForQuery:
 			body, err := be.rd.body()
 			if err != nil {
 				return false, err

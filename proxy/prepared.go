@@ -122,7 +122,7 @@ func appendCString(b []byte, s string) []byte {
 
 // closeMsgBody is the body of Close of a statement.
 func closeMsgBody(name string) []byte {
-	return appendCString([]byte{'S'}, name)
+	return appendCString([]byte{kindStatement}, name)
 }
 
 // renameInError replaces a stand-in statement name in an ErrorResponse body
@@ -236,11 +236,11 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 	bad := func() error {
 		return fatalError(CodeProtocolViolation, "invalid %q message", typ)
 	}
-	if typ == 'P' && r.Refusal != nil {
+	if typ == msgTypeParse && r.Refusal != nil {
 		ss.failParse(r.Refusal)
 		return nil
 	}
-	if typ == 'P' && r.Reset != ResetNone {
+	if typ == msgTypeParse && r.Reset != ResetNone {
 		if _, rest, ok := cstring(body); ok {
 			if sql, _, ok := cstring(rest); ok && !isWholeReset(sql, *r) {
 				// What PostgreSQL answers before it runs anything.
@@ -265,7 +265,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 	}
 	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema}
 	switch typ {
-	case 'P':
+	case msgTypeParse:
 		name, rest, ok := cstring(body)
 		if !ok {
 			return bad()
@@ -274,7 +274,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: r.Reset}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg('P', body)
+			ss.appendMsg(msgTypeParse, body)
 			return nil
 		}
 		if _, dup := ss.stmts[name]; dup || ss.sqlStmts[name] != nil {
@@ -286,7 +286,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		ss.stmts[name] = st
 		ss.replayNamed = true // its translation depends on this backend
 		ss.prepareOn(be, st, name)
-	case 'B':
+	case msgTypeBind:
 		portal, r1, ok := cstring(body)
 		if !ok {
 			return bad()
@@ -301,10 +301,10 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		}
 		if name == "" {
 			ss.ensureUnnamed()
-			ss.appendMsg('B', body)
+			ss.appendMsg(msgTypeBind, body)
 		} else {
 			target := ss.stmtTarget(be, name)
-			ss.appendMsg('B', appendCString(nil, portal), appendCString(nil, target), r2)
+			ss.appendMsg(msgTypeBind, appendCString(nil, portal), appendCString(nil, target), r2)
 			if st != nil && st.epoch < ss.projRun.schema.Load() {
 				// DDL since the client prepared it, and perhaps prepared
 				// anew here: if its result no longer has the columns the
@@ -319,7 +319,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.resetClient(be, st.reset)
 			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: st.reset.tag()})
 		}
-	case 'D':
+	case msgTypeDescribe:
 		if len(body) < 2 {
 			return bad()
 		}
@@ -327,17 +327,17 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		if !ok {
 			return bad()
 		}
-		if body[0] != 'S' {
-			ss.appendMsg('D', body)
+		if body[0] != kindStatement {
+			ss.appendMsg(msgTypeDescribe, body)
 			return nil
 		}
 		if name == "" {
 			ss.ensureUnnamed()
-			ss.appendMsg('D', body)
+			ss.appendMsg(msgTypeDescribe, body)
 			return nil
 		}
-		ss.appendMsg('D', []byte{'S'}, appendCString(nil, ss.stmtTarget(be, name)))
-	case 'C':
+		ss.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, ss.stmtTarget(be, name)))
+	case msgTypeClose:
 		if len(body) < 2 {
 			return bad()
 		}
@@ -346,17 +346,17 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			return bad()
 		}
 		ss.push(&ss.closeQ, queued{action: replyPass})
-		if body[0] == 'S' && name != "" {
+		if body[0] == kindStatement && name != "" {
 			ss.replayNamed = true
 			// The backend's statement may serve other clients: keep it.
 			delete(ss.stmts, name)
-			ss.appendMsg('C', closeMsgBody(noopStmtName))
+			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
 			return nil
 		}
-		if body[0] == 'S' {
+		if body[0] == kindStatement {
 			ss.unnamed = nil
 		}
-		ss.appendMsg('C', body)
+		ss.appendMsg(msgTypeClose, body)
 	default:
 		ss.appendMsg(typ, body)
 	}
@@ -370,7 +370,7 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 func (ss *session) failParse(err error) {
 	ss.pushReplace(refusedSQL, refusalBody(err))
 	ss.push(&ss.parseQ, queued{action: replyPass})
-	ss.appendMsg('P', []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
+	ss.appendMsg(msgTypeParse, []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
 	ss.unnamedOnBackend = false
 }
 
@@ -424,12 +424,12 @@ func (ss *session) prepareOn(be *backend, st *stmt, client string) {
 		bs.lastUse = be.clock
 		if clientParse {
 			ss.push(&ss.closeQ, queued{action: replyAsParseComplete, client: client, clientStmt: st})
-			ss.appendMsg('C', closeMsgBody(noopStmtName))
+			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
 		}
 		return
 	} else if bs != nil {
 		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: st.proxyName})
-		ss.appendMsg('C', closeMsgBody(st.proxyName))
+		ss.appendMsg(msgTypeClose, closeMsgBody(st.proxyName))
 	} else if len(be.stmts) >= ss.srv.opts.MaxPreparedStatements {
 		victim, oldest := "", uint64(0)
 		for n, v := range be.stmts {
@@ -439,7 +439,7 @@ func (ss *session) prepareOn(be *backend, st *stmt, client string) {
 		}
 		delete(be.stmts, victim)
 		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: victim, evicted: true})
-		ss.appendMsg('C', closeMsgBody(victim))
+		ss.appendMsg(msgTypeClose, closeMsgBody(victim))
 	}
 	be.stmts[st.proxyName] = &backendStmt{lastUse: be.clock, epoch: ss.projRun.schema.Load()}
 	action := replyDrop
@@ -447,7 +447,7 @@ func (ss *session) prepareOn(be *backend, st *stmt, client string) {
 		action = replyPass
 	}
 	ss.push(&ss.parseQ, queued{action: action, stmt: st.proxyName, client: client, clientStmt: st})
-	ss.appendMsg('P', appendCString(nil, st.proxyName), st.rest)
+	ss.appendMsg(msgTypeParse, appendCString(nil, st.proxyName), st.rest)
 }
 
 // ensureUnnamed re-creates the client's unnamed statement on a backend that
@@ -458,7 +458,7 @@ func (ss *session) ensureUnnamed() {
 		return
 	}
 	ss.push(&ss.parseQ, queued{action: replyDrop})
-	ss.appendMsg('P', []byte{0}, ss.unnamed.rest)
+	ss.appendMsg(msgTypeParse, []byte{0}, ss.unnamed.rest)
 	ss.unnamedOnBackend = true
 }
 
@@ -481,11 +481,11 @@ func (ss *session) appendMsg(typ byte, parts ...[]byte) {
 // already updated. Call with mu held.
 func (ss *session) retranslate(be *backend, typ byte, body []byte) {
 	switch typ {
-	case 'P':
+	case msgTypeParse:
 		name, rest, ok := cstring(body)
 		if !ok || name == "" {
 			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg('P', body)
+			ss.appendMsg(msgTypeParse, body)
 			ss.unnamedOnBackend = true
 			return
 		}
@@ -495,16 +495,16 @@ func (ss *session) retranslate(be *backend, typ byte, body []byte) {
 			return
 		}
 		ss.prepareOn(be, st, name)
-	case 'B', 'D':
+	case msgTypeBind, msgTypeDescribe:
 		var portal, name string
 		var rest []byte
 		var ok bool
-		if typ == 'B' {
+		if typ == msgTypeBind {
 			portal, rest, ok = cstring(body)
 			if ok {
 				name, rest, ok = cstring(rest)
 			}
-		} else if len(body) > 1 && body[0] == 'S' {
+		} else if len(body) > 1 && body[0] == kindStatement {
 			name, _, ok = cstring(body[1:])
 		}
 		if !ok || name == "" {
@@ -515,20 +515,20 @@ func (ss *session) retranslate(be *backend, typ byte, body []byte) {
 			return
 		}
 		target := ss.stmtTarget(be, name)
-		if typ == 'B' {
-			ss.appendMsg('B', appendCString(nil, portal), appendCString(nil, target), rest)
+		if typ == msgTypeBind {
+			ss.appendMsg(msgTypeBind, appendCString(nil, portal), appendCString(nil, target), rest)
 		} else {
-			ss.appendMsg('D', []byte{'S'}, appendCString(nil, target))
+			ss.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, target))
 		}
-	case 'C':
+	case msgTypeClose:
 		ss.push(&ss.closeQ, queued{action: replyPass})
-		if len(body) > 1 && body[0] == 'S' {
+		if len(body) > 1 && body[0] == kindStatement {
 			if name, _, _ := cstring(body[1:]); name != "" {
-				ss.appendMsg('C', closeMsgBody(noopStmtName))
+				ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
 				return
 			}
 		}
-		ss.appendMsg('C', body)
+		ss.appendMsg(msgTypeClose, body)
 	default:
 		ss.appendMsg(typ, body)
 	}

@@ -68,7 +68,7 @@ func (ss *session) onReset(sql string, r Route) error {
 	}
 	be, err := ss.claim(true, want{primary: true, state: kind == DiscardAll, reason: "session_state"})
 	if err != nil {
-		ss.failLocal('Q', err)
+		ss.failLocal(msgTypeQuery, err)
 		return nil
 	}
 	defer ss.doneWriting()
@@ -78,7 +78,7 @@ func (ss *session) onReset(sql string, r Route) error {
 	ss.replayOK = false
 	ss.mu.Unlock()
 	ss.scratch = appendCString(ss.scratch[:0], ss.resetSQL(kind))
-	if err := writeMsg(be.wr, 'Q', ss.scratch); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, ss.scratch); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
@@ -92,7 +92,7 @@ func (ss *session) onResetAmong(sql string, r Route) error {
 	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema,
 		primary: true, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {
-		ss.failLocal('Q', err)
+		ss.failLocal(msgTypeQuery, err)
 		return nil
 	}
 	defer ss.doneWriting()
@@ -103,7 +103,7 @@ func (ss *session) onResetAmong(sql string, r Route) error {
 	ss.mu.Unlock()
 	q := sql[:r.ResetStart] + ss.resetSQL(r.Reset) + sql[r.ResetEnd:]
 	ss.scratch = appendCString(ss.scratch[:0], q)
-	if err := writeMsg(be.wr, 'Q', ss.scratch); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, ss.scratch); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)

@@ -264,7 +264,7 @@ func (ss *session) run() {
 			}
 			return
 		}
-		if ss.skipToSync && typ != 'S' {
+		if ss.skipToSync && typ != msgTypeSync {
 			continue // the body is skipped by the next call to next
 		}
 		if (typ == msgTypeSync || typ == msgTypeFlush) && n != 0 {
@@ -272,29 +272,29 @@ func (ss *session) run() {
 			return
 		}
 		switch typ {
-		case 'X':
+		case msgTypeTerminate:
 			return
-		case 'S':
+		case msgTypeSync:
 			if err := ss.onSync(); err != nil {
 				return
 			}
-		case 'H':
+		case msgTypeFlush:
 			if err := ss.onFlush(); err != nil {
 				return
 			}
-		case 'Q':
+		case msgTypeQuery:
 			if err := ss.onQuery(); err != nil {
 				return
 			}
-		case 'P', 'B', 'D', 'C', 'E':
+		case msgTypeParse, msgTypeBind, msgTypeDescribe, msgTypeClose, msgTypeExecute:
 			if err := ss.onExtended(typ); err != nil {
 				return
 			}
-		case 'F':
+		case msgTypeFunctionCall:
 			if err := ss.onFunctionCall(); err != nil {
 				return
 			}
-		case 'd', 'c', 'f':
+		case msgTypeCopyData, msgTypeCopyDone, msgTypeCopyFail:
 			if err := ss.forwardCopy(typ); err != nil {
 				return
 			}
@@ -309,7 +309,7 @@ func (ss *session) run() {
 func (ss *session) onSync() error {
 	_ = ss.rd.skip()
 	if len(ss.batch) > 0 {
-		return ss.flushBatch('S')
+		return ss.flushBatch(msgTypeSync)
 	}
 	if ss.skipToSync {
 		ss.skipToSync = false
@@ -350,7 +350,7 @@ func (ss *session) doneWriting() {
 func (ss *session) onFlush() error {
 	_ = ss.rd.skip()
 	if len(ss.batch) > 0 {
-		return ss.flushBatch('H')
+		return ss.flushBatch(msgTypeFlush)
 	}
 	ss.mu.Lock()
 	be := ss.be
@@ -364,7 +364,7 @@ func (ss *session) onFlush() error {
 		return nil
 	}
 	defer ss.doneWriting()
-	if err := writeMsg(be.wr, 'H', nil); err != nil {
+	if err := writeMsg(be.wr, msgTypeFlush, nil); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
@@ -387,7 +387,7 @@ func (ss *session) mark(boundary bool) {
 func (ss *session) forwardCopy(typ byte) error {
 	ss.mu.Lock()
 	be := ss.be
-	if typ != 'd' {
+	if typ != msgTypeCopyData {
 		ss.copyIn = false
 	}
 	if be != nil {
@@ -407,7 +407,7 @@ func (ss *session) forwardCopy(typ byte) error {
 		}
 		return err
 	}
-	return ss.maybeFlushBackend(be, typ != 'd')
+	return ss.maybeFlushBackend(be, typ != msgTypeCopyData)
 }
 
 func (ss *session) maybeFlushBackend(be *backend, boundary bool) error {
@@ -629,7 +629,7 @@ func (ss *session) failLocal(typ byte, err error) {
 		_ = ss.conn.Close()
 		return
 	}
-	if typ == 'Q' {
+	if typ == msgTypeQuery {
 		ss.writeLocal(toErrorResponse(err, false), ss.currentStatus())
 		return
 	}
@@ -716,7 +716,7 @@ func (ss *session) relay(a attachment) *unit {
 		}
 
 		if !setup.empty() {
-			if typ == 'E' {
+			if typ == msgTypeErrorResponse {
 				body, _ := be.rd.body()
 				var er pgproto3.ErrorResponse
 				_ = er.Decode(body)
@@ -746,10 +746,10 @@ func (ss *session) relay(a attachment) *unit {
 			case setup.group != 0:
 				// Everything up to the group's own ReadyForQuery is the group's.
 				switch typ {
-				case 'Z':
+				case msgTypeReadyForQuery:
 					setup.group = 0
 				}
-			case typ == '3':
+			case typ == msgTypeCloseComplete:
 				setup.gate = false // the gate's CloseComplete: the client's replies follow
 			}
 			_ = be.rd.skip()
@@ -759,20 +759,20 @@ func (ss *session) relay(a attachment) *unit {
 			ss.wmu.Lock()
 			locked = true
 		}
-		if hold && (n+5 > ss.wr.Available() || typ == 'Z') {
+		if hold && (n+5 > ss.wr.Available() || typ == msgTypeReadyForQuery) {
 			// It would not fit, or the answer is complete: it flows now.
 			hold = false
 			sent = true
 		}
 		wasSent := sent
-		if !hold && typ != 'N' && typ != 'S' && typ != 'A' {
+		if !hold && typ != msgTypeNoticeResponse && typ != msgTypeParameterStatus && typ != msgTypeNotification {
 			// Notices (a dying server's warning among them), parameter
 			// status and notifications do not answer the client's query:
 			// the query may still run again elsewhere.
 			sent = true
 		}
 		switch typ {
-		case 'Z':
+		case msgTypeReadyForQuery:
 			body, err := be.rd.body()
 			if err != nil || len(body) != 1 {
 				unlock()
@@ -828,7 +828,7 @@ func (ss *session) relay(a attachment) *unit {
 				unlock()
 				return u
 			}
-		case 'E':
+		case msgTypeErrorResponse:
 			body, err := be.rd.body()
 			if err != nil {
 				unlock()
@@ -855,9 +855,9 @@ func (ss *session) relay(a attachment) *unit {
 			body = ss.renameError(body)
 			ss.mu.Unlock()
 			if !gone {
-				_ = writeMsg(ss.wr, 'E', body)
+				_ = writeMsg(ss.wr, msgTypeErrorResponse, body)
 			}
-		case 'C':
+		case msgTypeCommandComplete:
 			body, err := be.rd.body()
 			if err != nil {
 				unlock()
@@ -874,15 +874,15 @@ func (ss *session) relay(a attachment) *unit {
 			}
 			ss.mu.Unlock()
 			if !gone {
-				_ = writeMsg(ss.wr, 'C', body)
+				_ = writeMsg(ss.wr, msgTypeCommandComplete, body)
 			}
-		case '1', '3':
+		case msgTypeParseComplete, msgTypeCloseComplete:
 			ss.mu.Lock()
 			gone := ss.clientGone.Load()
 			action := replyPass
 			if !gone {
 				q := &ss.parseQ
-				if typ == '3' {
+				if typ == msgTypeCloseComplete {
 					q = &ss.closeQ
 				}
 				if len(*q) > 0 {
@@ -904,7 +904,7 @@ func (ss *session) relay(a attachment) *unit {
 					return nil
 				}
 			}
-		case 'G':
+		case msgTypeCopyInResponse:
 			ss.mu.Lock()
 			ss.copyIn = true
 			gone := ss.clientGone.Load()
@@ -1304,7 +1304,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 			off = next
 		}
 		ss.syncCounted = false
-		ss.appendMsg('S')
+		ss.appendMsg(msgTypeSync)
 		buf = append(buf, ss.out...)
 	} else {
 		buf = append(buf, ss.replay...)

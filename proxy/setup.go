@@ -85,10 +85,10 @@ func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte,
 	}
 	var gate [gateNameLen]byte
 	be.gateName(&gate)
-	buf = appendGateMsg(g.buf, 'P', 0, gate[:], 0, 0, 0) // Parse: the empty query, no parameter types
+	buf = appendGateMsg(g.buf, msgTypeParse, 0, gate[:], 0, 0, 0) // Parse: the empty query, no parameter types
 	buf = append(buf, msgSync...)
-	buf = appendGateMsg(buf, 'D', 'S', gate[:]) // Describe
-	buf = appendGateMsg(buf, 'C', 'S', gate[:]) // Close
+	buf = appendGateMsg(buf, msgTypeDescribe, kindStatement, gate[:])
+	buf = appendGateMsg(buf, msgTypeClose, kindStatement, gate[:])
 	return buf, setupPlan{group: g.n, gate: true}, nil
 }
 

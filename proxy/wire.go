@@ -185,10 +185,47 @@ func encodeTo(w *bufio.Writer, msg interface {
 	return buf, err
 }
 
+// Frontend message types after login (PostgreSQL protocol 3.0).
+const (
+	msgTypeQuery        byte = 'Q'
+	msgTypeParse        byte = 'P'
+	msgTypeBind         byte = 'B'
+	msgTypeDescribe     byte = 'D'
+	msgTypeClose        byte = 'C'
+	msgTypeExecute      byte = 'E'
+	msgTypeSync         byte = 'S'
+	msgTypeFlush        byte = 'H'
+	msgTypeTerminate    byte = 'X'
+	msgTypeFunctionCall byte = 'F'
+	msgTypeCopyData     byte = 'd'
+	msgTypeCopyDone     byte = 'c'
+	msgTypeCopyFail     byte = 'f'
+)
+
+// Backend message types the proxy looks at.
+const (
+	msgTypeReadyForQuery   byte = 'Z'
+	msgTypeParseComplete   byte = '1'
+	msgTypeCloseComplete   byte = '3'
+	msgTypeCopyInResponse  byte = 'G'
+	msgTypeErrorResponse   byte = 'E'
+	msgTypeCommandComplete byte = 'C'
+	msgTypeDataRow         byte = 'D'
+	msgTypeNoticeResponse  byte = 'N'
+	msgTypeNotification    byte = 'A'
+	msgTypeParameterStatus byte = 'S'
+)
+
+// The kind byte of Describe and Close: a prepared statement or a portal.
+const (
+	kindStatement byte = 'S'
+	kindPortal    byte = 'P'
+)
+
 // Precomputed messages the proxy sends often.
 var (
-	msgSync        = []byte{'S', 0, 0, 0, 4}
-	msgParseOK     = []byte{'1', 0, 0, 0, 4}
+	msgSync        = []byte{msgTypeSync, 0, 0, 0, 4}
+	msgParseOK     = []byte{msgTypeParseComplete, 0, 0, 0, 4}
 	msgCopyFailEOF = mustEncode(&pgproto3.CopyFail{Message: "client connection closed"})
 )
 
@@ -203,7 +240,7 @@ func mustEncode(msg interface {
 }
 
 // rfqMsgs are the ReadyForQuery messages of the three statuses.
-var rfqMsgs = [3][]byte{{'Z', 0, 0, 0, 5, 'I'}, {'Z', 0, 0, 0, 5, 'T'}, {'Z', 0, 0, 0, 5, 'E'}}
+var rfqMsgs = [3][]byte{{msgTypeReadyForQuery, 0, 0, 0, 5, 'I'}, {msgTypeReadyForQuery, 0, 0, 0, 5, 'T'}, {msgTypeReadyForQuery, 0, 0, 0, 5, 'E'}}
 
 // rfq returns a ReadyForQuery message with the given transaction status.
 // The result must not be modified.
@@ -216,7 +253,7 @@ func rfq(status byte) []byte {
 	case 'E':
 		return rfqMsgs[2]
 	}
-	return []byte{'Z', 0, 0, 0, 5, status}
+	return []byte{msgTypeReadyForQuery, 0, 0, 0, 5, status}
 }
 
 // queryMsg encodes a simple Query message.

@@ -10,6 +10,7 @@ import (
 	"cascata/internal/config"
 	"cascata/internal/eject"
 	"cascata/internal/jobs"
+	"cascata/internal/stats"
 )
 
 // ProjectStore is the project catalog (*catalog.Catalog satisfies it).
@@ -21,18 +22,14 @@ type ProjectStore interface {
 	Remove(ref, reason string) error
 }
 
-// PoolStat is one backend pool of one project.
-type PoolStat struct {
-	Project          string  `json:"project"`
-	Host             string  `json:"host"`
-	ClientsActive    int     `json:"clients_active"`
-	ClientsWaiting   int     `json:"clients_waiting"`
-	ServersActive    int     `json:"servers_active"`
-	ServersIdle      int     `json:"servers_idle"`
-	PoolSize         int     `json:"pool_size"`
-	Acquires         int64   `json:"acquires"`
-	WaitSecondsTotal float64 `json:"wait_seconds_total"`
-}
+// The statistics the admin plane serves are the proxy's own (package
+// stats), under the names of this package's API.
+type (
+	PoolStat    = stats.Pool
+	PinStat     = stats.Pin
+	RouteStat   = stats.Route
+	ReplicaStat = stats.Replica
+)
 
 // PoolReader reads the proxy's pools.
 type PoolReader interface {
@@ -45,35 +42,10 @@ type PinReader interface {
 	Pinned() []PinStat
 }
 
-// PinStat is one project's clients that keep a backend for their session
-// state in transaction mode (temporary tables, LISTEN, WITH HOLD cursors,
-// advisory locks), and the project's max_pinned.
-type PinStat struct {
-	Project   string `json:"project"`
-	Pinned    int    `json:"pinned"`
-	MaxPinned int    `json:"max_pinned"`
-}
-
 // RoutingReader, when the PoolReader has it too, adds routing counts and
 // replica health to GET /v1/pools.
 type RoutingReader interface {
 	Routing() ([]RouteStat, []ReplicaStat)
-}
-
-// RouteStat counts where one project's transactions ran.
-type RouteStat struct {
-	Project string `json:"project"`
-	Primary int64  `json:"primary"`
-	Replica int64  `json:"replica"`
-}
-
-// ReplicaStat is the last check of one replica server.
-type ReplicaStat struct {
-	Server     string  `json:"server"`
-	Healthy    bool    `json:"healthy"`
-	ReplayLSN  uint64  `json:"replay_lsn"`
-	LagBytes   uint64  `json:"lag_bytes"`
-	LagSeconds float64 `json:"lag_seconds"`
 }
 
 // Pauser pauses projects (*proxy.Server satisfies it).

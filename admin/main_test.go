@@ -217,14 +217,7 @@ func (p *plane) StartEject(pr config.Project, req admin.EjectRequest) (jobs.Stat
 
 type poolReader struct{ srv *proxy.Server }
 
-func (r poolReader) Pools() []admin.PoolStat {
-	var out []admin.PoolStat
-	for _, s := range r.srv.PoolStats() {
-		out = append(out, admin.PoolStat{Project: s.Project, Host: s.Host, ClientsActive: s.ServerActive, ClientsWaiting: s.ClientsWait,
-			ServersActive: s.ServerActive, ServersIdle: s.ServerIdle, PoolSize: s.MaxSize, Acquires: s.Acquires, WaitSecondsTotal: s.WaitSeconds})
-	}
-	return out
-}
+func (r poolReader) Pools() []admin.PoolStat { return r.srv.PoolStats() }
 
 type pinger struct{}
 

@@ -471,7 +471,7 @@ func TestMalformedMessages(t *testing.T) {
 	}
 	waitFor(t, "the project's backends to be idle", 5*time.Second, func() bool {
 		for _, st := range h.srv.PoolStats() {
-			if st.Project == advProject && (st.ServerActive > 0 || st.ServerIdle+st.ServerActive > 1) {
+			if st.Project == advProject && (st.ServersActive > 0 || st.ServersIdle+st.ServersActive > 1) {
 				return false
 			}
 		}

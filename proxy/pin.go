@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
+	"strings"
 	"sync"
 	"time"
+
+	"cascata/internal/stats"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 )
@@ -260,21 +264,15 @@ func (ss *session) pinCheck(be *backend) error {
 	return nil
 }
 
-// PinStat is one project's pinned clients (transaction mode).
-type PinStat struct {
-	Project   string `json:"project"`
-	Pinned    int    `json:"pinned"`
-	MaxPinned int    `json:"max_pinned"`
-}
-
-// PinStats lists every project's pinned clients, in no particular order.
-// A client counts from the statement that takes its slot until its state
-// is gone or it leaves.
-func (s *Server) PinStats() []PinStat {
+// PinStats lists every project's pinned clients, by project. A client
+// counts from the statement that takes its slot until its state is gone or
+// it leaves.
+func (s *Server) PinStats() []stats.Pin {
 	projects := *s.projects.Load()
-	out := make([]PinStat, 0, len(projects))
+	out := make([]stats.Pin, 0, len(projects))
 	for ref, p := range projects {
-		out = append(out, PinStat{Project: ref, Pinned: p.run.pins.count(), MaxPinned: p.cfg.MaxPinned})
+		out = append(out, stats.Pin{Project: ref, Pinned: p.run.pins.count(), MaxPinned: p.cfg.MaxPinned})
 	}
+	slices.SortFunc(out, func(a, b stats.Pin) int { return strings.Compare(a.Project, b.Project) })
 	return out
 }

@@ -9,6 +9,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/internal/stats"
+
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/puddle/v2"
 	"golang.org/x/sync/semaphore"
@@ -383,29 +385,18 @@ func (ps *pools) closeAll() {
 	}
 }
 
-// PoolStat is a snapshot of one pool for the admin plane and metrics.
-type PoolStat struct {
-	Project      string  `json:"project"`
-	Host         string  `json:"host"`
-	ServerActive int     `json:"servers_active"`
-	ServerIdle   int     `json:"servers_idle"`
-	ClientsWait  int     `json:"clients_waiting"`
-	MaxSize      int     `json:"pool_size"`
-	Acquires     int64   `json:"acquires"`
-	WaitSeconds  float64 `json:"wait_seconds_total"`
-}
-
-func (ps *pools) stats() []PoolStat {
+// stats is a snapshot of every pool, for the admin plane.
+func (ps *pools) stats() []stats.Pool {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
-	out := make([]PoolStat, 0, len(ps.byKey))
+	out := make([]stats.Pool, 0, len(ps.byKey))
 	for _, p := range ps.byKey {
 		st := p.p.Stat()
-		out = append(out, PoolStat{
+		out = append(out, stats.Pool{
 			Project: p.ref, Host: p.hostKey,
-			ServerActive: int(st.AcquiredResources()), ServerIdle: int(st.IdleResources()),
-			ClientsWait: int(p.waiting.Load()), MaxSize: int(st.MaxResources()),
-			Acquires: st.AcquireCount(), WaitSeconds: st.EmptyAcquireWaitTime().Seconds(),
+			ClientsActive: int(st.AcquiredResources()), ServersActive: int(st.AcquiredResources()), ServersIdle: int(st.IdleResources()),
+			ClientsWaiting: int(p.waiting.Load()), PoolSize: int(st.MaxResources()),
+			Acquires: st.AcquireCount(), WaitSecondsTotal: st.EmptyAcquireWaitTime().Seconds(),
 		})
 	}
 	return out

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"cascata/internal/stats"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -102,7 +103,7 @@ func TestSessionRouteHint(t *testing.T) {
 		t.Fatal("read stayed on the primary with route = auto")
 	}
 	// What /v1/pools shows: routing counts and the replica's health.
-	var p2 *proxy.RouteStat
+	var p2 *stats.Route
 	for _, rs := range h.srv.RouteStats() {
 		if rs.Project == "p2" {
 			p2 = &rs

@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/internal/stats"
+
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgtype"
 	"github.com/prometheus/client_golang/prometheus"
@@ -188,47 +190,31 @@ func (p *project) route(target, reason string, m *Metrics) {
 	}
 }
 
-// RouteStat counts where a project's transactions ran.
-type RouteStat struct {
-	Project string `json:"project"`
-	Primary int64  `json:"primary"`
-	Replica int64  `json:"replica"`
-}
-
 // RouteStats returns, per project, how many units ran on the primary and
 // on replicas since the project was (re)configured.
-func (s *Server) RouteStats() []RouteStat {
+func (s *Server) RouteStats() []stats.Route {
 	m := *s.projects.Load()
-	out := make([]RouteStat, 0, len(m))
+	out := make([]stats.Route, 0, len(m))
 	for ref, p := range m {
-		out = append(out, RouteStat{Project: ref, Primary: p.toPrimary.Load(), Replica: p.toReplica.Load()})
+		out = append(out, stats.Route{Project: ref, Primary: p.toPrimary.Load(), Replica: p.toReplica.Load()})
 	}
-	slices.SortFunc(out, func(a, b RouteStat) int { return strings.Compare(a.Project, b.Project) })
+	slices.SortFunc(out, func(a, b stats.Route) int { return strings.Compare(a.Project, b.Project) })
 	return out
 }
 
-// ReplicaStat is the last check of one replica server.
-type ReplicaStat struct {
-	Server     string  `json:"server"`
-	Healthy    bool    `json:"healthy"`
-	ReplayLSN  uint64  `json:"replay_lsn"`
-	LagBytes   uint64  `json:"lag_bytes"`
-	LagSeconds float64 `json:"lag_seconds"`
-}
-
 // ReplicaStats returns the replica servers the proxy routes to.
-func (s *Server) ReplicaStats() []ReplicaStat {
+func (s *Server) ReplicaStats() []stats.Replica {
 	s.replicas.mu.Lock()
 	defer s.replicas.mu.Unlock()
-	out := []ReplicaStat{}
+	out := []stats.Replica{}
 	for _, m := range s.replicas.monitors {
 		if !m.replica {
 			continue
 		}
-		out = append(out, ReplicaStat{Server: strings.TrimSuffix(m.key, "/true"), Healthy: m.healthy.Load(), ReplayLSN: m.lsn.Load(),
+		out = append(out, stats.Replica{Server: strings.TrimSuffix(m.key, "/true"), Healthy: m.healthy.Load(), ReplayLSN: m.lsn.Load(),
 			LagBytes: m.lagBytes.Load(), LagSeconds: float64(m.lagMicros.Load()) / 1e6})
 	}
-	slices.SortFunc(out, func(a, b ReplicaStat) int { return strings.Compare(a.Server, b.Server) })
+	slices.SortFunc(out, func(a, b stats.Replica) int { return strings.Compare(a.Server, b.Server) })
 	return out
 }
 
@@ -440,7 +426,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 }
 
 // PoolStats is a snapshot of every pool.
-func (s *Server) PoolStats() []PoolStat { return s.pools.stats() }
+func (s *Server) PoolStats() []stats.Pool { return s.pools.stats() }
 
 // PoolCount is how many backend pools exist (idle ones are dropped).
 func (s *Server) PoolCount() int { return len(s.pools.stats()) }

@@ -164,47 +164,14 @@ func (p *adminPlane) StartEject(pr config.Project, req admin.EjectRequest) (jobs
 	})
 }
 
-// poolReader adapts proxy.Server's pool statistics to the admin plane.
+// poolReader serves proxy.Server's statistics on the admin plane (the
+// same types, package stats).
 type poolReader struct{ srv *proxy.Server }
 
-func (r poolReader) Pools() []admin.PoolStat {
-	stats := r.srv.PoolStats()
-	out := make([]admin.PoolStat, len(stats))
-	for i, s := range stats {
-		out[i] = admin.PoolStat{
-			Project: s.Project, Host: s.Host,
-			ClientsActive: s.ServerActive, ClientsWaiting: s.ClientsWait,
-			ServersActive: s.ServerActive, ServersIdle: s.ServerIdle, PoolSize: s.MaxSize,
-			Acquires: s.Acquires, WaitSecondsTotal: s.WaitSeconds,
-		}
-	}
-	return out
-}
-
-// Pinned adds pinned clients to /v1/pools.
-func (r poolReader) Pinned() []admin.PinStat {
-	ps := r.srv.PinStats()
-	out := make([]admin.PinStat, len(ps))
-	for i, p := range ps {
-		out[i] = admin.PinStat(p)
-	}
-	slices.SortFunc(out, func(a, b admin.PinStat) int { return strings.Compare(a.Project, b.Project) })
-	return out
-}
-
-// Routing adds routing counts and replica health to /v1/pools.
+func (r poolReader) Pools() []admin.PoolStat { return r.srv.PoolStats() }
+func (r poolReader) Pinned() []admin.PinStat { return r.srv.PinStats() }
 func (r poolReader) Routing() ([]admin.RouteStat, []admin.ReplicaStat) {
-	rs := r.srv.RouteStats()
-	routes := make([]admin.RouteStat, len(rs))
-	for i, s := range rs {
-		routes[i] = admin.RouteStat{Project: s.Project, Primary: s.Primary, Replica: s.Replica}
-	}
-	reps := r.srv.ReplicaStats()
-	replicas := make([]admin.ReplicaStat, len(reps))
-	for i, s := range reps {
-		replicas[i] = admin.ReplicaStat{Server: s.Server, Healthy: s.Healthy, ReplayLSN: s.ReplayLSN, LagBytes: s.LagBytes, LagSeconds: s.LagSeconds}
-	}
-	return routes, replicas
+	return r.srv.RouteStats(), r.srv.ReplicaStats()
 }
 
 // pinger checks a primary by logging in with its database_url.

@@ -29,31 +29,37 @@ import (
 
 // pinCount counts a project's pinned clients (kept across reloads).
 type pinCount struct {
-	mu    sync.Mutex
-	n     int
-	freed chan struct{} // closed when a slot is given back, nil if no one waits
+	mu      sync.Mutex
+	n       int
+	waiting int           // clients waiting for a slot
+	freed   chan struct{} // closed when a slot is given back, nil if no one waits
 }
 
 // take takes a slot, waiting until ctx ends for one while max are taken.
 func (pc *pinCount) take(ctx context.Context, max int) bool {
-	for {
-		pc.mu.Lock()
-		if pc.n < max {
-			pc.n++
-			pc.mu.Unlock()
-			return true
-		}
+	pc.mu.Lock()
+	defer pc.mu.Unlock()
+	for pc.n >= max {
 		if pc.freed == nil {
 			pc.freed = make(chan struct{})
 		}
 		ch := pc.freed
+		pc.waiting++
 		pc.mu.Unlock()
+		var done bool
 		select {
 		case <-ch:
 		case <-ctx.Done():
+			done = true
+		}
+		pc.mu.Lock()
+		pc.waiting--
+		if done {
 			return false
 		}
 	}
+	pc.n++
+	return true
 }
 
 // tryTake takes a slot if fewer than max are taken.
@@ -77,10 +83,11 @@ func (pc *pinCount) give() {
 	pc.mu.Unlock()
 }
 
-func (pc *pinCount) count() int {
+// counts returns the slots taken and the clients waiting for one.
+func (pc *pinCount) counts() (taken, waiting int) {
 	pc.mu.Lock()
 	defer pc.mu.Unlock()
-	return pc.n
+	return pc.n, pc.waiting
 }
 
 // tooManyPinned is the error of a statement that would pin one client more
@@ -271,7 +278,8 @@ func (s *Server) PinStats() []stats.Pin {
 	projects := *s.projects.Load()
 	out := make([]stats.Pin, 0, len(projects))
 	for ref, p := range projects {
-		out = append(out, stats.Pin{Project: ref, Pinned: p.run.pins.count(), MaxPinned: p.cfg.MaxPinned})
+		taken, waiting := p.run.pins.counts()
+		out = append(out, stats.Pin{Project: ref, Pinned: taken, Waiting: waiting, MaxPinned: p.cfg.MaxPinned})
 	}
 	slices.SortFunc(out, func(a, b stats.Pin) int { return strings.Compare(a.Project, b.Project) })
 	return out

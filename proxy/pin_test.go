@@ -138,7 +138,7 @@ func TestPinnedClientLeaves(t *testing.T) {
 
 // Past max_pinned a statement that would pin waits query_wait_timeout for
 // a slot, then gets 53300 naming the setting, runs nothing, and the client
-// goes on; a slot given back is free again, also to a client waiting.
+// goes on; a slot given back is free again.
 func TestPinBound(t *testing.T) {
 	h := startProxy(t, harnessOpts{poolSize: 4, maxPinned: 1, projects: []string{pinProject},
 		opts: proxy.Options{QueryWaitTimeout: 300 * time.Millisecond}})
@@ -181,13 +181,32 @@ func TestPinBound(t *testing.T) {
 	if _, err := b.Exec(ctx, "CREATE TEMP TABLE t (x int)"); err != nil {
 		t.Fatalf("a free slot: %v", err)
 	}
-	// A client waiting for a slot gets the one given back.
+}
+
+// A client waiting for a slot (GET /v1/pools shows it) gets the one given
+// back.
+func TestPinWaitsForSlot(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 4, maxPinned: 1, projects: []string{pinProject},
+		opts: proxy.Options{QueryWaitTimeout: 10 * time.Second}})
+	ctx := context.Background()
+	a := h.connect(pinProject, "authenticated", "alice")
+	b := h.connect(pinProject, "authenticated", "bob")
+	if _, err := b.Exec(ctx, "CREATE TEMP TABLE t (x int)"); err != nil {
+		t.Fatal(err)
+	}
 	done := make(chan error, 1)
 	go func() {
 		_, err := a.Exec(ctx, "LISTEN waiting")
 		done <- err
 	}()
-	time.Sleep(50 * time.Millisecond) // a is waiting for the slot (the wait is the subject)
+	waitFor(t, "a to wait for a slot", 5*time.Second, func() bool {
+		for _, ps := range h.srv.PinStats() {
+			if ps.Project == pinProject {
+				return ps.Waiting == 1
+			}
+		}
+		return false
+	})
 	if _, err := b.Exec(ctx, "DROP TABLE t"); err != nil {
 		t.Fatal(err)
 	}

@@ -21,9 +21,12 @@ type Pool struct {
 // state in transaction mode (temporary tables, LISTEN, WITH HOLD cursors,
 // advisory locks), and the project's max_pinned.
 type Pin struct {
-	Project   string `json:"project"`
-	Pinned    int    `json:"pinned"`
-	MaxPinned int    `json:"max_pinned"`
+	Project string `json:"project"`
+	Pinned  int    `json:"pinned"`
+	// Waiting is the clients whose statement waits for a slot (at most
+	// query_wait_timeout).
+	Waiting   int `json:"waiting"`
+	MaxPinned int `json:"max_pinned"`
 }
 
 // Route counts where one project's transactions ran.

@@ -126,8 +126,9 @@ func (ss *session) refuse(refusal error) error {
 	ss.pushReplace(refusedSQL, refusalBody(refusal))
 	ss.syncCounted = false
 	ss.mu.Unlock()
-	ss.scratch = appendCString(ss.scratch[:0], refusedSQL)
-	if err := writeMsg(be.wr, msgTypeQuery, ss.scratch); err != nil {
+	// Not ss.scratch: that is used under the client's writer lock, which
+	// the backend's goroutine may hold now (backendLost).
+	if err := writeMsg(be.wr, msgTypeQuery, appendCString(nil, refusedSQL)); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)

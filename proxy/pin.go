@@ -260,8 +260,8 @@ func (ss *session) pinCheck(be *backend) error {
 		// backend is scrubbed at release, and the client is told.
 		ss.unitState = true
 		ss.metrics.pinRefusals.Inc()
-		ss.scratch, _ = encodeTo(ss.wr, &pgproto3.NoticeResponse{Severity: "WARNING", SeverityUnlocalized: "WARNING", Code: CodeTooManyConnections,
-			Message: "the session state this transaction created was discarded: the project has max_pinned clients keeping a server connection already"}, ss.scratch)
+		_, _ = encodeTo(ss.wr, &pgproto3.NoticeResponse{Severity: "WARNING", SeverityUnlocalized: "WARNING", Code: CodeTooManyConnections,
+			Message: "the session state this transaction created was discarded: the project has max_pinned clients keeping a server connection already"}, nil)
 	case keeps:
 		ss.pinned = true
 	default:

@@ -77,8 +77,7 @@ func (ss *session) onReset(sql string, r Route) error {
 	ss.retags = append(ss.retags, retag{seq: ss.syncSeq, tag: kind.tag()})
 	ss.replayOK = false
 	ss.mu.Unlock()
-	ss.scratch = appendCString(ss.scratch[:0], ss.resetSQL(kind))
-	if err := writeMsg(be.wr, msgTypeQuery, ss.scratch); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, appendCString(nil, ss.resetSQL(kind))); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)
@@ -102,8 +101,7 @@ func (ss *session) onResetAmong(sql string, r Route) error {
 	ss.replayOK = false
 	ss.mu.Unlock()
 	q := sql[:r.ResetStart] + ss.resetSQL(r.Reset) + sql[r.ResetEnd:]
-	ss.scratch = appendCString(ss.scratch[:0], q)
-	if err := writeMsg(be.wr, msgTypeQuery, ss.scratch); err != nil {
+	if err := writeMsg(be.wr, msgTypeQuery, appendCString(nil, q)); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
 	return ss.maybeFlushBackend(be, true)

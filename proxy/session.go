@@ -124,7 +124,7 @@ type session struct {
 	// relays counts the units attached to a backend whose relay has not
 	// returned yet; the session ends after them.
 	relays  sync.WaitGroup
-	scratch []byte
+	scratch []byte // encoding buffer for writes to the client, under wmu
 }
 
 func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {

@@ -258,6 +258,13 @@ func (b *backend) cancel(ctx context.Context) error {
 // holds and returns their rows as text (nil for NULL). The backend must be
 // idle after them; the first error is returned.
 func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
+	return b.simpleQueryTo(nil, sqls...)
+}
+
+// simpleQueryTo is simpleQuery on a backend a client holds between its
+// transactions: notifications that arrive meanwhile are copied to
+// notify (nil drops them).
+func (b *backend) simpleQueryTo(notify *bufio.Writer, sqls ...string) ([][]*string, error) {
 	_ = b.conn.SetDeadline(time.Now().Add(5 * time.Second))
 	defer func() { _ = b.conn.SetDeadline(time.Time{}) }()
 	for _, sql := range sqls {
@@ -316,6 +323,14 @@ func (b *backend) simpleQuery(sqls ...string) ([][]*string, error) {
 				continue
 			}
 			return rows, qerr
+		case msgTypeNotification:
+			if notify == nil {
+				if err := b.rd.skip(); err != nil {
+					return nil, err
+				}
+			} else if err := b.rd.forward(notify); err != nil && !isNetWriteErr(err) {
+				return nil, err
+			}
 		default:
 			if err := b.rd.skip(); err != nil {
 				return nil, err

@@ -7,7 +7,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"time"
 
 	"cascata/internal/stats"
 
@@ -117,66 +116,18 @@ const sessionStateSQL = "SET LOCAL statement_timeout = 0; SELECT " +
 // between the client's units, with the client's writer locked: a
 // notification that arrives meanwhile goes to the client as it would have.
 func (ss *session) keepsSessionState(be *backend) (bool, error) {
-	_ = be.conn.SetDeadline(time.Now().Add(5 * time.Second))
-	defer func() { _ = be.conn.SetDeadline(time.Time{}) }()
-	if err := writeMsg(be.wr, msgTypeQuery, append([]byte(sessionStateSQL), 0)); err != nil {
-		return false, err
+	notify := ss.wr
+	if ss.clientGone.Load() {
+		notify = nil
 	}
-	if err := be.wr.Flush(); err != nil {
-		return false, err
+	rows, err := be.simpleQueryTo(notify, sessionStateSQL)
+	if err != nil {
+		return false, fmt.Errorf("session state check: %w", err)
 	}
-	keeps, answered := false, false
-	var qerr error
-	for {
-		typ, _, err := be.rd.next()
-		if err != nil {
-			return false, err
-		}
-		switch typ {
-		case msgTypeDataRow:
-			body, err := be.rd.body()
-			if err != nil {
-				return false, err
-			}
-			var dr pgproto3.DataRow
-			if err := dr.Decode(body); err != nil || len(dr.Values) != 1 {
-				return false, fmt.Errorf("session state check: unexpected row")
-			}
-			keeps, answered = string(dr.Values[0]) != "0", true
-		case msgTypeErrorResponse:
-			body, err := be.rd.body()
-			if err != nil {
-				return false, err
-			}
-			var er pgproto3.ErrorResponse
-			_ = er.Decode(body)
-			qerr = fmt.Errorf("session state check: server error %s: %s", er.Code, er.Message)
-		case msgTypeNotification:
-			if ss.clientGone.Load() {
-				_ = be.rd.skip()
-			} else if err := be.rd.forward(ss.wr); err != nil && !isNetWriteErr(err) {
-				return false, err
-			}
-		case msgTypeReadyForQuery:
-			body, err := be.rd.body()
-			if err != nil {
-				return false, err
-			}
-			switch {
-			case len(body) != 1 || body[0] != 'I':
-				return false, errors.New("session state check: backend not idle after it")
-			case qerr != nil:
-				return false, qerr
-			case !answered:
-				return false, errors.New("session state check: no answer")
-			}
-			return keeps, nil
-		default:
-			if err := be.rd.skip(); err != nil {
-				return false, err
-			}
-		}
+	if len(rows) != 1 || len(rows[0]) != 1 || rows[0][0] == nil {
+		return false, errors.New("session state check: unexpected answer")
 	}
+	return *rows[0][0] != "0", nil
 }
 
 // reservePin takes a slot of the project's max_pinned for a statement that

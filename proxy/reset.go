@@ -44,50 +44,30 @@ type retag struct {
 	tag string
 }
 
-// onReset handles a query that has a RESET ALL or is DISCARD ALL.
+// onReset handles a query that has a RESET ALL or is DISCARD ALL. A lone
+// reset from a client that holds no backend is answered by the proxy;
+// otherwise the reset statement is replaced, in place, by resetSQL (so
+// asyncpg's Pool reset "SELECT pg_advisory_unlock_all(); CLOSE ALL;
+// UNLISTEN *; RESET ALL;" runs as it is).
 func (ss *session) onReset(sql string, r Route) error {
-	kind := r.Reset
-	if !isWholeReset(sql, r) {
-		return ss.onResetAmong(sql, r)
+	if isWholeReset(sql, r) {
+		ss.mu.Lock()
+		for ss.be == nil && ss.gucsPending {
+			ss.cond.Wait() // the last unit's settings are being read back
+		}
+		attached, status := ss.be != nil, ss.txStatus
+		if !attached {
+			ss.resetClient(nil, r.Reset)
+		}
+		ss.mu.Unlock()
+		if !attached {
+			ss.writeLocalComplete(r.Reset.tag())
+			return nil
+		}
+		if r.Reset == DiscardAll && status != 'I' {
+			return ss.refuse(discardInTransaction())
+		}
 	}
-	ss.mu.Lock()
-	for ss.be == nil && ss.gucsPending {
-		ss.cond.Wait() // the last unit's settings are being read back
-	}
-	attached, status := ss.be != nil, ss.txStatus
-	if !attached {
-		ss.resetClient(nil, kind)
-	}
-	ss.mu.Unlock()
-	if !attached {
-		ss.writeLocalComplete(kind.tag())
-		return nil
-	}
-	if kind == DiscardAll && status != 'I' {
-		return ss.refuse(discardInTransaction())
-	}
-	be, err := ss.claim(true, want{primary: true, state: kind == DiscardAll, reason: "session_state"})
-	if err != nil {
-		ss.failLocal(msgTypeQuery, err)
-		return nil
-	}
-	defer ss.doneWriting()
-	ss.mu.Lock()
-	ss.resetClient(be, kind)
-	ss.retags = append(ss.retags, retag{seq: ss.syncSeq, tag: kind.tag()})
-	ss.replayOK = false
-	ss.mu.Unlock()
-	if err := writeMsg(be.wr, msgTypeQuery, appendCString(nil, ss.resetSQL(kind))); err != nil {
-		return ss.backendWriteFailed(be, err)
-	}
-	return ss.maybeFlushBackend(be, true)
-}
-
-// onResetAmong runs a query whose RESET ALL is one of several statements
-// (asyncpg's Pool resets connections with "SELECT
-// pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL;"): the
-// statement is replaced by the reset statement, in place.
-func (ss *session) onResetAmong(sql string, r Route) error {
 	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema,
 		primary: true, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
 	if err != nil {

@@ -122,9 +122,7 @@ func (ss *session) refuse(refusal error) error {
 	}
 	defer ss.doneWriting()
 	ss.mu.Lock()
-	ss.syncCounted = true // claim counted the query
 	ss.pushReplace(refusedSQL, refusalBody(refusal))
-	ss.syncCounted = false
 	ss.mu.Unlock()
 	// Not ss.scratch: that is used under the client's writer lock, which
 	// the backend's goroutine may hold now (backendLost).
@@ -297,13 +295,11 @@ func (ss *session) flushBatch(term byte) error {
 	ss.out = ss.out[:0]
 	var perr error
 	i := 0
-	ss.syncCounted = term == msgTypeSync // claim counted the batch's Sync
 	for off := 0; off < len(batch) && perr == nil; i++ {
 		typ, body, next := splitMsg(batch, off)
 		perr = ss.translate(be, typ, body, &routes[i])
 		off = next
 	}
-	ss.syncCounted = false
 	if term != 0 {
 		ss.appendMsg(term)
 	}

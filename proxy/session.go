@@ -81,7 +81,7 @@ type session struct {
 	lostParses       []lostParse // guarded by mu; applied by the client goroutine
 	parsesLost       atomic.Bool // lostParses is not empty
 	syncSeq, rfqSeq  uint64
-	syncCounted      bool // the batch being translated has its Sync in syncSeq already (batchSeq)
+	syncCounted      bool // the batch being translated has its Sync (or Query) in syncSeq already (mark, batchSeq)
 	out              []byte
 
 	// Routing (transaction mode).
@@ -374,6 +374,7 @@ func (ss *session) onFlush() error {
 // ReadyForQuery, anything else leaves the batch open. Call with mu held.
 func (ss *session) mark(boundary bool) {
 	ss.writing = true
+	ss.syncCounted = boundary // replies queued from now on belong to this batch (batchSeq)
 	if boundary {
 		ss.syncSeq++
 		ss.pending++

@@ -243,6 +243,9 @@ var stateAttacks = []attack{
 	{"listen", `LISTEN loot`, []string{""}},
 	{"session advisory lock", `SELECT pg_advisory_lock(4242)`, []string{""}},
 	{"lastval", `SELECT nextval('items_id_seq')`, []string{""}},
+	// A DO block any role may run (its body is guarded), leaving state
+	// out of the pinning statements' sight: scrubbed, never pinned.
+	{"state inside a DO block", `DO $$ BEGIN CREATE TEMP TABLE items (id int, owner text, body text); PERFORM pg_advisory_lock(4243); EXECUTE 'LISTEN loot2'; PERFORM set_config('app.tenant', 'attacker', false); END $$`, []string{""}},
 	{"refused setting", `SET log_statement = 'all'`, []string{"42501"}},
 }
 

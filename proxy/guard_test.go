@@ -17,7 +17,6 @@ import (
 	"time"
 
 	"cascata/auth"
-	"cascata/internal/pgtest"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -785,10 +784,7 @@ func TestGuardTrustedRole(t *testing.T) {
 // refused inside refuses the whole.
 func TestGuardFunctionBodies(t *testing.T) {
 	ctx := context.Background()
-	su := pgtest.Connect(t, cluster.Primary.SuperuserURL("p1"))
-	if _, err := su.Exec(ctx, `DROP SCHEMA IF EXISTS bodies CASCADE; CREATE SCHEMA bodies AUTHORIZATION service_role`); err != nil {
-		t.Fatal(err)
-	}
+	serviceSchema(t, "p1", "bodies")
 	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p1"}})
 	gc := newGuardClient(t, h, "untrusted", "p1", "service_role", "dev", "simple_protocol")
 	for _, q := range []string{

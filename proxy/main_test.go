@@ -256,3 +256,14 @@ func connectURL(t testing.TB, u string) *pgx.Conn {
 func connectRaw(ctx context.Context, u string) (*pgx.Conn, error) {
 	return pgx.Connect(ctx, u)
 }
+
+// serviceSchema makes a fresh schema owned by service_role in db (a role
+// that may run DDL there without being trusted).
+func serviceSchema(t testing.TB, db, schema string) *pgx.Conn {
+	t.Helper()
+	su := pgtest.Connect(t, cluster.Primary.SuperuserURL(db))
+	if _, err := su.Exec(context.Background(), "DROP SCHEMA IF EXISTS "+schema+" CASCADE; CREATE SCHEMA "+schema+" AUTHORIZATION service_role"); err != nil {
+		t.Fatal(err)
+	}
+	return su
+}

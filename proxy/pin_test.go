@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"cascata/internal/stats"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -18,15 +19,21 @@ import (
 
 const pinProject = "p2"
 
-func pinnedCount(t testing.TB, h *harness, ref string) int {
+// pinStat is the pin statistics of project ref.
+func pinStat(t testing.TB, h *harness, ref string) stats.Pin {
 	t.Helper()
 	for _, ps := range h.srv.PinStats() {
 		if ps.Project == ref {
-			return ps.Pinned
+			return ps
 		}
 	}
 	t.Fatalf("no pin statistics for %s", ref)
-	return 0
+	return stats.Pin{}
+}
+
+func pinnedCount(t testing.TB, h *harness, ref string) int {
+	t.Helper()
+	return pinStat(t, h, ref).Pinned
 }
 
 func backendPID(t testing.TB, c *pgx.Conn) int {
@@ -199,14 +206,7 @@ func TestPinWaitsForSlot(t *testing.T) {
 		_, err := a.Exec(ctx, "LISTEN waiting")
 		done <- err
 	}()
-	waitFor(t, "a to wait for a slot", 5*time.Second, func() bool {
-		for _, ps := range h.srv.PinStats() {
-			if ps.Project == pinProject {
-				return ps.Waiting == 1
-			}
-		}
-		return false
-	})
+	waitFor(t, "a to wait for a slot", 5*time.Second, func() bool { return pinStat(t, h, pinProject).Waiting == 1 })
 	if _, err := b.Exec(ctx, "DROP TABLE t"); err != nil {
 		t.Fatal(err)
 	}

@@ -412,10 +412,7 @@ func TestSQLExecuteOfProtocolStatement(t *testing.T) {
 // EXECUTE could reach, and its text never runs as a query string.
 func TestExecuteOfRefusedParse(t *testing.T) {
 	ctx := context.Background()
-	su := pgtest.Connect(t, cluster.Primary.SuperuserURL("p1"))
-	if _, err := su.Exec(ctx, `DROP SCHEMA IF EXISTS multi CASCADE; CREATE SCHEMA multi AUTHORIZATION service_role`); err != nil {
-		t.Fatal(err)
-	}
+	su := serviceSchema(t, "p1", "multi")
 	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{"p1"}})
 	a := h.connect("p1", "service_role", "multi")
 	if _, err := a.PgConn().Prepare(ctx, "multi", "SELECT 1; CREATE TABLE multi.pwned (x int)", nil); sqlstate(err) != "42601" {

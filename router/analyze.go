@@ -274,7 +274,7 @@ func (a *analyzer) run() {
 		}
 		info := a.statement(raw.GetStmt())
 		info = a.acc.upgrade(info)
-		if a.acc.into && mentionsTemp(a.sql) {
+		if a.acc.into && mentionsTemp(a.sql[a.stmtStart:a.stmtEnd]) {
 			f.keeps = true // SELECT ... INTO TEMP
 		}
 		if info.target == Replica || !info.pin || !info.state {
@@ -463,7 +463,7 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 	// database: the walk applies the DDL rules and refuses what must be.
 	a.visit(n.ProtoReflect(), wctx{exec: true, ddl: true})
 	a.f.ddl = true
-	if mentionsTemp(a.sql) {
+	if mentionsTemp(a.sql[a.stmtStart:a.stmtEnd]) {
 		a.f.keeps = true // CREATE TEMP ..., CREATE ... pg_temp.name
 	}
 	return primary(ReasonDDL, true)
@@ -473,40 +473,21 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 // pg_temp, in any case: DDL that may create temporary objects. A false
 // positive only costs the proxy a look at the backend.
 func mentionsTemp(sql string) bool {
-	ident := func(c byte) bool {
-		return c == '_' || c == '$' || c >= '0' && c <= '9' || c|0x20 >= 'a' && c|0x20 <= 'z' || c >= 0x80
-	}
-	lower := func(i int, w string) bool {
-		if i < 0 || i+len(w) > len(sql) {
-			return false
-		}
-		for j := 0; j < len(w); j++ {
-			c := sql[i+j]
-			if c >= 'A' && c <= 'Z' {
-				c |= 0x20
-			}
-			if c != w[j] {
-				return false
-			}
-		}
-		return true
-	}
+	word := func(i int, w string) bool { return i >= 0 && i+len(w) <= len(sql) && strings.EqualFold(sql[i:i+len(w)], w) }
 	for i := 0; i+4 <= len(sql); i++ {
-		if !lower(i, "temp") {
-			continue
-		}
-		if lower(i-3, "pg_") && (i == 3 || !ident(sql[i-4])) {
+		switch {
+		case !word(i, "temp"):
+		case word(i-3, "pg_") && (i == 3 || !isIdentCont(sql[i-4])):
 			return true // pg_temp, pg_temp_3
-		}
-		if i > 0 && ident(sql[i-1]) {
-			continue
-		}
-		end := i + 4
-		if lower(end, "orary") {
-			end += 5
-		}
-		if end == len(sql) || !ident(sql[end]) {
-			return true
+		case i > 0 && isIdentCont(sql[i-1]):
+		default:
+			end := i + 4
+			if word(end, "orary") {
+				end += 5
+			}
+			if end == len(sql) || !isIdentCont(sql[end]) {
+				return true
+			}
 		}
 	}
 	return false

@@ -295,15 +295,14 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		if !ok {
 			return bad()
 		}
-		st := ss.stmts[name]
+		var st *stmt
 		if name == "" {
 			st = ss.unnamed
-		}
-		if name == "" {
 			ss.ensureUnnamed()
 			ss.appendMsg(msgTypeBind, body)
 		} else {
-			target := ss.stmtTarget(be, name)
+			st = ss.stmts[name]
+			target := ss.stmtTargetOf(be, name, st)
 			ss.appendMsg(msgTypeBind, appendCString(nil, portal), appendCString(nil, target), r2)
 			if st != nil && st.epoch < ss.projRun.schema.Load() {
 				// DDL since the client prepared it, and perhaps prepared
@@ -402,8 +401,13 @@ func (ss *session) forgetLostParses() {
 // preparing it there first if needed; an unknown name maps to a stand-in
 // that fails with 26000.
 func (ss *session) stmtTarget(be *backend, name string) string {
+	return ss.stmtTargetOf(be, name, ss.stmts[name])
+}
+
+// stmtTargetOf is stmtTarget for the client's statement st (nil: none of
+// that name), already looked up.
+func (ss *session) stmtTargetOf(be *backend, name string, st *stmt) string {
 	ss.replayNamed = true // the translation depends on this backend's statements
-	st := ss.stmts[name]
 	if st == nil {
 		ss.pushRename(missingStmtName, name)
 		return missingStmtName

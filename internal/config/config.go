@@ -106,6 +106,12 @@ type State struct {
 type Catalog struct {
 	// URL of a shared control database; "" keeps the catalog in [state].dir (one instance).
 	URL string `toml:"url"`
+	// InstanceTimeout: an instance whose heartbeat is older is left out of
+	// fleet-wide pauses, cutovers and cap shares. Default 10s.
+	InstanceTimeout Duration `toml:"instance_timeout"`
+	// InstanceID names this instance in the fleet; default host name plus a
+	// random suffix, new at each start.
+	InstanceID string `toml:"instance_id"`
 }
 
 // Provision is the [provision] table: where new projects are created.
@@ -278,6 +284,7 @@ func (c *Config) applyDefaults() {
 	setString(&p.AllowCleartextWithoutTLS, "loopback")
 	setString(&c.Admin.TokenEnv, "CASCATA_ADMIN_TOKEN")
 	setString(&c.State.Dir, ".cascata/state")
+	setDuration(&c.Catalog.InstanceTimeout, 10*time.Second)
 	setString(&c.Provision.LoginUser, "authenticator")
 	setString(&c.Provision.StorageRoot, ".cascata/storage")
 	for i := range c.Projects {
@@ -341,6 +348,7 @@ func (c *Config) validate() Problems {
 		"proxy.server_idle_timeout":    p.ServerIdleTimeout,
 		"proxy.server_connect_timeout": p.ServerConnectTimeout,
 		"proxy.shutdown_timeout":       p.ShutdownTimeout,
+		"catalog.instance_timeout":     c.Catalog.InstanceTimeout,
 	}
 	for _, k := range sortedKeys(durations) {
 		if durations[k].Duration <= 0 {
@@ -383,7 +391,12 @@ func (c *Config) validate() Problems {
 		}
 	}
 	if c.Catalog.URL != "" {
-		add("catalog.url", "a shared control database is not supported by this build; leave it empty to keep the catalog in [state].dir")
+		if err := checkPostgresURL(c.Catalog.URL); err != nil {
+			add("catalog.url", "%v", err)
+		}
+	}
+	if id := c.Catalog.InstanceID; id != "" && (len(id) > 63 || strings.ContainsAny(id, " \t\n/")) {
+		add("catalog.instance_id", "must be 1 to 63 characters without spaces or slashes")
 	}
 	if c.Provision.OwnerURL != "" {
 		if err := checkPostgresURL(c.Provision.OwnerURL); err != nil {

@@ -4,7 +4,8 @@
 //
 // Every job is persisted in its directory (one JSON file per job, replaced
 // atomically), so a job that was queued or running when the process stopped
-// is reported as failed by the next process.
+// is reported as failed by the next process. With Options.Shared the jobs of
+// a whole fleet live in its control database instead (see shared.go).
 package jobs
 
 import (
@@ -92,6 +93,10 @@ type Options struct {
 	Keep int
 	// Logger; nil discards.
 	Logger *slog.Logger
+	// Shared, when set, keeps the jobs in the fleet's control database
+	// instead of Dir, which then holds only result files (this instance's
+	// own, and copies of other instances' results it served).
+	Shared *SharedOptions
 }
 
 // Runner runs jobs. Close stops it.
@@ -104,7 +109,12 @@ type Runner struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu     sync.Mutex
+	// shared is the control database store; nil in file mode.
+	shared *shared
+
+	mu sync.Mutex
+	// jobs are every job in file mode; in shared mode only this instance's
+	// own jobs whose final state is not in the control database yet.
 	jobs   map[string]*Job
 	queued int
 	closed bool
@@ -118,10 +128,17 @@ type Job struct {
 	st Status
 	// lastSave throttles persisting progress-only updates.
 	lastSave time.Time
+	// written: the final state is in the control database (shared mode);
+	// later changes are not saved again.
+	written bool
+	// gone: the row no longer accepts progress (another instance marked
+	// it failed); read and set by the shared writer only.
+	gone bool
 }
 
 // New opens the job directory: jobs a previous process left queued or
-// running are marked failed.
+// running are marked failed. With opts.Shared it migrates the control
+// database and marks this instance's leftover active jobs failed instead.
 func New(opts Options) (*Runner, error) {
 	if opts.Dir == "" {
 		return nil, errors.New("jobs: Dir is required")
@@ -146,6 +163,15 @@ func New(opts Options) (*Runner, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &Runner{opts: opts, log: opts.Logger, sem: make(chan struct{}, opts.Concurrency), ctx: ctx, cancel: cancel, jobs: map[string]*Job{}}
+	if opts.Shared != nil {
+		s, err := openShared(r, *opts.Shared)
+		if err != nil {
+			cancel()
+			return nil, err
+		}
+		r.shared = s
+		return r, nil
+	}
 	if err := r.load(); err != nil {
 		cancel()
 		return nil, err
@@ -171,7 +197,7 @@ func (r *Runner) load() error {
 		j := &Job{r: r, st: st}
 		if st.Active() {
 			j.st.State = Failed
-			j.st.Error = fmt.Sprintf("interrupted: cascata stopped while the job was %s (phase %q)", st.State, st.Phase)
+			j.st.Error = interrupted(st.State, st.Phase)
 			j.st.Finished = time.Now().UTC()
 			j.appendLogLocked(j.st.Error)
 			if err := j.saveLocked(); err != nil {
@@ -184,23 +210,32 @@ func (r *Runner) load() error {
 	return nil
 }
 
+// interrupted is the error of a job its own instance left active when it
+// stopped, as the next process of that instance reports it.
+func interrupted(state State, phase string) string {
+	return fmt.Sprintf("interrupted: cascata stopped while the job was %s (phase %q)", state, phase)
+}
+
 // Start queues a job of kind for project ("" for none) and returns its
-// status. A project has at most one active job: another is ErrBusy.
+// status. A project has at most one active job: another is ErrBusy. In
+// shared mode that holds across the fleet, and this instance runs the job.
 func (r *Runner) Start(kind, project string, fn Func) (Status, error) {
 	id, err := newID()
 	if err != nil {
 		return Status{}, err
 	}
+	j := &Job{r: r, st: Status{ID: id, Kind: kind, Project: project, State: Queued, Phase: "queued", Created: time.Now().UTC()}}
+	st := j.Status()
 	r.mu.Lock()
 	if r.closed {
 		r.mu.Unlock()
 		return Status{}, ErrClosed
 	}
 	if project != "" {
-		for _, j := range r.jobs {
-			if st := j.Status(); st.Project == project && st.Active() {
+		for _, o := range r.jobs {
+			if ost := o.Status(); ost.Project == project && ost.Active() {
 				r.mu.Unlock()
-				return Status{}, fmt.Errorf("%w: project %s already has %s job %s (%s)", ErrBusy, project, st.Kind, st.ID, st.State)
+				return Status{}, busyError(ost)
 			}
 		}
 	}
@@ -208,22 +243,44 @@ func (r *Runner) Start(kind, project string, fn Func) (Status, error) {
 		r.mu.Unlock()
 		return Status{}, fmt.Errorf("%w: %d jobs are queued", ErrBusy, r.queued)
 	}
-	j := &Job{r: r, st: Status{ID: id, Kind: kind, Project: project, State: Queued, Phase: "queued", Created: time.Now().UTC()}}
-	j.mu.Lock()
-	err = j.saveLocked()
-	st := j.snapshotLocked()
-	j.mu.Unlock()
-	if err != nil {
-		r.mu.Unlock()
-		return Status{}, err
+	if r.shared == nil {
+		// The file is written under r.mu, so the project check above and
+		// this claim are one step.
+		j.mu.Lock()
+		err = j.saveLocked()
+		j.mu.Unlock()
+		if err != nil {
+			r.mu.Unlock()
+			return Status{}, err
+		}
+		r.jobs[id] = j
 	}
-	r.jobs[id] = j
+	// Counted before the lock is let go, so that Close (which waits for
+	// r.wg once closed is set) never races with this Add.
 	r.queued++
 	r.wg.Add(1)
 	r.mu.Unlock()
+	if r.shared != nil {
+		// The control database's unique index on active jobs decides
+		// between instances (and between concurrent Starts here).
+		if err := r.shared.claim(st); err != nil {
+			r.mu.Lock()
+			r.queued--
+			r.mu.Unlock()
+			r.wg.Done()
+			return Status{}, err
+		}
+		r.mu.Lock()
+		r.jobs[id] = j
+		r.mu.Unlock()
+	}
 	r.prune()
 	go r.run(j, fn)
 	return st, nil
+}
+
+func busyError(st Status) error {
+	return fmt.Errorf("%w: project %s already has %s job %s (%s)", ErrBusy, st.Project, st.Kind, st.ID, st.State)
 }
 
 func (r *Runner) run(j *Job, fn Func) {
@@ -259,71 +316,153 @@ func (r *Runner) run(j *Job, fn Func) {
 	j.finish(err)
 }
 
-// Get returns a job's status.
+// Get returns a job's status. In shared mode it reads the control database
+// (bounded by SharedOptions.QueryTimeout), except for this instance's own
+// jobs whose final state is not written yet: their memory is newer.
 func (r *Runner) Get(id string) (Status, error) {
+	ctx, cancel := r.queryContext(context.Background())
+	defer cancel()
+	return r.get(ctx, id)
+}
+
+func (r *Runner) get(ctx context.Context, id string) (Status, error) {
 	r.mu.Lock()
 	j, ok := r.jobs[id]
 	r.mu.Unlock()
-	if !ok {
-		return Status{}, fmt.Errorf("%w: %s", ErrNotFound, id)
+	if ok {
+		return j.Status(), nil
 	}
-	return j.Status(), nil
+	if r.shared != nil {
+		return r.shared.get(ctx, id)
+	}
+	return Status{}, fmt.Errorf("%w: %s", ErrNotFound, id)
 }
 
-// List returns every known job, newest first.
-func (r *Runner) List() []Status {
+// queryContext bounds one read of the control database; in file mode
+// nothing blocks, and ctx is returned as is.
+func (r *Runner) queryContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	if r.shared == nil {
+		return ctx, func() {}
+	}
+	return context.WithTimeout(ctx, r.shared.opts.QueryTimeout)
+}
+
+// local returns the statuses of the jobs held in memory.
+func (r *Runner) local() []Status {
 	r.mu.Lock()
+	defer r.mu.Unlock()
 	out := make([]Status, 0, len(r.jobs))
 	for _, j := range r.jobs {
 		out = append(out, j.Status())
 	}
-	r.mu.Unlock()
+	return out
+}
+
+// List returns every known job, newest first. In shared mode these are the
+// fleet's jobs; when the control database cannot be read, only this
+// instance's unwritten ones (the failure is logged).
+func (r *Runner) List() []Status {
+	out := r.local()
+	if r.shared != nil {
+		ctx, cancel := r.queryContext(context.Background())
+		defer cancel()
+		out = r.shared.list(ctx, out)
+	}
 	slices.SortFunc(out, func(a, b Status) int { return b.Created.Compare(a.Created) })
 	return out
 }
 
-// ActiveFor returns the queued or running job of a project, if any.
+// ActiveFor returns the queued or running job of a project, if any. In
+// shared mode it looks across the fleet; when the control database cannot
+// be read it answers from this instance's jobs alone (the failure is logged).
 func (r *Runner) ActiveFor(project string) (Status, bool) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	for _, j := range r.jobs {
-		if st := j.Status(); st.Project == project && st.Active() {
+	for _, st := range r.local() {
+		if st.Project == project && st.Active() {
 			return st, true
 		}
 	}
-	return Status{}, false
+	if r.shared == nil {
+		return Status{}, false
+	}
+	ctx, cancel := r.queryContext(context.Background())
+	defer cancel()
+	return r.shared.activeFor(ctx, project)
 }
 
 // Result returns the path of a succeeded job's result file and its name.
+// In shared mode a result another instance produced is first copied from
+// the control database into Dir (bounded by SharedOptions.ResultTimeout);
+// ResultContext takes the caller's context instead.
 func (r *Runner) Result(id string) (path, name string, err error) {
-	st, err := r.Get(id)
+	ctx := context.Background()
+	if r.shared != nil {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, r.shared.opts.ResultTimeout)
+		defer cancel()
+	}
+	return r.ResultContext(ctx, id)
+}
+
+// ResultContext is Result with a context that bounds reading the control
+// database and copying another instance's result file from it.
+func (r *Runner) ResultContext(ctx context.Context, id string) (path, name string, err error) {
+	qctx, cancel := r.queryContext(ctx)
+	st, err := r.get(qctx, id)
+	cancel()
 	if err != nil {
 		return "", "", err
 	}
 	if st.State != Succeeded || !st.HasResult {
 		return "", "", fmt.Errorf("%w: job %s is %s", ErrNoResult, id, st.State)
 	}
-	return r.resultPath(id), st.ResultName, nil
+	path = r.resultPath(id)
+	if r.shared != nil {
+		if err := r.shared.localResult(ctx, id, path); err != nil {
+			return "", "", err
+		}
+	}
+	return path, st.ResultName, nil
 }
 
-// Wait blocks until the job is no longer active or ctx ends.
+// Wait blocks until the job is no longer active or ctx ends. In shared mode
+// a control database that does not answer is waited out too.
 func (r *Runner) Wait(ctx context.Context, id string) (Status, error) {
-	t := time.NewTicker(20 * time.Millisecond)
+	every := 20 * time.Millisecond
+	if r.shared != nil {
+		every = 100 * time.Millisecond
+	}
+	t := time.NewTicker(every)
 	defer t.Stop()
+	var last Status
+	var lastErr error
 	for {
-		st, err := r.Get(id)
-		if err != nil || !st.Active() {
+		qctx, cancel := r.queryContext(ctx)
+		st, err := r.get(qctx, id)
+		cancel()
+		switch {
+		case err == nil && !st.Active():
+			return st, nil
+		case err == nil:
+			last, lastErr = st, nil
+		case r.shared == nil || errors.Is(err, ErrNotFound):
 			return st, err
+		default:
+			lastErr = err
 		}
 		select {
 		case <-ctx.Done():
-			return st, fmt.Errorf("wait for job %s: %w", id, ctx.Err())
+			if lastErr != nil {
+				return last, fmt.Errorf("wait for job %s: %w (last error: %w)", id, ctx.Err(), lastErr)
+			}
+			return last, fmt.Errorf("wait for job %s: %w", id, ctx.Err())
 		case <-t.C:
 		}
 	}
 }
 
 // Close cancels running and queued jobs and waits for them until ctx ends.
+// In shared mode it then writes the final states the control database has
+// not taken yet, retrying until ctx ends, and stops the sweep.
 func (r *Runner) Close(ctx context.Context) error {
 	r.mu.Lock()
 	r.closed = true
@@ -331,16 +470,24 @@ func (r *Runner) Close(ctx context.Context) error {
 	r.cancel()
 	done := make(chan struct{})
 	go func() { r.wg.Wait(); close(done) }()
+	var err error
 	select {
 	case <-done:
-		return nil
 	case <-ctx.Done():
-		return fmt.Errorf("jobs: close: jobs still running: %w", ctx.Err())
+		err = fmt.Errorf("jobs: close: jobs still running: %w", ctx.Err())
 	}
+	if r.shared != nil {
+		err = errors.Join(err, r.shared.close(ctx))
+	}
+	return err
 }
 
 // prune removes the oldest finished jobs beyond Keep.
 func (r *Runner) prune() {
+	if r.shared != nil {
+		r.shared.prune()
+		return
+	}
 	r.mu.Lock()
 	var done []Status
 	for _, j := range r.jobs {
@@ -427,10 +574,16 @@ func (j *Job) ResultFile(name string) string {
 }
 
 func (j *Job) appendLogLocked(msg string) {
-	j.st.Log = append(j.st.Log, LogLine{Time: time.Now().UTC(), Message: strings.TrimSpace(msg)})
-	if n := len(j.st.Log) - j.r.opts.MaxLogLines; n > 0 {
-		j.st.Log = slices.Delete(j.st.Log, 0, n)
+	j.st.Log = appendLog(j.st.Log, msg, j.r.opts.MaxLogLines)
+}
+
+// appendLog adds a line and keeps the newest keep lines.
+func appendLog(log []LogLine, msg string, keep int) []LogLine {
+	log = append(log, LogLine{Time: time.Now().UTC(), Message: strings.TrimSpace(msg)})
+	if n := len(log) - keep; n > 0 {
+		log = slices.Delete(log, 0, n)
 	}
+	return log
 }
 
 func (j *Job) finish(err error) {
@@ -456,7 +609,15 @@ func (j *Job) finish(err error) {
 
 // saveAndLog persists the job; a failure is logged (the job goes on: its
 // in-memory status stays right, and a restart reports it as interrupted).
+// In shared mode the job is handed to the writer, which never blocks it.
 func (j *Job) saveAndLog() {
+	if s := j.r.shared; s != nil {
+		j.lastSave = time.Now()
+		if !j.written {
+			s.markDirty(j)
+		}
+		return
+	}
 	if err := j.saveLocked(); err != nil {
 		j.r.log.Error("jobs: persist failed", "job", j.st.ID, "error", err)
 	}

@@ -17,14 +17,19 @@ func newRunner(t *testing.T, dir string, conc int) *jobs.Runner {
 	if err != nil {
 		t.Fatal(err)
 	}
+	closeAtEnd(t, r)
+	return r
+}
+
+// closeAtEnd closes r when the test ends; its jobs must end by then.
+func closeAtEnd(t *testing.T, r *jobs.Runner) {
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := r.Close(ctx); err != nil {
 			t.Error(err)
 		}
 	})
-	return r
 }
 
 func wait(t *testing.T, r *jobs.Runner, id string) jobs.Status {

@@ -3,11 +3,9 @@ package catalog_test
 import (
 	"context"
 	"errors"
-	"fmt"
 	"os"
 	"slices"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -25,15 +23,11 @@ var ctl *pgcluster.Cluster
 
 func TestMain(m *testing.M) { os.Exit(pgtest.Main(m, pgcluster.Options{}, &ctl)) }
 
-var dbSeq atomic.Int64
-
 // controlDB creates a fresh database on the control server and returns a
 // pool on it, closed at the end of the test.
 func controlDB(t *testing.T) (string, *pgxpool.Pool) {
 	t.Helper()
-	name := fmt.Sprintf("ctl_%d_%d", os.Getpid(), dbSeq.Add(1))
-	pgtest.Exec(t, ctl.Primary.SuperuserURL("postgres"), "CREATE DATABASE "+name)
-	url := ctl.Primary.SuperuserURL(name)
+	url := pgtest.NewDatabase(t, ctl, "catalog")
 	return url, newPool(t, url)
 }
 
@@ -84,16 +78,6 @@ func (f *follower) project(ref string) (config.Project, bool) {
 }
 
 // waitFor polls cond until it holds or d passes.
-func waitFor(t *testing.T, d time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(d)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("after %s: %s", d, what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 // instance opens a shared catalog with its own state directory and follows
 // the control database until the test ends.
@@ -127,7 +111,7 @@ func TestSharedChangesReachEveryInstance(t *testing.T) {
 	if _, err := a.Add(project("c"), "api"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, time.Second, "a project added on a is served by b", func() bool { return slices.Contains(fb.refs(), "c") })
+	pgtest.WaitFor(t, time.Second, "a project added on a is served by b", func() bool { return slices.Contains(fb.refs(), "c") })
 	t.Logf("added on a, in force on b after %s", time.Since(start).Round(time.Millisecond))
 	if e, ok := b.Project("c"); !ok || e.Source != catalog.SourceRuntime || e.Reason != "api" {
 		t.Fatalf("b's view of c: %+v %v", e, ok)
@@ -136,12 +120,12 @@ func TestSharedChangesReachEveryInstance(t *testing.T) {
 	if _, err := b.Change("a", "api", func(p *config.Project) error { p.PoolSize = 7; return nil }); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, time.Second, "a change on b is in force on a", func() bool { p, _ := fa.project("a"); return p.PoolSize == 7 })
+	pgtest.WaitFor(t, time.Second, "a change on b is in force on a", func() bool { p, _ := fa.project("a"); return p.PoolSize == 7 })
 
 	if err := a.Remove("b", "api"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, time.Second, "a removal on a is in force on b", func() bool { return !slices.Contains(fb.refs(), "b") })
+	pgtest.WaitFor(t, time.Second, "a removal on a is in force on b", func() bool { return !slices.Contains(fb.refs(), "b") })
 	if _, err := b.Add(project("c"), "api"); !errors.Is(err, catalog.ErrExists) {
 		t.Fatalf("adding c twice across instances: %v, want ErrExists", err)
 	}
@@ -180,7 +164,7 @@ func TestSharedSeedRule(t *testing.T) {
 	if p, _ := fc.project("a"); p.PoolSize != 5 {
 		t.Fatalf("the run-time change of a, untouched by the file, was dropped: %+v", p)
 	}
-	waitFor(t, time.Second, "the file's b reaches the first instance", func() bool { p, ok := fa.project("b"); return ok && p.PoolSize == 11 })
+	pgtest.WaitFor(t, time.Second, "the file's b reaches the first instance", func() bool { p, ok := fa.project("b"); return ok && p.PoolSize == 11 })
 
 	bad := project("d")
 	bad.DatabaseURL = "not a url"
@@ -204,7 +188,7 @@ func TestSharedOutage(t *testing.T) {
 	if _, err := a.Add(project("c"), "api"); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, time.Second, "c reaches b", func() bool { return slices.Contains(fb.refs(), "c") })
+	pgtest.WaitFor(t, time.Second, "c reaches b", func() bool { return slices.Contains(fb.refs(), "c") })
 
 	if err := ctl.Primary.Stop(ctx, "fast"); err != nil {
 		t.Fatal(err)
@@ -232,7 +216,7 @@ func TestSharedOutage(t *testing.T) {
 	}
 	restarted = true
 	var d catalog.Entry
-	waitFor(t, 10*time.Second, "a write succeeds once the control database is back", func() bool {
+	pgtest.WaitFor(t, 10*time.Second, "a write succeeds once the control database is back", func() bool {
 		_, err := a.Add(project("d"), "api")
 		var ok bool
 		d, ok = a.Project("d")
@@ -242,7 +226,7 @@ func TestSharedOutage(t *testing.T) {
 		t.Fatalf("d: %+v", d)
 	}
 	for name, f := range map[string]*follower{"b": fb, "restarted": fr} {
-		waitFor(t, 5*time.Second, name+" catches up after the outage", func() bool { return slices.Contains(f.refs(), "d") })
+		pgtest.WaitFor(t, 5*time.Second, name+" catches up after the outage", func() bool { return slices.Contains(f.refs(), "d") })
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -160,4 +161,28 @@ func FreePort(t testing.TB) int {
 		t.Fatalf("pgtest: %v", err)
 	}
 	return port
+}
+
+// NewDatabase creates a database with a name unique to this process on
+// the cluster's primary and returns its superuser URL.
+func NewDatabase(t testing.TB, c *pgcluster.Cluster, prefix string) string {
+	t.Helper()
+	name := fmt.Sprintf("%s_%d_%d", prefix, os.Getpid(), dbSeq.Add(1))
+	Exec(t, c.Primary.SuperuserURL("postgres"), "CREATE DATABASE "+name)
+	return c.Primary.SuperuserURL(name)
+}
+
+var dbSeq atomic.Int64
+
+// WaitFor polls cond every 10 ms until it holds, failing the test with what
+// once d has passed.
+func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("after %s: %s", d, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 }

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -33,6 +35,8 @@ type pool struct {
 	size    int32
 	log     *slog.Logger
 	metrics serverMetrics
+	// links are the live backends' closing state, by backend (see link).
+	links sync.Map
 
 	// The server's settings by lower-case name, with their pg_settings
 	// context, loaded at the first login that needs them (startup.go).
@@ -40,19 +44,54 @@ type pool struct {
 	settings   atomic.Pointer[map[string]string]
 }
 
+// link is what a pool keeps of one of its backends to close it.
+type link struct {
+	served  chan struct{} // closed when the backend's goroutine (serve) returns
+	closing atomic.Bool   // counted in its host's gone
+}
+
 // hostLimiter is the hard cap of backend connections to one host:port. Its
 // semaphore is FIFO, so waiters of all tenants are served in arrival order.
+//
+// The cap changes at run time (fleet shares), and replacing the semaphore
+// would lose its queue and the slots taken from it. So the semaphore has
+// hostSlots units and the limiter itself holds those above the cap
+// (reserved): raising the cap gives reserved units back; lowering it takes
+// more, which waits until connections have closed. That wait is at the head
+// of the queue, so no new dial starts before the host is under the new cap.
 type hostLimiter struct {
 	key string
-	cap int64
+	cap atomic.Int64
 	sem *semaphore.Weighted
+
+	// taken counts the slots in use: backends dialing, open, or closing
+	// until their server has exited, so it is never below what the
+	// server sees. gone counts those closing, which the cap no longer
+	// needs to close.
+	taken atomic.Int64
+	gone  atomic.Int64
 
 	mu      sync.Mutex
 	pools   map[*pool]struct{}
 	waiters map[*pool]int
-	nwait   atomic.Int32 // len of waiters' sum, read without the lock
-	open    atomic.Int64
+	nwait   atomic.Int32 // waiters' sum plus a pending lowering of the cap, read without the lock
+
+	resMu    sync.Mutex
+	reserved int64              // semaphore units held above the cap
+	resStop  context.CancelFunc // ends the pending lowering, if any
+	resDone  chan struct{}      // closed when it has ended; it updates reserved before
 }
+
+// hostSlots is the semaphore's size, the highest cap a host can have.
+const hostSlots = 1 << 30
+
+// serverExitWait bounds how long a closed backend's slot stays taken while
+// its server has not exited (busy in a statement that does not read the
+// socket, or unreachable); it is then taken as gone.
+const serverExitWait = 5 * time.Second
+
+// msgTerminate asks a server process to exit.
+var msgTerminate = []byte{msgTypeTerminate, 0, 0, 0, 4}
 
 // pools is the registry of all pools and host limiters of a server.
 type pools struct {
@@ -65,11 +104,16 @@ type pools struct {
 	mu    sync.Mutex
 	byKey map[string]*pool
 	hosts map[string]*hostLimiter
+
+	// capMu orders changes of maxPerHost against closeAll, so that no
+	// lowering starts on a closed server.
+	capMu  sync.Mutex
+	closed bool
 }
 
 func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *slog.Logger, m *Metrics) *pools {
 	return &pools{
-		maxPerHost:     maxPerHost,
+		maxPerHost:     min(maxPerHost, hostSlots),
 		connectTimeout: connectTimeout,
 		waitTimeout:    waitTimeout,
 		log:            log,
@@ -90,21 +134,14 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 	hostKey := fmt.Sprintf("%s:%d", cfg.Host, cfg.Port)
 	h, ok := ps.hosts[hostKey]
 	if !ok {
-		h = &hostLimiter{key: hostKey, cap: int64(ps.maxPerHost), sem: semaphore.NewWeighted(int64(ps.maxPerHost)),
-			pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
+		h = newHostLimiter(hostKey, int64(ps.maxPerHost))
 		ps.hosts[hostKey] = h
 	}
 	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log, metrics: ps.metrics.forServers(ref)}
 	pp, err := puddle.NewPool(&puddle.Config[*backend]{
 		Constructor: pl.construct(ps),
-		Destructor: func(b *backend) {
-			b.close()
-			h.sem.Release(1)
-			h.open.Add(-1)
-			pl.open.Add(-1)
-			pl.metrics.serverClosed()
-		},
-		MaxSize: int32(size),
+		Destructor:  pl.destroy,
+		MaxSize:     int32(size),
 	})
 	if err != nil {
 		return nil, fmt.Errorf("create pool: %w", err)
@@ -116,6 +153,67 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 	h.pools[pl] = struct{}{}
 	h.mu.Unlock()
 	return pl, nil
+}
+
+func newHostLimiter(key string, limit int64) *hostLimiter {
+	h := &hostLimiter{key: key, sem: semaphore.NewWeighted(hostSlots), reserved: hostSlots - limit,
+		pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
+	h.cap.Store(limit)
+	h.sem.TryAcquire(h.reserved) // a fresh semaphore has them all
+	return h
+}
+
+// destroy is the pool's destructor. The slot is given back only once the
+// server process has exited, so that HostConns never reports less than
+// the server sees and a lowered cap is met on the server, not only here.
+func (pl *pool) destroy(b *backend) {
+	h := pl.host
+	v, _ := pl.links.LoadAndDelete(b)
+	l, _ := v.(*link)
+	if l == nil || !l.closing.Swap(true) {
+		h.gone.Add(1)
+	}
+	// The pool has one fewer to use at once: its fair share and its
+	// waiters' choice between a slot and its own connections count so.
+	pl.open.Add(-1)
+	if l != nil {
+		awaitExit(b, l.served)
+	}
+	b.close()
+	h.gone.Add(-1)
+	h.taken.Add(-1)
+	h.sem.Release(1)
+	pl.metrics.serverClosed()
+}
+
+// awaitExit asks b's server process to exit and waits until it has:
+// PostgreSQL leaves pg_stat_activity before its socket closes, and the
+// close ends the backend's goroutine (served).
+func awaitExit(b *backend, served <-chan struct{}) {
+	select {
+	case <-served:
+		return // the server is gone already
+	default:
+	}
+	_ = b.conn.SetWriteDeadline(time.Now().Add(serverExitWait))
+	if _, err := b.conn.Write(msgTerminate); err != nil {
+		return
+	}
+	t := time.NewTimer(serverExitWait)
+	defer t.Stop()
+	select {
+	case <-served:
+	case <-t.C:
+	}
+}
+
+// condemn counts b, which its holder is about to destroy, as closing: the
+// cap stops counting it at once, so that the next decision to close one
+// above the cap does not pick a second connection for the same excess.
+func (pl *pool) condemn(b *backend) {
+	if v, ok := pl.links.Load(b); ok && !v.(*link).closing.Swap(true) {
+		pl.host.gone.Add(1)
+	}
 }
 
 // construct dials a backend once the host has a free slot. When the host is
@@ -132,12 +230,16 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 		defer dcancel()
 		b, err := dialBackend(dctx, pl.cfg)
 		if err != nil {
-			pl.host.sem.Release(1)
+			pl.host.giveBack()
 			pl.log.Warn("backend dial failed", "project", pl.ref, "host", pl.hostKey, "error", err)
 			return nil, err
 		}
-		go b.serve() // ends when the backend is closed
-		pl.host.open.Add(1)
+		l := &link{served: make(chan struct{})}
+		pl.links.Store(b, l)
+		go func() {
+			defer close(l.served)
+			b.serve() // ends when the backend is closed
+		}()
 		pl.open.Add(1)
 		pl.metrics.serverOpened()
 		if pl.params.Load() == nil {
@@ -160,7 +262,7 @@ const hostBusyWait = 20 * time.Millisecond
 // acquire takes one slot of the host's cap, waiting in FIFO order. A pool
 // that already has connections waits only briefly (errHostBusy).
 func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
-	if h.sem.TryAcquire(1) {
+	if h.sem.TryAcquire(1) && h.take() {
 		return nil
 	}
 	h.mu.Lock()
@@ -177,9 +279,15 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 	}()
 	for {
 		// Idle connections of other pools free a slot at once.
-		h.evictIdle(p)
+		h.evictIdle(p, false)
 		wctx, cancel := context.WithTimeout(ctx, hostBusyWait)
 		err := h.sem.Acquire(wctx, 1)
+		if err == nil && !h.take() {
+			// Over a lowered cap: the slot went back to the semaphore,
+			// where the lowering waits for it; trying again at once would spin.
+			<-wctx.Done()
+			err = wctx.Err()
+		}
 		cancel()
 		if err == nil {
 			return nil
@@ -193,18 +301,47 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 	}
 }
 
-// shouldYield reports whether p should close a released connection so that
-// its slot goes to another pool: only when a pool waits for a slot that has
-// fewer connections than its fair share (the host's cap divided among the
-// pools that have connections or waiters) and p has at least two more than
-// that pool. Capacity so moves from rich to starved tenants, and balanced
-// load causes no reconnects.
-func (h *hostLimiter) shouldYield(p *pool) bool {
+// take counts a slot just acquired from the semaphore, or gives it back
+// when the host is at or over its cap: between the lowering of the cap and
+// the moment the lowering holds its units, the semaphore still has room
+// that the cap no longer gives.
+func (h *hostLimiter) take() bool {
+	if h.taken.Add(1) <= h.cap.Load() {
+		return true
+	}
+	h.giveBack()
+	return false
+}
+
+// giveBack returns a slot that no backend uses (a failed dial).
+func (h *hostLimiter) giveBack() {
+	h.taken.Add(-1)
+	h.sem.Release(1)
+}
+
+// overCap reports whether the host has more connections that are not
+// closing yet than its cap.
+func (h *hostLimiter) overCap() bool {
+	return h.taken.Load()-h.gone.Load() > h.cap.Load()
+}
+
+// shouldYield reports whether p should close its released connection b.
+// While the host is over a lowered cap it should, and b counts as closing
+// from then on. Otherwise only so that its slot goes to another pool: when
+// a pool waits for a slot that has fewer connections than its fair share
+// (the host's cap divided among the pools that have connections or
+// waiters) and p has at least two more than that pool. Capacity so moves
+// from rich to starved tenants, and balanced load causes no reconnects.
+func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	if h.nwait.Load() == 0 {
 		return false // nobody waits for this host: the common case, no lock
 	}
 	h.mu.Lock()
 	defer h.mu.Unlock()
+	if h.overCap() {
+		p.condemn(b)
+		return true
+	}
 	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
 		return false
 	}
@@ -214,7 +351,7 @@ func (h *hostLimiter) shouldYield(p *pool) bool {
 			active++
 		}
 	}
-	share := int32(h.cap / int64(max(active, 1)))
+	share := int32(h.cap.Load() / int64(max(active, 1)))
 	mine := p.open.Load()
 	for q, n := range h.waiters {
 		if q == p || n == 0 {
@@ -227,8 +364,12 @@ func (h *hostLimiter) shouldYield(p *pool) bool {
 	return false
 }
 
-// evictIdle closes one idle connection of a pool other than p, freeing a slot.
-func (h *hostLimiter) evictIdle(p *pool) bool {
+// evictIdle closes idle connections of pools other than p, freeing slots:
+// one for a waiter, or, with overCap, those the host has above its cap.
+func (h *hostLimiter) evictIdle(p *pool, overCap bool) bool {
+	if overCap && !h.overCap() {
+		return false // the common case while a lowering waits for closes
+	}
 	h.mu.Lock()
 	others := make([]*pool, 0, len(h.pools))
 	for q := range h.pools {
@@ -237,18 +378,92 @@ func (h *hostLimiter) evictIdle(p *pool) bool {
 		}
 	}
 	h.mu.Unlock()
+	closed := false
 	for _, q := range others {
-		idle := q.p.AcquireAllIdle()
-		if len(idle) == 0 {
-			continue
+		for _, r := range q.p.AcquireAllIdle() {
+			if (overCap && h.condemnOver(q, r.Value())) || (!overCap && !closed) {
+				r.Destroy()
+				closed = true
+			} else {
+				r.ReleaseUnused()
+			}
 		}
-		idle[0].Destroy()
-		for _, r := range idle[1:] {
-			r.ReleaseUnused()
+		if closed && !overCap {
+			break
 		}
-		return true
 	}
-	return false
+	return closed
+}
+
+// condemnOver counts b of q as closing if the host is over its cap. The
+// lock makes the check and the count one step, as in shouldYield.
+func (h *hostLimiter) condemnOver(q *pool, b *backend) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if !h.overCap() {
+		return false
+	}
+	q.condemn(b)
+	return true
+}
+
+// setCap changes the cap. Raising it gives reserved units back at once;
+// lowering it takes more in the background (lower), after ending a
+// lowering still pending. With start false (the server is closing) it only
+// ends the pending one.
+func (h *hostLimiter) setCap(limit int64, start bool) {
+	h.resMu.Lock()
+	defer h.resMu.Unlock()
+	if h.resStop != nil {
+		h.resStop()
+		<-h.resDone
+		h.resStop, h.resDone = nil, nil
+	}
+	if !start {
+		return
+	}
+	h.cap.Store(limit)
+	want := hostSlots - limit
+	switch {
+	case want < h.reserved:
+		h.sem.Release(h.reserved - want)
+		h.reserved = want
+	case want > h.reserved:
+		ctx, cancel := context.WithCancel(context.Background())
+		done := make(chan struct{})
+		h.resStop, h.resDone = cancel, done
+		n := want - h.reserved
+		go func() {
+			defer close(done)
+			if h.lower(ctx, n) {
+				h.reserved += n // read by setCap only after done is closed
+			}
+		}()
+	}
+}
+
+// lower takes n more units of the semaphore, waiting in its queue until
+// enough connections have closed, and reports whether it got them before
+// ctx ended. Meanwhile connections above the cap are closed: idle ones
+// here, busy ones when released (shouldYield, which nwait sends to its
+// slow path).
+func (h *hostLimiter) lower(ctx context.Context, n int64) bool {
+	h.nwait.Add(1)
+	defer h.nwait.Add(-1)
+	got := make(chan error, 1)
+	go func() { got <- h.sem.Acquire(ctx, n) }()
+	tick := time.NewTicker(hostBusyWait)
+	defer tick.Stop()
+	for {
+		// Idle connections can come back above the cap after a pass:
+		// released just before the cap was lowered.
+		h.evictIdle(nil, true)
+		select {
+		case err := <-got:
+			return err == nil
+		case <-tick.C:
+		}
+	}
 }
 
 // waitCtx is the deadline of one wait for a backend; its context (and
@@ -309,7 +524,7 @@ func (pl *pool) acquireBackend(wait *waitCtx) (*puddle.Resource[*backend], error
 // for a slot on this host and this pool is above its fair share.
 func (pl *pool) release(res *puddle.Resource[*backend]) {
 	pl.lastUse.Store(time.Now().UnixNano())
-	if pl.host.shouldYield(pl) {
+	if pl.host.shouldYield(pl, res.Value()) {
 		res.Destroy()
 		return
 	}
@@ -372,8 +587,15 @@ func (ps *pools) dropProject(ref string, keepURLs map[string]bool) {
 	}
 }
 
-// closeAll closes every pool (shutdown).
+// closeAll closes every pool (shutdown), after ending pending lowerings
+// of host caps.
 func (ps *pools) closeAll() {
+	ps.capMu.Lock()
+	ps.closed = true
+	for _, h := range ps.hostList() {
+		h.setCap(0, false)
+	}
+	ps.capMu.Unlock()
 	ps.mu.Lock()
 	all := make([]*pool, 0, len(ps.byKey))
 	for _, p := range ps.byKey {
@@ -383,6 +605,52 @@ func (ps *pools) closeAll() {
 	for _, p := range all {
 		ps.drop(p)
 	}
+}
+
+func (ps *pools) hostList() []*hostLimiter {
+	ps.mu.Lock()
+	defer ps.mu.Unlock()
+	return slices.Collect(maps.Values(ps.hosts))
+}
+
+// setMaxPerHost changes the cap of every host, and of hosts met later.
+func (ps *pools) setMaxPerHost(n int) {
+	n = min(max(n, 1), hostSlots)
+	ps.capMu.Lock()
+	defer ps.capMu.Unlock()
+	ps.mu.Lock()
+	ps.maxPerHost = n
+	ps.mu.Unlock()
+	for _, h := range ps.hostList() {
+		h.setCap(int64(n), !ps.closed)
+	}
+}
+
+// SetMaxServerConnPerHost changes max_server_conn_per_host at run time, for
+// the share of a fleet's cap that this process is given (n below 1 is
+// taken as 1). Raising it takes effect at once. Lowering it closes idle
+// connections above the new cap soon, and busy ones when their clients
+// release them; no new connection to a host is dialed until the host is
+// under the new cap.
+func (s *Server) SetMaxServerConnPerHost(n int) { s.pools.setMaxPerHost(n) }
+
+// MaxServerConnPerHost is the cap in force.
+func (s *Server) MaxServerConnPerHost() int {
+	s.pools.mu.Lock()
+	defer s.pools.mu.Unlock()
+	return s.pools.maxPerHost
+}
+
+// HostConns reports, per host:port, the backend connections this process
+// holds: open, being dialed, or closed but with a server process that has
+// not exited yet. It is never below what the server sees of this process,
+// so a fleet can grant shares from it without exceeding a common cap.
+func (s *Server) HostConns() map[string]int {
+	out := map[string]int{}
+	for _, h := range s.pools.hostList() {
+		out[h.key] = int(h.taken.Load())
+	}
+	return out
 }
 
 // stats is a snapshot of every pool, for the admin plane.

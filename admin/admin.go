@@ -57,6 +57,12 @@ type Options struct {
 	// Provisioner creates a new project's database on [provision] when
 	// POST /v1/projects has no database_url.
 	Provisioner Provisioner
+	// Instances lists the fleet ([catalog].url); nil lists this instance alone.
+	Instances InstanceLister
+	// InstanceID names this instance: every response says it in the header
+	// X-Cascata-Instance, so that behind a load balancer the answering
+	// instance is known.
+	InstanceID string
 
 	// MaxBodyBytes limits JSON request bodies; 0 = 1 MiB.
 	MaxBodyBytes int64
@@ -127,6 +133,7 @@ func New(opts Options) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/jobs", h.listJobs)
 	h.mux.HandleFunc("GET /v1/jobs/{id}", h.getJob)
 	h.mux.HandleFunc("GET /v1/jobs/{id}/result", h.jobResult)
+	h.mux.HandleFunc("GET /v1/instances", h.instances)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no route %s %s", r.Method, r.URL.Path)
 	})
@@ -138,6 +145,9 @@ func (h *Handler) Handle(pattern string, fn http.HandlerFunc) { h.mux.HandleFunc
 
 // ServeHTTP checks CORS and the bearer token, then routes.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if h.opts.InstanceID != "" {
+		w.Header().Set("X-Cascata-Instance", h.opts.InstanceID)
+	}
 	if origin := r.Header.Get("Origin"); origin != "" {
 		if !slices.Contains(h.opts.CORSOrigins, origin) {
 			writeError(w, http.StatusForbidden, "origin not allowed")

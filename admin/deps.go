@@ -9,6 +9,7 @@ import (
 	"cascata/internal/catalog"
 	"cascata/internal/config"
 	"cascata/internal/eject"
+	"cascata/internal/fleet"
 	"cascata/internal/jobs"
 	"cascata/internal/stats"
 )
@@ -95,6 +96,11 @@ type Provisioner interface {
 	Drop(ctx context.Context, p config.Project) error
 }
 
+// InstanceLister lists the instances of a fleet (*fleet.Member).
+type InstanceLister interface {
+	Instances(ctx context.Context) ([]fleet.Instance, error)
+}
+
 // Pinger checks that a database answers.
 type Pinger interface {
 	Ping(ctx context.Context, databaseURL string) error
@@ -127,7 +133,7 @@ func statusOf(err error) int {
 		return http.StatusBadRequest
 	case errors.As(err, new(config.Problems)):
 		return http.StatusBadRequest
-	case errors.Is(err, jobs.ErrClosed):
+	case errors.Is(err, jobs.ErrClosed), errors.Is(err, catalog.ErrUnavailable):
 		return http.StatusServiceUnavailable
 	}
 	return http.StatusInternalServerError

@@ -2,6 +2,7 @@ package admin
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -9,7 +10,10 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"time"
 
+	"cascata/internal/catalog"
+	"cascata/internal/fleet"
 	"cascata/internal/jobs"
 )
 
@@ -93,6 +97,10 @@ func (h *Handler) pause(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	res := PauseResult{Project: ref, Paused: true, Drained: true}
 	if err := h.opts.Pauser.Pause(ctx, ref); err != nil {
+		if errors.Is(err, catalog.ErrUnavailable) {
+			h.fail(w, r, err)
+			return
+		}
 		res.Drained = false
 		res.Message = err.Error()
 	}
@@ -323,4 +331,24 @@ func (h *Handler) readyz(w http.ResponseWriter, r *http.Request) {
 		res.Status, res.Failing, status = "unready", fail, http.StatusServiceUnavailable
 	}
 	writeJSON(w, status, res)
+}
+
+// InstanceList is GET /v1/instances.
+type InstanceList struct {
+	Instances []fleet.Instance `json:"instances"`
+}
+
+// instances lists the fleet, or this instance alone without [catalog].url.
+func (h *Handler) instances(w http.ResponseWriter, r *http.Request) {
+	if h.opts.Instances == nil {
+		self := fleet.Instance{ID: h.opts.InstanceID, Heartbeat: time.Now().UTC(), Live: true}
+		writeJSON(w, http.StatusOK, InstanceList{Instances: []fleet.Instance{self}})
+		return
+	}
+	list, err := h.opts.Instances.Instances(r.Context())
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, InstanceList{Instances: list})
 }

@@ -615,7 +615,7 @@ func (ps *pools) hostList() []*hostLimiter {
 
 // setMaxPerHost changes the cap of every host, and of hosts met later.
 func (ps *pools) setMaxPerHost(n int) {
-	n = min(max(n, 1), hostSlots)
+	n = min(max(n, 0), hostSlots)
 	ps.capMu.Lock()
 	defer ps.capMu.Unlock()
 	ps.mu.Lock()
@@ -627,8 +627,9 @@ func (ps *pools) setMaxPerHost(n int) {
 }
 
 // SetMaxServerConnPerHost changes max_server_conn_per_host at run time, for
-// the share of a fleet's cap that this process is given (n below 1 is
-// taken as 1). Raising it takes effect at once. Lowering it closes idle
+// the share of a fleet's cap that this process is given. 0 opens nothing:
+// an instance joining a fleet whose others still hold the whole cap waits,
+// its clients queued, until they make room. Raising it takes effect at once. Lowering it closes idle
 // connections above the new cap soon, and busy ones when their clients
 // release them; no new connection to a host is dialed until the host is
 // under the new cap.

@@ -14,7 +14,6 @@ import (
 
 	"cascata/admin"
 	"cascata/internal/archive"
-	"cascata/internal/catalog"
 	"cascata/internal/config"
 	"cascata/internal/jobs"
 )
@@ -27,11 +26,13 @@ import (
 // [provision] and [state] are read when the admin handler is built: a
 // SIGHUP reload does not change where imports go (restart for that).
 type planeArchiver struct {
-	cat      *catalog.Catalog
+	cat      projectCatalog
 	jobs     *jobs.Runner
 	log      *slog.Logger
 	prov     config.Provision
 	stateDir string
+	// secretsDir receives an import's key files (see secretsDir).
+	secretsDir string
 	// allowedHosts is [admin].eject_allowed_hosts: imports to other hosts are refused.
 	allowedHosts []string
 }
@@ -41,7 +42,7 @@ type planeArchiver struct {
 // were marked failed when the job runner opened).
 func newArchiver(p *adminPlane) *planeArchiver {
 	ar := &planeArchiver{cat: p.cat, jobs: p.jobs, log: p.a.log, prov: p.a.cfg.Provision, stateDir: p.a.cfg.State.Dir,
-		allowedHosts: p.a.cfg.Admin.EjectAllowedHosts}
+		allowedHosts: p.a.cfg.Admin.EjectAllowedHosts, secretsDir: secretsDir(p.a.cfg)}
 	for _, left := range []struct{ dir, prefix string }{{ar.uploadDir(), "import-"}, {ar.scratchDir(), "caf-export-"}} {
 		entries, _ := os.ReadDir(left.dir)
 		for _, e := range entries {
@@ -175,7 +176,7 @@ func (ar *planeArchiver) StartImport(ctx context.Context, body io.Reader, as, pa
 		LoginUser:     ar.prov.LoginUser,
 		LoginPassword: loginPassword,
 		StorageRoot:   ar.prov.StorageRoot,
-		SecretsDir:    filepath.Join(ar.stateDir, "secrets"),
+		SecretsDir:    ar.secretsDir,
 		Exists: func(_ context.Context, ref string) (bool, error) {
 			_, ok := ar.cat.Project(ref)
 			return ok, nil

@@ -24,27 +24,52 @@ import (
 )
 
 // adminPlane holds what the admin plane changes at run time: the project
-// catalog (file + [state].dir), the job runner and the ejector. newApp opens
-// it, so the catalog's project set is in force before the proxy serves.
+// catalog (file + [state].dir, or the fleet's control database), the job
+// runner and the ejector. newApp opens it, so the catalog's project set is
+// in force before the proxy serves.
 type adminPlane struct {
 	a       *app
-	cat     *catalog.Catalog
+	cat     projectCatalog
+	fleet   *fleetPlane  // nil without [catalog].url
+	pauser  admin.Pauser // the proxy, or the fleet's pauses
 	jobs    *jobs.Runner
 	ej      *eject.Ejector
 	applied map[string]bool // refs put in force last time (catalog calls are serialized)
+}
+
+// projectCatalog is the project catalog: *catalog.Catalog (one instance)
+// or *catalog.Shared (a fleet).
+type projectCatalog interface {
+	admin.ProjectStore
+	SetFile(cfg *config.Config, text []byte) error
 }
 
 // openPlane opens the catalog in [state].dir (putting the merged project set
 // in force through applyProjects), the job runner in [state].dir/jobs and
 // the ejector.
 func openPlane(a *app) (*adminPlane, error) {
-	p := &adminPlane{a: a, applied: map[string]bool{}}
-	cat, err := catalog.Open(catalog.Options{Dir: a.cfg.State.Dir, Config: a.cfg, File: a.fileText(), Apply: p.apply, Logger: a.log})
-	if err != nil {
-		return nil, err
+	p := &adminPlane{a: a, applied: map[string]bool{}, pauser: a.srv}
+	if a.cfg.Catalog.URL != "" {
+		f, err := openFleet(a, p.apply)
+		if err != nil {
+			return nil, err
+		}
+		p.fleet, p.cat, p.pauser = f, f.cat, f.member
+	} else {
+		cat, err := catalog.Open(catalog.Options{Dir: a.cfg.State.Dir, Config: a.cfg, File: a.fileText(), Apply: p.apply, Logger: a.log})
+		if err != nil {
+			return nil, err
+		}
+		p.cat = cat
 	}
-	p.cat = cat
-	if p.jobs, err = jobs.New(jobs.Options{Dir: filepath.Join(a.cfg.State.Dir, "jobs"), Logger: a.log}); err != nil {
+	var err error
+	jo := jobs.Options{Dir: filepath.Join(a.cfg.State.Dir, "jobs"), Logger: a.log}
+	if p.fleet != nil {
+		// Jobs live in the control database: every instance lists them and
+		// serves their results; one claims each.
+		jo.Shared = &jobs.SharedOptions{Pool: p.fleet.pool, InstanceID: p.fleet.id, InstanceTimeout: a.cfg.Catalog.InstanceTimeout.Duration}
+	}
+	if p.jobs, err = jobs.New(jo); err != nil {
 		return nil, err
 	}
 	binDir := ""
@@ -55,7 +80,7 @@ func openPlane(a *app) (*adminPlane, error) {
 	} else {
 		a.log.Warn("PostgreSQL programs not found next to the server binaries; ejection looks for pg_dump and pg_restore on PATH", "error", err)
 	}
-	if p.ej, err = eject.New(eject.Options{Pauser: a.srv, Catalog: cat, BinDir: binDir, Logger: a.log}); err != nil {
+	if p.ej, err = eject.New(eject.Options{Pauser: p.pauser, Catalog: p.cat, BinDir: binDir, Logger: a.log}); err != nil {
 		return nil, err
 	}
 	return p, nil
@@ -112,9 +137,25 @@ func catalogFileText(cfgPath string) ([]byte, error) {
 	return text, nil
 }
 
+// start follows the fleet once the instance listens (nothing to do alone).
+func (p *adminPlane) start(proxyAddr, adminAddr string) {
+	if p.fleet != nil {
+		p.fleet.start(proxyAddr, adminAddr)
+	}
+}
+
 // close stops the job runner: running jobs are cancelled (an ejection
 // resumes its project on the source) and waited for until ctx ends.
 func (p *adminPlane) close(ctx context.Context) error { return p.jobs.Close(ctx) }
+
+// leave stops following the fleet and marks this instance stopped; called
+// once the proxy has drained, so that its share of the host cap is not
+// handed to others while it still holds backends.
+func (p *adminPlane) leave() {
+	if p.fleet != nil {
+		p.fleet.close()
+	}
+}
 
 // handler builds the admin HTTP handler on the plane.
 func (p *adminPlane) handler() (http.Handler, error) {
@@ -126,12 +167,14 @@ func (p *adminPlane) handler() (http.Handler, error) {
 		Logger:      a.log,
 		Projects:    p.cat,
 		Pools:       poolReader{a.srv},
-		Pauser:      a.srv,
+		Pauser:      p.pauser,
 		Jobs:        p.jobs,
 		Ejector:     p,
 		Archiver:    newArchiver(p),
 		Pinger:      pinger{timeout: a.cfg.Proxy.ServerConnectTimeout.Duration},
 		Provisioner: newProvisioner(p),
+		Instances:   p.instances(),
+		InstanceID:  p.instanceID(),
 	})
 }
 
@@ -226,4 +269,20 @@ func targetAllowed(allowed []string, what, rawURL string) error {
 		}
 	}
 	return nil
+}
+
+// instances lists the fleet on GET /v1/instances; nil alone.
+func (p *adminPlane) instances() admin.InstanceLister {
+	if p.fleet == nil {
+		return nil
+	}
+	return p.fleet.member
+}
+
+// instanceID names this instance in the admin plane's answers.
+func (p *adminPlane) instanceID() string {
+	if p.fleet == nil {
+		return p.a.cfg.Catalog.InstanceID
+	}
+	return p.fleet.id
 }

@@ -16,6 +16,7 @@ import (
 	"cascata/internal/archive"
 	"cascata/internal/catalog"
 	"cascata/internal/config"
+	"cascata/internal/controldb"
 	"cascata/internal/storage"
 )
 
@@ -61,15 +62,27 @@ func passphraseFrom(env string) ([]byte, error) {
 }
 
 // openCatalog opens the project catalog (cascata.toml at cfgPath plus the
-// run-time projects of [state].dir) without putting anything in force: a
-// running `cascata serve` picks up a registered import when it restarts.
-// It fingerprints the file's projects as `serve` does (catalogFileText).
-func openCatalog(cfg *config.Config, cfgPath string) (*catalog.Catalog, error) {
+// run-time projects of [state].dir, or the fleet's control database)
+// without putting anything in force: a running `cascata serve` picks up a
+// registered import when it restarts, or at once in a fleet. It
+// fingerprints the file's projects as `serve` does (catalogFileText).
+func openCatalog(cfg *config.Config, cfgPath string) (projectCatalog, error) {
 	text, err := catalogFileText(cfgPath)
 	if err != nil {
 		return nil, err
 	}
-	return catalog.Open(catalog.Options{Dir: cfg.State.Dir, Config: cfg, File: text, Apply: func([]config.Project) error { return nil }})
+	none := func([]config.Project) error { return nil }
+	if cfg.Catalog.URL == "" {
+		return catalog.Open(catalog.Options{Dir: cfg.State.Dir, Config: cfg, File: text, Apply: none})
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	pool, err := controldb.Open(ctx, cfg.Catalog.URL, 2)
+	if err != nil {
+		return nil, err
+	}
+	// The pool lives as long as the command: one catalog per process.
+	return catalog.OpenShared(ctx, catalog.SharedOptions{Pool: pool, Dir: cfg.State.Dir, Config: cfg, File: text, Apply: none})
 }
 
 // catalogProject loads the config at path and returns project ref as the
@@ -246,7 +259,7 @@ func archiveImport(ctx context.Context, args []string, stdout, stderr io.Writer)
 		LoginPassword: loginPassword,
 		StorageRoot:   pv.StorageRoot,
 		VectorsDir:    *vectors,
-		SecretsDir:    filepath.Join(cfg.State.Dir, "secrets"),
+		SecretsDir:    secretsDir(cfg),
 		Overwrite:     *overwrite,
 		Exists: func(_ context.Context, ref string) (bool, error) {
 			_, ok := cat.Project(ref)
@@ -350,4 +363,14 @@ func storageTarget(cfg *config.Config, ref string) (*archive.StorageTarget, erro
 		s3 = s3.Join(join)
 	}
 	return &archive.StorageTarget{S3: s3, AccessKeyEnv: src.S3AccessKeyEnv, SecretKeyEnv: src.S3SecretKeyEnv}, nil
+}
+
+// secretsDir is where an import writes its key files: [state].dir/secrets,
+// or nowhere in a fleet, where the secret goes into the shared catalog (a
+// file would exist on one instance only; a JWKS cannot be imported there).
+func secretsDir(cfg *config.Config) string {
+	if cfg.Catalog.URL != "" {
+		return ""
+	}
+	return filepath.Join(cfg.State.Dir, "secrets")
 }

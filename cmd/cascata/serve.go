@@ -189,6 +189,7 @@ func (a *app) serve(ctx context.Context, hup <-chan os.Signal, ready func(proxyA
 			}
 		}()
 	}
+	a.plane.start(ln.Addr().String(), adminAddr)
 	a.log.Info("cascata listening", "proxy", ln.Addr().String(), "admin", adminAddr, "projects", len(a.cfg.Projects))
 	if ready != nil {
 		ready(ln.Addr().String(), adminAddr)
@@ -219,6 +220,7 @@ loop:
 	if err := a.srv.Shutdown(sctx); err != nil && runErr == nil {
 		runErr = err
 	}
+	a.plane.leave()
 	return runErr
 }
 

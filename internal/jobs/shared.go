@@ -60,7 +60,7 @@ const (
 	// database are removed from Dir.
 	cacheCleanEvery = time.Minute
 	// startTimeout bounds New's migration and leftover marking.
-	startTimeout = time.Minute
+	startTimeout = 10 * time.Second
 	// partPattern names result files being copied from the control database.
 	partPattern = ".result.part-"
 )
@@ -138,6 +138,8 @@ type shared struct {
 
 	sweepCancel context.CancelFunc
 	sweepDone   chan struct{}
+	// ready: the tables are migrated and this instance's leftovers failed.
+	ready atomic.Bool
 }
 
 func openShared(r *Runner, opts SharedOptions) (*shared, error) {
@@ -170,17 +172,13 @@ func openShared(r *Runner, opts SharedOptions) (*shared, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	defer cancel()
-	if err := Migrate(ctx, s.pool); err != nil {
-		return nil, err
-	}
-	left, err := s.failJobs(ctx, `SELECT id, owner, kind, project, state, phase, log FROM `+jobsTable+`
-		WHERE owner = $1 AND state IN ('queued', 'running') FOR UPDATE`, []any{opts.InstanceID},
-		func(v victim) string { return interrupted(v.state, v.phase) })
-	if err != nil {
-		return nil, fmt.Errorf("jobs: mark this instance's interrupted jobs: %w", err)
-	}
-	for _, v := range left {
-		r.log.Warn("job interrupted by a restart", "job", v.id, "kind", v.kind, "project", v.project, "phase", v.phase)
+	if err := s.prepare(ctx); err != nil {
+		if !controldb.Unreachable(err) {
+			return nil, err
+		}
+		// A start without the control database: the data plane serves from
+		// the cached catalog; the sweep prepares the table when it answers.
+		r.log.Warn("jobs: control database unreachable; jobs are available once it answers", "error", err)
 	}
 	s.bg, s.bgCancel = context.WithCancel(context.Background())
 	sweepCtx, sweepCancel := context.WithCancel(context.Background())
@@ -188,6 +186,25 @@ func openShared(r *Runner, opts SharedOptions) (*shared, error) {
 	go s.writeLoop()
 	go s.sweepLoop(sweepCtx)
 	return s, nil
+}
+
+// prepare migrates the jobs' tables and fails this instance's jobs a
+// previous process left active.
+func (s *shared) prepare(ctx context.Context) error {
+	if err := Migrate(ctx, s.pool); err != nil {
+		return err
+	}
+	left, err := s.failJobs(ctx, `SELECT id, owner, kind, project, state, phase, log FROM `+jobsTable+`
+		WHERE owner = $1 AND state IN ('queued', 'running') FOR UPDATE`, []any{s.opts.InstanceID},
+		func(v victim) string { return interrupted(v.state, v.phase) })
+	if err != nil {
+		return fmt.Errorf("jobs: mark this instance's interrupted jobs: %w", err)
+	}
+	for _, v := range left {
+		s.r.log.Warn("job interrupted by a restart", "job", v.id, "kind", v.kind, "project", v.project, "phase", v.phase)
+	}
+	s.ready.Store(true)
+	return nil
 }
 
 // claim inserts a new job owned by this instance; the unique index on a
@@ -372,7 +389,13 @@ func (s *shared) sweepLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		err := s.sweep(ctx)
+		var err error
+		if !s.ready.Load() {
+			err = s.prepare(ctx)
+		}
+		if err == nil {
+			err = s.sweep(ctx)
+		}
 		switch {
 		case ctx.Err() != nil:
 			return

@@ -16,6 +16,7 @@ import (
 	"cascata/internal/fleet"
 
 	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // fleetPlane is this instance's part of a fleet ([catalog].url): the
@@ -59,6 +60,14 @@ func openFleet(a *app, apply func([]config.Project) error) (*fleetPlane, error) 
 		pool.Close()
 		return nil, err
 	}
+	a.reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cascata_instance_info",
+			Help:        "This instance of the fleet (constant 1): its id and version label every scrape.",
+			ConstLabels: prometheus.Labels{"instance_id": f.id, "version": buildVersion()}}, func() float64 { return 1 }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "cascata_fleet_share",
+			Help: "Backend connections per host this instance may hold: its share of max_server_conn_per_host."},
+			func() float64 { return float64(f.member.Share()) }),
+	)
 	a.log.Info("joined the fleet", "instance", f.id, "share", f.member.Share())
 	return f, nil
 }

@@ -326,19 +326,21 @@ func (m *Member) syncPauses(ctx context.Context, q querier) error {
 	if err := m.flushResumes(ctx); err != nil {
 		return err
 	}
-	rows, err := q.Query(ctx, `SELECT ref, epoch, paused, min_revision FROM `+controldb.Schema+`.pauses`)
+	rows, err := q.Query(ctx, `SELECT p.ref, p.epoch, p.paused, p.min_revision,
+			p.paused AND p.owner <> '' AND NOT EXISTS (SELECT 1 FROM `+controldb.Schema+`.instances i WHERE i.id = p.owner AND `+LiveSQL+`)
+		FROM `+controldb.Schema+`.pauses p`, m.opts.Timeout.String())
 	if err != nil {
 		return fmt.Errorf("fleet: read pauses: %w", err)
 	}
 	type pauseRow struct {
-		ref         string
-		epoch, minR int64
-		paused      bool
+		ref          string
+		epoch, minR  int64
+		paused, lost bool // lost: the instance that paused it stopped
 	}
 	var ps []pauseRow
 	for rows.Next() {
 		var p pauseRow
-		if err := rows.Scan(&p.ref, &p.epoch, &p.paused, &p.minR); err != nil {
+		if err := rows.Scan(&p.ref, &p.epoch, &p.paused, &p.minR, &p.lost); err != nil {
 			rows.Close()
 			return fmt.Errorf("fleet: read pauses: %w", err)
 		}
@@ -348,6 +350,10 @@ func (m *Member) syncPauses(ctx context.Context, q querier) error {
 		return fmt.Errorf("fleet: read pauses: %w", err)
 	}
 	for _, p := range ps {
+		if p.lost {
+			m.endLostPause(ctx, p.ref, p.epoch)
+			continue
+		}
 		m.mu.Lock()
 		h := m.held[p.ref]
 		m.mu.Unlock()
@@ -365,6 +371,22 @@ func (m *Member) syncPauses(ctx context.Context, q querier) error {
 		}
 	}
 	return nil
+}
+
+// endLostPause resumes a pause whose instance stopped (killed in the
+// middle of an ejection, say): nobody else would. The catalog is read first
+// so that the resume names the newest revision, a switch the stopped
+// instance wrote included; of several instances doing this, one wins.
+func (m *Member) endLostPause(ctx context.Context, ref string, epoch int64) {
+	if err := m.opts.Catalog.Sync(ctx); err != nil {
+		return
+	}
+	tag, err := m.opts.Pool.Exec(ctx, `WITH r AS (UPDATE `+controldb.Schema+`.pauses SET paused = false, epoch = epoch + 1,
+			min_revision = $3, owner = '', changed = now() WHERE ref = $1 AND epoch = $2 AND paused RETURNING ref)
+		SELECT pg_catalog.pg_notify($4, ref) FROM r`, ref, epoch, m.opts.Catalog.Revision(), channel)
+	if err == nil && tag.RowsAffected() > 0 {
+		m.log.Warn("fleet: the instance that paused a project stopped; the pause is ended", "project", ref)
+	}
 }
 
 type querier interface {
@@ -437,9 +459,9 @@ var ErrUnavailable = catalog.ErrUnavailable
 func (m *Member) Pause(ctx context.Context, ref string) error {
 	var epoch int64
 	err := pgx.BeginFunc(ctx, m.opts.Pool, func(tx pgx.Tx) error {
-		if err := tx.QueryRow(ctx, `INSERT INTO `+controldb.Schema+`.pauses AS p (ref, epoch, paused) VALUES ($1, 1, true)
-			ON CONFLICT (ref) DO UPDATE SET epoch = p.epoch + 1, paused = true, changed = now()
-			RETURNING epoch`, ref).Scan(&epoch); err != nil {
+		if err := tx.QueryRow(ctx, `INSERT INTO `+controldb.Schema+`.pauses AS p (ref, epoch, paused, owner) VALUES ($1, 1, true, $2)
+			ON CONFLICT (ref) DO UPDATE SET epoch = p.epoch + 1, paused = true, owner = excluded.owner, changed = now()
+			RETURNING epoch`, ref, m.opts.ID).Scan(&epoch); err != nil {
 			return err
 		}
 		_, err := tx.Exec(ctx, "SELECT pg_catalog.pg_notify($1, $2)", channel, ref)
@@ -509,7 +531,7 @@ func (m *Member) flushResumes(ctx context.Context) error {
 	for _, ref := range refs {
 		err := pgx.BeginFunc(ctx, m.opts.Pool, func(tx pgx.Tx) error {
 			if _, err := tx.Exec(ctx, `UPDATE `+controldb.Schema+`.pauses SET paused = false, epoch = epoch + 1,
-				min_revision = $2, changed = now() WHERE ref = $1 AND paused`, ref, pending[ref]); err != nil {
+				min_revision = $2, owner = '', changed = now() WHERE ref = $1 AND paused`, ref, pending[ref]); err != nil {
 				return err
 			}
 			_, err := tx.Exec(ctx, "SELECT pg_catalog.pg_notify($1, $2)", channel, ref)

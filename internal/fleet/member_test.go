@@ -230,3 +230,25 @@ func TestPauseLeavesOutASilentInstance(t *testing.T) {
 	}
 	t.Logf("pause with a silent instance: %s", took.Round(time.Millisecond))
 }
+
+// A pause whose instance stops (killed in the middle of an ejection) ends:
+// the others would otherwise hold the project for ever.
+func TestPauseOfAStoppedInstanceEnds(t *testing.T) {
+	pool := controlDB(t)
+	a := join(t, pool, "a", 30, 1500*time.Millisecond)
+	b := join(t, pool, "b", 30, 1500*time.Millisecond)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := a.m.Pause(ctx, "p1"); err != nil {
+		t.Fatal(err)
+	}
+	if !b.srv.Paused("p1") {
+		t.Fatal("b does not hold the project")
+	}
+	b.cat.rev.Store(3) // the newest revision b has: the resume names it
+	a.stop()
+	pgtest.WaitFor(t, 5*time.Second, "b releases the project of a stopped instance's pause", func() bool { return !b.srv.Paused("p1") })
+	if v := pgtest.QueryValue(t, pool.Config().ConnString(), "SELECT min_revision FROM cascata_control.pauses WHERE ref = 'p1'"); v != "3" {
+		t.Fatalf("the resume names revision %s, want b's 3", v)
+	}
+}

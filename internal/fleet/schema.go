@@ -41,6 +41,8 @@ var steps = []controldb.Step{
 		acked    timestamptz NOT NULL DEFAULT now(),
 		PRIMARY KEY (ref, instance)
 	);`,
+	// 2: the instance that started a pause: when it stops, the pause ends.
+	`ALTER TABLE pauses ADD COLUMN owner text NOT NULL DEFAULT ''`,
 }
 
 // Migrate creates or upgrades the fleet's tables.

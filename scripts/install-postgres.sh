@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the PostgreSQL server binaries (initdb, pg_ctl, pg_basebackup),
-# psql, pgbench and pgcrypto are present. As root it installs Debian's
-# packages; otherwise it prints the one command to run and fails.
+# psql, pgbench and pgcrypto are present, and haproxy, which the fleet tests
+# put in front of several instances. As root it installs Debian's packages;
+# otherwise it prints the one command to run and fails.
 set -euo pipefail
 have_server() {
   for d in /usr/lib/postgresql/*/bin; do
@@ -12,10 +13,13 @@ have_server() {
   done
   return 1
 }
-if have_server; then
+have_haproxy() {
+  command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ]
+}
+if have_server && have_haproxy; then
   exit 0
 fi
-pkgs="postgresql postgresql-contrib postgresql-client"
+pkgs="postgresql postgresql-contrib postgresql-client haproxy"
 if [ "$(id -u)" -eq 0 ]; then
   echo "installing PostgreSQL server binaries: apt-get install -y $pkgs" >&2
   apt-get update -qq
@@ -29,8 +33,9 @@ if [ "$(id -u)" -eq 0 ]; then
     done
   fi
   have_server || { echo "PostgreSQL binaries still missing after install" >&2; exit 1; }
+  have_haproxy || { echo "haproxy still missing after install" >&2; exit 1; }
 else
-  echo "PostgreSQL server binaries are missing. Install them with:" >&2
+  echo "PostgreSQL server binaries or haproxy are missing. Install them with:" >&2
   echo "  sudo apt-get install -y $pkgs" >&2
   exit 1
 fi

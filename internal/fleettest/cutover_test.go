@@ -146,24 +146,13 @@ func ejectUnderWrites(t *testing.T, f *fleet, lb *loadBalancer, ref, method stri
 	}, http.StatusAccepted, &started)
 	ejectStart := time.Now()
 
-	// The job is visible on every instance (reported, the ejection goes on).
-	for _, in := range f.insts {
-		_, err := poll(propagation, func() error {
-			ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
-			defer cancel()
-			r, err := in.call(ctx, "GET", "/v1/jobs/"+started.Job, nil)
-			if err != nil {
-				return err
-			}
-			if r.status != http.StatusOK {
-				return fmt.Errorf("%v", r)
-			}
-			return nil
-		})
-		if err != nil {
-			t.Errorf("job %s not visible on %s within %v: %v", started.Job, in.name, propagation, err)
+	everywhere(t, f.insts, ejectStart, propagation, "ejection job visible", func(in *instance) error {
+		r, err := in.call(t.Context(), "GET", "/v1/jobs/"+started.Job, nil)
+		if err == nil && r.status != http.StatusOK {
+			err = fmt.Errorf("%v", r)
 		}
-	}
+		return err
+	})
 	var job jobs.Status
 	eventually(t, 90*time.Second, "ejection job ends", func() error {
 		i2.admin(t, "GET", "/v1/jobs/"+started.Job, nil, http.StatusOK, &job)
@@ -178,11 +167,20 @@ func ejectUnderWrites(t *testing.T, f *fleet, lb *loadBalancer, ref, method stri
 	}
 	t.Logf("ejection (%s) took %v", method, time.Since(ejectStart).Round(time.Millisecond))
 
+	// Every instance routes the project to the target.
+	everywhere(t, f.insts, time.Now(), propagation, "target database_url shown", func(in *instance) error {
+		v, err := in.project(t.Context(), ref)
+		if err == nil && !sameDatabase(v.DatabaseURL, target.Primary.URL("authenticator", "", ref)) {
+			err = fmt.Errorf("database_url %s", v.DatabaseURL)
+		}
+		return err
+	})
+
 	// Writers go on until the target has taken writes of its own.
+	tc := pgtest.Connect(t, targetURL)
 	eventually(t, 20*time.Second, "writes on the target", func() error {
 		var n int
-		conn := pgtest.Connect(t, targetURL)
-		if err := conn.QueryRow(t.Context(), "SELECT count(*) FROM items WHERE origin = inet_server_port()").Scan(&n); err != nil {
+		if err := tc.QueryRow(t.Context(), "SELECT count(*) FROM items WHERE origin = inet_server_port()").Scan(&n); err != nil {
 			return err
 		}
 		if n < 100 {
@@ -191,18 +189,6 @@ func ejectUnderWrites(t *testing.T, f *fleet, lb *loadBalancer, ref, method stri
 		return nil
 	})
 	w.finish()
-
-	// Every instance routes the project to the target.
-	for _, in := range f.insts {
-		eventually(t, propagation, in.name+" shows the target database_url", func() error {
-			var v admin.ProjectView
-			in.admin(t, "GET", "/v1/projects/"+ref, nil, http.StatusOK, &v)
-			if !sameDatabase(v.DatabaseURL, target.Primary.URL("authenticator", "", ref)) {
-				return fmt.Errorf("database_url %s", v.DatabaseURL)
-			}
-			return nil
-		})
-	}
 
 	onTarget, onSource := itemRows(t, targetURL), itemRows(t, sourceURL)
 	var lost, staleSource, landedWithError []string

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"cascata/admin"
 	"cascata/auth"
 	"cascata/internal/pgtest"
 
@@ -87,6 +88,17 @@ func token(t testing.TB, ref, role string) string {
 func clientURL(t testing.TB, addr, ref string) string {
 	t.Helper()
 	return roleURL(t, addr, ref, "authenticated")
+}
+
+// urls is roleURL through each instance's proxy port, by instance name,
+// made before goroutines need them (a failing mint ends the test).
+func urls(t testing.TB, insts []*instance, ref, role string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for _, in := range insts {
+		out[in.name] = roleURL(t, in.proxyAddr, ref, role)
+	}
+	return out
 }
 
 // clientAppName is the application_name of every test client; the proxy
@@ -275,9 +287,11 @@ func (r adminResponse) String() string {
 	return fmt.Sprintf("%d %s", r.status, strings.TrimSpace(string(r.body)))
 }
 
-// call sends one admin request; it never fails the test, so goroutines may
-// use it.
+// call sends one admin request, given 30s at most; it never fails the
+// test, so goroutines may use it.
 func (in *instance) call(ctx context.Context, method, path string, body any) (adminResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
 	var rd io.Reader
 	if body != nil {
 		b, err := json.Marshal(body)
@@ -310,9 +324,7 @@ func (in *instance) call(ctx context.Context, method, path string, body any) (ad
 // want; out, when not nil, receives the JSON body.
 func (in *instance) admin(t testing.TB, method, path string, body any, want int, out any) adminResponse {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 30*time.Second)
-	defer cancel()
-	r, err := in.call(ctx, method, path, body)
+	r, err := in.call(t.Context(), method, path, body)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -365,23 +377,27 @@ func (in *instance) liveCount(t testing.TB) int {
 	return n
 }
 
-// poll calls cond every 20ms until it returns nil or within passes, and
-// returns how long that took or cond's last error.
+// poll calls cond every 20ms until it returns nil or within passes. It
+// returns when the attempt that succeeded began (an attempt may itself take
+// a while on a loaded machine) or cond's last error.
 func poll(within time.Duration, cond func() error) (time.Duration, error) {
 	start := time.Now()
 	for {
+		began := time.Since(start)
 		err := cond()
-		if err == nil {
-			return time.Since(start), nil
-		}
-		if time.Since(start) > within {
-			return time.Since(start), err
+		switch {
+		case err == nil && began <= within:
+			return began, nil
+		case err == nil:
+			return began, fmt.Errorf("held only at an attempt begun after %v", began.Round(time.Millisecond))
+		case time.Since(start) > within:
+			return began, err
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
 }
 
-// eventually is poll that fails the test when cond never holds.
+// eventually is poll that fails the test when cond never holds in time.
 func eventually(t testing.TB, within time.Duration, what string, cond func() error) time.Duration {
 	t.Helper()
 	took, err := poll(within, cond)
@@ -389,6 +405,50 @@ func eventually(t testing.TB, within time.Duration, what string, cond func() err
 		t.Fatalf("%s: not within %v: %v", what, within, err)
 	}
 	return took
+}
+
+// everywhere polls cond on every instance at once until it holds on each,
+// counting within from since: an instance checked after another would
+// otherwise be given less time. It fails the test naming the instances
+// where cond did not hold in time, and logs when it held on each.
+func everywhere(t testing.TB, insts []*instance, since time.Time, within time.Duration, what string, cond func(in *instance) error) {
+	t.Helper()
+	took := make([]time.Duration, len(insts))
+	errs := make([]error, len(insts))
+	var wg sync.WaitGroup
+	for i, in := range insts {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			offset := time.Since(since)
+			d, err := poll(within-offset, func() error { return cond(in) })
+			took[i], errs[i] = offset+d, err
+		}()
+	}
+	wg.Wait()
+	for i, in := range insts {
+		if errs[i] != nil {
+			t.Errorf("%s on %s: not within %v: %v", what, in.name, within, errs[i])
+		} else {
+			t.Logf("%s on %s after %v", what, in.name, took[i].Round(time.Millisecond))
+		}
+	}
+	if t.Failed() {
+		t.FailNow()
+	}
+}
+
+// project is GET /v1/projects/{ref} without failing the test.
+func (in *instance) project(ctx context.Context, ref string) (admin.ProjectView, error) {
+	var v admin.ProjectView
+	r, err := in.call(ctx, "GET", "/v1/projects/"+ref, nil)
+	if err != nil {
+		return v, err
+	}
+	if r.status != http.StatusOK {
+		return v, fmt.Errorf("GET /v1/projects/%s: %v", ref, r)
+	}
+	return v, json.Unmarshal(r.body, &v)
 }
 
 // waitLive waits until every instance of the fleet shows n live instances.

@@ -20,6 +20,9 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
+// installLockKey serializes Install in one database ("cascata.keys").
+const installLockKey int64 = 0x636b657973
+
 // Install creates (or upgrades) the cascata schema in the database at
 // ownerURL and returns the project's claims key. It is idempotent.
 func Install(ctx context.Context, ownerURL string) ([]byte, error) {
@@ -28,6 +31,13 @@ func Install(ctx context.Context, ownerURL string) ([]byte, error) {
 		return nil, fmt.Errorf("connect as owner: %w", err)
 	}
 	defer conn.Close(ctx)
+	// Instances of a fleet install at the same moment when they start
+	// together; IF NOT EXISTS does not stop two sessions from creating the
+	// same schema or function at once (23505, "tuple concurrently
+	// updated"). The lock ends with the connection.
+	if _, err := conn.Exec(ctx, "SELECT pg_catalog.pg_advisory_lock($1)", installLockKey); err != nil {
+		return nil, fmt.Errorf("lock the cascata schema: %w", err)
+	}
 	if _, err := conn.Exec(ctx, "CREATE EXTENSION IF NOT EXISTS pgcrypto"); err != nil {
 		return nil, fmt.Errorf("create extension pgcrypto (package postgresql-contrib): %w", err)
 	}

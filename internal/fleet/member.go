@@ -84,13 +84,18 @@ type Member struct {
 	every time.Duration
 	wake  chan struct{}
 
-	mu      sync.Mutex
-	limit   int                           // the share in force
-	held    map[string]*hold              // projects this instance holds for a fleet pause
-	resumes map[string]int64              // resumes not yet written (control database down)
-	cancels map[string]context.CancelFunc // running local pauses
-	wg      sync.WaitGroup
-	ctx     context.Context
+	mu    sync.Mutex
+	limit int // the share in force
+	// raiseAfter: no raise of the share before this time. After a time out
+	// of touch every other heartbeat looks stale; the others are alive
+	// and hold their shares until they beat again.
+	raiseAfter time.Time
+	inTouch    bool                          // the last exchange with the control database worked
+	held       map[string]*hold              // projects this instance holds for a fleet pause
+	resumes    map[string]int64              // resumes not yet written (control database down)
+	cancels    map[string]context.CancelFunc // running local pauses
+	wg         sync.WaitGroup
+	ctx        context.Context
 }
 
 type hold struct {
@@ -123,6 +128,9 @@ func (m *Member) Start(ctx context.Context) error {
 		err = m.beat(ctx)
 	}
 	if err == nil {
+		m.mu.Lock()
+		m.inTouch = true
+		m.mu.Unlock()
 		return nil
 	}
 	if !controldb.Unreachable(err) {
@@ -141,7 +149,21 @@ func (m *Member) Run(ctx context.Context) {
 	m.ctx = ctx
 	m.mu.Unlock()
 	defer m.wg.Wait()
-	controldb.Follow(ctx, m.log, "fleet", m.follow)
+	controldb.Follow(ctx, m.log, "fleet", func(ctx context.Context, connected func()) error {
+		err := m.follow(ctx, func() {
+			m.mu.Lock()
+			if !m.inTouch {
+				m.raiseAfter = time.Now().Add(m.opts.Timeout)
+			}
+			m.inTouch = true
+			m.mu.Unlock()
+			connected()
+		})
+		m.mu.Lock()
+		m.inTouch = false
+		m.mu.Unlock()
+		return err
+	})
 	m.mu.Lock()
 	for _, c := range m.cancels {
 		c()
@@ -218,6 +240,7 @@ func (m *Member) beat(ctx context.Context) error {
 	m.mu.Lock()
 	cur := m.limit
 	adminURL, proxyURL := m.opts.AdminURL, m.opts.ProxyURL
+	mayRaise := !time.Now().Before(m.raiseAfter)
 	m.mu.Unlock()
 	held := max(cur, 0)
 	for _, n := range m.opts.Server.HostConns() {
@@ -244,7 +267,10 @@ func (m *Member) beat(ctx context.Context) error {
 		target := m.opts.Cap / n
 		next = target
 		if target > cur {
-			next = max(cur, min(target, m.opts.Cap-others))
+			next = cur
+			if mayRaise {
+				next = max(cur, min(target, m.opts.Cap-others))
+			}
 		}
 		if next > held {
 			_, err := tx.Exec(ctx, `UPDATE `+controldb.Schema+`.instances SET share = $2 WHERE id = $1`, m.opts.ID, next)

@@ -252,3 +252,34 @@ func TestPauseOfAStoppedInstanceEnds(t *testing.T) {
 		t.Fatalf("the resume names revision %s, want b's 3", v)
 	}
 }
+
+// After an outage of the control database longer than the instance
+// timeout every heartbeat is stale; an instance back in touch must not take
+// the shares of the others, which are alive and hold them.
+func TestSharesAfterAnOutage(t *testing.T) {
+	ctx := context.Background()
+	pool := controlDB(t)
+	const cap, timeout = 30, 1500 * time.Millisecond
+	nodes := []*node{join(t, pool, "a", cap, timeout), join(t, pool, "b", cap, timeout), join(t, pool, "c", cap, timeout)}
+	pgtest.WaitFor(t, 10*time.Second, "three instances take 10 each", func() bool {
+		return nodes[0].m.Share() == 10 && nodes[1].m.Share() == 10 && nodes[2].m.Share() == 10
+	})
+	if err := ctl.Primary.Stop(ctx, "fast"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * timeout) // the outage: every heartbeat ages past the timeout
+	if err := ctl.Primary.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * timeout)
+	for time.Now().Before(deadline) {
+		total := 0
+		for _, n := range nodes {
+			total += n.m.Share()
+		}
+		if total > cap {
+			t.Fatalf("after the outage the shares add up to %d, cap %d", total, cap)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}

@@ -391,11 +391,8 @@ func (s *Server) Serve(ln net.Listener) error {
 // Shutdown stops accepting, lets running transactions finish until ctx ends,
 // then closes every client and backend.
 func (s *Server) Shutdown(ctx context.Context) error {
+	s.StopAccepting()
 	s.mu.Lock()
-	s.closing = true
-	for _, ln := range s.lns {
-		_ = ln.Close()
-	}
 	sessions := make([]*session, 0, len(s.sessions))
 	for _, ss := range s.sessions {
 		sessions = append(sessions, ss)
@@ -423,6 +420,19 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	<-s.monDone
 	s.pools.closeAll()
 	return err
+}
+
+// StopAccepting closes the listeners: new connections are refused by the
+// kernel (a load balancer retries them on another instance) instead of
+// being accepted and told that the proxy is shutting down. Shutdown does
+// it too; a process calls it first thing on SIGTERM.
+func (s *Server) StopAccepting() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closing = true
+	for _, ln := range s.lns {
+		_ = ln.Close()
+	}
 }
 
 // PoolStats is a snapshot of every pool.

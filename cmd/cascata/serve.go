@@ -207,6 +207,7 @@ loop:
 			break loop
 		}
 	}
+	a.srv.StopAccepting()
 	a.log.Info("shutting down", "timeout", a.cfg.Proxy.ShutdownTimeout.Duration)
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.Proxy.ShutdownTimeout.Duration)
 	defer cancel()

@@ -4,7 +4,7 @@ BIN     := bin/cascata
 PKGS    := ./...
 export PATH := /usr/local/go/bin:$(PATH)
 
-.PHONY: help build run test lint fuzz bench compat compat-suites pg clean
+.PHONY: help build run test lint fuzz bench bench-scale compat compat-suites pg clean
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
@@ -42,6 +42,10 @@ fuzz: ## run each fuzz target for 30 s
 
 bench: build pg ## pgbench through cascata, PgBouncer and direct; writes bench/RESULTS.md
 	bench/run.sh
+
+bench-scale: build pg ## one cascata, 1,000 projects, 1k–10k clients: RSS, goroutines, fds, backends, newly-active latency; section of bench/RESULTS.md, bench/scale-plot.svg
+	$(GO) build -o bin/cascata-scale ./bench/scale
+	ulimit -n 65536 2>/dev/null || ulimit -n "$$(ulimit -Hn)"; ./bin/cascata-scale -cascata $(BIN)
 
 clean: ## remove build output and demo state
 	rm -rf bin .cascata

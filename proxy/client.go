@@ -144,7 +144,7 @@ func (ss *session) onFunctionCall() error {
 
 // writeLocalComplete answers a statement the proxy consumed itself.
 func (ss *session) writeLocalComplete(tag string) {
-	ss.wmu.Lock()
+	ss.lockOut()
 	defer ss.wmu.Unlock()
 	ss.scratch, _ = encodeTo(ss.wr, &pgproto3.CommandComplete{CommandTag: []byte(tag)}, ss.scratch)
 	_, _ = ss.wr.Write(rfq('I'))

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bufio"
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
@@ -230,6 +231,9 @@ type Server struct {
 	gates      sync.Map    // ref -> *gate, kept across reloads
 	runs       sync.Map    // ref -> *projectRun, kept across reloads
 	types      *pgtype.Map // built-in type names by OID (read only)
+	// readers and writers hold the 32 KiB buffers of idle clients for the
+	// clients with bytes in flight (session.idle).
+	readers, writers *sync.Pool
 
 	clients atomic.Int64
 
@@ -261,6 +265,8 @@ func NewServer(opts Options) (*Server, error) {
 		classifier: opts.Classifier,
 		sessions:   map[uint32]*session{},
 		types:      pgtype.NewMap(),
+		readers:    readerPool(),
+		writers:    &sync.Pool{New: func() any { return bufio.NewWriterSize(nil, ioBufSize) }},
 	}
 	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
 	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, s.log, s.metrics)

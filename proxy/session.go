@@ -133,7 +133,6 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		srv:           s,
 		conn:          c,
 		rd:            rd,
-		wr:            bufio.NewWriterSize(c, ioBufSize),
 		ref:           ref,
 		ident:         id,
 		identKey:      id.Role + "\x00" + id.Claims,
@@ -153,7 +152,46 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 	}
 	ss.settingsKey = settingsKey(ss.settings)
 	ss.cond = sync.NewCond(&ss.mu)
+	rd.releasable(c, s.readers)
 	return ss
+}
+
+// lockOut locks the client's writer (wmu), taking a buffer for it when the
+// idle session gave its own back.
+func (ss *session) lockOut() {
+	ss.wmu.Lock()
+	if ss.wr == nil {
+		ss.wr = ss.srv.writers.Get().(*bufio.Writer)
+		ss.wr.Reset(ss.conn)
+	}
+}
+
+// idle gives the session's buffers back while it waits for its client
+// with nothing buffered: an idle client costs its goroutine and a little
+// state, not 64 KiB of buffers. The client goroutine calls it before each
+// read; endUnit calls releaseOut when a unit ends after that read began.
+func (ss *session) idle() {
+	ss.rd.release()
+	ss.releaseOut()
+}
+
+// releaseOut gives the writer's buffer back when no backend is attached
+// (an attached one, in session mode or pinned, may write at any time) and
+// nothing waits in it. A writer busy right now is left alone: it is
+// released at the next idle moment.
+func (ss *session) releaseOut() {
+	ss.mu.Lock()
+	attached := ss.be != nil
+	ss.mu.Unlock()
+	if attached || !ss.wmu.TryLock() {
+		return
+	}
+	if ss.wr != nil && ss.wr.Buffered() == 0 {
+		ss.wr.Reset(nil)
+		ss.srv.writers.Put(ss.wr)
+		ss.wr = nil
+	}
+	ss.wmu.Unlock()
 }
 
 // greet finishes the startup: AuthenticationOk, the server's parameters,
@@ -190,7 +228,7 @@ func (ss *session) greet(ctx context.Context) error {
 	params["client_encoding"] = "UTF8"
 	params["session_authorization"] = ss.ident.Role
 	params["is_superuser"] = "off"
-	ss.wmu.Lock() // a shutdown may write to this client concurrently
+	ss.lockOut() // a shutdown may write to this client concurrently
 	defer ss.wmu.Unlock()
 	w := ss.wr
 	var buf []byte
@@ -256,6 +294,7 @@ func (ss *session) run() {
 		ss.srv.unregister(ss)
 	}()
 	for {
+		ss.idle()
 		typ, n, err := ss.rd.next()
 		if err != nil {
 			var tooLarge *errMessageTooLarge
@@ -656,7 +695,7 @@ func (ss *session) writeLocal(e *pgproto3.ErrorResponse, status byte) {
 		ss.cond.Wait()
 	}
 	ss.mu.Unlock()
-	ss.wmu.Lock()
+	ss.lockOut()
 	defer ss.wmu.Unlock()
 	if e != nil {
 		ss.scratch, _ = encodeTo(ss.wr, e, ss.scratch)
@@ -757,7 +796,7 @@ func (ss *session) relay(a attachment) *unit {
 			continue // BindComplete, DataRow, ParameterStatus, notices of the setup
 		}
 		if !locked {
-			ss.wmu.Lock()
+			ss.lockOut()
 			locked = true
 		}
 		if hold && (n+5 > ss.wr.Available() || typ == msgTypeReadyForQuery) {
@@ -1067,6 +1106,7 @@ func (ss *session) endUnit(u *unit) {
 	if u.stopping {
 		ss.sayShutdown()
 	}
+	ss.releaseOut()
 }
 
 // backendLost handles a backend that died or broke the protocol: it is
@@ -1115,7 +1155,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 		return
 	}
 	if pend > 0 {
-		ss.wmu.Lock()
+		ss.lockOut()
 		ss.scratch, _ = encodeTo(ss.wr, e, ss.scratch)
 		for range pend {
 			_, _ = ss.wr.Write(rfq('I'))
@@ -1218,7 +1258,7 @@ func (ss *session) shutdown() {
 }
 
 func (ss *session) sayShutdown() {
-	ss.wmu.Lock()
+	ss.lockOut()
 	ss.scratch, _ = encodeTo(ss.wr, toErrorResponse(fatalError(CodeAdminShutdown, "terminating connection: cascata is shutting down"), true), ss.scratch)
 	_ = ss.wr.Flush()
 	ss.wmu.Unlock()

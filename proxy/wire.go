@@ -6,6 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
+	"sync"
+
+	"cascata/internal/sockio"
 
 	"github.com/jackc/pgx/v5/pgproto3"
 )
@@ -18,16 +22,57 @@ const ioBufSize = 32 * 1024
 // body) from a buffered stream. It decodes nothing: callers look at the type
 // and either take the body (small messages they act on) or stream it on.
 type msgReader struct {
-	r       *bufio.Reader
+	r       *bufio.Reader // nil while released (see release)
 	maxBody int
 	typ     byte
 	n       int // body length of the current message
 	taken   bool
 	scratch []byte
+
+	// src is what r reads; with a pool, r goes back to it while the
+	// connection is idle and nothing is buffered, and the wait for the next
+	// bytes needs no buffer (sockio.WaitReadable).
+	src  net.Conn
+	pool *sync.Pool
 }
 
 func newMsgReader(r io.Reader, maxBody int) *msgReader {
 	return &msgReader{r: bufio.NewReaderSize(r, ioBufSize), maxBody: maxBody, taken: true}
+}
+
+// readerPool holds read buffers of idle connections for the ones with
+// bytes in flight.
+func readerPool() *sync.Pool {
+	return &sync.Pool{New: func() any { return bufio.NewReaderSize(nil, ioBufSize) }}
+}
+
+// releasable lets m give its buffer back to pool while idle, when c can be
+// waited on without one.
+func (m *msgReader) releasable(c net.Conn, pool *sync.Pool) {
+	if sockio.CanWait(c) {
+		m.src, m.pool = c, pool
+	}
+}
+
+// release gives the buffer back when nothing is buffered and the current
+// message is consumed. The caller holds no slice of a body read before.
+func (m *msgReader) release() {
+	if m.pool == nil || m.r == nil || !m.taken || m.r.Buffered() > 0 {
+		return
+	}
+	m.r.Reset(nil)
+	m.pool.Put(m.r)
+	m.r = nil
+}
+
+// acquire waits for bytes without a buffer, then takes one.
+func (m *msgReader) acquire() error {
+	if err := sockio.WaitReadable(m.src); err != nil {
+		return err
+	}
+	m.r = m.pool.Get().(*bufio.Reader)
+	m.r.Reset(m.src)
+	return nil
 }
 
 // errMessageTooLarge is returned for a message over the configured maximum.
@@ -43,6 +88,11 @@ func (e *errMessageTooLarge) Error() string {
 // next reads the header of the next message. The previous message's body must
 // have been consumed with body, forward or skip.
 func (m *msgReader) next() (byte, int, error) {
+	if m.r == nil {
+		if err := m.acquire(); err != nil {
+			return 0, 0, err
+		}
+	}
 	if !m.taken {
 		if err := m.skip(); err != nil {
 			return 0, 0, err
@@ -147,7 +197,7 @@ func (m *msgReader) skip() error {
 }
 
 // buffered reports whether more bytes are waiting, so writers know when to flush.
-func (m *msgReader) buffered() bool { return m.r.Buffered() > 0 }
+func (m *msgReader) buffered() bool { return m.r != nil && m.r.Buffered() > 0 }
 
 func unexpectedEOF(err error) error {
 	if err == io.EOF {
@@ -286,6 +336,9 @@ func (m *msgReader) wait() error {
 			return err
 		}
 	}
+	if m.r == nil {
+		return m.acquire()
+	}
 	_, err := m.r.Peek(1)
 	return err
 }
@@ -293,6 +346,9 @@ func (m *msgReader) wait() error {
 // fullMessageBuffered reports whether a whole next message already sits in
 // the read buffer, so the relay may keep batching instead of flushing.
 func (m *msgReader) fullMessageBuffered() bool {
+	if m.r == nil {
+		return false
+	}
 	n := m.r.Buffered()
 	if n < 5 {
 		return false

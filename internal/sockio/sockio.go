@@ -17,6 +17,8 @@ type conn struct {
 	rd, wr     sockOp
 	onReadable func(uintptr) bool // readOnce, made once
 	onWritable func(uintptr) bool // writeAll, made once
+	onPeek     func(uintptr) bool // WaitReadable's peek, made once
+	peekBuf    [1]byte
 }
 
 // sockOp is the state of the read or write under way.

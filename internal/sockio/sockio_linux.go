@@ -30,6 +30,7 @@ func New(c net.Conn) net.Conn {
 	}
 	s := &conn{Conn: c, raw: raw}
 	s.onReadable, s.onWritable = s.readOnce, s.writeAll
+	s.onPeek = func(fd uintptr) bool { return peek(fd, &s.peekBuf) }
 	return s
 }
 
@@ -111,4 +112,41 @@ func (s *conn) writeAll(fd uintptr) bool {
 		}
 	}
 	return true
+}
+
+// CanWait reports whether WaitReadable can wait on c without a buffer: a
+// plain TCP connection (as New returns it or not); not TLS.
+func CanWait(c net.Conn) bool { return Raw(c) != nil }
+
+// WaitReadable returns once c has bytes to read (or its peer closed it, or
+// it failed), without reading them and without a buffer: a reader may give
+// its buffer back while it waits. A peek of one byte tells whether data is
+// there; only its EAGAIN hands the wait to the poller, so no readiness edge
+// is missed. For a connection CanWait refuses it returns at once.
+func WaitReadable(c net.Conn) error {
+	if s, ok := c.(*conn); ok {
+		return s.raw.Read(s.onPeek) // made once: no allocation per wait
+	}
+	raw := Raw(c)
+	if raw == nil {
+		return nil
+	}
+	var b [1]byte
+	return raw.Read(func(fd uintptr) bool { return peek(fd, &b) })
+}
+
+// peek reports whether fd has bytes (or an end or error) to read, without
+// reading them; false only for EAGAIN, which sends the caller to the poller.
+func peek(fd uintptr, b *[1]byte) bool {
+	for {
+		_, _, errno := syscall.RawSyscall6(syscall.SYS_RECVFROM, fd, uintptr(unsafe.Pointer(&b[0])), 1,
+			syscall.MSG_PEEK|syscall.MSG_DONTWAIT, 0, 0)
+		switch errno {
+		case syscall.EINTR:
+			continue
+		case syscall.EAGAIN:
+			return false
+		}
+		return true
+	}
 }

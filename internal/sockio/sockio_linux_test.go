@@ -234,3 +234,43 @@ func TestErrors(t *testing.T) {
 		}
 	})
 }
+
+// WaitReadable returns once bytes are there, leaves them to be read, and
+// returns at the peer's close too; bytes that arrived before the wait
+// began do not need a new readiness edge.
+func TestWaitReadable(t *testing.T) {
+	a, b := tcpPair(t)
+	for name, c := range map[string]net.Conn{"raw": New(a), "plain": a} {
+		if !CanWait(c) {
+			t.Fatalf("%s: CanWait refuses a TCP connection", name)
+		}
+		done := make(chan error, 1)
+		go func() { done <- WaitReadable(c) }()
+		select {
+		case err := <-done:
+			t.Fatalf("%s: returned before any byte: %v", name, err)
+		case <-time.After(50 * time.Millisecond):
+		}
+		if _, err := b.Write([]byte("xy")); err != nil {
+			t.Fatal(err)
+		}
+		if err := <-done; err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		// The bytes are still there; a second wait returns at once.
+		if err := WaitReadable(c); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 2)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "xy" {
+			t.Fatalf("%s: read %q, %v after the wait", name, buf, err)
+		}
+	}
+	b.Close()
+	if err := WaitReadable(New(a)); err != nil {
+		t.Fatalf("at the peer's close: %v", err)
+	}
+	if n, err := New(a).Read(make([]byte, 1)); n != 0 || err != io.EOF {
+		t.Fatalf("after the close: %d, %v", n, err)
+	}
+}

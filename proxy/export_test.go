@@ -1,0 +1,20 @@
+package proxy
+
+// WritersHeld counts the sessions of s holding a write buffer.
+func WritersHeld(s *Server) int {
+	s.mu.Lock()
+	sessions := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		sessions = append(sessions, ss)
+	}
+	s.mu.Unlock()
+	n := 0
+	for _, ss := range sessions {
+		ss.wmu.Lock()
+		if ss.wr != nil {
+			n++
+		}
+		ss.wmu.Unlock()
+	}
+	return n
+}

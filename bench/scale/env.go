@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -47,11 +46,13 @@ type world struct {
 	baseRSS    int64 // KiB, before any client
 }
 
-// randomHex returns n random bytes as hex.
-func randomHex(n int) string {
-	b := make([]byte, n)
-	_, _ = rand.Read(b) // never fails on Linux
-	return hex.EncodeToString(b)
+// randomText returns n random characters (base32, 5 bits each).
+func randomText(n int) string {
+	var b strings.Builder
+	for b.Len() < n {
+		b.WriteString(rand.Text())
+	}
+	return b.String()[:n]
 }
 
 // raiseNoFile lifts this process's RLIMIT_NOFILE to at least want.
@@ -82,7 +83,7 @@ func startPostgres(ctx context.Context, w *world, o *options) (password string, 
 	if err != nil {
 		return "", fmt.Errorf("start postgres: %w", err)
 	}
-	password = randomHex(16)
+	password = randomText(32)
 	for i := range o.databases {
 		spec := pgcluster.ProjectSpec{Database: fmt.Sprintf("scale_%d", i), LoginPassword: password}
 		if err := pgcluster.SetupProject(ctx, w.cluster.Primary, spec); err != nil {
@@ -106,7 +107,7 @@ func writeConfig(w *world, o *options, password string) error {
 	mk := func(prefix string, n, offset int) []project {
 		out := make([]project, n)
 		for i := range out {
-			out[i] = project{ref: fmt.Sprintf("%s_%04d", prefix, i), db: fmt.Sprintf("scale_%d", (i+offset)%o.databases), secret: []byte(randomHex(32))}
+			out[i] = project{ref: fmt.Sprintf("%s_%04d", prefix, i), db: fmt.Sprintf("scale_%d", (i+offset)%o.databases), secret: []byte(randomText(64))}
 		}
 		return out
 	}
@@ -119,7 +120,7 @@ func writeConfig(w *world, o *options, password string) error {
 	}
 	w.proxyAddr = fmt.Sprintf("127.0.0.1:%d", proxyPort)
 	w.adminURL = fmt.Sprintf("http://127.0.0.1:%d", adminPort)
-	w.adminToken = randomHex(24)
+	w.adminToken = randomText(40)
 	maxClients := o.steps[len(o.steps)-1] + o.busyProjects*o.busyPer + 1000
 	var b strings.Builder
 	fmt.Fprintf(&b, `[proxy]

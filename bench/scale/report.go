@@ -161,16 +161,18 @@ func section(res *outcome, svgLink string) string {
 	p("")
 	p("### Idle clients")
 	p("")
-	p("| clients | projects with clients | connect s (failed) | RSS MiB | RSS per client KiB (target < %.0f) | Go heap / stacks in use per client KiB | goroutines | per client | open fds | pools: after connecting → at the reading | backends at the reading | most backends in the step (cap %d) | load avg (1 min) |", targetKiBPerClient, o.hostCap)
-	p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-	p("| 0 | 0 | — | %.1f | — | — | %d | — | %d | %d | %d | — | %s |", float64(res.base.rssKB)/1024, res.base.goroutines, res.base.fds, res.base.pools, res.base.backends, strings.Fields(res.loadStart + " ?")[0])
+	p("| clients | projects with clients | connect s (failed) | RSS MiB | RSS per client KiB (target < %.0f) | the clients added since the row above, KiB each | Go heap / stacks in use per client KiB | goroutines | per client | open fds | pools: after connecting → at the reading | backends at the reading | most backends in the step (cap %d) | load avg (1 min) |", targetKiBPerClient, o.hostCap)
+	p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	p("| 0 | 0 | — | %.1f | — | — | — | %d | — | %d | %d | %d | — | %s |", float64(res.base.rssKB)/1024, res.base.goroutines, res.base.fds, res.base.pools, res.base.backends, strings.Fields(res.loadStart + " ?")[0])
+	prev, prevLive := res.base, 0
 	for _, s := range res.steps {
 		kib := s.idle.kibPerClient(res.base.rssKB, s.live)
-		p("| %s | %s | %.1f (%d) | %.1f | %.1f %s | %.1f / %.1f | %d | %.2f | %d | %d → %d | %d | %d | %s |",
+		p("| %s | %s | %.1f (%d) | %.1f | %.1f %s | %.1f | %.1f / %.1f | %d | %.2f | %d | %d → %d | %d | %d | %s |",
 			thousands(s.live), thousands(s.projects), s.connect.Seconds(), s.connectFails, float64(s.idle.rssKB)/1024,
-			kib, verdict(kib < targetKiBPerClient),
+			kib, verdict(kib < targetKiBPerClient), s.idle.kibPerClient(prev.rssKB, s.live-prevLive),
 			perClient(s.idle.heapKB-res.base.heapKB, s.live), perClient(s.idle.stackKB-res.base.stackKB, s.live), s.idle.goroutines, s.idle.goroutinesPerClient(res.base, s.live),
 			s.idle.fds, s.opened.pools, s.idle.pools, s.idle.backends, s.stepWin.max, strings.Fields(s.loadAvg + " ?")[0])
+		prev, prevLive = s.idle, s.live
 	}
 	p("")
 	p("### Light activity")
@@ -194,7 +196,8 @@ func section(res *outcome, svgLink string) string {
 	p("%d busy clients (%d on each of %d projects, `%s` back to back) hold the host cap (%d × pool_size %d ≥ %d).", o.busyProjects*o.busyPer, o.busyPer, o.busyProjects, o.busyQuery, o.busyProjects, o.poolSize, o.hostCap)
 	p("Then up to %d projects that had no client and no pool (checked in `GET /v1/pools` first) are probed one after", o.probes)
 	p("another, each once: connect (JWT login) + first `SELECT 1`, timed from the dial to the result; the probes of a")
-	p("step stop after %s. Percentiles are over the probes that succeeded; a failed one counts against the target.", o.probeTime)
+	p("step stop after %s. Percentiles are over the probes that succeeded (nearest rank: under 100 probes the p99 is the", o.probeTime)
+	p("slowest); a failed one counts against the target.")
 	p("Backends are sampled in pg_stat_activity; their mean age and the sessions PostgreSQL saw end (pg_stat_database)")
 	p("show how often cascata closed and dialled backends. The busy clients are measured alone for %s first (after 2 s to", busyAlone)
 	p("settle); %d backends each running `%s` back to back could serve up to %.0f queries/s.", o.hostCap, o.busyQuery, busyCeiling(o))
@@ -228,7 +231,12 @@ func section(res *outcome, svgLink string) string {
 		allKiB = allKiB && s.idle.kibPerClient(res.base.rssKB, s.live) < targetKiBPerClient
 		allP99 = allP99 && s.probes.lat.count() >= o.probes && s.probes.lat.pct(0.99) < targetP99Ms
 	}
-	p("- RSS per idle client (its goroutines included) under %.0f KiB at every count: %s.", targetKiBPerClient, verdict(allKiB))
+	var perCount []string
+	for _, s := range res.steps {
+		kib := s.idle.kibPerClient(res.base.rssKB, s.live)
+		perCount = append(perCount, fmt.Sprintf("%s at %s (%.1f KiB)", strings.ReplaceAll(verdict(kib < targetKiBPerClient), "**", ""), thousands(s.live), kib))
+	}
+	p("- RSS per idle client (its goroutines included) under %.0f KiB at every count: %s — %s.", targetKiBPerClient, verdict(allKiB), strings.Join(perCount, ", "))
 	p("- p99 connect + first query of a newly active project under %.0f ms at every count: %s.", targetP99Ms, verdict(allP99))
 	capNote := fmt.Sprintf("held: at most %d backends in %d samples", res.runWin.max, res.runWin.samples)
 	if res.runWin.max > o.hostCap {

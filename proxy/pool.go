@@ -75,6 +75,11 @@ type hostLimiter struct {
 	pools   map[*pool]struct{}
 	waiters map[*pool]int
 	nwait   atomic.Int32 // waiters' sum plus a pending lowering of the cap, read without the lock
+	// yielding counts backends closing to give their slot to a starved
+	// pool (shouldYield) whose slot is not free yet: a close takes until
+	// the server exits, and meanwhile every other release would yield too.
+	yielding int
+	yielded  map[*backend]bool
 
 	resMu    sync.Mutex
 	reserved int64              // semaphore units held above the cap
@@ -157,7 +162,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 
 func newHostLimiter(key string, limit int64) *hostLimiter {
 	h := &hostLimiter{key: key, sem: semaphore.NewWeighted(hostSlots), reserved: hostSlots - limit,
-		pools: map[*pool]struct{}{}, waiters: map[*pool]int{}}
+		pools: map[*pool]struct{}{}, waiters: map[*pool]int{}, yielded: map[*backend]bool{}}
 	h.cap.Store(limit)
 	h.sem.TryAcquire(h.reserved) // a fresh semaphore has them all
 	return h
@@ -183,6 +188,7 @@ func (pl *pool) destroy(b *backend) {
 	h.gone.Add(-1)
 	h.taken.Add(-1)
 	h.sem.Release(1)
+	h.yieldDone(b)
 	pl.metrics.serverClosed()
 }
 
@@ -255,6 +261,10 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 // for one of the pool's own connections instead of a new one.
 var errHostBusy = errors.New("host connection cap reached")
 
+// evictMinIdle is how long a backend must have been idle before a pool
+// with no connection may close it to take its slot.
+const evictMinIdle = 100 * time.Millisecond
+
 // hostBusyWait is how long a pool that has connections waits for a new slot
 // before its acquirer looks at the pool's own connections again.
 const hostBusyWait = 20 * time.Millisecond
@@ -278,8 +288,14 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 		h.mu.Unlock()
 	}()
 	for {
-		// Idle connections of other pools free a slot at once.
-		h.evictIdle(p, false)
+		// A pool with no connection takes the slot of another pool's idle
+		// one at once. One that has connections does not: it would close
+		// backends of busy tenants between their transactions, and the
+		// tenants would evict each other's in turn (measured: a third of
+		// the host's backends closed and dialled again every second).
+		if p.open.Load() == 0 {
+			h.evictIdle(p, false)
+		}
 		wctx, cancel := context.WithTimeout(ctx, hostBusyWait)
 		err := h.sem.Acquire(wctx, 1)
 		if err == nil && !h.take() {
@@ -353,15 +369,32 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	}
 	share := int32(h.cap.Load() / int64(max(active, 1)))
 	mine := p.open.Load()
+	starved, owed := 0, false
 	for q, n := range h.waiters {
 		if q == p || n == 0 {
 			continue
 		}
-		if theirs := q.open.Load(); theirs < share && mine > theirs+1 {
-			return true
+		if theirs := q.open.Load(); theirs < share {
+			starved += n
+			owed = owed || mine > theirs+1
 		}
 	}
-	return false
+	if !owed || h.yielding >= starved {
+		return false // enough slots are on their way to the starved pools
+	}
+	h.yielding++
+	h.yielded[b] = true
+	return true
+}
+
+// yieldDone counts a yielded backend's slot as free.
+func (h *hostLimiter) yieldDone(b *backend) {
+	h.mu.Lock()
+	if h.yielded[b] {
+		delete(h.yielded, b)
+		h.yielding--
+	}
+	h.mu.Unlock()
 }
 
 // evictIdle closes idle connections of pools other than p, freeing slots:
@@ -381,7 +414,11 @@ func (h *hostLimiter) evictIdle(p *pool, overCap bool) bool {
 	closed := false
 	for _, q := range others {
 		for _, r := range q.p.AcquireAllIdle() {
-			if (overCap && h.condemnOver(q, r.Value())) || (!overCap && !closed) {
+			// A backend idle for a moment only is between the transactions
+			// of a busy client: it is not taken (shouldYield moves capacity
+			// from busy tenants instead, at a release).
+			settled := r.IdleDuration() >= evictMinIdle
+			if (overCap && h.condemnOver(q, r.Value())) || (!overCap && !closed && settled) {
 				r.Destroy()
 				closed = true
 			} else {

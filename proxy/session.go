@@ -1199,8 +1199,14 @@ func (ss *session) finish() {
 	out = append(out, queryMsg("ROLLBACK")...)
 	ss.pending++
 	if ss.sessionMode || ss.pinned {
+		// A statement_timeout the client left fires during a slow DISCARD
+		// ALL and cancels whatever runs next on the backend: the next
+		// client's identity (PostgreSQL services the interrupt at the next
+		// statement). With the timeout off first, DISCARD ALL arms none; a
+		// cancel still pending fails this SET, and the backend is closed.
+		out = append(out, queryMsg("SET statement_timeout = 0")...)
 		out = append(out, queryMsg("DISCARD ALL")...)
-		ss.pending++
+		ss.pending += 2
 		ss.unitState = false // DISCARD ALL is the scrub
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"runtime/debug"
 	"slices"
 	"strings"
 	"sync"
@@ -233,7 +234,12 @@ type Server struct {
 	types      *pgtype.Map // built-in type names by OID (read only)
 	// readers and writers hold the 32 KiB buffers of idle clients for the
 	// clients with bytes in flight (session.idle).
-	readers, writers *sync.Pool
+	readers *bufStack[*bufio.Reader]
+	sweeps  atomic.Int64 // sweepIdle runs so far
+	// droppedFreed and lastFree belong to the sweep (returnMemory).
+	droppedFreed int64
+	lastFree     time.Time
+	writers      *bufStack[*bufio.Writer]
 
 	clients atomic.Int64
 
@@ -265,8 +271,8 @@ func NewServer(opts Options) (*Server, error) {
 		classifier: opts.Classifier,
 		sessions:   map[uint32]*session{},
 		types:      pgtype.NewMap(),
-		readers:    readerPool(),
-		writers:    &sync.Pool{New: func() any { return bufio.NewWriterSize(nil, ioBufSize) }},
+		readers:    newReaderStack(),
+		writers:    newWriterStack(),
 	}
 	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
 	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, s.log, s.metrics)
@@ -456,15 +462,64 @@ func (s *Server) reapLoop(ctx context.Context) {
 	every = max(min(every, 5*time.Second), 50*time.Millisecond)
 	t := time.NewTicker(every)
 	defer t.Stop()
+	sweep := time.NewTicker(idleSweepEvery)
+	defer sweep.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 			s.pools.reap(s.opts.ServerIdleTimeout)
+		case <-sweep.C:
+			s.sweepIdle()
 		}
 	}
 }
+
+// idleSweepEvery is how often sweepIdle runs: a client that has waited
+// between one and two of these gives its buffers back.
+const idleSweepEvery = time.Second
+
+// sweepIdle takes the buffers of clients that have waited for a whole
+// sweep interval (see session.waitForClient).
+func (s *Server) sweepIdle() {
+	now := s.sweeps.Add(1)
+	s.mu.Lock()
+	idle := make([]*session, 0, len(s.sessions))
+	for _, ss := range s.sessions {
+		if ss.seen.Load() < now-1 {
+			idle = append(idle, ss)
+		}
+	}
+	s.mu.Unlock()
+	for _, ss := range idle {
+		ss.releaseOut()
+		ss.nudge()
+	}
+	s.returnMemory()
+}
+
+// returnMemory hands the pages of dropped idle buffers back to the system
+// once many have been dropped (clients that connected together and went
+// idle): otherwise they stay resident until the heap grows enough for a
+// collection and the runtime's scavenger gets to them, which on an idle
+// proxy is never. At most every freeMemoryEvery; it costs one full
+// collection.
+func (s *Server) returnMemory() {
+	dropped := s.readers.dropped.Load() + s.writers.dropped.Load()
+	if dropped-s.droppedFreed < freeMemoryAfter || time.Since(s.lastFree) < freeMemoryEvery {
+		return
+	}
+	s.droppedFreed, s.lastFree = dropped, time.Now()
+	debug.FreeOSMemory()
+}
+
+const (
+	// freeMemoryAfter is how many dropped 32 KiB buffers (16 MiB) make
+	// returnMemory act.
+	freeMemoryAfter = 512
+	freeMemoryEvery = 10 * time.Second
+)
 
 // register gives a session its synthetic BackendKeyData.
 func (s *Server) register(ss *session) error {

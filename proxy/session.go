@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"slices"
 	"strings"
 	"sync"
@@ -125,6 +126,13 @@ type session struct {
 	// returned yet; the session ends after them.
 	relays  sync.WaitGroup
 	scratch []byte // encoding buffer for writes to the client, under wmu
+
+	// Idle buffers (see waitForClient). seen is the server's sweep count
+	// when the client goroutine last waited for its client.
+	seen    atomic.Int64
+	nmu     sync.Mutex
+	waiting bool // blocked for the next message header (under nmu)
+	nudged  bool // a read deadline in the past is set (under nmu)
 }
 
 func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
@@ -161,24 +169,63 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 func (ss *session) lockOut() {
 	ss.wmu.Lock()
 	if ss.wr == nil {
-		ss.wr = ss.srv.writers.Get().(*bufio.Writer)
+		ss.wr = ss.srv.writers.get()
 		ss.wr.Reset(ss.conn)
 	}
 }
 
-// idle gives the session's buffers back while it waits for its client
-// with nothing buffered: an idle client costs its goroutine and a little
-// state, not 64 KiB of buffers. The client goroutine calls it before each
-// read; endUnit calls releaseOut when a unit ends after that read began.
-func (ss *session) idle() {
+// Buffers of idle clients. A client waiting between transactions would
+// hold a 32 KiB read and a 32 KiB write buffer, whose touched pages stay
+// resident. The server's sweep (Server.sweepIdle) finds sessions that have
+// waited for their client a whole sweep interval: it releases the writer
+// (releaseOut) and wakes the client goroutine out of its blocked read with a
+// read deadline in the past (nudge); the goroutine gives its read buffer
+// back and waits for the next bytes without one (msgReader.acquire). The
+// path of a busy client stays as it was: two uncontended locks per message.
+
+// waitForClient marks the client goroutine as blocked for the next message
+// header, the only read a nudge may interrupt: the body of the message
+// before was consumed, so a timeout there loses nothing.
+func (ss *session) waitForClient() {
+	ss.nmu.Lock()
+	ss.waiting = ss.rd.taken && ss.rd.pool != nil
+	ss.nmu.Unlock()
+	ss.seen.Store(ss.srv.sweeps.Load())
+}
+
+// heardClient ends waitForClient. It reports whether err is the nudge's
+// timeout, in which case the read buffer has gone back when nothing was
+// buffered, and the caller reads again.
+func (ss *session) heardClient(err error) bool {
+	ss.nmu.Lock()
+	nudged := ss.nudged
+	ss.waiting, ss.nudged = false, false
+	if nudged {
+		_ = ss.conn.SetReadDeadline(time.Time{})
+	}
+	ss.nmu.Unlock()
+	if !nudged || !errors.Is(err, os.ErrDeadlineExceeded) {
+		return false
+	}
 	ss.rd.release()
-	ss.releaseOut()
+	return true
+}
+
+// nudge wakes a client goroutine blocked for its client's next message so
+// that it gives its read buffer back (sweepIdle).
+func (ss *session) nudge() {
+	ss.nmu.Lock()
+	if ss.waiting && !ss.nudged && ss.rd.holding.Load() {
+		ss.nudged = true
+		_ = ss.conn.SetReadDeadline(time.Unix(1, 0))
+	}
+	ss.nmu.Unlock()
 }
 
 // releaseOut gives the writer's buffer back when no backend is attached
 // (an attached one, in session mode or pinned, may write at any time) and
 // nothing waits in it. A writer busy right now is left alone: it is
-// released at the next idle moment.
+// released at the next sweep.
 func (ss *session) releaseOut() {
 	ss.mu.Lock()
 	attached := ss.be != nil
@@ -188,7 +235,7 @@ func (ss *session) releaseOut() {
 	}
 	if ss.wr != nil && ss.wr.Buffered() == 0 {
 		ss.wr.Reset(nil)
-		ss.srv.writers.Put(ss.wr)
+		ss.srv.writers.put(ss.wr)
 		ss.wr = nil
 	}
 	ss.wmu.Unlock()
@@ -294,8 +341,11 @@ func (ss *session) run() {
 		ss.srv.unregister(ss)
 	}()
 	for {
-		ss.idle()
+		ss.waitForClient()
 		typ, n, err := ss.rd.next()
+		if ss.heardClient(err) {
+			continue // nudged: the read buffer went back
+		}
 		if err != nil {
 			var tooLarge *errMessageTooLarge
 			if errors.As(err, &tooLarge) {
@@ -1106,7 +1156,6 @@ func (ss *session) endUnit(u *unit) {
 	if u.stopping {
 		ss.sayShutdown()
 	}
-	ss.releaseOut()
 }
 
 // backendLost handles a backend that died or broke the protocol: it is

@@ -218,7 +218,7 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if err := bw.Flush(); err != nil {
 		return nil, fmt.Errorf("ask for password: %w", err)
 	}
-	r := s.readers.Get().(*bufio.Reader) // the session's reader, given back while it idles
+	r := s.readers.get() // the session's reader, given back while it idles
 	r.Reset(c)
 	rd := &msgReader{r: r, maxBody: maxPasswordMessage, taken: true}
 	typ, _, err := rd.next()

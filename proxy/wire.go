@@ -7,7 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"sync"
+	"sync/atomic"
 
 	"cascata/internal/sockio"
 
@@ -33,24 +33,22 @@ type msgReader struct {
 	// connection is idle and nothing is buffered, and the wait for the next
 	// bytes needs no buffer (sockio.WaitReadable).
 	src  net.Conn
-	pool *sync.Pool
+	pool *bufStack[*bufio.Reader]
+	// holding: r is set; read by the server's sweep, which nudges only
+	// readers that hold a buffer.
+	holding atomic.Bool
 }
 
 func newMsgReader(r io.Reader, maxBody int) *msgReader {
 	return &msgReader{r: bufio.NewReaderSize(r, ioBufSize), maxBody: maxBody, taken: true}
 }
 
-// readerPool holds read buffers of idle connections for the ones with
-// bytes in flight.
-func readerPool() *sync.Pool {
-	return &sync.Pool{New: func() any { return bufio.NewReaderSize(nil, ioBufSize) }}
-}
-
 // releasable lets m give its buffer back to pool while idle, when c can be
 // waited on without one.
-func (m *msgReader) releasable(c net.Conn, pool *sync.Pool) {
+func (m *msgReader) releasable(c net.Conn, pool *bufStack[*bufio.Reader]) {
 	if sockio.CanWait(c) {
 		m.src, m.pool = c, pool
+		m.holding.Store(m.r != nil)
 	}
 }
 
@@ -61,8 +59,9 @@ func (m *msgReader) release() {
 		return
 	}
 	m.r.Reset(nil)
-	m.pool.Put(m.r)
+	m.pool.put(m.r)
 	m.r = nil
+	m.holding.Store(false)
 }
 
 // acquire waits for bytes without a buffer, then takes one.
@@ -70,8 +69,9 @@ func (m *msgReader) acquire() error {
 	if err := sockio.WaitReadable(m.src); err != nil {
 		return err
 	}
-	m.r = m.pool.Get().(*bufio.Reader)
+	m.r = m.pool.get()
 	m.r.Reset(m.src)
+	m.holding.Store(true)
 	return nil
 }
 

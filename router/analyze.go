@@ -473,7 +473,9 @@ func (a *analyzer) statement(n *pg_query.Node) stmtInfo {
 // pg_temp, in any case: DDL that may create temporary objects. A false
 // positive only costs the proxy a look at the backend.
 func mentionsTemp(sql string) bool {
-	word := func(i int, w string) bool { return i >= 0 && i+len(w) <= len(sql) && strings.EqualFold(sql[i:i+len(w)], w) }
+	word := func(i int, w string) bool {
+		return i >= 0 && i+len(w) <= len(sql) && strings.EqualFold(sql[i:i+len(w)], w)
+	}
 	for i := 0; i+4 <= len(sql); i++ {
 		switch {
 		case !word(i, "temp"):

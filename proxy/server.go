@@ -515,10 +515,10 @@ func (s *Server) returnMemory() {
 }
 
 const (
-	// freeMemoryAfter is how many dropped 32 KiB buffers (16 MiB) make
+	// freeMemoryAfter is how many dropped 32 KiB buffers (8 MiB) make
 	// returnMemory act.
-	freeMemoryAfter = 512
-	freeMemoryEvery = 10 * time.Second
+	freeMemoryAfter = 256
+	freeMemoryEvery = 3 * time.Second
 )
 
 // register gives a session its synthetic BackendKeyData.

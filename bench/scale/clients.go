@@ -113,10 +113,10 @@ func (f *fleet) grow(ctx context.Context, d *dialer, load []project, n, per, wor
 	if f.perProj == nil {
 		f.perProj = make([]int, len(load))
 	}
-	var todo []int
+	var toProbe []int
 	for p := range load {
 		for range want[p] - f.perProj[p] {
-			todo = append(todo, p)
+			toProbe = append(toProbe, p)
 		}
 	}
 	var (
@@ -131,10 +131,10 @@ func (f *fleet) grow(ctx context.Context, d *dialer, load []project, n, per, wor
 			defer wg.Done()
 			for ctx.Err() == nil {
 				i := int(next.Add(1)) - 1
-				if i >= len(todo) {
+				if i >= len(toProbe) {
 					return
 				}
-				p := todo[i]
+				p := toProbe[i]
 				conn, err := d.open(ctx, load[p])
 				mu.Lock()
 				f.perProj[p]++ // counted as tried: a failed client is not tried again

@@ -85,7 +85,7 @@ func TestRuntimeChangesSurviveReopen(t *testing.T) {
 		t.Fatalf("duplicate add: %v", err)
 	}
 	if _, err := c.Change("a", "eject", func(p *config.Project) error {
-		p.DatabaseURL = "postgres://authenticator:pw@10.0.0.9:5432/a"
+		p.DatabaseURL = "postgres://authenticator:pw@127.0.0.1:5499/a"
 		return nil
 	}); err != nil {
 		t.Fatal(err)
@@ -99,7 +99,7 @@ func TestRuntimeChangesSurviveReopen(t *testing.T) {
 	want := func(ap *applied) {
 		t.Helper()
 		got := ap.last()
-		if len(got) != 2 || got["a"].DatabaseURL != "postgres://authenticator:pw@10.0.0.9:5432/a" || got["c"].Ref != "c" {
+		if len(got) != 2 || got["a"].DatabaseURL != "postgres://authenticator:pw@127.0.0.1:5499/a" || got["c"].Ref != "c" {
 			t.Fatalf("set: %+v", got)
 		}
 	}

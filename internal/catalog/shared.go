@@ -58,18 +58,14 @@ var sharedSteps = []controldb.Step{
 	CREATE INDEX projects_revision ON projects (revision);`,
 }
 
-// row is one project of the shared catalog, as stored and cached.
+// row is one project of the shared catalog, as stored and cached: a
+// run-time change's fields (override; FileHash is that of the file's
+// version the row follows or overrides), plus where the version comes from
+// and the revision it was written under.
 type row struct {
-	Ref      string          `json:"ref"`
-	Revision int64           `json:"revision"`
-	Deleted  bool            `json:"deleted,omitempty"`
-	Source   string          `json:"source"`
-	Project  *config.Project `json:"project,omitempty"`
-	// FileHash is the hash of the file's version of the project that this
-	// row follows or overrides ("" when no file had it), as in override.
-	FileHash string    `json:"file_hash"`
-	Reason   string    `json:"reason"`
-	Changed  time.Time `json:"changed"`
+	override
+	Revision int64  `json:"revision"`
+	Source   string `json:"source"`
 }
 
 type cacheDoc struct {
@@ -167,7 +163,7 @@ func OpenShared(ctx context.Context, opts SharedOptions) (*Shared, error) {
 	default:
 		c.log.Warn("control database unreachable and no cached catalog: serving the file's projects until it answers", "error", err)
 		for _, p := range opts.Config.Projects {
-			c.rows[p.Ref] = row{Ref: p.Ref, Source: SourceFile, Project: &p, FileHash: hashes[p.Ref]}
+			c.rows[p.Ref] = row{override: override{Ref: p.Ref, Project: &p, FileHash: hashes[p.Ref]}, Source: SourceFile}
 		}
 	}
 	if err := c.apply(c.effective(c.rows)); err != nil {
@@ -239,7 +235,7 @@ func (c *Shared) seedLocked(ctx context.Context) error {
 			if ok && r.Source == SourceRuntime {
 				c.log.Info("cascata.toml changed a project: its run-time change is dropped", "project", p.Ref)
 			}
-			writes = append(writes, row{Ref: p.Ref, Source: SourceFile, Project: &p, FileHash: h, Changed: now})
+			writes = append(writes, row{override: override{Ref: p.Ref, Project: &p, FileHash: h, Changed: now}, Source: SourceFile})
 		}
 		for _, ref := range sortedRefs(cur) {
 			r := cur[ref]
@@ -247,7 +243,7 @@ func (c *Shared) seedLocked(ctx context.Context) error {
 				continue
 			}
 			c.log.Info("cascata.toml no longer has a project: it is removed", "project", ref)
-			writes = append(writes, row{Ref: ref, Deleted: true, Source: SourceFile, Reason: "file", Changed: now})
+			writes = append(writes, row{override: override{Ref: ref, Deleted: true, Reason: "file", Changed: now}, Source: SourceFile})
 		}
 		for _, w := range writes {
 			if _, err := writeRow(ctx, tx, w); err != nil {
@@ -598,7 +594,7 @@ func (c *Shared) write(ref, reason string, next func(cur row, ok bool) (*config.
 			refused = err
 			return false, err
 		}
-		r := row{Ref: ref, Deleted: p == nil, Source: SourceRuntime, Project: p, FileHash: cur.FileHash, Reason: reason, Changed: time.Now().UTC()}
+		r := row{override: override{Ref: ref, Deleted: p == nil, Project: p, FileHash: cur.FileHash, Reason: reason, Changed: time.Now().UTC()}, Source: SourceRuntime}
 		if stored, err = writeRow(ctx, tx, r); err != nil {
 			return false, err
 		}

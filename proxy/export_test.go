@@ -18,3 +18,16 @@ func WritersHeld(s *Server) int {
 	}
 	return n
 }
+
+// ReadersHeld counts the sessions of s whose reader holds a buffer.
+func ReadersHeld(s *Server) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := 0
+	for _, ss := range s.sessions {
+		if ss.rd.holding.Load() {
+			n++
+		}
+	}
+	return n
+}

@@ -80,11 +80,21 @@ type hostLimiter struct {
 	// the server exits, and meanwhile every other release would yield too.
 	yielding int
 	yielded  map[*backend]bool
+	// grants are the waits of pools with no connection, oldest first: a
+	// closing backend's slot goes to the first of them (handOff) instead of
+	// back into the semaphore, where the dials of busy pools wait too.
+	grants []*grant
 
 	resMu    sync.Mutex
 	reserved int64              // semaphore units held above the cap
 	resStop  context.CancelFunc // ends the pending lowering, if any
 	resDone  chan struct{}      // closed when it has ended; it updates reserved before
+}
+
+// grant is one wait of a pool with no connection for a slot handed over.
+type grant struct {
+	given bool               // the slot is the waiter's; under the host's mu
+	wake  context.CancelFunc // ends the waiter's current semaphore wait
 }
 
 // hostSlots is the semaphore's size, the highest cap a host can have.
@@ -186,8 +196,10 @@ func (pl *pool) destroy(b *backend) {
 	}
 	b.close()
 	h.gone.Add(-1)
-	h.taken.Add(-1)
-	h.sem.Release(1)
+	if !h.handOff() {
+		h.taken.Add(-1)
+		h.sem.Release(1)
+	}
 	h.yieldDone(b)
 	pl.metrics.serverClosed()
 }
@@ -270,14 +282,23 @@ const evictMinIdle = 100 * time.Millisecond
 const hostBusyWait = 20 * time.Millisecond
 
 // acquire takes one slot of the host's cap, waiting in FIFO order. A pool
-// that already has connections waits only briefly (errHostBusy).
-func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
+// that already has connections waits only briefly (errHostBusy). A pool with
+// none also waits for a slot handed over by a closing backend (grant): the
+// slot a busy pool gives up for it is then not taken by that pool's own dial
+// of a replacement, queued ahead of it, which would leave it starved and
+// make the next release yield another backend.
+func (h *hostLimiter) acquire(ctx context.Context, p *pool) (err error) {
 	if h.sem.TryAcquire(1) && h.take() {
 		return nil
 	}
+	var g *grant
 	h.mu.Lock()
 	h.waiters[p]++
 	h.nwait.Add(1)
+	if p.open.Load() == 0 {
+		g = &grant{}
+		h.grants = append(h.grants, g)
+	}
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
@@ -285,6 +306,13 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 			delete(h.waiters, p)
 		}
 		h.nwait.Add(-1)
+		switch {
+		case g == nil:
+		case !g.given:
+			h.grants = slices.DeleteFunc(h.grants, func(o *grant) bool { return o == g })
+		case err != nil:
+			h.giveBack() // handed over after the wait had ended
+		}
 		h.mu.Unlock()
 	}()
 	for {
@@ -297,7 +325,18 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 			h.evictIdle(p, false)
 		}
 		wctx, cancel := context.WithTimeout(ctx, hostBusyWait)
-		err := h.sem.Acquire(wctx, 1)
+		if g != nil && h.await(g, cancel) {
+			cancel()
+			return nil
+		}
+		err = h.sem.Acquire(wctx, 1)
+		if g != nil && h.await(g, nil) {
+			if err == nil {
+				h.sem.Release(1) // a second slot, not counted: the grant's is
+			}
+			cancel()
+			return nil
+		}
 		if err == nil && !h.take() {
 			// Over a lowered cap: the slot went back to the semaphore,
 			// where the lowering waits for it; trying again at once would spin.
@@ -315,6 +354,34 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) error {
 			return errHostBusy
 		}
 	}
+}
+
+// await reports whether g has been given a slot, and sets the function that
+// ends the waiter's next semaphore wait when one is handed over.
+func (h *hostLimiter) await(g *grant, wake context.CancelFunc) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	g.wake = wake
+	return g.given
+}
+
+// handOff gives the slot of a backend whose server has exited to the oldest
+// grant, and reports whether it did; the slot stays taken, now for the
+// grant's dial. Above a lowered cap the slot is not handed over: the
+// lowering needs it.
+func (h *hostLimiter) handOff() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if len(h.grants) == 0 || h.taken.Load()-h.gone.Load() > h.cap.Load() {
+		return false
+	}
+	g := h.grants[0]
+	h.grants = h.grants[1:]
+	g.given = true
+	if g.wake != nil {
+		g.wake()
+	}
+	return true
 }
 
 // take counts a slot just acquired from the semaphore, or gives it back

@@ -1,0 +1,119 @@
+package proxy_test
+
+import (
+	"context"
+	"fmt"
+	"regexp"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"cascata/proxy"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// serverConnects reads cascata_server_connects_total of ref.
+func serverConnects(t *testing.T, reg *prometheus.Registry, ref string) int {
+	t.Helper()
+	m := regexp.MustCompile(`cascata_server_connects_total\{project="` + ref + `"\} (\d+)`).FindStringSubmatch(scrape(t, reg))
+	if m == nil {
+		return 0
+	}
+	n, err := strconv.Atoi(m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
+}
+
+// TestNewcomerGetsTheYieldedSlot: busy clients of p1 hold the whole host
+// cap, back to back. A newly active project waits for a slot; one busy
+// backend is closed for it, and that slot goes to the newcomer, not back
+// into the queue where p1's own dials for the closed backend's replacement
+// wait too. Before, p1 took the slot again in most rounds, the newcomer
+// stayed starved and the next release yielded once more: p1 closed and
+// dialled backends over and over (the scale bench measured three closes
+// per newcomer and first queries of 150-450 ms).
+func TestNewcomerGetsTheYieldedSlot(t *testing.T) {
+	waitNoBackends(t)
+	const (
+		hostCap = 4
+		busy    = 8 // p1's clients: twice its pool
+	)
+	reg := prometheus.NewRegistry()
+	h := startProxy(t, harnessOpts{poolSize: hostCap, opts: proxy.Options{MaxServerConnPerHost: hostCap, Metrics: proxy.NewMetrics(reg)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+
+	// p1's busy clients: each runs a short statement back to back until
+	// stopped (bounded in count as well).
+	var (
+		wg    sync.WaitGroup
+		runs  atomic.Int64
+		fails = make(chan error, busy)
+	)
+	bctx, bstop := context.WithCancel(ctx)
+	for i := range busy {
+		c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", fmt.Sprintf("busy%d", i), nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close(context.Background())
+			for range 20000 {
+				if bctx.Err() != nil {
+					return
+				}
+				if _, err := c.Exec(bctx, "SELECT pg_sleep(0.005)", pgx.QueryExecModeSimpleProtocol); err != nil {
+					if bctx.Err() == nil {
+						fails <- fmt.Errorf("busy client: %w", err)
+					}
+					return
+				}
+				runs.Add(1)
+			}
+		}()
+	}
+	defer func() {
+		bstop()
+		wg.Wait()
+		close(fails)
+		for err := range fails {
+			t.Error(err)
+		}
+	}()
+	waitFor(t, "p1 to hold the host cap", 10*time.Second, func() bool {
+		return serverConnects(t, reg, "p1") >= hostCap && h.srv.HostConns()[cluster.Primary.Addr()] == hostCap
+	})
+
+	// Two newcomers, one after the other; each should cost p1 one backend,
+	// and p1 should dial none while the newcomer waits.
+	for _, ref := range []string{"p2", "p3"} {
+		before, runsBefore := serverConnects(t, reg, "p1"), runs.Load()
+		c, err := h.tryConnect(ref, "authenticated", token(t, ref, "authenticated", "newcomer", nil))
+		if err != nil {
+			t.Fatalf("%s: connect: %v", ref, err)
+		}
+		var one int
+		if err := c.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
+			t.Fatalf("%s: first query: %d, %v", ref, one, err)
+		}
+		after := serverConnects(t, reg, "p1")
+		_ = c.Close(ctx)
+		if got := serverConnects(t, reg, ref); got != 1 {
+			t.Errorf("%s dialled %d backends for one client, want 1", ref, got)
+		}
+		if after != before {
+			t.Errorf("p1 dialled %d backends while %s waited for a slot (%d busy statements meanwhile): the yielded slot went back to p1", after-before, ref, runs.Load()-runsBefore)
+		}
+		if n := h.srv.HostConns()[cluster.Primary.Addr()]; n > hostCap {
+			t.Fatalf("host connections %d over the cap %d", n, hostCap)
+		}
+	}
+}

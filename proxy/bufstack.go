@@ -10,10 +10,12 @@ import (
 // bytes in flight. Unlike a sync.Pool it survives garbage collections: a
 // busy proxy collects often, and a pool emptied by each collection made
 // every transaction allocate (and zero) fresh 32 KiB buffers. It keeps at
-// most max; more go to the collector.
+// most max; more go to the collector, and so do those nobody took between
+// two trims (a burst of clients that has gone idle leaves no spares).
 type bufStack[T any] struct {
 	mu    sync.Mutex
 	items []T
+	low   int // the fewest items since the last trim: those nobody took
 	max   int
 	make  func() T
 	// dropped counts buffers left to the collector (the stack was full).
@@ -27,6 +29,7 @@ func (s *bufStack[T]) get() T {
 		var zero T
 		s.items[n-1] = zero
 		s.items = s.items[:n-1]
+		s.low = min(s.low, n-1)
 		s.mu.Unlock()
 		return it
 	}
@@ -42,6 +45,21 @@ func (s *bufStack[T]) put(it T) {
 		s.dropped.Add(1)
 	}
 	s.mu.Unlock()
+}
+
+// trim drops the items that stayed in the stack since the last trim, the
+// bottom ones (the top is taken first), and reports how many.
+func (s *bufStack[T]) trim() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := min(s.low, len(s.items))
+	if n > 0 {
+		clear(s.items[:n])
+		s.items = append(s.items[:0], s.items[n:]...)
+		s.dropped.Add(int64(n))
+	}
+	s.low = len(s.items)
+	return n
 }
 
 // maxSpareBuffers bounds each stack: enough for the clients of a busy

@@ -496,6 +496,8 @@ func (s *Server) sweepIdle() {
 		ss.releaseOut()
 		ss.nudge()
 	}
+	s.readers.trim()
+	s.writers.trim()
 	s.returnMemory()
 }
 

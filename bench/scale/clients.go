@@ -340,6 +340,7 @@ func (b *busy) stop(ctx context.Context) {
 type probeResult struct {
 	lat       latencies
 	connect   latencies // the connect (login) part alone
+	floor     latencies // a direct PostgreSQL login + SELECT 1 after each probe
 	hadPool   int       // probe projects that still had a pool when probing began
 	cut       int       // probes under way when the time for them ran out
 	busyRuns  int64
@@ -351,8 +352,11 @@ type probeResult struct {
 
 // probe connects to each fresh project in turn and runs SELECT 1, timing
 // the login and the whole, then disconnects; one probe at a time, each
-// project once.
-func probe(ctx context.Context, d *dialer, fresh []project, res *probeResult) error {
+// project once. With floorURL, each probe is followed by a login to
+// PostgreSQL itself and SELECT 1 (res.floor): what the first query of a
+// project costs at that moment without cascata, since a project with no
+// backend needs a server login whatever proxy it goes through.
+func probe(ctx context.Context, d *dialer, fresh []project, floorURL string, res *probeResult) error {
 	for _, p := range fresh {
 		if ctx.Err() != nil {
 			return fmt.Errorf("probes: %w", ctx.Err())
@@ -371,6 +375,11 @@ func probe(ctx context.Context, d *dialer, fresh []project, res *probeResult) er
 			continue
 		}
 		res.lat.add(time.Since(t0), err)
+		if floorURL != "" {
+			if err := direct(ctx, floorURL, 1, &res.floor); err != nil && ctx.Err() == nil {
+				return err
+			}
+		}
 	}
 	return nil
 }

@@ -43,8 +43,12 @@ type world struct {
 	exited     chan struct{}
 	gone       atomic.Bool // cascata exited
 	nofile     string
-	baseRSS    int64 // KiB, before any client
+	baseRSS    int64  // KiB, before any client
+	floorURL   string // a direct SCRAM login to PostgreSQL, not as authenticator
 }
+
+// floorRole is the login of the direct logins timed beside the probes.
+const floorRole = "scale_floor"
 
 // randomText returns n random characters (base32, 5 bits each).
 func randomText(n int) string {
@@ -98,6 +102,16 @@ func startPostgres(ctx context.Context, w *world, o *options) (password string, 
 	if err := conn.QueryRow(ctx, "SHOW server_version").Scan(&w.pgVersion); err != nil {
 		return "", fmt.Errorf("server version: %w", err)
 	}
+	// The direct logins timed beside the probes use a SCRAM login of their
+	// own, so that the sampler, which counts authenticator's backends,
+	// sees cascata's alone.
+	if _, err := conn.Exec(ctx, fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD '%s'", floorRole, password)); err != nil {
+		return "", fmt.Errorf("create role %s: %w", floorRole, err)
+	}
+	if _, err := conn.Exec(ctx, fmt.Sprintf("GRANT CONNECT ON DATABASE scale_0 TO %s", floorRole)); err != nil {
+		return "", fmt.Errorf("grant connect to %s: %w", floorRole, err)
+	}
+	w.floorURL = fmt.Sprintf("postgres://%s:%s@127.0.0.1:%d/scale_0?sslmode=disable", floorRole, password, w.cluster.Primary.Port)
 	return password, nil
 }
 

@@ -53,6 +53,7 @@ type options struct {
 	keep          bool
 	command       string
 	viaMake       bool
+	heapProfiles  bool
 }
 
 func parseOptions(args []string) (*options, error) {
@@ -78,6 +79,7 @@ func parseOptions(args []string) (*options, error) {
 	fs.StringVar(&o.results, "results", "bench/RESULTS.md", "results file whose section \"Scale: 1,000 projects\" is replaced (or appended)")
 	fs.StringVar(&o.svg, "svg", "bench/scale-plot.svg", "plot written by the run")
 	fs.BoolVar(&o.keep, "keep", false, "keep the scratch directory")
+	fs.BoolVar(&o.heapProfiles, "heap-profiles", false, "save cascata's heap profile (/debug/pprof/heap) at each idle reading, as heap-<clients>.pb.gz in the scratch directory (with -keep)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err
 	}

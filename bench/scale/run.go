@@ -157,7 +157,7 @@ func run(ctx context.Context, o *options) (err error) {
 	if err := direct(ctx, url, baselineProbes, &res.direct); err != nil {
 		return err
 	}
-	if err := probe(ctx, d, w.probe[len(w.probe)-min(baselineProbes, len(w.probe)):], &res.free); err != nil {
+	if err := probe(ctx, d, w.probe[len(w.probe)-min(baselineProbes, len(w.probe)):], "", &res.free); err != nil {
 		return err
 	}
 	say("baselines: PostgreSQL login + SELECT 1 p50 %.1f ms, p99 %.1f ms; newly active project through cascata p50 %.1f ms, p99 %.1f ms",
@@ -246,6 +246,15 @@ func measureStep(ctx context.Context, w *world, o *options, d *dialer, fl *fleet
 	if err := sleepCtx(ctx, 2*o.idleTimeout+time.Second); err != nil {
 		return st, err
 	}
+	if o.heapProfiles {
+		prof, err := w.admin(ctx, "/debug/pprof/heap")
+		if err != nil {
+			return st, err
+		}
+		if err := os.WriteFile(filepath.Join(w.dir, fmt.Sprintf("heap-%d.pb.gz", n)), prof, 0o644); err != nil {
+			return st, fmt.Errorf("heap profile: %w", err)
+		}
+	}
 	if st.idle, err = w.read(ctx, smp); err != nil {
 		return st, err
 	}
@@ -295,7 +304,7 @@ func measureStep(ctx context.Context, w *world, o *options, d *dialer, fl *fleet
 	runs0 := b.runs.Load()
 	p0 := time.Now()
 	pctx, pcancel := context.WithTimeout(ctx, o.probeTime)
-	perr := probe(pctx, d, fresh, &st.probes)
+	perr := probe(pctx, d, fresh, w.floorURL, &st.probes)
 	pcancel()
 	if perr != nil && ctx.Err() == nil {
 		perr = nil // the step's probe time ran out: the probes not made are reported as missing
@@ -308,8 +317,8 @@ func measureStep(ctx context.Context, w *world, o *options, d *dialer, fl *fleet
 		st.probes.busyErr = v
 	}
 	st.probeWin = smp.window(p0, p1)
-	say("%d clients: %d newly active projects, p50 %.1f ms, p99 %.1f ms, %d failed; backends while probing %d–%d (cap %d)",
-		n, st.probes.lat.count(), st.probes.lat.pct(0.5), st.probes.lat.pct(0.99), st.probes.lat.errs, st.probeWin.min, st.probeWin.max, o.hostCap)
+	say("%d clients: %d newly active projects, p50 %.1f ms, p99 %.1f ms, %d failed; PostgreSQL login + SELECT 1 between them p50 %.1f ms, p99 %.1f ms; backends while probing %d–%d (cap %d)",
+		n, st.probes.lat.count(), st.probes.lat.pct(0.5), st.probes.lat.pct(0.99), st.probes.lat.errs, st.probes.floor.pct(0.5), st.probes.floor.pct(0.99), st.probeWin.min, st.probeWin.max, o.hostCap)
 	if perr != nil {
 		return st, perr
 	}

@@ -9,6 +9,8 @@
 //	benchtool idle  -addr H:P -db DB -user U -password PW -n 5000 -stmts 10 -pid PID
 //	benchtool load  -addr H:P -db REF -role R -secret-env VAR -n 1000 -dur 15s [-distinct] -pid PID
 //	benchtool relay -listen H:P -target H:P [-dur 1h]
+//	benchtool pool-goroutine -listen H:P -target H:P -db DB -user U -password-env VAR -role R -pool 20 [-dur 1h] [-cpuprofile F]
+//	benchtool pool-eventloop (the same flags)
 //
 // Results are printed as key=value lines for the script to pick up.
 package main
@@ -20,7 +22,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|relay [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|relay|pool-goroutine|pool-eventloop [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -38,6 +40,10 @@ func main() {
 		err = cmdLoad(args)
 	case "relay":
 		err = cmdRelay(args)
+	case "pool-goroutine":
+		err = cmdPoolGoroutine(args)
+	case "pool-eventloop":
+		err = cmdPoolEventLoop(args)
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

@@ -1,0 +1,444 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/panjf2000/gnet/v2"
+	"github.com/panjf2000/gnet/v2/pkg/logging"
+)
+
+// cmdPoolEventLoop runs the event-loop prototype of a transaction-pooling
+// relay until SIGTERM or -dur.
+//
+// One gnet event loop (one goroutine, epoll) holds every connection: the
+// clients it accepts and the server connections, which are dialled and
+// logged in by pgconn at start and then enrolled in the same loop
+// (Engine.Register with the net.Conn). No goroutine per connection and
+// no hand-off between loops: a callback for a client's bytes writes them
+// to its server's socket, a callback for a server's bytes writes them to
+// its client's socket, both on the loop's own read buffer. A client that
+// sends while no server is free leaves its bytes in gnet's per-connection
+// buffer and queues (FIFO); a server that comes back takes the first in
+// the queue and writes its waiting bytes. A client that leaves while its
+// server owes replies gets its statement cancelled (CancelRequest, sent
+// from a short-lived goroutine: dialling must not block the loop), the
+// replies drained and an open transaction rolled back before the server
+// is pooled again; a server that fails is replaced by a dial in a
+// goroutine, enrolled in the loop when logged in.
+//
+// What it does not do: authenticate clients, parse anything beyond the
+// message framing, route, forward CancelRequest, keep session state apart.
+// One loop only, like PgBouncer's one thread: with more loops a client and
+// its server would sit in different loops and every write would become a
+// queued task.
+func cmdPoolEventLoop(args []string) error {
+	return runPrototype("pool-eventloop", args, runEventLoopPool)
+}
+
+// elClient is a client connection's state; touched on the loop only.
+type elClient struct {
+	c       gnet.Conn
+	started bool // StartupMessage answered
+	waiting bool // queued for a server, its bytes left in c's buffer
+	closed  bool
+	srv     *elServer
+	cf      frames
+}
+
+// elServer is a server connection's state; touched on the loop only.
+type elServer struct {
+	c          gnet.Conn
+	sc         *serverConn
+	client     *elClient // nil while pooled or draining
+	sf         frames
+	t          txn
+	draining   bool // its client left; replies owed are read and dropped
+	synced     bool
+	rolledBack bool
+	free       bool
+}
+
+// elProxy is the pool-eventloop prototype: a gnet event handler.
+type elProxy struct {
+	gnet.BuiltinEventEngine
+	ctx      context.Context
+	cfg      poolConfig
+	hello    []byte
+	sslNo    []byte
+	booted   chan struct{} // the loop runs: servers may be enrolled
+	ticked   bool          // OnTick ran once (the ticker's goroutine only)
+	eng      gnet.Engine
+	free     []*elServer
+	waiters  []*elClient
+	wg       sync.WaitGroup // cancel requests and replacement dials
+	stopping atomic.Bool    // the engine is being stopped: no replacements
+}
+
+// runEventLoopPool dials the pool, serves clients on cfg.Listen until ctx
+// ends, then stops the engine.
+func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
+	first, err := dialServer(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
+	}
+	p := &elProxy{ctx: ctx, cfg: cfg, hello: greeting(first.params), sslNo: []byte{'N'}, booted: make(chan struct{}, 1)}
+	defer p.wg.Wait()
+	runErr := make(chan error, 1)
+	go func() {
+		runErr <- gnet.Run(p, "tcp://"+cfg.Listen,
+			gnet.WithMulticore(false),
+			gnet.WithNumEventLoop(1),
+			gnet.WithLoadBalancing(gnet.LeastConnections),
+			gnet.WithTCPNoDelay(gnet.TCPNoDelay),
+			gnet.WithTicker(true),
+			gnet.WithReuseAddr(true),
+			gnet.WithLogLevel(logging.WarnLevel))
+	}()
+	select {
+	case <-p.booted:
+	case err := <-runErr:
+		_ = first.conn.Close()
+		return fmt.Errorf("gnet: %w", err)
+	}
+	stopEngine := func() error {
+		p.stopping.Store(true)
+		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := p.eng.Stop(sctx); err != nil {
+			return fmt.Errorf("stop gnet: %w", err)
+		}
+		return <-runErr
+	}
+	if err := p.enroll(first); err != nil {
+		_ = stopEngine()
+		return err
+	}
+	for i := 1; i < cfg.Size; i++ {
+		sc, err := dialServer(ctx, cfg)
+		if err == nil {
+			err = p.enroll(sc)
+		}
+		if err != nil {
+			if ctx.Err() != nil { // stopped while starting
+				return stopEngine()
+			}
+			_ = stopEngine()
+			return fmt.Errorf("server connection %d of %d: %w", i+1, cfg.Size, err)
+		}
+	}
+	select {
+	case <-ctx.Done():
+		return stopEngine()
+	case err := <-runErr:
+		return fmt.Errorf("gnet: %w", err)
+	}
+}
+
+// enroll hands a logged-in server connection to the loop (OnOpen pools it).
+func (p *elProxy) enroll(sc *serverConn) error {
+	gctx := gnet.NewNetConnContext(gnet.NewContext(p.ctx, &elServer{sc: sc}), sc.conn)
+	res, err := p.eng.Register(gctx)
+	if err != nil {
+		_ = sc.conn.Close()
+		return fmt.Errorf("enroll server: %w", err)
+	}
+	select {
+	case r := <-res:
+		if r.Err != nil {
+			return fmt.Errorf("enroll server: %w", r.Err)
+		}
+		return nil
+	case <-p.ctx.Done():
+		return p.ctx.Err()
+	}
+}
+
+// replace dials a server connection in the background and enrolls it.
+func (p *elProxy) replace() {
+	p.wg.Add(1)
+	go func() {
+		defer p.wg.Done()
+		for p.ctx.Err() == nil && !p.stopping.Load() {
+			sc, err := dialServer(p.ctx, p.cfg)
+			if err == nil {
+				if err = p.enroll(sc); err == nil {
+					return
+				}
+			}
+			fmt.Fprintf(os.Stderr, "pool-eventloop: replacing a server connection: %v\n", err)
+			select {
+			case <-p.ctx.Done():
+			case <-time.After(time.Second):
+			}
+		}
+	}()
+}
+
+// OnBoot runs before gnet has set its loops up; OnTick's first run comes
+// after, and only then may Register be called.
+func (p *elProxy) OnBoot(eng gnet.Engine) gnet.Action {
+	p.eng = eng
+	return gnet.None
+}
+
+func (p *elProxy) OnTick() (time.Duration, gnet.Action) {
+	if !p.ticked {
+		p.ticked = true
+		p.booted <- struct{}{}
+	}
+	return time.Hour, gnet.None
+}
+
+func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
+	if s, ok := c.Context().(*elServer); ok {
+		s.c = c
+		p.release(s)
+		return nil, gnet.None
+	}
+	c.SetContext(&elClient{c: c})
+	return nil, gnet.None
+}
+
+func (p *elProxy) OnTraffic(c gnet.Conn) gnet.Action {
+	switch x := c.Context().(type) {
+	case *elClient:
+		return p.clientTraffic(x)
+	case *elServer:
+		return p.serverTraffic(x)
+	}
+	return gnet.Close
+}
+
+func (p *elProxy) OnClose(c gnet.Conn, _ error) gnet.Action {
+	switch x := c.Context().(type) {
+	case *elClient:
+		p.clientClosed(x)
+	case *elServer:
+		p.serverClosed(x)
+	}
+	return gnet.None
+}
+
+func (p *elProxy) clientTraffic(cl *elClient) gnet.Action {
+	if !cl.started {
+		return p.startup(cl)
+	}
+	if cl.waiting {
+		return gnet.None // the bytes stay in c's buffer until a server is free
+	}
+	if cl.srv == nil {
+		if b, _ := cl.c.Peek(-1); len(b) >= 5 && b[0] == 'X' && cl.cf.atBoundary() {
+			return gnet.Close // Terminate while idle: no server needed
+		}
+		if !p.attach(cl) {
+			cl.waiting = true
+			p.waiters = append(p.waiters, cl)
+			return gnet.None
+		}
+	}
+	return p.forward(cl)
+}
+
+// startup answers SSLRequest/GSSENCRequest with 'N' and a StartupMessage
+// with the greeting.
+func (p *elProxy) startup(cl *elClient) gnet.Action {
+	for {
+		b, _ := cl.c.Peek(-1)
+		size := startupLen(b)
+		if size < 0 {
+			return gnet.Close
+		}
+		if size == 0 || len(b) < size {
+			return gnet.None
+		}
+		kind := startupKind(b[:size])
+		extra := len(b) > size
+		_, _ = cl.c.Discard(size)
+		switch kind {
+		case codeSSLRequest, codeGSSENC:
+			if _, err := cl.c.Write(p.sslNo); err != nil {
+				return gnet.None // the write closed the connection
+			}
+		case codeProtocol3:
+			if extra {
+				return gnet.Close // nothing follows a StartupMessage before the greeting
+			}
+			cl.started = true
+			_, _ = cl.c.Write(p.hello)
+			return gnet.None
+		default:
+			_, _ = cl.c.Write(errorResponse("08P01", "pool prototype: unsupported startup request"))
+			return gnet.Close
+		}
+	}
+}
+
+// attach gives cl a free server, if any.
+func (p *elProxy) attach(cl *elClient) bool {
+	n := len(p.free)
+	if n == 0 {
+		return false
+	}
+	s := p.free[n-1]
+	p.free = p.free[:n-1]
+	s.free = false
+	s.client, cl.srv = cl, s
+	s.t = txn{}
+	return true
+}
+
+// forward writes cl's buffered bytes to its server.
+func (p *elProxy) forward(cl *elClient) gnet.Action {
+	s := cl.srv
+	data, _ := cl.c.Next(-1)
+	fwd, term := cl.cf.fromClient(data, &s.t)
+	if fwd > 0 {
+		if _, err := s.c.Write(data[:fwd]); err != nil {
+			return gnet.Close // the write closed the server; OnClose replaces it
+		}
+	}
+	if term {
+		return gnet.Close
+	}
+	return gnet.None
+}
+
+func (p *elProxy) serverTraffic(s *elServer) gnet.Action {
+	data, _ := s.c.Next(-1)
+	s.sf.fromServer(data, &s.t)
+	if s.sf.broken {
+		return gnet.Close
+	}
+	if cl := s.client; cl != nil {
+		_, _ = cl.c.Write(data) // a failed write closes cl: OnClose detaches s
+		if s.client == nil {
+			return p.drain(s)
+		}
+		if s.t.done(&s.sf) {
+			s.client, cl.srv = nil, nil
+			p.release(s)
+		}
+		return gnet.None
+	}
+	if s.draining {
+		return p.drain(s)
+	}
+	return gnet.None // an asynchronous message to a pooled server: dropped
+}
+
+// release pools s, or hands it to the first client waiting.
+func (p *elProxy) release(s *elServer) {
+	for len(p.waiters) > 0 {
+		cl := p.waiters[0]
+		copy(p.waiters, p.waiters[1:])
+		p.waiters[len(p.waiters)-1] = nil
+		p.waiters = p.waiters[:len(p.waiters)-1]
+		if cl.closed {
+			continue
+		}
+		cl.waiting = false
+		s.client, cl.srv = cl, s
+		s.t = txn{}
+		if p.forward(cl) == gnet.Close {
+			_ = cl.c.EventLoop().Close(cl.c)
+		}
+		return
+	}
+	s.free = true
+	p.free = append(p.free, s)
+}
+
+// clientClosed detaches a departing client; its server, if it owes
+// replies or is inside a transaction, is drained before it is pooled.
+func (p *elProxy) clientClosed(cl *elClient) {
+	cl.closed = true
+	s := cl.srv
+	if s == nil {
+		return
+	}
+	cl.srv, s.client = nil, nil
+	if !cl.cf.atBoundary() {
+		// Half a message went to the server: nothing can finish it.
+		_ = s.c.EventLoop().Close(s.c)
+		return
+	}
+	if s.t.done(&s.sf) {
+		p.release(s)
+		return
+	}
+	s.draining, s.synced, s.rolledBack = true, false, false
+	if s.t.pending > 0 {
+		sc := s.sc
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			cctx, cancel := context.WithTimeout(p.ctx, 5*time.Second)
+			defer cancel()
+			if err := sendCancel(cctx, p.cfg.Target, sc); err != nil {
+				fmt.Fprintf(os.Stderr, "pool-eventloop: %v\n", err)
+			}
+		}()
+	}
+	if p.drain(s) == gnet.Close {
+		_ = s.c.EventLoop().Close(s.c)
+	}
+}
+
+// drain moves a server whose client left towards the pool: once every
+// reply is in, Sync for an unfinished extended-protocol batch, ROLLBACK
+// for an open transaction, then release.
+func (p *elProxy) drain(s *elServer) gnet.Action {
+	if s.t.pending > 0 || !s.sf.atBoundary() {
+		return gnet.None
+	}
+	var msg []byte
+	switch {
+	case s.t.status == 'I':
+		s.draining = false
+		p.release(s)
+		return gnet.None
+	case s.t.status == 0 && !s.synced:
+		s.synced = true
+		msg = []byte{'S', 0, 0, 0, 4}
+	case s.t.status != 0 && !s.rolledBack:
+		s.rolledBack = true
+		s.t.status = 0
+		msg = rollbackQuery
+	default:
+		return gnet.Close
+	}
+	s.t.pending++
+	if _, err := s.c.Write(msg); err != nil {
+		return gnet.None // the write closed the server; OnClose replaces it
+	}
+	return gnet.None
+}
+
+// serverClosed drops a server that failed or was closed, closes its
+// client and dials a replacement.
+func (p *elProxy) serverClosed(s *elServer) {
+	if s.free {
+		for i, f := range p.free {
+			if f == s {
+				p.free = append(p.free[:i], p.free[i+1:]...)
+				break
+			}
+		}
+		s.free = false
+	}
+	if cl := s.client; cl != nil {
+		s.client, cl.srv = nil, nil
+		if !cl.closed {
+			_ = cl.c.EventLoop().Close(cl.c)
+		}
+	}
+	s.draining = false
+	if p.ctx.Err() == nil && !p.stopping.Load() {
+		p.replace()
+	}
+}

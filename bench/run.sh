@@ -13,7 +13,8 @@
 #      pgbouncer (transaction mode, default_pool_size = $BENCH_POOL_SIZE,
 #      auth_type = scram-sha-256 with the SCRAM verifier, SCRAM pass-through);
 #   3. memory of cascata with $BENCH_IDLE_CLIENTS idle clients holding 10
-#      prepared statements each (and pgbouncer's with idle clients);
+#      prepared statements each (and pgbouncer's with idle clients, and the
+#      two I/O-model prototypes' with $BENCH_PROTO_IDLE_CLIENTS);
 #   4. pgbench -S -M simple|extended|prepared against direct, pgbouncer,
 #      cascata: TPS, latency, proxy CPU seconds per 1,000 transactions;
 #   5. a 90/10 read/write mix through cascata without replicas, with the
@@ -29,7 +30,10 @@
 #   BENCH_CONN_DURATION [DUR]  seconds per connection-rate measurement
 #   BENCH_CLIENTS [32]  BENCH_THREADS [2]  BENCH_POOL_SIZE [20]  BENCH_SCALE [10]
 #   BENCH_IDLE_CLIENTS [5000]  BENCH_USERS [1000]
-#   BENCH_OUT [bench/RESULTS.md]  BENCH_KEEP=1 keeps the work dir
+#   BENCH_PROTO_IDLE_CLIENTS [10000] idle clients through each prototype
+#   BENCH_OUT [bench/RESULTS.md]  BENCH_KEEP=1 keeps the work dir; a section
+#                       "## Scale: 1,000 projects" (bench/scale's, the last
+#                       one) found in it is kept
 #   CASCATA_BIN [bin/cascata]
 #   CASCATA_BIN_BEFORE [unset]  a build of cascata before a change: it takes
 #                       the place of the GOMAXPROCS=1 target in the
@@ -53,9 +57,13 @@ THREADS=${BENCH_THREADS:-2}
 POOL=${BENCH_POOL_SIZE:-20}
 SCALE=${BENCH_SCALE:-10}
 IDLE_CLIENTS=${BENCH_IDLE_CLIENTS:-5000}
+PROTO_IDLE=${BENCH_PROTO_IDLE_CLIENTS:-10000}
 IDLE_STMTS=10
 USERS=${BENCH_USERS:-1000}
 OUT=${BENCH_OUT:-$ROOT/bench/RESULTS.md}
+# bench/scale writes its own section into the same file (the last one):
+# kept as it is when this run rewrites the rest.
+SCALE_SECTION=$(sed -n '/^## Scale: 1,000 projects/,$p' "$OUT" 2>/dev/null || true)
 LOGDIR=$ROOT/bench/out
 PGBOUNCER=${PGBOUNCER:-/usr/sbin/pgbouncer}
 export PATH=/usr/local/go/bin:$PATH
@@ -78,7 +86,7 @@ WORK=$(mktemp -d /tmp/cascata-bench.XXXXXX)
 chmod 755 "$WORK" # the postgres OS user must reach the cluster and pgbouncer files
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
-CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID=""
+CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID="" POOLG_PID="" POOLE_PID=""
 
 # stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
 stop_pid() {
@@ -102,6 +110,8 @@ cleanup() {
   stop_pid "$CASCATA_PID" 15
   stop_pid "$CASCATA1_PID" 15
   stop_pid "$RELAY_PID" 5
+  stop_pid "$POOLG_PID" 10
+  stop_pid "$POOLE_PID" 10
   stop_pid "$PGB_PID" 10
   cp "$WORK"/pg/*.log "$WORK"/pgb/pgbouncer.log "$LOGDIR"/ 2>/dev/null || true
   stop_pid "$CLUSTER_PID" 90
@@ -128,6 +138,10 @@ NOFILE=$(ulimit -n)
 if [ "$NOFILE" != unlimited ] && [ "$NOFILE" -lt $((IDLE_CLIENTS + 500)) ]; then
   say "ulimit -n is $NOFILE: lowering BENCH_IDLE_CLIENTS from $IDLE_CLIENTS to $((NOFILE - 500))"
   IDLE_CLIENTS=$((NOFILE - 500))
+fi
+if [ "$NOFILE" != unlimited ] && [ "$NOFILE" -lt $((PROTO_IDLE + 500)) ]; then
+  say "ulimit -n is $NOFILE: lowering BENCH_PROTO_IDLE_CLIENTS from $PROTO_IDLE to $((NOFILE - 500))"
+  PROTO_IDLE=$((NOFILE - 500))
 fi
 
 AS_PG=()
@@ -283,7 +297,7 @@ route_delta() {
 say "building bench/benchtool"
 (cd "$ROOT" && go build -o "$WORK/benchtool" ./bench/benchtool) || die "go build ./bench/benchtool"
 TOOL=$WORK/benchtool
-read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT < <("$TOOL" ports 6 | paste -sd' ')
+read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT POOLG_PORT POOLE_PORT < <("$TOOL" ports 8 | paste -sd' ')
 
 PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
 export BENCH_JWT_SECRET
@@ -461,6 +475,43 @@ echo "idle-pgbouncer: benchtool idle -addr 127.0.0.1:$PGB_PORT -db bench -user a
 timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$PGB_PORT" -db bench -user authenticator -password-env BENCH_PW \
   -n "$IDLE_CLIENTS" -stmts 0 -pid "$PGB_PID" >"$IDLE_B" 2>"$LOGDIR/idle-pgbouncer.err" ||
   say "idle (pgbouncer) failed: $(tail -n3 "$LOGDIR/idle-pgbouncer.err")"
+# The two I/O-model prototypes (transaction pooling, no client
+# authentication; see RESULTS.md), each with $PROTO_IDLE idle clients.
+# start_protos: both afresh, logged in to the primary with $POOL server
+# connections each.
+start_protos() {
+  local kind port
+  for kind in goroutine eventloop; do
+    port=$POOLG_PORT
+    [ "$kind" = eventloop ] && port=$POOLE_PORT
+    "$TOOL" "pool-$kind" -listen "127.0.0.1:$port" -target "127.0.0.1:$PP" -db bench -user authenticator \
+      -password-env BENCH_PW -role authenticated -pool "$POOL" -dur 2h >>"$LOGDIR/pool-$kind.log" 2>&1 &
+    if [ "$kind" = goroutine ]; then POOLG_PID=$!; else POOLE_PID=$!; fi
+  done
+  for port in "$POOLG_PORT" "$POOLE_PORT"; do
+    for _ in $(seq 1 100); do
+      psql -X -Atc 'SELECT 1' -h 127.0.0.1 -p "$port" -U authenticator bench >/dev/null 2>&1 && continue 2
+      sleep 0.1
+    done
+    die "prototype on port $port did not answer within 10 s (see $LOGDIR/pool-*.log)"
+  done
+}
+stop_protos() {
+  stop_pid "$POOLG_PID" 10
+  stop_pid "$POOLE_PID" 10
+  POOLG_PID="" POOLE_PID=""
+}
+start_protos
+for kind in goroutine eventloop; do
+  pid=$POOLG_PID port=$POOLG_PORT
+  [ "$kind" = eventloop ] && pid=$POOLE_PID port=$POOLE_PORT
+  say "idle clients: $PROTO_IDLE through pool-$kind"
+  echo "idle-pool-$kind: benchtool idle -addr 127.0.0.1:$port -db bench -user authenticator -n $PROTO_IDLE -stmts 0 -pid <pool-$kind>" >>"$COMMANDS"
+  timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$port" -db bench -user authenticator \
+    -n "$PROTO_IDLE" -stmts 0 -pid "$pid" >"$LOGDIR/idle-pool-$kind.out" 2>"$LOGDIR/idle-pool-$kind.err" ||
+    say "idle (pool-$kind) failed: $(tail -n3 "$LOGDIR/idle-pool-$kind.err")"
+done
+stop_protos
 # Every target meets the select-only rounds in the same fresh conditions:
 # no proxy carries what the idle clients left (thousands of closed
 # sockets, a grown heap), so both proxies start again.
@@ -488,12 +539,13 @@ fi
 CASCATA1_PID=$!
 "$TOOL" relay -listen "127.0.0.1:$RELAY_PORT" -target "127.0.0.1:$PP" -dur 2h >"$LOGDIR/relay.log" 2>&1 &
 RELAY_PID=$!
+start_protos
 wait_healthy "$ADMIN1_PORT" "$CASCATA1_PID" "$LOGDIR/cascata-gomaxprocs1.log"
 
 # The machine's speed drifts between runs (a shared VM): every target runs
 # once per round, in turn, and the table shows each one's median round.
 PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$SEL_DUR")
-SEL_TARGETS=(direct pgbouncer cascata cascata1 relay)
+SEL_TARGETS=(direct pgbouncer cascata cascata1 relay poolg poole)
 for round in $(seq 1 "$ROUNDS"); do
   for mode in simple extended prepared; do
     run_pgbench "direct-$mode-r$round" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
@@ -511,6 +563,14 @@ for round in $(seq 1 "$ROUNDS"); do
       pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATA1_PORT" -U authenticated bench
     run_pgbench "relay-$mode-r$round" "$RELAY_PID" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
       pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$RELAY_PORT" -U authenticator bench
+    # The prototypes pool like PgBouncer 1.18: named statements would land
+    # on any server, so no -M prepared either.
+    if [ "$mode" != prepared ]; then
+      run_pgbench "poolg-$mode-r$round" "$POOLG_PID" \
+        pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLG_PORT" -U authenticator bench
+      run_pgbench "poole-$mode-r$round" "$POOLE_PID" \
+        pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLE_PORT" -U authenticator bench
+    fi
   done
 done
 for t in "${SEL_TARGETS[@]}"; do
@@ -520,6 +580,7 @@ for t in "${SEL_TARGETS[@]}"; do
 done
 stop_pid "$RELAY_PID" 5
 RELAY_PID=""
+stop_protos
 if [ -z "$BEFORE_BIN" ]; then
   stop_pid "$CASCATA1_PID" 15
   CASCATA1_PID=""
@@ -664,6 +725,8 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     row_sel "cascata-$mode" "cascata" "$mode"
     row_sel "cascata1-$mode" "$SECOND_LABEL" "$mode"
     row_sel "relay-$mode" "Go byte relay (floor, no pooling)" "$mode"
+    row_sel "poolg-$mode" "prototype: goroutine per client, pooling" "$mode"
+    row_sel "poole-$mode" "prototype: gnet event loop, pooling" "$mode"
   done
   echo
   echo "### cascata / pgbouncer"
@@ -671,7 +734,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| -M | proxy | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1.5) | TPS | CPU/txn | TPS ratio per round | CPU ratio per round |"
   echo "|---|---|---:|---:|---|---|---|---|"
   for mode in simple extended prepared; do
-    for v in "cascata:cascata" "cascata1:$SECOND_LABEL" "relay:Go byte relay (floor)"; do
+    for v in "cascata:cascata" "cascata1:$SECOND_LABEL" "relay:Go byte relay (floor)" "poolg:prototype: goroutine per client" "poole:prototype: gnet event loop"; do
       id=${v%%:*}
       tr=$(ratio "$(field "$id-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
       cr=$(ratio "$(field "$id-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
@@ -699,6 +762,29 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "writes its sockets as cascata does (internal/sockio): it is what moving the bytes through Go's network"
   echo "poller costs here, below which no Go proxy can go."
   echo
+  echo "### The I/O-model prototypes (not cascata)"
+  echo
+  echo "Two minimal transaction-pooling relays, \\`benchtool pool-goroutine\\` and \\`benchtool pool-eventloop\\`"
+  echo "(bench/benchtool), each a prototype of one way to move a transaction, doing the same minimal work so"
+  echo "they compare with PgBouncer: $POOL server connections logged in at start (SCRAM, then \\`SET ROLE authenticated\\`,"
+  echo "as PgBouncer's connect_query); a client's StartupMessage answered by the relay itself with the server's"
+  echo "ParameterStatus messages; a client that sends takes a free server (FIFO when none is free), and the server"
+  echo "goes back to the pool at ReadyForQuery 'I' once every Query/Sync is answered. They read the message"
+  echo "framing (type and length) and nothing else. They do **not** authenticate clients (any user, no password),"
+  echo "parse SQL, route, set claims, scrub session state, forward CancelRequest or keep named prepared statements"
+  echo "apart (like PgBouncer 1.18, hence no \\`-M prepared\\` runs): they are measurements, not proxies."
+  echo
+  echo "- goroutine per client: one goroutine per client connection, which while attached writes the query to"
+  echo "  its server and reads the reply itself (no second goroutine, no hand-off); idle, it waits for its socket"
+  echo "  to become readable without a buffer (internal/sockio) and takes a 16 KiB read buffer from a pool only"
+  echo "  while data is in flight. A client that leaves during a statement is noticed within 100 ms (a read"
+  echo "  deadline on the server lapses and the client socket is looked at): its statement is cancelled, the"
+  echo "  replies drained and an open transaction rolled back before the server is pooled again."
+  echo "- gnet event loop: github.com/panjf2000/gnet/v2, one event loop (one goroutine, like PgBouncer's one"
+  echo "  thread) holding every client and server connection (server sockets enrolled in the same loop after the"
+  echo "  pgconn login), no goroutine per connection; callbacks write a client's bytes to its server and back"
+  echo "  from the loop's read buffer; a client waiting for a server leaves its bytes in gnet's buffer."
+  echo
   echo "Failures (non-zero exit or aborted clients):"
   echo
   awk -F'\t' '$10 != "" {n++; printf "- `%s`: %s\n", $1, $10} END {if (!n) print "- none"}' "$RESULTS"
@@ -710,7 +796,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "| proxy | clients | connect s | prepare s | RSS before MiB | RSS connected MiB | RSS prepared MiB | RSS per client | RSS per client incl. statements | Go heap+stack in use per client incl. statements (allocated, not all touched) | exec checks failed |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  for p in cascata pgbouncer; do
+  for p in cascata pgbouncer pool-goroutine pool-eventloop; do
     f=$LOGDIR/idle-$p.out
     if [ -s "$f" ] && [ -n "$(kv "$f" rss_before_kb)" ]; then
       mib() { awk -v k="$1" 'BEGIN {if (k == "") print "—"; else printf "%.1f", k / 1024}'; }
@@ -724,6 +810,10 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
       echo "| $p | failed: $(tail -n1 "$LOGDIR/idle-$p.err" 2>/dev/null | sed 's/|/\\|/g') |||||||||||"
     fi
   done
+  echo
+  echo
+  echo "The prototypes (pool-goroutine, pool-eventloop: no statements, no authentication) ran with $PROTO_IDLE idle"
+  echo "clients each, against the target of at most 8 KiB RSS per idle client at 10,000."
   echo
   echo "## Read-heavy mix through cascata: 90 % \`SELECT abalance … WHERE aid = :aid\`, 10 % \`UPDATE … SET abalance = abalance + 1\` (issue 4)"
   echo
@@ -794,6 +884,10 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo '```'
   echo
   cat "$ROOT/bench/JOBS.md"
+  if [ -n "$SCALE_SECTION" ]; then
+    echo
+    printf '%s\n' "$SCALE_SECTION"
+  fi
 } >"$OUT"
 
 cat "$OUT"

@@ -447,8 +447,8 @@ func readableNow(c net.Conn) bool {
 // cancel what runs, read every reply owed, end an open transaction; a
 // server that cannot be cleaned is closed and replaced.
 func (p *goroutineProxy) cleanUp(ctx context.Context, s *gServer, cf, sf *frames, t *txn) {
-	if !cf.atBoundary() || sf.broken {
-		p.pool.discard(ctx, s)
+	if !cf.atBoundary() || sf.broken || ctx.Err() != nil {
+		p.pool.discard(ctx, s) // at shutdown too: no drain holds it up
 		return
 	}
 	if t.pending > 0 {

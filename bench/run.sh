@@ -764,15 +764,15 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "### The I/O-model prototypes (not cascata)"
   echo
-  echo "Two minimal transaction-pooling relays, \\`benchtool pool-goroutine\\` and \\`benchtool pool-eventloop\\`"
+  echo "Two minimal transaction-pooling relays, \`benchtool pool-goroutine\` and \`benchtool pool-eventloop\`"
   echo "(bench/benchtool), each a prototype of one way to move a transaction, doing the same minimal work so"
-  echo "they compare with PgBouncer: $POOL server connections logged in at start (SCRAM, then \\`SET ROLE authenticated\\`,"
+  echo "they compare with PgBouncer: $POOL server connections logged in at start (SCRAM, then \`SET ROLE authenticated\`,"
   echo "as PgBouncer's connect_query); a client's StartupMessage answered by the relay itself with the server's"
   echo "ParameterStatus messages; a client that sends takes a free server (FIFO when none is free), and the server"
   echo "goes back to the pool at ReadyForQuery 'I' once every Query/Sync is answered. They read the message"
   echo "framing (type and length) and nothing else. They do **not** authenticate clients (any user, no password),"
   echo "parse SQL, route, set claims, scrub session state, forward CancelRequest or keep named prepared statements"
-  echo "apart (like PgBouncer 1.18, hence no \\`-M prepared\\` runs): they are measurements, not proxies."
+  echo "apart (like PgBouncer 1.18, hence no \`-M prepared\` runs): they are measurements, not proxies."
   echo
   echo "- goroutine per client: one goroutine per client connection, which while attached writes the query to"
   echo "  its server and reads the reply itself (no second goroutine, no hand-off); idle, it waits for its socket"
@@ -810,7 +810,6 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
       echo "| $p | failed: $(tail -n1 "$LOGDIR/idle-$p.err" 2>/dev/null | sed 's/|/\\|/g') |||||||||||"
     fi
   done
-  echo
   echo
   echo "The prototypes (pool-goroutine, pool-eventloop: no statements, no authentication) ran with $PROTO_IDLE idle"
   echo "clients each, against the target of at most 8 KiB RSS per idle client at 10,000."

@@ -31,3 +31,11 @@ func ReadersHeld(s *Server) int {
 	}
 	return n
 }
+
+// ParkedClients counts the sessions parked without a goroutine.
+func ParkedClients(s *Server) int {
+	if s.lot == nil {
+		return -1
+	}
+	return s.lot.Len()
+}

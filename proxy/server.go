@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/internal/parking"
 	"cascata/internal/stats"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -242,6 +243,9 @@ type Server struct {
 	writers      *bufStack[*bufio.Writer]
 
 	clients atomic.Int64
+	// lot holds the sockets of idle clients whose sessions have no
+	// goroutine (session.park); nil where the system has no epoll.
+	lot *parking.Lot
 
 	mu       sync.Mutex
 	sessions map[uint32]*session // by synthetic backend pid
@@ -273,6 +277,11 @@ func NewServer(opts Options) (*Server, error) {
 		types:      pgtype.NewMap(),
 		readers:    newReaderStack(),
 		writers:    newWriterStack(),
+	}
+	if lot, err := parking.New(); err == nil {
+		s.lot = lot
+	} else {
+		s.log.Info("idle clients keep a goroutine each", "reason", err)
 	}
 	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
 	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, s.log, s.metrics)
@@ -394,8 +403,9 @@ func (s *Server) Serve(ln net.Listener) error {
 		}
 		s.wg.Add(1)
 		go func() {
-			defer s.wg.Done()
-			s.handle(c)
+			if !s.handle(c) {
+				s.wg.Done()
+			} // else the parked session holds the entry until it ends
 		}()
 	}
 }
@@ -431,6 +441,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	<-s.reapDone
 	<-s.monDone
 	s.pools.closeAll()
+	if s.lot != nil {
+		// Every session has ended, the parked ones woken by shutdown or kill.
+		err = errors.Join(err, s.lot.Close())
+	}
 	return err
 }
 

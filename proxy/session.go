@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/internal/sockio"
+
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/puddle/v2"
@@ -23,7 +25,8 @@ import (
 // goroutine (backend.serve) reads it and writes to the client. A backend is
 // attached from the first message that needs one until ReadyForQuery 'I'
 // with nothing left in flight (transaction mode) or until the client leaves
-// (session mode).
+// (session mode). A client idle with no backend attached has neither: its
+// session parks (park) and a new goroutine serves it when it speaks.
 type session struct {
 	srv         *Server
 	conn        net.Conn
@@ -66,6 +69,11 @@ type session struct {
 	drainFailed  bool        // an error happened while cleaning
 	pendingErr   error       // backend lost mid-batch: told at the next Sync or Query
 	stopping     bool        // server shutdown: close when idle
+
+	// fd is the client's socket for the parking lot (-1: the session never
+	// parks: TLS, or no lot), wake starts resume when it is readable.
+	fd   int
+	wake func()
 
 	// Prepared statements (transaction mode), see prepared.go. The maps and
 	// the out buffer belong to the client goroutine; the queues and the
@@ -161,7 +169,61 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 	ss.settingsKey = settingsKey(ss.settings)
 	ss.cond = sync.NewCond(&ss.mu)
 	rd.releasable(c, s.readers)
+	ss.fd = -1
+	if rc := sockio.Raw(c); rc != nil && s.lot != nil && rd.src != nil {
+		_ = rc.Control(func(fd uintptr) { ss.fd = int(fd) })
+		ss.wake = func() { go ss.resume() }
+	}
 	return ss
+}
+
+// park hands the idle session's socket to the server's parking lot and
+// reports whether it did; the calling goroutine must then return without
+// touching the session, which resume serves again on a goroutine of its
+// own. Only a session with nothing under way parks: no backend attached
+// (session mode and pinned clients keep theirs, which may speak at any
+// time), nothing forwarded or held, not shutting down. The read buffer has
+// gone back already (the sweep's nudge).
+func (ss *session) park() bool {
+	if ss.fd < 0 || ss.rd.r != nil {
+		return false // no lot, or bytes were buffered when nudged
+	}
+	ss.mu.Lock()
+	defer ss.mu.Unlock()
+	// The lock orders this against shutdown, which sets stopping and then
+	// unparks: either this sees stopping or shutdown finds the socket parked.
+	if ss.be != nil || ss.res != nil || ss.stopping || ss.pending > 0 || ss.dirty || ss.writing ||
+		ss.copyIn || len(ss.batch) > 0 || ss.skipToSync {
+		return false
+	}
+	return ss.srv.lot.Park(ss.fd, ss.wake) == nil
+}
+
+// unpark takes the session's socket back from the parking lot, if it is
+// there, and serves the session again; shutdown and kill call it before
+// they close the connection, which a parked session would not notice.
+func (ss *session) unpark() {
+	if ss.fd >= 0 && ss.srv.lot.Unpark(ss.fd) {
+		go ss.resume()
+	}
+}
+
+// resume serves a parked session again until it ends or parks again, and
+// releases what handle would have when it ends.
+func (ss *session) resume() {
+	s := ss.srv
+	parked := false
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("client handler panic", "panic", r, "project", ss.ref)
+		}
+		if !parked {
+			_ = ss.conn.Close()
+			s.clients.Add(-1)
+			s.wg.Done()
+		}
+	}()
+	parked = ss.serve()
 }
 
 // lockOut locks the client's writer (wmu), taking a buffer for it when the
@@ -332,64 +394,81 @@ func isUTF8(enc string) bool {
 	return e == "utf8" || e == "unicode"
 }
 
-// run is the client goroutine.
-func (ss *session) run() {
+// run is the client goroutine. It serves the client until it leaves, or
+// reports true when the session has parked: an idle client then has no
+// goroutine (and no stack) until it speaks, when resume serves it on a new
+// one; the session owns what handle held (the connection, the client count,
+// the server's wait group entry) and releases it when it ends.
+func (ss *session) run() bool {
 	ss.metrics.clients.Inc()
+	return ss.serve()
+}
+
+// serve reads the client's messages on the calling goroutine until the
+// client leaves (the session ends here) or the session parks.
+func (ss *session) serve() (parked bool) {
 	defer func() {
-		ss.finish()
-		ss.metrics.clients.Dec()
-		ss.srv.unregister(ss)
+		if !parked {
+			ss.finish()
+			ss.metrics.clients.Dec()
+			ss.srv.unregister(ss)
+		}
 	}()
 	for {
 		ss.waitForClient()
 		typ, n, err := ss.rd.next()
 		if ss.heardClient(err) {
-			continue // nudged: the read buffer went back
+			// Nudged: the read buffer went back; the goroutine too, if
+			// the session can park.
+			if ss.park() {
+				return true
+			}
+			continue
 		}
 		if err != nil {
 			var tooLarge *errMessageTooLarge
 			if errors.As(err, &tooLarge) {
 				ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "%s", tooLarge.Error()), true), 0)
 			}
-			return
+			return false
 		}
 		if ss.skipToSync && typ != msgTypeSync {
 			continue // the body is skipped by the next call to next
 		}
 		if (typ == msgTypeSync || typ == msgTypeFlush) && n != 0 {
 			ss.protocolViolation(errors.New("invalid " + string(typ) + " message: unexpected body"))
-			return
+			return false
 		}
 		switch typ {
 		case msgTypeTerminate:
-			return
+			return false
 		case msgTypeSync:
 			if err := ss.onSync(); err != nil {
-				return
+				return false
 			}
 		case msgTypeFlush:
 			if err := ss.onFlush(); err != nil {
-				return
+				return false
 			}
 		case msgTypeQuery:
 			if err := ss.onQuery(); err != nil {
-				return
+				return false
 			}
 		case msgTypeParse, msgTypeBind, msgTypeDescribe, msgTypeClose, msgTypeExecute:
 			if err := ss.onExtended(typ); err != nil {
-				return
+				return false
 			}
 		case msgTypeFunctionCall:
 			if err := ss.onFunctionCall(); err != nil {
-				return
+				return false
 			}
 		case msgTypeCopyData, msgTypeCopyDone, msgTypeCopyFail:
 			if err := ss.forwardCopy(typ); err != nil {
-				return
+				return false
 			}
 		default:
 			ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "invalid frontend message type %q", typ), true), 0)
-			return
+			return false
 		}
 	}
 }
@@ -1307,6 +1386,7 @@ func (ss *session) shutdown() {
 	ss.stopping = true
 	idle := ss.be == nil
 	ss.mu.Unlock()
+	ss.unpark()
 	if idle {
 		ss.sayShutdown()
 	}
@@ -1323,8 +1403,10 @@ func (ss *session) sayShutdown() {
 // kill closes the client and its backend at once (shutdown deadline).
 func (ss *session) kill() {
 	ss.mu.Lock()
+	ss.stopping = true
 	be := ss.be
 	ss.mu.Unlock()
+	ss.unpark()
 	if be != nil {
 		be.close()
 	}

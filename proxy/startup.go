@@ -35,14 +35,18 @@ type startup struct {
 	unknownOpts    []string
 }
 
-// handle runs one client connection from its first byte to its close.
-func (s *Server) handle(c net.Conn) {
+// handle runs one client connection from its first byte to its close, or
+// until its session parks (session.run): it then reports true, and the
+// session owns the connection, its count in clients and its entry in wg.
+func (s *Server) handle(c net.Conn) (parked bool) {
 	c = sockio.New(c) // raw socket calls, under TLS too
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("client handler panic", "panic", r, "remote", c.RemoteAddr().String())
 		}
-		_ = c.Close()
+		if !parked {
+			_ = c.Close()
+		}
 	}()
 	if n := s.clients.Add(1); n > int64(s.opts.MaxClientConn) {
 		defer s.clients.Add(-1)
@@ -54,7 +58,11 @@ func (s *Server) handle(c net.Conn) {
 		}
 		return
 	}
-	defer s.clients.Add(-1)
+	defer func() {
+		if !parked {
+			s.clients.Add(-1)
+		}
+	}()
 	deadline := time.Now().Add(s.opts.ClientLoginTimeout)
 	_ = c.SetDeadline(deadline)
 
@@ -79,7 +87,7 @@ func (s *Server) handle(c net.Conn) {
 	}
 	s.metrics.login("ok")
 	_ = conn.SetDeadline(time.Time{})
-	ss.run()
+	return ss.run()
 }
 
 // readStartup reads startup packets until a StartupMessage (negotiating TLS on

@@ -138,17 +138,7 @@ func (r *runningApp) database(t *testing.T, ref string) string {
 func TestAdminPlaneSurvivesRestart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	cl, err := pgcluster.Start(ctx, pgcluster.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
-		defer scancel()
-		if err := cl.Stop(sctx); err != nil {
-			t.Error(err)
-		}
-	})
+	cl := startCluster(ctx, t)
 	for _, db := range []string{"app_a", "app_b", "app_a_target"} {
 		if err := pgcluster.SetupProject(ctx, cl.Primary, pgcluster.ProjectSpec{Database: db, LoginPassword: appLoginPassword}); err != nil {
 			t.Fatal(err)
@@ -207,7 +197,7 @@ jwt_secret = %q
 		t.Fatalf("cascata resume: %v %s", err, out.String())
 	}
 	out.Reset()
-	err = cmdEject([]string{"-admin", r1.adminURL, "-project", "app_a", "-method", "dump", "-wait",
+	err := cmdEject([]string{"-admin", r1.adminURL, "-project", "app_a", "-method", "dump", "-wait",
 		"-target-url", cl.Primary.URL("authenticator", appLoginPassword, "app_a_target"),
 		"-target-owner-url", cl.Primary.SuperuserURL("app_a_target")}, &out, &errOut)
 	if err != nil {

@@ -39,3 +39,14 @@ func ParkedClients(s *Server) int {
 	}
 	return s.lot.Len()
 }
+
+// Handoffs counts the host slots handed over to waiting pools, all hosts.
+func Handoffs(s *Server) int64 {
+	var n int64
+	for _, h := range s.pools.hostList() {
+		h.mu.Lock()
+		n += h.handoffs
+		h.mu.Unlock()
+	}
+	return n
+}

@@ -83,7 +83,9 @@ type hostLimiter struct {
 	// grants are the waits of pools with no connection, oldest first: a
 	// closing backend's slot goes to the first of them (handOff) instead of
 	// back into the semaphore, where the dials of busy pools wait too.
-	grants []*grant
+	grants   []*grant
+	handoffs int64 // slots handed over so far
+	refill   chan<- struct{}
 
 	resMu    sync.Mutex
 	reserved int64              // semaphore units held above the cap
@@ -93,6 +95,7 @@ type hostLimiter struct {
 
 // grant is one wait of a pool with no connection for a slot handed over.
 type grant struct {
+	p     *pool              // the waiter's pool
 	given bool               // the slot is the waiter's; under the host's mu
 	wake  context.CancelFunc // ends the waiter's current semaphore wait
 }
@@ -120,6 +123,10 @@ type pools struct {
 	byKey map[string]*pool
 	hosts map[string]*hostLimiter
 
+	// refill is signalled when a newcomer takes a slot of a host's
+	// reserve; the server's reap loop then fills it back (refillReserves).
+	refill chan struct{}
+
 	// capMu orders changes of maxPerHost against closeAll, so that no
 	// lowering starts on a closed server.
 	capMu  sync.Mutex
@@ -135,6 +142,7 @@ func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *sl
 		metrics:        m,
 		byKey:          map[string]*pool{},
 		hosts:          map[string]*hostLimiter{},
+		refill:         make(chan struct{}, 1),
 	}
 }
 
@@ -150,6 +158,7 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 	h, ok := ps.hosts[hostKey]
 	if !ok {
 		h = newHostLimiter(hostKey, int64(ps.maxPerHost))
+		h.refill = ps.refill
 		ps.hosts[hostKey] = h
 	}
 	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log, metrics: ps.metrics.forServers(ref)}
@@ -288,7 +297,7 @@ const hostBusyWait = 20 * time.Millisecond
 // of a replacement, queued ahead of it, which would leave it starved and
 // make the next release yield another backend.
 func (h *hostLimiter) acquire(ctx context.Context, p *pool) (err error) {
-	if h.sem.TryAcquire(1) && h.take() {
+	if h.sem.TryAcquire(1) && h.take(p) {
 		return nil
 	}
 	var g *grant
@@ -296,20 +305,18 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) (err error) {
 	h.waiters[p]++
 	h.nwait.Add(1)
 	if p.open.Load() == 0 {
-		g = &grant{}
+		g = &grant{p: p}
 		h.grants = append(h.grants, g)
 	}
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
-		if h.waiters[p]--; h.waiters[p] <= 0 {
-			delete(h.waiters, p)
-		}
-		h.nwait.Add(-1)
 		switch {
-		case g == nil:
-		case !g.given:
-			h.grants = slices.DeleteFunc(h.grants, func(o *grant) bool { return o == g })
+		case g == nil || !g.given:
+			h.unwaitLocked(p)
+			if g != nil {
+				h.grants = slices.DeleteFunc(h.grants, func(o *grant) bool { return o == g })
+			}
 		case err != nil:
 			h.giveBack() // handed over after the wait had ended
 		}
@@ -337,9 +344,10 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) (err error) {
 			cancel()
 			return nil
 		}
-		if err == nil && !h.take() {
-			// Over a lowered cap: the slot went back to the semaphore,
-			// where the lowering waits for it; trying again at once would spin.
+		if err == nil && !h.take(p) {
+			// Over a lowered cap, or into the newcomers' reserve: the slot
+			// went back to the semaphore, where the lowering or a newcomer
+			// waits for it; trying again at once would spin.
 			<-wctx.Done()
 			err = wctx.Err()
 		}
@@ -378,22 +386,59 @@ func (h *hostLimiter) handOff() bool {
 	g := h.grants[0]
 	h.grants = h.grants[1:]
 	g.given = true
+	h.handoffs++
+	// The waiter is served: it no longer counts as starved, or the next
+	// release would yield a second backend for it while it dials.
+	h.unwaitLocked(g.p)
 	if g.wake != nil {
 		g.wake()
 	}
 	return true
 }
 
-// take counts a slot just acquired from the semaphore, or gives it back
-// when the host is at or over its cap: between the lowering of the cap and
-// the moment the lowering holds its units, the semaphore still has room
-// that the cap no longer gives.
-func (h *hostLimiter) take() bool {
-	if h.taken.Add(1) <= h.cap.Load() {
+// unwaitLocked ends one wait of p for a slot.
+func (h *hostLimiter) unwaitLocked(p *pool) {
+	if h.waiters[p]--; h.waiters[p] <= 0 {
+		delete(h.waiters, p)
+	}
+	h.nwait.Add(-1)
+}
+
+// take counts a slot just acquired from the semaphore for p, or gives it
+// back when the host is at or over its cap (between the lowering of the cap
+// and the moment the lowering holds its units, the semaphore still has room
+// that the cap no longer gives), or when p has connections and only the
+// newcomers' reserve is left.
+func (h *hostLimiter) take(p *pool) bool {
+	limit := h.cap.Load()
+	reserve := newcomerReserve(limit)
+	if p.open.Load() > 0 {
+		limit -= reserve
+	}
+	n := h.taken.Add(1)
+	if n <= limit {
+		if n > limit-reserve && h.refill != nil {
+			select { // a newcomer took a reserved slot
+			case h.refill <- struct{}{}:
+			default:
+			}
+		}
 		return true
 	}
 	h.giveBack()
 	return false
+}
+
+// newcomerReserve is how many slots of a host's cap only pools with no
+// connection may take: a tenant that becomes active while busy tenants
+// hold the host then dials at once, instead of waiting for a busy backend
+// to be released, closed and its server to exit. Small caps keep none.
+func newcomerReserve(limit int64) int64 { return min(2, limit/16) }
+
+// reserveShort is how many slots of the newcomers' reserve are in use.
+func (h *hostLimiter) reserveShort() int64 {
+	limit := h.cap.Load()
+	return max(0, h.taken.Load()-h.gone.Load()-(limit-newcomerReserve(limit)))
 }
 
 // giveBack returns a slot that no backend uses (a failed dial).
@@ -416,7 +461,7 @@ func (h *hostLimiter) overCap() bool {
 // waiters) and p has at least two more than that pool. Capacity so moves
 // from rich to starved tenants, and balanced load causes no reconnects.
 func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
-	if h.nwait.Load() == 0 {
+	if h.nwait.Load() == 0 && h.reserveShort() == 0 {
 		return false // nobody waits for this host: the common case, no lock
 	}
 	h.mu.Lock()
@@ -424,9 +469,6 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	if h.overCap() {
 		p.condemn(b)
 		return true
-	}
-	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
-		return false
 	}
 	active := 0
 	for q := range h.pools {
@@ -436,6 +478,16 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	}
 	share := int32(h.cap.Load() / int64(max(active, 1)))
 	mine := p.open.Load()
+	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
+		// Nobody else waits: fill the newcomers' reserve back up from a
+		// pool above its fair share, one close per slot missing.
+		if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine <= max(share, 1) {
+			return false
+		}
+		h.yielding++
+		h.yielded[b] = true
+		return true
+	}
 	starved, owed := 0, false
 	for q, n := range h.waiters {
 		if q == p || n == 0 {
@@ -658,9 +710,23 @@ func (ps *pools) reap(idle time.Duration) int {
 			ps.drop(p)
 		}
 	}
+	ps.refillReserves()
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	return len(ps.byKey)
+}
+
+// refillReserves fills the newcomers' reserve of every host back from
+// backends idle for a while, which cost nobody a wait; busy tenants give
+// theirs back at their releases (shouldYield) when no idle one is left.
+func (ps *pools) refillReserves() {
+	for _, h := range ps.hostList() {
+		for range h.reserveShort() {
+			if !h.evictIdle(nil, false) {
+				break
+			}
+		}
+	}
 }
 
 func (ps *pools) drop(p *pool) {

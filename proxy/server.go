@@ -486,6 +486,8 @@ func (s *Server) reapLoop(ctx context.Context) {
 			s.pools.reap(s.opts.ServerIdleTimeout)
 		case <-sweep.C:
 			s.sweepIdle()
+		case <-s.pools.refill:
+			s.pools.refillReserves()
 		}
 	}
 }

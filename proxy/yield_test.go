@@ -117,3 +117,95 @@ func TestNewcomerGetsTheYieldedSlot(t *testing.T) {
 		}
 	}
 }
+
+// TestNewcomerReserve: with a cap of 32, two slots are kept for tenants
+// with no backend. Busy clients of p1 (pool_size 32) never hold more than
+// 30; a newly active p2 dials at once, with no backend closed for it and
+// no slot handed over, and the host never exceeds the cap; then the
+// reserve fills back up.
+func TestNewcomerReserve(t *testing.T) {
+	waitNoBackends(t)
+	const (
+		hostCap = 32
+		reserve = 2
+		busy    = 40
+	)
+	reg := prometheus.NewRegistry()
+	h := startProxy(t, harnessOpts{poolSize: hostCap, opts: proxy.Options{MaxServerConnPerHost: hostCap, Metrics: proxy.NewMetrics(reg)}})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	host := cluster.Primary.Addr()
+	var (
+		wg    sync.WaitGroup
+		fails = make(chan error, busy)
+		most  atomic.Int64
+	)
+	bctx, bstop := context.WithCancel(ctx)
+	for i := range busy {
+		c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", fmt.Sprintf("busy%d", i), nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close(context.Background())
+			for range 20000 {
+				if bctx.Err() != nil {
+					return
+				}
+				if _, err := c.Exec(bctx, "SELECT pg_sleep(0.005)", pgx.QueryExecModeSimpleProtocol); err != nil {
+					if bctx.Err() == nil {
+						fails <- fmt.Errorf("busy client: %w", err)
+					}
+					return
+				}
+				n := int64(h.srv.HostConns()[host])
+				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+				}
+			}
+		}()
+	}
+	defer func() {
+		bstop()
+		wg.Wait()
+		close(fails)
+		for err := range fails {
+			t.Error(err)
+		}
+	}()
+	waitFor(t, "p1 to hold the cap less the reserve", 10*time.Second, func() bool {
+		return h.srv.HostConns()[host] == hostCap-reserve && serverConnects(t, reg, "p1") == hostCap-reserve
+	})
+	time.Sleep(300 * time.Millisecond) // p1 keeps trying to grow meanwhile
+	if n := most.Load(); n > hostCap-reserve {
+		t.Fatalf("p1 alone held %d backends, more than the cap %d less the reserve %d", n, hostCap, reserve)
+	}
+
+	before, handed := serverConnects(t, reg, "p1"), proxy.Handoffs(h.srv)
+	c, err := h.tryConnect("p2", "authenticated", token(t, "p2", "authenticated", "newcomer", nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close(ctx)
+	var one int
+	if err := c.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("newcomer's first query: %d, %v", one, err)
+	}
+	if n := proxy.Handoffs(h.srv) - handed; n != 0 {
+		t.Errorf("the newcomer waited for %d slots handed over: the reserve was not free", n)
+	}
+	if got := serverConnects(t, reg, "p2"); got != 1 {
+		t.Errorf("p2 dialled %d backends, want 1", got)
+	}
+	// p1 gives a backend back to fill the reserve again, and dials none.
+	waitFor(t, "the reserve to fill back up", 10*time.Second, func() bool {
+		return h.srv.HostConns()[host] <= hostCap-reserve
+	})
+	if after := serverConnects(t, reg, "p1"); after != before {
+		t.Errorf("p1 dialled %d backends after the newcomer came", after-before)
+	}
+	if n := most.Load(); n > hostCap {
+		t.Fatalf("host connections %d over the cap %d", n, hostCap)
+	}
+}

@@ -49,45 +49,9 @@ func TestNewcomerGetsTheYieldedSlot(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 
-	// p1's busy clients: each runs a short statement back to back until
-	// stopped (bounded in count as well).
-	var (
-		wg    sync.WaitGroup
-		runs  atomic.Int64
-		fails = make(chan error, busy)
-	)
-	bctx, bstop := context.WithCancel(ctx)
-	for i := range busy {
-		c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", fmt.Sprintf("busy%d", i), nil))
-		if err != nil {
-			t.Fatal(err)
-		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer c.Close(context.Background())
-			for range 20000 {
-				if bctx.Err() != nil {
-					return
-				}
-				if _, err := c.Exec(bctx, "SELECT pg_sleep(0.005)", pgx.QueryExecModeSimpleProtocol); err != nil {
-					if bctx.Err() == nil {
-						fails <- fmt.Errorf("busy client: %w", err)
-					}
-					return
-				}
-				runs.Add(1)
-			}
-		}()
-	}
-	defer func() {
-		bstop()
-		wg.Wait()
-		close(fails)
-		for err := range fails {
-			t.Error(err)
-		}
-	}()
+	var runs atomic.Int64
+	stop := busyClients(ctx, t, h, busy, func() { runs.Add(1) })
+	defer stop()
 	waitFor(t, "p1 to hold the host cap", 10*time.Second, func() bool {
 		return serverConnects(t, reg, "p1") >= hostCap && h.srv.HostConns()[cluster.Primary.Addr()] == hostCap
 	})
@@ -135,45 +99,13 @@ func TestNewcomerReserve(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	host := cluster.Primary.Addr()
-	var (
-		wg    sync.WaitGroup
-		fails = make(chan error, busy)
-		most  atomic.Int64
-	)
-	bctx, bstop := context.WithCancel(ctx)
-	for i := range busy {
-		c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", fmt.Sprintf("busy%d", i), nil))
-		if err != nil {
-			t.Fatal(err)
+	var most atomic.Int64
+	stop := busyClients(ctx, t, h, busy, func() {
+		n := int64(h.srv.HostConns()[host])
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			defer c.Close(context.Background())
-			for range 20000 {
-				if bctx.Err() != nil {
-					return
-				}
-				if _, err := c.Exec(bctx, "SELECT pg_sleep(0.005)", pgx.QueryExecModeSimpleProtocol); err != nil {
-					if bctx.Err() == nil {
-						fails <- fmt.Errorf("busy client: %w", err)
-					}
-					return
-				}
-				n := int64(h.srv.HostConns()[host])
-				for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
-				}
-			}
-		}()
-	}
-	defer func() {
-		bstop()
-		wg.Wait()
-		close(fails)
-		for err := range fails {
-			t.Error(err)
-		}
-	}()
+	})
+	defer stop()
 	waitFor(t, "p1 to hold the cap less the reserve", 10*time.Second, func() bool {
 		return h.srv.HostConns()[host] == hostCap-reserve && serverConnects(t, reg, "p1") == hostCap-reserve
 	})
@@ -207,5 +139,48 @@ func TestNewcomerReserve(t *testing.T) {
 	}
 	if n := most.Load(); n > hostCap {
 		t.Fatalf("host connections %d over the cap %d", n, hostCap)
+	}
+}
+
+// busyClients connects n clients of p1 that each run a short statement back
+// to back, calling each after every one, until the returned function stops
+// them (bounded in count as well); it reports their errors.
+func busyClients(ctx context.Context, t *testing.T, h *harness, n int, each func()) func() {
+	t.Helper()
+	var wg sync.WaitGroup
+	fails := make(chan error, n)
+	bctx, bstop := context.WithCancel(ctx)
+	for i := range n {
+		c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", fmt.Sprintf("busy%d", i), nil))
+		if err != nil {
+			bstop()
+			wg.Wait()
+			t.Fatal(err)
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close(context.Background())
+			for range 20000 {
+				if bctx.Err() != nil {
+					return
+				}
+				if _, err := c.Exec(bctx, "SELECT pg_sleep(0.005)", pgx.QueryExecModeSimpleProtocol); err != nil {
+					if bctx.Err() == nil {
+						fails <- fmt.Errorf("busy client: %w", err)
+					}
+					return
+				}
+				each()
+			}
+		}()
+	}
+	return func() {
+		bstop()
+		wg.Wait()
+		close(fails)
+		for err := range fails {
+			t.Error(err)
+		}
 	}
 }

@@ -104,6 +104,13 @@ func (r *rawClient) login(tok string) pgproto3.BackendKeyData {
 func (r *rawClient) query(sql string) ([]string, *pgproto3.ErrorResponse) {
 	r.t.Helper()
 	r.send(&pgproto3.Query{String: sql})
+	return r.readQuery()
+}
+
+// readQuery reads a simple query's answer up to ReadyForQuery and returns
+// its first column's values.
+func (r *rawClient) readQuery() ([]string, *pgproto3.ErrorResponse) {
+	r.t.Helper()
 	var vals []string
 	var perr *pgproto3.ErrorResponse
 	for {

@@ -12,6 +12,7 @@ import (
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // sessionGoroutines counts the goroutines serving a client session.
@@ -139,5 +140,77 @@ func TestShutdownWakesParkedClients(t *testing.T) {
 	}
 	if n := h.srv.ClientCount(); n != 0 {
 		t.Fatalf("%d clients counted after shutdown", n)
+	}
+}
+
+// TestPinnedClientsDoNotPark: a client keeping a backend (LISTEN pins it
+// in transaction mode) is not parked while idle, so a notification reaches
+// it then; the parked clients beside it are not disturbed.
+func TestPinnedClientsDoNotPark(t *testing.T) {
+	h := startProxy(t, harnessOpts{})
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	listener := h.connect("p1", "authenticated", "listener")
+	if _, err := listener.Exec(ctx, "LISTEN parked_channel"); err != nil {
+		t.Fatal(err)
+	}
+	idle := h.connect("p1", "anon", "idle-beside")
+	if _, err := idle.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the plain client to park", 10*time.Second, func() bool { return proxy.ParkedClients(h.srv) == 1 })
+	time.Sleep(2500 * time.Millisecond) // more than two sweeps: the listener would have parked by now
+	if n := proxy.ParkedClients(h.srv); n != 1 {
+		t.Fatalf("%d clients parked, want only the plain one", n)
+	}
+	sender := h.connect("p1", "authenticated", "sender")
+	if _, err := sender.Exec(ctx, "NOTIFY parked_channel, 'hello'"); err != nil {
+		t.Fatal(err)
+	}
+	wctx, wcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer wcancel()
+	n, err := listener.WaitForNotification(wctx)
+	if err != nil || n.Payload != "hello" {
+		t.Fatalf("notification to the idle pinned client: %+v, %v", n, err)
+	}
+	if user, sub, err := whoAmI(ctx, idle, pgx.QueryExecModeExec); err != nil || user != "anon" || sub != "idle-beside" {
+		t.Fatalf("the parked client after: %s/%s, %v", user, sub, err)
+	}
+}
+
+// TestParkingSplitMessage: bytes of a message sent in pieces around the
+// idle sweep are neither lost nor read twice: half a header before a long
+// pause (the session must not park with bytes buffered), the rest after;
+// and a whole message written to a parked session in two pieces.
+func TestParkingSplitMessage(t *testing.T) {
+	h := startProxy(t, harnessOpts{})
+	r := h.rawDial(t)
+	r.write(startupPacket(proto30, "user", "anon", "database", "p1"))
+	r.login(token(t, "p1", "anon", "split", nil))
+	_ = r.c.SetDeadline(time.Now().Add(30 * time.Second))
+
+	buf, err := (&pgproto3.Query{String: "SELECT 'split header'"}).Encode(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.write(buf[:3])
+	time.Sleep(2500 * time.Millisecond) // two sweeps: nudged, not parked
+	if n := proxy.ParkedClients(h.srv); n != 0 {
+		t.Fatalf("%d sessions parked with half a message buffered", n)
+	}
+	r.write(buf[3:])
+	if vals, perr := r.readQuery(); perr != nil || len(vals) != 1 || vals[0] != "split header" {
+		t.Fatalf("split header: %v %v", vals, perr)
+	}
+
+	waitFor(t, "the session to park", 10*time.Second, func() bool { return proxy.ParkedClients(h.srv) == 1 })
+	if buf, err = (&pgproto3.Query{String: "SELECT 'split body'"}).Encode(buf[:0]); err != nil {
+		t.Fatal(err)
+	}
+	r.write(buf[:8])
+	time.Sleep(50 * time.Millisecond)
+	r.write(buf[8:])
+	if vals, perr := r.readQuery(); perr != nil || len(vals) != 1 || vals[0] != "split body" {
+		t.Fatalf("split body after parking: %v %v", vals, perr)
 	}
 }

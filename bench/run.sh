@@ -29,7 +29,8 @@
 #                              round; the table shows medians over the rounds
 #   BENCH_CONN_DURATION [DUR]  seconds per connection-rate measurement
 #   BENCH_CLIENTS [32]  BENCH_THREADS [2]  BENCH_POOL_SIZE [20]  BENCH_SCALE [10]
-#   BENCH_IDLE_CLIENTS [5000]  BENCH_USERS [1000]
+#   BENCH_IDLE_CLIENTS [10000]  BENCH_USERS [1000]
+#   BENCH_IDLE_SETTLE [5s]  pause before each idle-memory reading, every proxy
 #   BENCH_PROTO_IDLE_CLIENTS [10000] idle clients through each prototype
 #   BENCH_OUT [bench/RESULTS.md]  BENCH_KEEP=1 keeps the work dir; a section
 #                       "## Scale: 1,000 projects" (bench/scale's, the last
@@ -56,7 +57,8 @@ CLIENTS=${BENCH_CLIENTS:-32}
 THREADS=${BENCH_THREADS:-2}
 POOL=${BENCH_POOL_SIZE:-20}
 SCALE=${BENCH_SCALE:-10}
-IDLE_CLIENTS=${BENCH_IDLE_CLIENTS:-5000}
+IDLE_CLIENTS=${BENCH_IDLE_CLIENTS:-10000}
+IDLE_SETTLE=${BENCH_IDLE_SETTLE:-5s}
 PROTO_IDLE=${BENCH_PROTO_IDLE_CLIENTS:-10000}
 IDLE_STMTS=10
 USERS=${BENCH_USERS:-1000}
@@ -463,16 +465,16 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 say "idle clients: $IDLE_CLIENTS through cascata, $IDLE_STMTS prepared statements each"
 IDLE_C=$LOGDIR/idle-cascata.out
 export BENCH_TOKEN=$TOKEN
-echo "idle-cascata: benchtool idle -addr 127.0.0.1:$CASCATA_PORT -db bench -user authenticated -password-env BENCH_TOKEN -n $IDLE_CLIENTS -stmts $IDLE_STMTS -pid <cascata>" >>"$COMMANDS"
-timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$CASCATA_PORT" -db bench -user authenticated -password-env BENCH_TOKEN \
+echo "idle-cascata: benchtool idle -settle $IDLE_SETTLE -addr 127.0.0.1:$CASCATA_PORT -db bench -user authenticated -password-env BENCH_TOKEN -n $IDLE_CLIENTS -stmts $IDLE_STMTS -pid <cascata>" >>"$COMMANDS"
+timeout -k 5 600 "$TOOL" idle -settle "$IDLE_SETTLE" -addr "127.0.0.1:$CASCATA_PORT" -db bench -user authenticated -password-env BENCH_TOKEN \
   -n "$IDLE_CLIENTS" -stmts "$IDLE_STMTS" -pid "$CASCATA_PID" \
   -metrics-url "http://127.0.0.1:$ADMIN_PORT/metrics" -metrics-token-env BENCH_ADMIN_TOKEN >"$IDLE_C" 2>"$LOGDIR/idle-cascata.err" ||
   say "idle (cascata) failed: $(tail -n3 "$LOGDIR/idle-cascata.err")"
 say "idle clients: $IDLE_CLIENTS through pgbouncer (no prepared statements: 1.18 cannot keep them)"
 IDLE_B=$LOGDIR/idle-pgbouncer.out
 export BENCH_PW=$PASSWORD
-echo "idle-pgbouncer: benchtool idle -addr 127.0.0.1:$PGB_PORT -db bench -user authenticator -password-env BENCH_PW -n $IDLE_CLIENTS -stmts 0 -pid <pgbouncer>" >>"$COMMANDS"
-timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$PGB_PORT" -db bench -user authenticator -password-env BENCH_PW \
+echo "idle-pgbouncer: benchtool idle -settle $IDLE_SETTLE -addr 127.0.0.1:$PGB_PORT -db bench -user authenticator -password-env BENCH_PW -n $IDLE_CLIENTS -stmts 0 -pid <pgbouncer>" >>"$COMMANDS"
+timeout -k 5 600 "$TOOL" idle -settle "$IDLE_SETTLE" -addr "127.0.0.1:$PGB_PORT" -db bench -user authenticator -password-env BENCH_PW \
   -n "$IDLE_CLIENTS" -stmts 0 -pid "$PGB_PID" >"$IDLE_B" 2>"$LOGDIR/idle-pgbouncer.err" ||
   say "idle (pgbouncer) failed: $(tail -n3 "$LOGDIR/idle-pgbouncer.err")"
 # The two I/O-model prototypes (transaction pooling, no client
@@ -506,8 +508,8 @@ for kind in goroutine eventloop; do
   pid=$POOLG_PID port=$POOLG_PORT
   [ "$kind" = eventloop ] && pid=$POOLE_PID port=$POOLE_PORT
   say "idle clients: $PROTO_IDLE through pool-$kind"
-  echo "idle-pool-$kind: benchtool idle -addr 127.0.0.1:$port -db bench -user authenticator -n $PROTO_IDLE -stmts 0 -pid <pool-$kind>" >>"$COMMANDS"
-  timeout -k 5 600 "$TOOL" idle -addr "127.0.0.1:$port" -db bench -user authenticator \
+  echo "idle-pool-$kind: benchtool idle -settle $IDLE_SETTLE -addr 127.0.0.1:$port -db bench -user authenticator -n $PROTO_IDLE -stmts 0 -pid <pool-$kind>" >>"$COMMANDS"
+  timeout -k 5 600 "$TOOL" idle -settle "$IDLE_SETTLE" -addr "127.0.0.1:$port" -db bench -user authenticator \
     -n "$PROTO_IDLE" -stmts 0 -pid "$pid" >"$LOGDIR/idle-pool-$kind.out" 2>"$LOGDIR/idle-pool-$kind.err" ||
     say "idle (pool-$kind) failed: $(tail -n3 "$LOGDIR/idle-pool-$kind.err")"
 done
@@ -703,7 +705,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| PostgreSQL | $PG_VERSION (primary + streaming replica, loopback TCP, fsync off, shared_buffers 256MB) |"
   echo "| PgBouncer | $("$PGBOUNCER" --version 2>/dev/null | head -n1) |"
   echo "| cascata | $COMMIT$DIRTY |"
-  echo "| command | \`${CASCATA_BIN:+CASCATA_BIN=$CASCATA_BIN }BENCH_DURATION=$DUR BENCH_CONN_DURATION=$CONN_DUR BENCH_SELECT_DURATION=$SEL_DUR BENCH_ROUNDS=$ROUNDS BENCH_CLIENTS=$CLIENTS BENCH_THREADS=$THREADS BENCH_POOL_SIZE=$POOL BENCH_SCALE=$SCALE BENCH_IDLE_CLIENTS=$IDLE_CLIENTS BENCH_USERS=$USERS make bench\` ($ELAPSED s) |"
+  echo "| command | \`${CASCATA_BIN:+CASCATA_BIN=$CASCATA_BIN }BENCH_DURATION=$DUR BENCH_CONN_DURATION=$CONN_DUR BENCH_SELECT_DURATION=$SEL_DUR BENCH_ROUNDS=$ROUNDS BENCH_CLIENTS=$CLIENTS BENCH_THREADS=$THREADS BENCH_POOL_SIZE=$POOL BENCH_SCALE=$SCALE BENCH_IDLE_CLIENTS=$IDLE_CLIENTS BENCH_IDLE_SETTLE=$IDLE_SETTLE BENCH_USERS=$USERS make bench\` ($ELAPSED s) |"
   echo "| pool | cascata \`pool_mode = \"transaction\"\`, \`pool_size = $POOL\`; pgbouncer \`pool_mode = transaction\`, \`default_pool_size = $POOL\`, \`auth_type = scram-sha-256\` with the SCRAM verifier of authenticator in auth_file (SCRAM pass-through to the server), clients log in as authenticator, server connections run \`connect_query = 'SET ROLE authenticated'\` |"
   echo
   echo "Direct runs log in as \`authenticator\` with \`PGOPTIONS='-c role=authenticated'\`; pgbouncer runs as \`authenticator\`;"
@@ -792,7 +794,8 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "## Memory: $(kv "$IDLE_C" clients) idle clients, $IDLE_STMTS named prepared statements each (issue 5)"
   echo
   echo "Each client connects, then prepares the same 10 statements (ORM-like); VmRSS of the proxy is read"
-  echo "before, after connecting and after preparing (2 s settle each); every 50th client then executes its \`s0\`."
+  echo "before, after connecting and after preparing ($IDLE_SETTLE settle each, the same for every proxy: long enough"
+  echo "for cascata's idle sweep to park idle sessions and drop spare buffers); every 50th client then executes its \`s0\`."
   echo
   echo "| proxy | clients | connect s | prepare s | RSS before MiB | RSS connected MiB | RSS prepared MiB | RSS per client | RSS per client incl. statements | Go heap+stack in use per client incl. statements (allocated, not all touched) | exec checks failed |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"

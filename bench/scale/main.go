@@ -44,6 +44,7 @@ type options struct {
 	busyProjects  int
 	busyPer       int
 	busyQuery     string
+	calmQuery     string
 	probes        int
 	probeTime     time.Duration
 	workers       int
@@ -72,10 +73,11 @@ func parseOptions(args []string) (*options, error) {
 	fs.IntVar(&o.busyProjects, "busy-projects", 45, "projects whose busy clients hold the host cap during the probes")
 	fs.IntVar(&o.busyPer, "busy-per-project", 2, "busy clients per busy project")
 	fs.StringVar(&o.busyQuery, "busy-query", "SELECT pg_sleep(0.02)", "what busy clients run back to back")
+	fs.StringVar(&o.calmQuery, "calm-query", "SELECT pg_sleep(0.2)", "what busy clients run back to back in a second, calmer round of probes (empty: none)")
 	fs.IntVar(&o.probes, "probes", 250, "newly-active projects probed at each step (at most -probe-projects)")
 	fs.DurationVar(&o.probeTime, "probe-time", 30*time.Second, "the probes of one step stop after this")
 	fs.IntVar(&o.workers, "workers", 32, "parallel client connects")
-	fs.DurationVar(&o.budget, "budget", 9*time.Minute, "the whole run stops after this")
+	fs.DurationVar(&o.budget, "budget", 12*time.Minute, "the whole run stops after this")
 	fs.StringVar(&o.results, "results", "bench/RESULTS.md", "results file whose section \"Scale: 1,000 projects\" is replaced (or appended)")
 	fs.StringVar(&o.svg, "svg", "bench/scale-plot.svg", "plot written by the run")
 	fs.BoolVar(&o.keep, "keep", false, "keep the scratch directory")
@@ -111,6 +113,15 @@ func parseOptions(args []string) (*options, error) {
 	o.command = strings.TrimSpace("bin/cascata-scale " + strings.Join(args, " "))
 	o.viaMake = strings.Join(args, " ") == "-cascata bin/cascata" // the Makefile's own call
 	return o, nil
+}
+
+// busyQueries are the busy clients' queries, one probe phase each: the
+// heavy load first (it gives the verdicts), then the calm one.
+func (o *options) busyQueries() []string {
+	if o.calmQuery == "" {
+		return []string{o.busyQuery}
+	}
+	return []string{o.busyQuery, o.calmQuery}
 }
 
 // perProject is how many clients a project with clients has: the largest

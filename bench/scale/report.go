@@ -193,7 +193,12 @@ func section(res *outcome, svgLink string) string {
 	p("")
 	p("### Newly active projects while the host cap is in use")
 	p("")
-	p("%d busy clients (%d on each of %d projects, `%s` back to back) hold the host cap (%d × pool_size %d ≥ %d).", o.busyProjects*o.busyPer, o.busyPer, o.busyProjects, o.busyQuery, o.busyProjects, o.poolSize, o.hostCap)
+	p("%d busy clients (%d on each of %d projects, a query back to back) hold the host cap (%d × pool_size %d ≥ %d):", o.busyProjects*o.busyPer, o.busyPer, o.busyProjects, o.busyProjects, o.poolSize, o.hostCap)
+	p("first `%s`, a heavy load for this machine, which gives the verdicts below;", o.busyQuery)
+	if o.calmQuery != "" {
+		p("then, in a second round with the same probe projects once their pools are gone, `%s`: the cap as much in use,", o.calmQuery)
+		p("the machine calmer.")
+	}
 	p("Then up to %d projects that had no client and no pool (checked in `GET /v1/pools` first) are probed one after", o.probes)
 	p("another, each once: connect (JWT login) + first `SELECT 1`, timed from the dial to the result; the probes of a")
 	p("step stop after %s. Percentiles are over the probes that succeeded (nearest rank: under 100 probes the p99 is the", o.probeTime)
@@ -204,34 +209,21 @@ func section(res *outcome, svgLink string) string {
 	p("show how often cascata closed and dialled backends. The busy clients are measured alone for %s first (after 2 s to", busyAlone)
 	p("settle); %d backends each running `%s` back to back could serve up to %.0f queries/s.", o.hostCap, o.busyQuery, busyCeiling(o))
 	p("")
-	p("| clients | probes | p50 ms | p99 ms (target < %.0f) | max ms | login alone p50 / p99 ms | PostgreSQL login + `SELECT 1` between the probes, p50 / p99 ms | failed | backends min / mean / max | mean backend age s | backends closed per s | busy queries/s | before the probes: busy queries/s, backends mean, age s, closed per s |", targetP99Ms)
-	p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	p("| clients | busy query | probes | p50 ms | p99 ms (target < %.0f) | max ms | login alone p50 / p99 ms | PostgreSQL login + `SELECT 1` between the probes, p50 / p99 ms | failed | backends min / mean / max | mean backend age s | backends closed per s | busy queries/s | before the probes: busy queries/s, backends mean, age s, closed per s |", targetP99Ms)
+	p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 	for _, s := range res.steps {
-		pr := &s.probes
-		p99 := pr.lat.pct(0.99)
-		made := fmt.Sprint(pr.lat.count() + pr.lat.errs)
-		if pr.lat.count()+pr.lat.errs < o.probes {
-			made += fmt.Sprintf(" of %d (%s ran out", o.probes, o.probeTime)
-			if pr.cut > 0 {
-				made += fmt.Sprintf(", %d cut short", pr.cut)
-			}
-			made += ")"
+		for _, ph := range s.phases {
+			probeRow(p, o, s, ph)
 		}
-		p("| %s | %s | %.1f | %.1f %s | %.1f | %.1f / %.1f | %.1f / %.1f | %d | %d / %.1f / %d | %.2f | %.0f | %.0f | %.0f, %.1f, %.2f, %.0f |",
-			thousands(s.live), made, pr.lat.pct(0.5), p99, verdict(pr.lat.count() >= o.probes && p99 < targetP99Ms),
-			pr.lat.pct(1), pr.connect.pct(0.5), pr.connect.pct(0.99), pr.floor.pct(0.5), pr.floor.pct(0.99), pr.lat.errs,
-			s.probeWin.min, s.probeWin.mean, s.probeWin.max, s.probeWin.meanAge, s.probeWin.closedPerSec(), s.probeBusyQPS,
-			s.busyAloneQPS, s.busyAloneWin.mean, s.busyAloneWin.meanAge, s.busyAloneWin.closedPerSec())
 	}
 	p("")
 	p("![RSS per idle client and p99 first-query latency of a newly active project against client count](%s)", svgLink)
 	p("")
 	p("### Verdicts")
 	p("")
-	allKiB, allP99 := len(res.steps) == len(o.steps), len(res.steps) == len(o.steps)
+	allKiB := len(res.steps) == len(o.steps)
 	for _, s := range res.steps {
 		allKiB = allKiB && s.idle.kibPerClient(res.base.rssKB, s.live) < targetKiBPerClient
-		allP99 = allP99 && s.probes.lat.count() >= o.probes && s.probes.lat.pct(0.99) < targetP99Ms
 	}
 	var perCount []string
 	for _, s := range res.steps {
@@ -239,12 +231,21 @@ func section(res *outcome, svgLink string) string {
 		perCount = append(perCount, fmt.Sprintf("%s at %s (%.1f KiB)", strings.ReplaceAll(verdict(kib < targetKiBPerClient), "**", ""), thousands(s.live), kib))
 	}
 	p("- RSS per idle client (its goroutines included) under %.0f KiB at every count: %s — %s.", targetKiBPerClient, verdict(allKiB), strings.Join(perCount, ", "))
-	p("- p99 connect + first query of a newly active project under %.0f ms at every count: %s.", targetP99Ms, verdict(allP99))
-	var floors []string
-	for _, s := range res.steps {
-		floors = append(floors, fmt.Sprintf("%s at %s (cascata %.1f ms)", floorVerdict(s.probes.floor.pct(0.99)), thousands(s.live), s.probes.lat.pct(0.99)))
+	for i, q := range o.busyQueries() {
+		all := len(res.steps) == len(o.steps)
+		var floors []string
+		for _, s := range res.steps {
+			if i >= len(s.phases) {
+				all = false
+				continue
+			}
+			pr := &s.phases[i].probes
+			all = all && pr.lat.count() >= o.probes && pr.lat.pct(0.99) < targetP99Ms
+			floors = append(floors, fmt.Sprintf("%s at %s (cascata %.1f ms)", floorVerdict(pr.floor.pct(0.99)), thousands(s.live), pr.lat.pct(0.99)))
+		}
+		p("- Busy clients running `%s`: p99 connect + first query of a newly active project under %.0f ms at every count: %s; p99 of a direct PostgreSQL login + `SELECT 1` between the probes, the floor of that latency here: %s.",
+			q, targetP99Ms, verdict(all), strings.Join(floors, ", "))
 	}
-	p("- p99 of a direct PostgreSQL login + `SELECT 1` between the probes, the floor of that latency here: %s.", strings.Join(floors, ", "))
 	capNote := fmt.Sprintf("held: at most %d backends in %d samples", res.runWin.max, res.runWin.samples)
 	if res.runWin.max > o.hostCap {
 		capNote = fmt.Sprintf("**EXCEEDED**: %d backends", res.runWin.max)
@@ -262,7 +263,9 @@ func section(res *outcome, svgLink string) string {
 	p("- Idle pools dropped: at each idle reading the pools listed above; %s.", poolNote)
 	fresh := 0
 	for _, s := range res.steps {
-		fresh += s.probes.hadPool
+		for _, ph := range s.phases {
+			fresh += ph.probes.hadPool
+		}
 	}
 	p("- Probe projects that still had a pool when their step's probes began (the run waits for them): %d.", fresh)
 	health := "running"
@@ -274,15 +277,17 @@ func section(res *outcome, svgLink string) string {
 		if s.firstFail != "" {
 			p("- First failed client at %s: `%s`.", thousands(s.clients), mdCode(s.firstFail))
 		}
-		if s.probes.lat.first != nil {
-			p("- First failed probe at %s: `%s`.", thousands(s.clients), mdCode(s.probes.lat.first.Error()))
-		}
 		if s.light != nil && s.light.first != nil {
 			p("- Light activity at %s: %d errors, the first `%s`.", thousands(s.clients), s.light.errs, mdCode(s.light.first.Error()))
 		}
-		if s.probes.busyErr != "" {
-			p("- Busy clients at %s: %d of %d connected, %d query errors; the first error `%s`.", thousands(s.clients),
-				s.probes.busyConns, s.probes.busyConns+s.probes.busyFails, s.probes.busyErrs, mdCode(s.probes.busyErr))
+		for _, ph := range s.phases {
+			if ph.probes.lat.first != nil {
+				p("- First failed probe at %s (busy `%s`): `%s`.", thousands(s.clients), ph.query, mdCode(ph.probes.lat.first.Error()))
+			}
+			if ph.probes.busyErr != "" {
+				p("- Busy clients at %s (`%s`): %d of %d connected, %d query errors; the first error `%s`.", thousands(s.clients), ph.query,
+					ph.probes.busyConns, ph.probes.busyConns+ph.probes.busyFails, ph.probes.busyErrs, mdCode(ph.probes.busyErr))
+			}
 		}
 	}
 	if res.aborted != "" {
@@ -373,7 +378,11 @@ func plot(res *outcome) string {
 	type pt struct{ x, kib, ms float64 }
 	var pts []pt
 	for _, s := range res.steps {
-		q := pt{float64(s.live), s.idle.kibPerClient(res.base.rssKB, s.live), s.probes.lat.pct(0.99)}
+		ms := 0.0
+		if len(s.phases) > 0 {
+			ms = s.phases[0].probes.lat.pct(0.99) // the heavy load's
+		}
+		q := pt{float64(s.live), s.idle.kibPerClient(res.base.rssKB, s.live), ms}
 		pts = append(pts, q)
 		maxX, maxKiB, maxMs = max(maxX, q.x), max(maxKiB, q.kib), max(maxMs, q.ms)
 	}
@@ -441,4 +450,23 @@ func floorVerdict(p99 float64) string {
 		return fmt.Sprintf("%.1f ms, under the target", p99)
 	}
 	return fmt.Sprintf("%.1f ms, itself over the target", p99)
+}
+
+// probeRow prints one row of the newly-active table: one phase of a step.
+func probeRow(p func(string, ...any), o *options, s *step, ph *probePhase) {
+	pr := &ph.probes
+	p99 := pr.lat.pct(0.99)
+	made := fmt.Sprint(pr.lat.count() + pr.lat.errs)
+	if pr.lat.count()+pr.lat.errs < o.probes {
+		made += fmt.Sprintf(" of %d (%s ran out", o.probes, o.probeTime)
+		if pr.cut > 0 {
+			made += fmt.Sprintf(", %d cut short", pr.cut)
+		}
+		made += ")"
+	}
+	p("| %s | `%s` | %s | %.1f | %.1f %s | %.1f | %.1f / %.1f | %.1f / %.1f | %d | %d / %.1f / %d | %.2f | %.0f | %.0f | %.0f, %.1f, %.2f, %.0f |",
+		thousands(s.live), ph.query, made, pr.lat.pct(0.5), p99, verdict(pr.lat.count() >= o.probes && p99 < targetP99Ms),
+		pr.lat.pct(1), pr.connect.pct(0.5), pr.connect.pct(0.99), pr.floor.pct(0.5), pr.floor.pct(0.99), pr.lat.errs,
+		ph.probeWin.min, ph.probeWin.mean, ph.probeWin.max, ph.probeWin.meanAge, ph.probeWin.closedPerSec(), ph.probeBusyQPS,
+		ph.busyAloneQPS, ph.busyAloneWin.mean, ph.busyAloneWin.meanAge, ph.busyAloneWin.closedPerSec())
 }

@@ -29,12 +29,19 @@ type step struct {
 	lightRead   reading
 	lightWin    window // backends during the light activity
 
+	phases  []*probePhase // newly active projects, one phase per busy query
+	stepWin window        // backends over the whole step
+}
+
+// probePhase is one run of the newly-active probes while busy clients of
+// other projects, running query back to back, hold the host cap.
+type probePhase struct {
+	query        string
 	busyAloneQPS float64 // busy clients' queries per second before the probes
 	busyAloneWin window  // backends then
 	probes       probeResult
 	probeBusyQPS float64
 	probeWin     window // backends while probing
-	stepWin      window // backends over the whole step
 }
 
 // busyAlone is how long the busy clients are measured before the probes.
@@ -281,46 +288,14 @@ func measureStep(ctx context.Context, w *world, o *options, d *dialer, fl *fleet
 	say("%d clients, %d querying once a second: p50 %.2f ms, p99 %.2f ms, %d errors; %d pools",
 		n, st.lightActive, st.light.pct(0.5), st.light.pct(0.99), st.light.errs, st.lightRead.pools)
 
-	// Newly active projects while busy clients of other projects hold the cap.
-	fresh := w.probe[:o.probes]
-	if st.probes.hadPool, err = waitNoPools(ctx, w, fresh, 3*o.idleTimeout+2*time.Second); err != nil {
-		return st, err
-	}
-	b := startBusy(ctx, d, w.load[:o.busyProjects], o.busyPer, o.busyQuery)
-	st.probes.busyConns, st.probes.busyFails = len(b.conns), b.dialFails
-	// The busy clients alone first: 2 s to settle, then 3 s measured, so
-	// what the probes change shows against it.
-	if err := sleepCtx(ctx, 2*time.Second); err != nil {
-		b.stop(context.WithoutCancel(ctx))
-		return st, err
-	}
-	a0, aruns := time.Now(), b.runs.Load()
-	if err := sleepCtx(ctx, busyAlone); err != nil {
-		b.stop(context.WithoutCancel(ctx))
-		return st, err
-	}
-	st.busyAloneWin = smp.window(a0, time.Now())
-	st.busyAloneQPS = float64(b.runs.Load()-aruns) / time.Since(a0).Seconds()
-	runs0 := b.runs.Load()
-	p0 := time.Now()
-	pctx, pcancel := context.WithTimeout(ctx, o.probeTime)
-	perr := probe(pctx, d, fresh, w.floorURL, &st.probes)
-	pcancel()
-	if perr != nil && ctx.Err() == nil {
-		perr = nil // the step's probe time ran out: the probes not made are reported as missing
-	}
-	p1 := time.Now()
-	st.probeBusyQPS = float64(b.runs.Load()-runs0) / p1.Sub(p0).Seconds()
-	b.stop(context.WithoutCancel(ctx))
-	st.probes.busyRuns, st.probes.busyErrs = b.runs.Load(), b.errs.Load()
-	if v, ok := b.first.Load().(string); ok {
-		st.probes.busyErr = v
-	}
-	st.probeWin = smp.window(p0, p1)
-	say("%d clients: %d newly active projects, p50 %.1f ms, p99 %.1f ms, %d failed; PostgreSQL login + SELECT 1 between them p50 %.1f ms, p99 %.1f ms; backends while probing %d–%d (cap %d)",
-		n, st.probes.lat.count(), st.probes.lat.pct(0.5), st.probes.lat.pct(0.99), st.probes.lat.errs, st.probes.floor.pct(0.5), st.probes.floor.pct(0.99), st.probeWin.min, st.probeWin.max, o.hostCap)
-	if perr != nil {
-		return st, perr
+	// Newly active projects while busy clients of other projects hold the
+	// cap: with a heavy busy load, then a calm one.
+	for _, q := range o.busyQueries() {
+		ph, err := runProbePhase(ctx, w, o, d, smp, n, q)
+		st.phases = append(st.phases, ph)
+		if err != nil {
+			return st, err
+		}
 	}
 	if !w.alive() {
 		return st, errors.New("cascata exited")
@@ -364,4 +339,49 @@ func waitNoPools(ctx context.Context, w *world, projs []project, limit time.Dura
 			return first, err
 		}
 	}
+}
+
+// runProbePhase starts the busy clients running query, measures them alone,
+// then probes the newly active projects, at a step of n clients.
+func runProbePhase(ctx context.Context, w *world, o *options, d *dialer, smp *sampler, n int, query string) (*probePhase, error) {
+	ph := &probePhase{query: query}
+	var err error
+	fresh := w.probe[:o.probes]
+	if ph.probes.hadPool, err = waitNoPools(ctx, w, fresh, 3*o.idleTimeout+2*time.Second); err != nil {
+		return ph, err
+	}
+	b := startBusy(ctx, d, w.load[:o.busyProjects], o.busyPer, query)
+	ph.probes.busyConns, ph.probes.busyFails = len(b.conns), b.dialFails
+	// The busy clients alone first: 2 s to settle, then 3 s measured, so
+	// what the probes change shows against it.
+	if err := sleepCtx(ctx, 2*time.Second); err != nil {
+		b.stop(context.WithoutCancel(ctx))
+		return ph, err
+	}
+	a0, aruns := time.Now(), b.runs.Load()
+	if err := sleepCtx(ctx, busyAlone); err != nil {
+		b.stop(context.WithoutCancel(ctx))
+		return ph, err
+	}
+	ph.busyAloneWin = smp.window(a0, time.Now())
+	ph.busyAloneQPS = float64(b.runs.Load()-aruns) / time.Since(a0).Seconds()
+	runs0 := b.runs.Load()
+	p0 := time.Now()
+	pctx, pcancel := context.WithTimeout(ctx, o.probeTime)
+	perr := probe(pctx, d, fresh, w.floorURL, &ph.probes)
+	pcancel()
+	if perr != nil && ctx.Err() == nil {
+		perr = nil // the step's probe time ran out: the probes not made are reported as missing
+	}
+	p1 := time.Now()
+	ph.probeBusyQPS = float64(b.runs.Load()-runs0) / p1.Sub(p0).Seconds()
+	b.stop(context.WithoutCancel(ctx))
+	ph.probes.busyRuns, ph.probes.busyErrs = b.runs.Load(), b.errs.Load()
+	if v, ok := b.first.Load().(string); ok {
+		ph.probes.busyErr = v
+	}
+	ph.probeWin = smp.window(p0, p1)
+	say("%d clients, busy `%s`: %d newly active projects, p50 %.1f ms, p99 %.1f ms, %d failed; PostgreSQL login + SELECT 1 between them p50 %.1f ms, p99 %.1f ms; backends while probing %d–%d (cap %d)",
+		n, query, ph.probes.lat.count(), ph.probes.lat.pct(0.5), ph.probes.lat.pct(0.99), ph.probes.lat.errs, ph.probes.floor.pct(0.5), ph.probes.floor.pct(0.99), ph.probeWin.min, ph.probeWin.max, o.hostCap)
+	return ph, perr
 }

@@ -761,8 +761,8 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   done
   echo
   echo "The byte relay does no protocol work and gives each client its own server connection; it reads and"
-  echo "writes its sockets as cascata does (internal/sockio): it is what moving the bytes through Go's network"
-  echo "poller costs here, below which no Go proxy can go."
+  echo "writes its sockets as cascata does (internal/sockio), with two goroutines per client. The pooling"
+  echo "prototypes below, which share 20 server connections and hand no bytes between goroutines, cost less."
   echo
   echo "### The I/O-model prototypes (not cascata)"
   echo

@@ -470,6 +470,19 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 		p.condemn(b)
 		return true
 	}
+	mine := p.open.Load()
+	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
+		// Nobody else waits: fill the newcomers' reserve back up, one close
+		// per slot missing, from a pool that keeps a backend after it (no
+		// look at every pool of the host here: this runs at every release
+		// while the reserve is in use).
+		if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine < 2 {
+			return false
+		}
+		h.yielding++
+		h.yielded[b] = true
+		return true
+	}
 	active := 0
 	for q := range h.pools {
 		if q.open.Load() > 0 || h.waiters[q] > 0 {
@@ -477,17 +490,6 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 		}
 	}
 	share := int32(h.cap.Load() / int64(max(active, 1)))
-	mine := p.open.Load()
-	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
-		// Nobody else waits: fill the newcomers' reserve back up from a
-		// pool above its fair share, one close per slot missing.
-		if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine <= max(share, 1) {
-			return false
-		}
-		h.yielding++
-		h.yielded[b] = true
-		return true
-	}
 	starved, owed := 0, false
 	for q, n := range h.waiters {
 		if q == p || n == 0 {

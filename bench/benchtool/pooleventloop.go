@@ -26,10 +26,11 @@ import (
 // buffer and queues (FIFO); a server that comes back takes the first in
 // the queue and writes its waiting bytes. A client that leaves while its
 // server owes replies gets its statement cancelled (CancelRequest, sent
-// from a short-lived goroutine: dialling must not block the loop), the
-// replies drained and an open transaction rolled back before the server
-// is pooled again; a server that fails is replaced by a dial in a
-// goroutine, enrolled in the loop when logged in.
+// from a short-lived goroutine: dialling must not block the loop) and the
+// server closed and replaced; one that leaves inside a transaction with
+// nothing running gets it rolled back before the server is pooled again; a
+// server that fails is replaced by a dial in a goroutine, enrolled in the
+// loop when logged in.
 //
 // What it does not do: authenticate clients, parse anything beyond the
 // message framing, route, forward CancelRequest, keep session state apart.
@@ -371,8 +372,11 @@ func (p *elProxy) clientClosed(cl *elClient) {
 		p.release(s)
 		return
 	}
-	s.draining, s.synced, s.rolledBack = true, false, false
 	if s.t.pending > 0 {
+		// A statement runs: cancel it (the server process stops sleeping
+		// or working) and close the connection instead of pooling it, as
+		// PgBouncer does; a cancel that lands late then hits no other
+		// client's statement. serverClosed dials a replacement.
 		sc := s.sc
 		p.wg.Add(1)
 		go func() {
@@ -383,7 +387,10 @@ func (p *elProxy) clientClosed(cl *elClient) {
 				fmt.Fprintf(os.Stderr, "pool-eventloop: %v\n", err)
 			}
 		}()
+		_ = s.c.EventLoop().Close(s.c)
+		return
 	}
+	s.draining, s.synced, s.rolledBack = true, false, false
 	if p.drain(s) == gnet.Close {
 		_ = s.c.EventLoop().Close(s.c)
 	}

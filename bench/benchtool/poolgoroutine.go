@@ -443,20 +443,26 @@ func readableNow(c net.Conn) bool {
 	return ready
 }
 
-// cleanUp makes a server a client left attached fit for the pool again:
-// cancel what runs, read every reply owed, end an open transaction; a
-// server that cannot be cleaned is closed and replaced.
+// cleanUp handles a server a client left attached: one running a
+// statement has it cancelled and is closed and replaced; otherwise the
+// replies owed are read and an open transaction ended before it goes back
+// to the pool, and a server that cannot be cleaned is closed and replaced.
 func (p *goroutineProxy) cleanUp(ctx context.Context, s *gServer, cf, sf *frames, t *txn) {
 	if !cf.atBoundary() || sf.broken || ctx.Err() != nil {
 		p.pool.discard(ctx, s) // at shutdown too: no drain holds it up
 		return
 	}
 	if t.pending > 0 {
+		// A statement runs: cancel it and close the connection instead of
+		// pooling it, as PgBouncer does; a cancel that lands late then
+		// hits no other client's statement.
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 		if err := sendCancel(cctx, p.cfg.Target, s.serverConn); err != nil {
 			fmt.Fprintf(os.Stderr, "pool-goroutine: %v\n", err)
 		}
 		cancel()
+		p.pool.discard(ctx, s)
+		return
 	}
 	if err := drainServer(s.conn, sf, t); err != nil {
 		fmt.Fprintf(os.Stderr, "pool-goroutine: cleaning a server a client left: %v\n", err)

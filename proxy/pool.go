@@ -32,6 +32,7 @@ type pool struct {
 	lastUse atomic.Int64 // unix nanos of the last acquire or release
 	waiting atomic.Int32 // acquirers blocked in this pool
 	open    atomic.Int32 // backends of this pool that exist
+	dialing atomic.Int32 // constructors of this pool under way
 	size    int32
 	log     *slog.Logger
 	metrics serverMetrics
@@ -250,7 +251,12 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 	return func(ctx context.Context) (*backend, error) {
 		ctx, cancel := context.WithTimeout(ctx, ps.waitTimeout)
 		defer cancel()
-		if err := pl.host.acquire(ctx, pl); err != nil {
+		// Only the dial that starts a pool with no connection and no
+		// other dial is a newcomer's: the dials a busy tenant starts at
+		// once, before any is open, do not take the reserve.
+		first := pl.dialing.Add(1) == 1 && pl.open.Load() == 0
+		defer pl.dialing.Add(-1)
+		if err := pl.host.acquire(ctx, pl, first); err != nil {
 			return nil, err
 		}
 		dctx, dcancel := context.WithTimeout(ctx, ps.connectTimeout)
@@ -296,8 +302,8 @@ const hostBusyWait = 20 * time.Millisecond
 // slot a busy pool gives up for it is then not taken by that pool's own dial
 // of a replacement, queued ahead of it, which would leave it starved and
 // make the next release yield another backend.
-func (h *hostLimiter) acquire(ctx context.Context, p *pool) (err error) {
-	if h.sem.TryAcquire(1) && h.take(p) {
+func (h *hostLimiter) acquire(ctx context.Context, p *pool, first bool) (err error) {
+	if h.sem.TryAcquire(1) && h.take(first) {
 		return nil
 	}
 	var g *grant
@@ -344,7 +350,7 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool) (err error) {
 			cancel()
 			return nil
 		}
-		if err == nil && !h.take(p) {
+		if err == nil && !h.take(first) {
 			// Over a lowered cap, or into the newcomers' reserve: the slot
 			// went back to the semaphore, where the lowering or a newcomer
 			// waits for it; trying again at once would spin.
@@ -404,15 +410,15 @@ func (h *hostLimiter) unwaitLocked(p *pool) {
 	h.nwait.Add(-1)
 }
 
-// take counts a slot just acquired from the semaphore for p, or gives it
-// back when the host is at or over its cap (between the lowering of the cap
-// and the moment the lowering holds its units, the semaphore still has room
-// that the cap no longer gives), or when p has connections and only the
-// newcomers' reserve is left.
-func (h *hostLimiter) take(p *pool) bool {
+// take counts a slot just acquired from the semaphore, or gives it back
+// when the host is at or over its cap (between the lowering of the cap and
+// the moment the lowering holds its units, the semaphore still has room
+// that the cap no longer gives), or when only the newcomers' reserve is
+// left and this is not a newcomer's first dial.
+func (h *hostLimiter) take(first bool) bool {
 	limit := h.cap.Load()
 	reserve := newcomerReserve(limit)
-	if p.open.Load() > 0 {
+	if !first {
 		limit -= reserve
 	}
 	n := h.taken.Add(1)

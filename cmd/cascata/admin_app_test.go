@@ -138,7 +138,7 @@ func (r *runningApp) database(t *testing.T, ref string) string {
 func TestAdminPlaneSurvivesRestart(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
 	defer cancel()
-	cl := startCluster(ctx, t)
+	cl := startClusters(t, ctx, 1)[0]
 	for _, db := range []string{"app_a", "app_b", "app_a_target"} {
 		if err := pgcluster.SetupProject(ctx, cl.Primary, pgcluster.ProjectSpec{Database: db, LoginPassword: appLoginPassword}); err != nil {
 			t.Fatal(err)

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"cascata/internal/config"
-	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
 
 	"github.com/jackc/pgx/v5"
@@ -21,7 +20,7 @@ import (
 func TestInstallClaimsManyProjects(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 2*time.Minute)
 	defer cancel()
-	cl := startCluster(ctx, t)
+	cl := startClusters(t, ctx, 1)[0]
 	const dbs = 2*claimsInstallers + 1 // more than one round of installers
 	var projects []config.Project
 	for i := range dbs {
@@ -65,21 +64,4 @@ func TestInstallClaimsManyProjects(t *testing.T) {
 	if len(a.claimKeys) != dbs+1 {
 		t.Fatalf("claimsMAC installed again: %d keys", len(a.claimKeys))
 	}
-}
-
-// startCluster starts a PostgreSQL cluster for one test, stopped at its end.
-func startCluster(ctx context.Context, t *testing.T) *pgcluster.Cluster {
-	t.Helper()
-	cl, err := pgcluster.Start(ctx, pgcluster.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		sctx, scancel := context.WithTimeout(context.Background(), time.Minute)
-		defer scancel()
-		if err := cl.Stop(sctx); err != nil {
-			t.Error(err)
-		}
-	})
-	return cl
 }

@@ -18,7 +18,8 @@ type bufStack[T any] struct {
 	low   int // the fewest items since the last trim: those nobody took
 	max   int
 	make  func() T
-	// dropped counts buffers left to the collector (the stack was full).
+	// dropped counts buffers left to the collector (the stack was full, or
+	// trim dropped them).
 	dropped atomic.Int64
 }
 

@@ -417,13 +417,13 @@ func (h *hostLimiter) unwaitLocked(p *pool) {
 // left and this is not a newcomer's first dial.
 func (h *hostLimiter) take(first bool) bool {
 	limit := h.cap.Load()
-	reserve := newcomerReserve(limit)
+	unreserved := limit - newcomerReserve(limit)
 	if !first {
-		limit -= reserve
+		limit = unreserved
 	}
 	n := h.taken.Add(1)
 	if n <= limit {
-		if n > limit-reserve && h.refill != nil {
+		if n > unreserved && h.refill != nil {
 			select { // a newcomer took a reserved slot
 			case h.refill <- struct{}{}:
 			default:

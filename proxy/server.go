@@ -233,14 +233,14 @@ type Server struct {
 	gates      sync.Map    // ref -> *gate, kept across reloads
 	runs       sync.Map    // ref -> *projectRun, kept across reloads
 	types      *pgtype.Map // built-in type names by OID (read only)
-	// readers and writers hold the 32 KiB buffers of idle clients for the
-	// clients with bytes in flight (session.idle).
+	// readers and writers hold the 32 KiB buffers idle clients gave back,
+	// for the clients with bytes in flight (see session.waitForClient).
 	readers *bufStack[*bufio.Reader]
+	writers *bufStack[*bufio.Writer]
 	sweeps  atomic.Int64 // sweepIdle runs so far
 	// droppedFreed and lastFree belong to the sweep (returnMemory).
 	droppedFreed int64
 	lastFree     time.Time
-	writers      *bufStack[*bufio.Writer]
 
 	clients atomic.Int64
 	// lot holds the sockets of idle clients whose sessions have no
@@ -402,11 +402,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			return fmt.Errorf("accept: %w", err)
 		}
 		s.wg.Add(1)
-		go func() {
-			if !s.handle(c) {
-				s.wg.Done()
-			} // else the parked session holds the entry until it ends
-		}()
+		go s.handle(c) // its entry ends in clientGone
 	}
 }
 

@@ -211,16 +211,11 @@ func (ss *session) unpark() {
 // resume serves a parked session again until it ends or parks again, and
 // releases what handle would have when it ends.
 func (ss *session) resume() {
-	s := ss.srv
 	parked := false
 	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("client handler panic", "panic", r, "project", ss.ref)
-		}
+		ss.srv.logPanic(recover(), "project", ss.ref)
 		if !parked {
-			_ = ss.conn.Close()
-			s.clients.Add(-1)
-			s.wg.Done()
+			ss.srv.clientGone(ss.conn)
 		}
 	}()
 	parked = ss.serve()

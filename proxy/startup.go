@@ -36,20 +36,19 @@ type startup struct {
 }
 
 // handle runs one client connection from its first byte to its close, or
-// until its session parks (session.run): it then reports true, and the
-// session owns the connection, its count in clients and its entry in wg.
-func (s *Server) handle(c net.Conn) (parked bool) {
+// until its session parks (session.run): the session then owns what the
+// accepted client holds (clientGone) and releases it when it ends.
+func (s *Server) handle(c net.Conn) {
 	c = sockio.New(c) // raw socket calls, under TLS too
+	n := s.clients.Add(1)
+	parked := false
 	defer func() {
-		if r := recover(); r != nil {
-			s.log.Error("client handler panic", "panic", r, "remote", c.RemoteAddr().String())
-		}
+		s.logPanic(recover(), "remote", c.RemoteAddr().String())
 		if !parked {
-			_ = c.Close()
+			s.clientGone(c)
 		}
 	}()
-	if n := s.clients.Add(1); n > int64(s.opts.MaxClientConn) {
-		defer s.clients.Add(-1)
+	if n > int64(s.opts.MaxClientConn) {
 		s.metrics.login("too_many_clients")
 		_ = c.SetDeadline(time.Now().Add(s.opts.ClientLoginTimeout))
 		// Read the startup packet so that the client sees the error rather than a reset.
@@ -58,11 +57,6 @@ func (s *Server) handle(c net.Conn) (parked bool) {
 		}
 		return
 	}
-	defer func() {
-		if !parked {
-			s.clients.Add(-1)
-		}
-	}()
 	deadline := time.Now().Add(s.opts.ClientLoginTimeout)
 	_ = c.SetDeadline(deadline)
 
@@ -87,7 +81,23 @@ func (s *Server) handle(c net.Conn) (parked bool) {
 	}
 	s.metrics.login("ok")
 	_ = conn.SetDeadline(time.Time{})
-	return ss.run()
+	parked = ss.run()
+}
+
+// clientGone releases what an accepted client holds: its connection, its
+// count in clients and its entry in wg. The accepting goroutine calls it,
+// or, once the session has parked, the goroutine that ends the session.
+func (s *Server) clientGone(c net.Conn) {
+	_ = c.Close()
+	s.clients.Add(-1)
+	s.wg.Done()
+}
+
+// logPanic logs what a client's goroutine recovered, if anything.
+func (s *Server) logPanic(r any, attrs ...any) {
+	if r != nil {
+		s.log.Error("client handler panic", append([]any{"panic", r}, attrs...)...)
+	}
 }
 
 // readStartup reads startup packets until a StartupMessage (negotiating TLS on

@@ -421,8 +421,17 @@ func (h *hostLimiter) take(first bool) bool {
 	if !first {
 		limit = unreserved
 	}
-	n := h.taken.Add(1)
-	if n <= limit {
+	// Counted only if within the limit (no add-then-undo), so that taken,
+	// which HostConns reports, never shows a slot nobody holds.
+	for {
+		n := h.taken.Load() + 1
+		if n > limit {
+			h.sem.Release(1)
+			return false
+		}
+		if !h.taken.CompareAndSwap(n-1, n) {
+			continue
+		}
 		if n > unreserved && h.refill != nil {
 			select { // a newcomer took a reserved slot
 			case h.refill <- struct{}{}:
@@ -431,8 +440,6 @@ func (h *hostLimiter) take(first bool) bool {
 		}
 		return true
 	}
-	h.giveBack()
-	return false
 }
 
 // newcomerReserve is how many slots of a host's cap only pools with no

@@ -62,9 +62,12 @@ type backend struct {
 	// server that goes away is noticed without probing the socket at each
 	// acquire, and it relays the replies of each unit a client attaches.
 	amu  sync.Mutex
-	att  attachment      // the unit whose replies come next (att.ss nil: none)
-	dead atomic.Bool     // serve has returned (set with amu held): nothing can be attached
-	raw  syscall.RawConn // the plain socket (nil under TLS), see waitIdle
+	att  attachment  // the unit whose replies come next (att.ss nil: none)
+	dead atomic.Bool // serve has returned (set with amu held): nothing can be attached
+	// closed: close was called; nothing more is written to conn by the
+	// pool (a session may still be finishing a write that fails).
+	closed atomic.Bool
+	raw    syscall.RawConn // the plain socket (nil under TLS), see waitIdle
 	// waitIdle's state, used by the backend's goroutine only.
 	idleRead  func(uintptr) bool
 	idleSS    *session
@@ -208,7 +211,10 @@ func withRawSocket(cfg *pgconn.Config) *pgconn.Config {
 	return c
 }
 
-func (b *backend) close() { _ = b.conn.Close() }
+func (b *backend) close() {
+	b.closed.Store(true)
+	_ = b.conn.Close()
+}
 
 // cancel asks the server to cancel what this backend runs, and waits until
 // the server has taken the request (it closes the socket), so the cancel

@@ -223,9 +223,15 @@ func awaitExit(b *backend, served <-chan struct{}) {
 		return // the server is gone already
 	default:
 	}
-	_ = b.conn.SetWriteDeadline(time.Now().Add(serverExitWait))
-	if _, err := b.conn.Write(msgTerminate); err != nil {
-		return
+	// A backend closed already (lost: backendLost closes it, and the
+	// leaving client's goroutine may still be in a write to it that fails)
+	// gets no Terminate: its server is going away, and a second writer on
+	// the socket would race the first.
+	if !b.closed.Load() {
+		_ = b.conn.SetWriteDeadline(time.Now().Add(serverExitWait))
+		if _, err := b.conn.Write(msgTerminate); err != nil {
+			return
+		}
 	}
 	t := time.NewTimer(serverExitWait)
 	defer t.Stop()

@@ -527,6 +527,17 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	return true
 }
 
+// yieldIdle counts an idle backend closed for a waiter (or the reserve) as
+// yielded, like a busy one closed at its release, so that a release meanwhile
+// does not close a second one for the same slot.
+func (h *hostLimiter) yieldIdle(b *backend) bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.yielding++
+	h.yielded[b] = true
+	return true
+}
+
 // yieldDone counts a yielded backend's slot as free.
 func (h *hostLimiter) yieldDone(b *backend) {
 	h.mu.Lock()
@@ -558,7 +569,7 @@ func (h *hostLimiter) evictIdle(p *pool, overCap bool) bool {
 			// of a busy client: it is not taken (shouldYield moves capacity
 			// from busy tenants instead, at a release).
 			settled := r.IdleDuration() >= evictMinIdle
-			if (overCap && h.condemnOver(q, r.Value())) || (!overCap && !closed && settled) {
+			if (overCap && h.condemnOver(q, r.Value())) || (!overCap && !closed && settled && h.yieldIdle(r.Value())) {
 				r.Destroy()
 				closed = true
 			} else {

@@ -37,6 +37,7 @@ lint: ## go vet, gofmt, and golangci-lint where installed
 fuzz: ## run each fuzz target for 30 s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzReadStartup -fuzztime 30s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzMsgReader -fuzztime 30s
+	$(GO) test ./proxy -run '^$$' -fuzz FuzzDecodeExtMsg -fuzztime 30s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzPostLogin -fuzztime 30s -parallel 1
 	$(GO) test ./router -run '^$$' -fuzz FuzzClassify -fuzztime 30s
 

@@ -12,6 +12,9 @@ const maxBatchHold = 1 << 20
 // batches (larger ones are dropped so idle clients stay small).
 const maxBatchKeep = 4 << 10
 
+// maxHeldKeep is the same for the held batch's decoded messages.
+const maxHeldKeep = 32
+
 // classify asks the configured Classifier about one SQL text, sent in a
 // Query (parse false) or a Parse message, and adds the refusals that
 // protect a backend shared by many clients.
@@ -163,22 +166,31 @@ func (ss *session) onExtended(typ byte) error {
 	if err != nil {
 		return err
 	}
-	if err := checkFrontendMsg(typ, body); err != nil {
-		ss.protocolViolation(err)
-		return err
-	}
 	ss.forgetLostParses()
 	if !ss.attached() {
-		ss.batch = append(ss.batch, typ)
-		ss.batch = append(ss.batch, byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4))
+		// Held: the message is kept (and decoded) in the batch's buffer.
+		start := len(ss.batch)
+		ss.batch = append(ss.batch, typ, byte((len(body)+4)>>24), byte((len(body)+4)>>16), byte((len(body)+4)>>8), byte(len(body)+4))
 		ss.batch = append(ss.batch, body...)
+		m, err := decodeExtMsg(typ, ss.batch[start+5:])
+		if err != nil {
+			ss.batch = ss.batch[:start]
+			ss.protocolViolation(err)
+			return err
+		}
+		ss.held = append(ss.held, m)
 		if len(ss.batch) > maxBatchHold {
 			return ss.flushBatch(0)
 		}
 		return nil
 	}
+	m, err := decodeExtMsg(typ, body)
+	if err != nil {
+		ss.protocolViolation(err)
+		return err
+	}
 	var r Route
-	w := ss.wantOf(typ, body, &r, nil)
+	w := ss.wantOf(&m, &r, nil)
 	be, err := ss.claim(false, w)
 	if err != nil {
 		ss.failLocal(typ, err)
@@ -187,13 +199,9 @@ func (ss *session) onExtended(typ byte) error {
 	defer ss.doneWriting()
 	ss.mu.Lock()
 	ss.out = ss.out[:0]
-	perr := ss.translate(be, typ, body, &r)
+	ss.translate(be, &m, &r)
 	out := ss.out
 	ss.mu.Unlock()
-	if perr != nil {
-		ss.writeLocal(toErrorResponse(perr, true), 0)
-		return perr
-	}
 	if _, err := be.wr.Write(out); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
@@ -203,43 +211,21 @@ func (ss *session) onExtended(typ byte) error {
 // wantOf says what one extended-protocol message needs; a Parse is
 // classified and its Route stored in *r (left as it is otherwise). parsed
 // holds the statements parsed earlier in the same held batch.
-func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]want) want {
-	switch typ {
-	case msgTypeParse:
-		name, rest, ok := cstring(body)
-		if !ok {
-			return want{primary: true}
-		}
-		sql, _, _ := cstring(rest)
-		*r = ss.classify(sql, true)
+func (ss *session) wantOf(m *extMsg, r *Route, parsed map[string]want) want {
+	switch {
+	case m.typ == msgTypeParse:
+		*r = ss.classify(m.query, true)
 		w := want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
 		if parsed != nil {
-			parsed[name] = w
+			parsed[m.name] = w
 		}
 		return w
-	case msgTypeBind, msgTypeDescribe:
-		var name string
-		var ok bool
-		if typ == msgTypeBind {
-			_, rest, ok1 := cstring(body)
-			if !ok1 {
-				return want{primary: true}
-			}
-			name, _, ok = cstring(rest)
-		} else {
-			if len(body) < 2 || body[0] != kindStatement {
-				return want{reason: "read"}
-			}
-			name, _, ok = cstring(body[1:])
-		}
-		if !ok {
-			return want{primary: true}
-		}
-		if w, here := parsed[name]; here {
+	case m.typ == msgTypeBind || (m.typ == msgTypeDescribe && m.kind == kindStatement):
+		if w, here := parsed[m.name]; here {
 			return w
 		}
-		st := ss.stmts[name]
-		if name == "" {
+		st := ss.stmts[m.name]
+		if m.name == "" {
 			st = ss.unnamed
 		}
 		if st == nil {
@@ -253,22 +239,25 @@ func (ss *session) wantOf(typ byte, body []byte, r *Route, parsed map[string]wan
 // flushBatch routes and sends the held batch, ended by term ('S' Sync,
 // 'H' Flush, or 0 when the batch grew too large to hold).
 func (ss *session) flushBatch(term byte) error {
-	batch := ss.batch
-	// Everything kept from the batch is copied, so its array can hold the
-	// next one, unless a large batch made it too big to keep.
-	ss.batch = nil
+	batch, held := ss.batch, ss.held
+	// Everything kept from the batch is copied, so its arrays can hold the
+	// next one, unless a large batch made them too big to keep.
+	ss.batch, ss.held = nil, nil
 	if cap(batch) <= maxBatchKeep {
 		ss.batch = batch[:0]
 	}
+	if cap(held) <= maxHeldKeep {
+		ss.held = held[:0]
+	}
+	defer clear(held) // no view of this batch outlives it
 	ss.replayNamed = false
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}
-	routes := make([]Route, 0, 4)
+	routes := make([]Route, 0, 4) // on the stack for the usual batch
 	w := want{reason: "read"}
-	for off := 0; off < len(batch); {
-		typ, body, next := splitMsg(batch, off)
+	for i := range held {
 		routes = append(routes, Route{})
-		mw := ss.wantOf(typ, body, &routes[len(routes)-1], parsed)
+		mw := ss.wantOf(&held[i], &routes[i], parsed)
 		if mw.primary && !w.primary {
 			w.primary, w.reason = true, mw.reason
 		}
@@ -278,7 +267,6 @@ func (ss *session) flushBatch(term byte) error {
 		w.keeps = w.keeps || mw.keeps
 		w.ddl = w.ddl || mw.ddl
 		w.gucs = append(w.gucs, mw.gucs...)
-		off = next
 	}
 	if term != msgTypeSync {
 		// A batch ended by Flush (or too large to hold) leaves the unit
@@ -293,12 +281,8 @@ func (ss *session) flushBatch(term byte) error {
 	defer ss.doneWriting()
 	ss.mu.Lock()
 	ss.out = ss.out[:0]
-	var perr error
-	i := 0
-	for off := 0; off < len(batch) && perr == nil; i++ {
-		typ, body, next := splitMsg(batch, off)
-		perr = ss.translate(be, typ, body, &routes[i])
-		off = next
+	for i := range held {
+		ss.translate(be, &held[i], &routes[i])
 	}
 	if term != 0 {
 		ss.appendMsg(term)
@@ -315,10 +299,6 @@ func (ss *session) flushBatch(term byte) error {
 		ss.replayOK = false
 	}
 	ss.mu.Unlock()
-	if perr != nil {
-		ss.writeLocal(toErrorResponse(perr, true), 0)
-		return perr
-	}
 	if _, err := be.wr.Write(out); err != nil {
 		return ss.backendWriteFailed(be, err)
 	}
@@ -335,7 +315,7 @@ func (ss *session) flushBatch(term byte) error {
 // 08P01); the caller then ends the session. A held batch is dropped unsent,
 // and an attached backend is cleaned by finish like after any departure.
 func (ss *session) protocolViolation(err error) {
-	ss.batch = ss.batch[:0]
+	ss.batch, ss.held = ss.batch[:0], ss.held[:0]
 	// Messages forwarded before this one may wait in the backend's buffer
 	// for it (pipelining): they go out, so their replies come first.
 	ss.mu.Lock()

@@ -231,28 +231,25 @@ func (ss *session) dropUnanswered(be *backend) {
 
 // translate appends to ss.out what the backend gets for one client message
 // and queues what to do with the replies; r is the Route of a Parse (zero
-// for other messages). Call with mu held.
-func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error {
-	bad := func() error {
-		return fatalError(CodeProtocolViolation, "invalid %q message", typ)
-	}
-	if typ == msgTypeParse && r.Refusal != nil {
+// for other messages). m was checked when it arrived, so nothing here can
+// find it malformed. Call with mu held.
+func (ss *session) translate(be *backend, m *extMsg, r *Route) {
+	if m.typ == msgTypeParse && r.Refusal != nil {
 		ss.failParse(r.Refusal)
-		return nil
+		return
 	}
-	if typ == msgTypeParse && r.Reset != ResetNone {
-		if _, rest, ok := cstring(body); ok {
-			if sql, _, ok := cstring(rest); ok && !isWholeReset(sql, *r) {
-				// What PostgreSQL answers before it runs anything.
-				ss.failParse(&Error{Code: "42601", Message: "cannot insert multiple commands into a prepared statement"})
-				return nil
-			}
+	if m.typ == msgTypeParse && r.Reset != ResetNone {
+		if !isWholeReset(m.query, *r) {
+			// What PostgreSQL answers before it runs anything.
+			ss.failParse(&Error{Code: "42601", Message: "cannot insert multiple commands into a prepared statement"})
+			return
 		}
 		if r.Reset == DiscardAll && ss.be != nil && ss.txStatus != 'I' {
 			ss.failParse(discardInTransaction())
-			return nil
+			return
 		}
-		body = ss.resetParse(body, r.Reset)
+		rewritten := ss.resetParse(m.name, r.Reset)
+		m = &rewritten
 		if !ss.translatesNames() {
 			// Names pass through: the reset is taken to run in this batch.
 			ss.resetClient(be, r.Reset)
@@ -260,50 +257,37 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 		}
 	}
 	if ss.sessionMode && !ss.routedSession {
-		ss.appendMsg(typ, body) // the backend is the client's own: names pass through
-		return nil
+		ss.appendMsg(m.typ, m.body) // the backend is the client's own: names pass through
+		return
 	}
 	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema}
-	switch typ {
+	switch m.typ {
 	case msgTypeParse:
-		name, rest, ok := cstring(body)
-		if !ok {
-			return bad()
-		}
-		if name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: r.Reset}
+		if m.name == "" {
+			ss.unnamed = &stmt{rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: r.Reset}
 			ss.unnamedOnBackend = true
 			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg(msgTypeParse, body)
-			return nil
+			ss.appendMsg(msgTypeParse, m.body)
+			return
 		}
-		if _, dup := ss.stmts[name]; dup || ss.sqlStmts[name] != nil {
-			ss.failParse(duplicateStmt(name))
-			return nil
+		if _, dup := ss.stmts[m.name]; dup || ss.sqlStmts[m.name] != nil {
+			ss.failParse(duplicateStmt(m.name))
+			return
 		}
-		st := &stmt{proxyName: statementName(rest), rest: bytes.Clone(rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl,
+		st := &stmt{proxyName: statementName(m.rest), rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl,
 			epoch: ss.projRun.schema.Load(), reset: r.Reset}
-		ss.stmts[name] = st
+		ss.stmts[m.name] = st
 		ss.replayNamed = true // its translation depends on this backend
-		ss.prepareOn(be, st, name)
+		ss.prepareOn(be, st, m.name)
 	case msgTypeBind:
-		portal, r1, ok := cstring(body)
-		if !ok {
-			return bad()
-		}
-		name, r2, ok := cstring(r1)
-		if !ok {
-			return bad()
-		}
 		var st *stmt
-		if name == "" {
+		if m.name == "" {
 			st = ss.unnamed
 			ss.ensureUnnamed()
-			ss.appendMsg(msgTypeBind, body)
+			ss.appendMsg(msgTypeBind, m.body)
 		} else {
-			st = ss.stmts[name]
-			target := ss.stmtTargetOf(be, name, st)
-			ss.appendMsg(msgTypeBind, appendCString(nil, portal), appendCString(nil, target), r2)
+			st = ss.stmts[m.name]
+			ss.appendBind(m, ss.stmtTargetOf(be, m.name, st))
 			if st != nil && st.epoch < ss.projRun.schema.Load() {
 				// DDL since the client prepared it, and perhaps prepared
 				// anew here: if its result no longer has the columns the
@@ -319,47 +303,43 @@ func (ss *session) translate(be *backend, typ byte, body []byte, r *Route) error
 			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: st.reset.tag()})
 		}
 	case msgTypeDescribe:
-		if len(body) < 2 {
-			return bad()
+		if m.kind != kindStatement {
+			ss.appendMsg(msgTypeDescribe, m.body)
+			return
 		}
-		name, _, ok := cstring(body[1:])
-		if !ok {
-			return bad()
-		}
-		if body[0] != kindStatement {
-			ss.appendMsg(msgTypeDescribe, body)
-			return nil
-		}
-		if name == "" {
+		if m.name == "" {
 			ss.ensureUnnamed()
-			ss.appendMsg(msgTypeDescribe, body)
-			return nil
+			ss.appendMsg(msgTypeDescribe, m.body)
+			return
 		}
-		ss.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, ss.stmtTarget(be, name)))
+		ss.appendDescribe(ss.stmtTarget(be, m.name))
 	case msgTypeClose:
-		if len(body) < 2 {
-			return bad()
-		}
-		name, _, ok := cstring(body[1:])
-		if !ok {
-			return bad()
-		}
 		ss.push(&ss.closeQ, queued{action: replyPass})
-		if body[0] == kindStatement && name != "" {
+		if m.kind == kindStatement && m.name != "" {
 			ss.replayNamed = true
 			// The backend's statement may serve other clients: keep it.
-			delete(ss.stmts, name)
+			delete(ss.stmts, m.name)
 			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
-			return nil
+			return
 		}
-		if body[0] == kindStatement {
+		if m.kind == kindStatement {
 			ss.unnamed = nil
 		}
-		ss.appendMsg(msgTypeClose, body)
+		ss.appendMsg(msgTypeClose, m.body)
 	default:
-		ss.appendMsg(typ, body)
+		ss.appendMsg(m.typ, m.body)
 	}
-	return nil
+}
+
+// appendBind appends the client's Bind m with the backend's statement
+// name in place of the client's.
+func (ss *session) appendBind(m *extMsg, target string) {
+	ss.appendMsg(msgTypeBind, appendCString(nil, m.portal), appendCString(nil, target), m.rest)
+}
+
+// appendDescribe appends a Describe of the backend's statement target.
+func (ss *session) appendDescribe(target string) {
+	ss.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, target))
 }
 
 // failParse sends, in place of a Parse, one that fails, so PostgreSQL skips
@@ -483,58 +463,42 @@ func (ss *session) appendMsg(typ byte, parts ...[]byte) {
 // message already translated once (a read moved off a dead replica). It
 // only reads the client's statement names, which the first translation
 // already updated. Call with mu held.
-func (ss *session) retranslate(be *backend, typ byte, body []byte) {
-	switch typ {
-	case msgTypeParse:
-		name, rest, ok := cstring(body)
-		if !ok || name == "" {
+func (ss *session) retranslate(be *backend, m *extMsg) {
+	switch {
+	case m.typ == msgTypeParse:
+		if m.name == "" {
 			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg(msgTypeParse, body)
+			ss.appendMsg(msgTypeParse, m.body)
 			ss.unnamedOnBackend = true
 			return
 		}
-		st := ss.stmts[name]
-		if st == nil || st.proxyName != statementName(rest) {
-			ss.failParse(duplicateStmt(name)) // the first translation refused it
+		st := ss.stmts[m.name]
+		if st == nil || st.proxyName != statementName(m.rest) {
+			ss.failParse(duplicateStmt(m.name)) // the first translation refused it
 			return
 		}
-		ss.prepareOn(be, st, name)
-	case msgTypeBind, msgTypeDescribe:
-		var portal, name string
-		var rest []byte
-		var ok bool
-		if typ == msgTypeBind {
-			portal, rest, ok = cstring(body)
-			if ok {
-				name, rest, ok = cstring(rest)
-			}
-		} else if len(body) > 1 && body[0] == kindStatement {
-			name, _, ok = cstring(body[1:])
-		}
-		if !ok || name == "" {
-			if ok {
-				ss.ensureUnnamed()
-			}
-			ss.appendMsg(typ, body)
+		ss.prepareOn(be, st, m.name)
+	case m.typ == msgTypeBind || (m.typ == msgTypeDescribe && m.kind == kindStatement):
+		if m.name == "" {
+			ss.ensureUnnamed()
+			ss.appendMsg(m.typ, m.body)
 			return
 		}
-		target := ss.stmtTarget(be, name)
-		if typ == msgTypeBind {
-			ss.appendMsg(msgTypeBind, appendCString(nil, portal), appendCString(nil, target), rest)
+		target := ss.stmtTarget(be, m.name)
+		if m.typ == msgTypeBind {
+			ss.appendBind(m, target)
 		} else {
-			ss.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, target))
+			ss.appendDescribe(target)
 		}
-	case msgTypeClose:
+	case m.typ == msgTypeClose:
 		ss.push(&ss.closeQ, queued{action: replyPass})
-		if len(body) > 1 && body[0] == kindStatement {
-			if name, _, _ := cstring(body[1:]); name != "" {
-				ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
-				return
-			}
+		if m.kind == kindStatement && m.name != "" {
+			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
+			return
 		}
-		ss.appendMsg(msgTypeClose, body)
+		ss.appendMsg(msgTypeClose, m.body)
 	default:
-		ss.appendMsg(typ, body)
+		ss.appendMsg(m.typ, m.body)
 	}
 }
 

@@ -175,13 +175,15 @@ func (ss *session) resetClient(be *backend, kind ResetKind) {
 	ss.settingsKey = settingsKey(startup)
 }
 
-// resetParse rewrites the body of a Parse whose text is RESET ALL or
-// DISCARD ALL: the same name, the reset statement, no parameter types.
-func (ss *session) resetParse(body []byte, kind ResetKind) []byte {
-	name, _, _ := cstring(body)
-	out := appendCString(nil, name)
-	out = appendCString(out, ss.resetSQL(kind))
-	return append(out, 0, 0)
+// resetParse is the Parse that replaces a client's Parse whose text is
+// RESET ALL or DISCARD ALL: the same name, the reset statement, no
+// parameter types.
+func (ss *session) resetParse(name string, kind ResetKind) extMsg {
+	sql := ss.resetSQL(kind)
+	body := appendCString(nil, name)
+	body = appendCString(body, sql)
+	body = append(body, 0, 0)
+	return extMsg{typ: msgTypeParse, body: body, name: name, query: sql, rest: body[len(name)+1:]}
 }
 
 // retagCommandComplete returns the tag that replaces the CommandComplete

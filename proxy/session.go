@@ -112,6 +112,7 @@ type session struct {
 	checking     bool              // the relay is looking at the backend between units: nothing else writes to it
 	gucsPending  bool              // their values are being read back
 	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
+	held         []extMsg          // the held messages, decoded (views of batch)
 	// A read unit on a replica whose replica dies before any reply reached
 	// the client is run again on the primary (see retryOnPrimary).
 	replay   []byte      // the unit's bytes as sent (without identity/settings)
@@ -1473,7 +1474,8 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 		ss.syncCounted = true
 		for off := 0; off < len(ss.replayRaw); {
 			typ, body, next := splitMsg(ss.replayRaw, off)
-			ss.retranslate(be, typ, body)
+			m, _ := decodeExtMsg(typ, body) // checked when it first arrived: cannot fail
+			ss.retranslate(be, &m)
 			off = next
 		}
 		ss.syncCounted = false

@@ -40,12 +40,9 @@ type backend struct {
 	params   map[string]string
 	identity string // key of the identity in force; "" = unknown or none
 	created  time.Time
-	// stmts are the proxy-named statements prepared here (transaction
-	// mode), guarded by the lock of the session the backend is attached to.
-	stmts map[string]*backendStmt
-	clock uint64
-	// sqlStmts are the proxy-named SQL-level statements prepared here.
-	sqlStmts map[string]bool
+	// The proxy-named statements prepared here (transaction mode),
+	// guarded by the lock of the session the backend is attached to.
+	stmtTable
 	// settings are the client settings put in force here (see settings.go),
 	// settingsKey their settingsKey.
 	settings    map[string]string

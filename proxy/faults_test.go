@@ -65,6 +65,25 @@ func idleInTx(t *testing.T) int {
 	return n
 }
 
+// terminateRunning runs a statement containing tag (run) on a goroutine of
+// its own, terminates the backend running it, and returns its error.
+func terminateRunning(t *testing.T, tag string, run func() error) error {
+	t.Helper()
+	qerr := make(chan error, 1)
+	go func() { qerr <- run() }()
+	pid := activeQueryPID(t, tag)
+	if _, err := superConn(t).Exec(context.Background(), "SELECT pg_terminate_backend($1)", pid); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-qerr:
+		return err
+	case <-time.After(3 * time.Second):
+		t.Fatal("the statement of a terminated backend did not return")
+		return nil
+	}
+}
+
 // killClient drops the client's TCP connection without a Terminate message.
 func killClient(c *pgx.Conn) { _ = c.PgConn().Conn().Close() }
 
@@ -231,20 +250,10 @@ func TestBackendTerminatedInTransaction(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	qerr := make(chan error, 1)
-	go func() {
+	err = terminateRunning(t, tag, func() error {
 		_, err := tx.Exec(ctx, "SELECT pg_sleep(5) -- "+tag)
-		qerr <- err
-	}()
-	pid = activeQueryPID(t, tag)
-	if _, err := superConn(t).Exec(ctx, "SELECT pg_terminate_backend($1)", pid); err != nil {
-		t.Fatal(err)
-	}
-	select {
-	case err = <-qerr:
-	case <-time.After(3 * time.Second):
-		t.Fatal("the statement of a terminated backend did not return")
-	}
+		return err
+	})
 	checkConnLost(t, err)
 	if c.IsClosed() {
 		t.Fatal("client disconnected; want an error and a usable connection")

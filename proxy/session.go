@@ -75,23 +75,9 @@ type session struct {
 	fd   int
 	wake func()
 
-	// Prepared statements (transaction mode), see prepared.go. The maps and
-	// the out buffer belong to the client goroutine; the queues and the
-	// backends' statement tables are shared and guarded by mu.
-	stmts            map[string]*stmt
-	unnamed          *stmt
-	unnamedOnBackend bool
-	parseQ, closeQ   []queued
-	sqlStmts         map[string]*sqlStmt // SQL-level PREPAREd names (sqlprepared.go)
-	dropC            []uint64            // CommandCompletes of the proxy's own, by query
-	retags           []retag             // CommandCompletes of a proxy-made reset, retagged (reset.go)
-	sqlPrepFail      []sqlPrepareErr
-	renames          []errRename
-	lostParses       []lostParse // guarded by mu; applied by the client goroutine
-	parsesLost       atomic.Bool // lostParses is not empty
-	syncSeq, rfqSeq  uint64
-	syncCounted      bool // the batch being translated has its Sync (or Query) in syncSeq already (mark, batchSeq)
-	out              []byte
+	// translator maps the client's statement names to the backends' and
+	// says what to do with each reply (translator.go), guarded by mu.
+	translator
 
 	// Routing (transaction mode).
 	trusted      bool              // the role may run DO and CREATE FUNCTION
@@ -115,15 +101,12 @@ type session struct {
 	held         []extMsg          // the held messages, decoded (views of batch)
 	// A read unit on a replica whose replica dies before any reply reached
 	// the client is run again on the primary (see retryOnPrimary).
-	replay   []byte      // the unit's bytes as sent (without identity/settings)
-	replayQ  [2][]queued // parseQ and closeQ right after they were sent
-	replayOK bool        // the unit is one send and may be replayed
-	// replayNamed: the unit's translation used named statements, so a
-	// replay translates replayRaw (the client's messages) again.
-	replayNamed bool
-	replayRaw   []byte
-	setupBuf    []byte // identity and settings of a new unit (client goroutine)
-	retrying    bool   // the backend goroutine is moving the unit
+	replay    []byte      // the unit's bytes as sent (without identity/settings)
+	replayQ   [2][]queued // parseQ and closeQ right after they were sent
+	replayOK  bool        // the unit is one send and may be replayed
+	replayRaw []byte      // the client's messages of a unit whose translation named statements (replayNamed)
+	setupBuf  []byte      // identity and settings of a new unit (client goroutine)
+	retrying  bool        // the backend goroutine is moving the unit
 	// lastPool is the primary pool of the last unit (client goroutine only).
 	lastPool    *pool
 	lastPoolURL string
@@ -162,8 +145,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		projRun:       proj.run,
 		metrics:       proj.metrics,
 		txStatus:      'I',
-		stmts:         map[string]*stmt{},
-		sqlStmts:      map[string]*sqlStmt{},
+		translator:    newTranslator(s.opts.MaxPreparedStatements, &proj.run.schema),
 		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
 		settings:      startupSettings(params),
 	}
@@ -946,8 +928,7 @@ func (ss *session) relay(a attachment) *unit {
 			}
 			status := body[0]
 			ss.mu.Lock()
-			ss.rfqSeq++
-			ss.dropUnanswered(be)
+			ss.answered(&be.stmtTable)
 			ss.pending--
 			ss.txStatus = status
 			if ss.pending == 0 {
@@ -1046,14 +1027,7 @@ func (ss *session) relay(a attachment) *unit {
 			gone := ss.clientGone.Load()
 			action := replyPass
 			if !gone {
-				q := &ss.parseQ
-				if typ == msgTypeCloseComplete {
-					q = &ss.closeQ
-				}
-				if len(*q) > 0 {
-					action = (*q)[0].action
-					popFront(q)
-				}
+				action = ss.replyTo(&be.stmtTable, typ)
 			}
 			ss.mu.Unlock()
 			switch {
@@ -1143,8 +1117,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
-	ss.parseQ, ss.closeQ, ss.renames = ss.parseQ[:0], ss.closeQ[:0], ss.renames[:0]
-	ss.dropC, ss.sqlPrepFail, ss.retags = ss.dropC[:0], ss.sqlPrepFail[:0], ss.retags[:0]
+	ss.forgetReplies()
 	ss.cond.Broadcast()
 	return u
 }
@@ -1475,7 +1448,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 		for off := 0; off < len(ss.replayRaw); {
 			typ, body, next := splitMsg(ss.replayRaw, off)
 			m, _ := decodeExtMsg(typ, body) // checked when it first arrived: cannot fail
-			ss.retranslate(be, &m)
+			ss.retranslate(&be.stmtTable, &m)
 			off = next
 		}
 		ss.syncCounted = false

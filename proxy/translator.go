@@ -7,6 +7,7 @@ import (
 	"encoding/hex"
 	"slices"
 	"strconv"
+	"sync/atomic"
 )
 
 // Named prepared statements in transaction mode.
@@ -100,6 +101,47 @@ type errRename struct {
 	seq      uint64
 }
 
+// translator maps a client's statement names to the backends' (see above)
+// and keeps the queues that say what to do with each reply. It is part of
+// one session and guarded by its lock; the parts that are the client
+// goroutine's alone (the name maps, out) say so.
+type translator struct {
+	maxStmts int            // statements a backend keeps; the least recently used go beyond
+	schema   *atomic.Uint64 // the project's schema epoch (DDL moves it)
+
+	stmts            map[string]*stmt    // the client's statements by its names
+	unnamed          *stmt               // the client's unnamed statement
+	unnamedOnBackend bool                // ... is on the attached backend
+	sqlStmts         map[string]*sqlStmt // SQL-level PREPAREd names (sqlprepared.go)
+	parseQ, closeQ   []queued            // what to do with each ParseComplete, CloseComplete
+	dropC            []uint64            // CommandCompletes of the proxy's own, by query
+	retags           []retag             // CommandCompletes of a proxy-made reset, retagged (reset.go)
+	sqlPrepFail      []sqlPrepareErr
+	renames          []errRename
+	lostParses       []lostParse // applied by the client goroutine (forgetLostParses)
+	parsesLost       atomic.Bool // lostParses is not empty
+	// syncSeq counts the Syncs and Queries sent, rfqSeq the ReadyForQuery
+	// answers: the entries of a queue carry the number of their batch.
+	syncSeq, rfqSeq uint64
+	syncCounted     bool // the batch being translated has its Sync (or Query) in syncSeq already (mark, batchSeq)
+	// replayNamed: the unit's translation used named statements, so a
+	// replay translates the client's messages again.
+	replayNamed bool
+	out         []byte // the messages for the backend, being built
+}
+
+func newTranslator(maxStmts int, schema *atomic.Uint64) translator {
+	return translator{maxStmts: maxStmts, schema: schema, stmts: map[string]*stmt{}, sqlStmts: map[string]*sqlStmt{}}
+}
+
+// stmtTable is a backend's record of the proxy-named statements prepared
+// on it.
+type stmtTable struct {
+	stmts    map[string]*backendStmt // protocol-level, by proxy name
+	clock    uint64                  // counts uses, for the least recently used
+	sqlStmts map[string]bool         // SQL-level PREPAREd, by proxy name
+}
+
 // backendStmt is a statement prepared on one backend.
 type backendStmt struct {
 	lastUse uint64
@@ -139,19 +181,19 @@ func renameInError(body []byte, from, to string) ([]byte, bool) {
 // messages are being translated: the next one, unless that Sync was
 // counted already (a held batch is translated after its Sync claimed the
 // backend).
-func (ss *session) batchSeq() uint64 {
-	if ss.syncCounted {
-		return ss.syncSeq
+func (t *translator) batchSeq() uint64 {
+	if t.syncCounted {
+		return t.syncSeq
 	}
-	return ss.syncSeq + 1
+	return t.syncSeq + 1
 }
 
 // renameError applies to an error of the batch now being answered the
 // first of its rename rules that matches, and drops that rule. Call with
 // mu held.
-func (ss *session) renameError(body []byte) []byte {
-	for i, rn := range ss.renames {
-		if rn.seq > ss.rfqSeq+1 {
+func (t *translator) renameError(body []byte) []byte {
+	for i, rn := range t.renames {
+		if rn.seq > t.rfqSeq+1 {
 			break
 		}
 		if rn.whole != nil {
@@ -164,68 +206,98 @@ func (ss *session) renameError(body []byte) []byte {
 		} else {
 			continue
 		}
-		ss.renames = slices.Delete(ss.renames, i, i+1)
+		t.renames = slices.Delete(t.renames, i, i+1)
 		return body
 	}
 	return body
 }
 
 // push queues an expected reply for the batch now being sent. Call with mu held.
-func (ss *session) push(q *[]queued, e queued) {
-	e.seq = ss.batchSeq()
+func (t *translator) push(q *[]queued, e queued) {
+	e.seq = t.batchSeq()
 	*q = append(*q, e)
 }
 
-func (ss *session) pushRename(from, to string) {
-	ss.renames = append(ss.renames, errRename{from: from, to: to, seq: ss.batchSeq()})
+func (t *translator) pushRename(from, to string) {
+	t.renames = append(t.renames, errRename{from: from, to: to, seq: t.batchSeq()})
 }
 
 // pushReplace says: the next error that mentions marker is replaced by body.
-func (ss *session) pushReplace(marker string, body []byte) {
-	ss.renames = append(ss.renames, errRename{from: marker, whole: body, seq: ss.batchSeq()})
+func (t *translator) pushReplace(marker string, body []byte) {
+	t.renames = append(t.renames, errRename{from: marker, whole: body, seq: t.batchSeq()})
+}
+
+// answered records a ReadyForQuery from the backend with statement
+// table bt: the batch it ends is over, and what it left unanswered is
+// forgotten (dropUnanswered).
+func (t *translator) answered(bt *stmtTable) {
+	t.rfqSeq++
+	t.dropUnanswered(bt)
+}
+
+// replyTo pops what to do with a ParseComplete or CloseComplete (typ) from
+// its queue; a reply nothing was queued for passes.
+func (t *translator) replyTo(bt *stmtTable, typ byte) replyAction {
+	q := &t.parseQ
+	if typ == msgTypeCloseComplete {
+		q = &t.closeQ
+	}
+	if len(*q) == 0 {
+		return replyPass
+	}
+	a := (*q)[0].action
+	popFront(q)
+	return a
+}
+
+// forgetReplies empties the queues when a unit ends: nothing more will be
+// answered on its backend.
+func (t *translator) forgetReplies() {
+	t.parseQ, t.closeQ, t.renames = t.parseQ[:0], t.closeQ[:0], t.renames[:0]
+	t.dropC, t.sqlPrepFail, t.retags = t.dropC[:0], t.sqlPrepFail[:0], t.retags[:0]
 }
 
 // dropUnanswered forgets the expected replies of batches that have ended
 // (their messages were skipped after an error) and marks the statements they
 // concerned unsure on the backend. Call with mu held, at ReadyForQuery.
-func (ss *session) dropUnanswered(be *backend) {
-	for len(ss.parseQ) > 0 && ss.parseQ[0].seq <= ss.rfqSeq {
-		if e := ss.parseQ[0]; e.client != "" {
-			ss.lostParses = append(ss.lostParses, lostParse{e.client, e.clientStmt})
-			ss.parsesLost.Store(true)
+func (t *translator) dropUnanswered(bt *stmtTable) {
+	for len(t.parseQ) > 0 && t.parseQ[0].seq <= t.rfqSeq {
+		if e := t.parseQ[0]; e.client != "" {
+			t.lostParses = append(t.lostParses, lostParse{e.client, e.clientStmt})
+			t.parsesLost.Store(true)
 		}
-		if name := ss.parseQ[0].stmt; name != "" && be.stmts != nil {
-			if bs := be.stmts[name]; bs != nil {
+		if name := t.parseQ[0].stmt; name != "" && bt.stmts != nil {
+			if bs := bt.stmts[name]; bs != nil {
 				bs.unsure = true
 			}
 		}
-		popFront(&ss.parseQ)
+		popFront(&t.parseQ)
 	}
-	for len(ss.closeQ) > 0 && ss.closeQ[0].seq <= ss.rfqSeq {
-		if e := ss.closeQ[0]; e.client != "" {
-			ss.lostParses = append(ss.lostParses, lostParse{e.client, e.clientStmt})
-			ss.parsesLost.Store(true)
+	for len(t.closeQ) > 0 && t.closeQ[0].seq <= t.rfqSeq {
+		if e := t.closeQ[0]; e.client != "" {
+			t.lostParses = append(t.lostParses, lostParse{e.client, e.clientStmt})
+			t.parsesLost.Store(true)
 		}
-		if e := ss.closeQ[0]; e.stmt != "" && be.stmts != nil {
-			if bs := be.stmts[e.stmt]; bs != nil {
+		if e := t.closeQ[0]; e.stmt != "" && bt.stmts != nil {
+			if bs := bt.stmts[e.stmt]; bs != nil {
 				bs.unsure = true
 			} else if e.evicted {
-				be.stmts[e.stmt] = &backendStmt{unsure: true}
+				bt.stmts[e.stmt] = &backendStmt{unsure: true}
 			}
 		}
-		popFront(&ss.closeQ)
+		popFront(&t.closeQ)
 	}
-	for len(ss.renames) > 0 && ss.renames[0].seq <= ss.rfqSeq {
-		popFront(&ss.renames)
+	for len(t.renames) > 0 && t.renames[0].seq <= t.rfqSeq {
+		popFront(&t.renames)
 	}
-	for len(ss.dropC) > 0 && ss.dropC[0] <= ss.rfqSeq {
-		popFront(&ss.dropC)
+	for len(t.dropC) > 0 && t.dropC[0] <= t.rfqSeq {
+		popFront(&t.dropC)
 	}
-	for len(ss.retags) > 0 && ss.retags[0].seq <= ss.rfqSeq {
-		popFront(&ss.retags)
+	for len(t.retags) > 0 && t.retags[0].seq <= t.rfqSeq {
+		popFront(&t.retags)
 	}
-	for len(ss.sqlPrepFail) > 0 && ss.sqlPrepFail[0].seq <= ss.rfqSeq {
-		popFront(&ss.sqlPrepFail)
+	for len(t.sqlPrepFail) > 0 && t.sqlPrepFail[0].seq <= t.rfqSeq {
+		popFront(&t.sqlPrepFail)
 	}
 }
 
@@ -256,101 +328,108 @@ func (ss *session) translate(be *backend, m *extMsg, r *Route) {
 			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: r.Reset.tag()})
 		}
 	}
-	if ss.sessionMode && !ss.routedSession {
+	if !ss.translatesNames() {
 		ss.appendMsg(m.typ, m.body) // the backend is the client's own: names pass through
 		return
 	}
 	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema}
+	if st := ss.translateNames(&be.stmtTable, m, w, r.Reset); st != nil && st.reset != ResetNone {
+		// The Execute of this Bind resets the client's session (after the
+		// Bind, which still needed the client's names).
+		ss.resetClient(be, st.reset)
+		ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: st.reset.tag()})
+	}
+}
+
+// translateNames appends to out what the backend with statement table bt
+// gets for the client's message m, its statement names mapped to the
+// backend's, and queues what to do with the replies. w is what a Parse's
+// text needs and reset what it resets. It returns the client's statement a
+// Bind binds (nil: none, or another message).
+func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset ResetKind) *stmt {
 	switch m.typ {
 	case msgTypeParse:
 		if m.name == "" {
-			ss.unnamed = &stmt{rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: r.Reset}
-			ss.unnamedOnBackend = true
-			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg(msgTypeParse, m.body)
-			return
+			t.unnamed = &stmt{rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: reset}
+			t.unnamedOnBackend = true
+			t.push(&t.parseQ, queued{action: replyPass})
+			t.appendMsg(msgTypeParse, m.body)
+			return nil
 		}
-		if _, dup := ss.stmts[m.name]; dup || ss.sqlStmts[m.name] != nil {
-			ss.failParse(duplicateStmt(m.name))
-			return
+		if _, dup := t.stmts[m.name]; dup || t.sqlStmts[m.name] != nil {
+			t.failParse(duplicateStmt(m.name))
+			return nil
 		}
 		st := &stmt{proxyName: statementName(m.rest), rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl,
-			epoch: ss.projRun.schema.Load(), reset: r.Reset}
-		ss.stmts[m.name] = st
-		ss.replayNamed = true // its translation depends on this backend
-		ss.prepareOn(be, st, m.name)
+			epoch: t.schema.Load(), reset: reset}
+		t.stmts[m.name] = st
+		t.replayNamed = true // its translation depends on this backend
+		t.prepareOn(bt, st, m.name)
 	case msgTypeBind:
-		var st *stmt
 		if m.name == "" {
-			st = ss.unnamed
-			ss.ensureUnnamed()
-			ss.appendMsg(msgTypeBind, m.body)
-		} else {
-			st = ss.stmts[m.name]
-			ss.appendBind(m, ss.stmtTargetOf(be, m.name, st))
-			if st != nil && st.epoch < ss.projRun.schema.Load() {
-				// DDL since the client prepared it, and perhaps prepared
-				// anew here: if its result no longer has the columns the
-				// client's Bind asks formats for, PostgreSQL's own error
-				// for a statement whose result type changed.
-				ss.pushReplace(resultFormatsMismatch, planChangedBody)
-			}
+			t.ensureUnnamed()
+			t.appendMsg(msgTypeBind, m.body)
+			return t.unnamed
 		}
-		if st != nil && st.reset != ResetNone {
-			// Its Execute resets the client's session (after this Bind,
-			// which still needed the client's names).
-			ss.resetClient(be, st.reset)
-			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: st.reset.tag()})
+		st := t.stmts[m.name]
+		t.appendBind(m, t.stmtTargetOf(bt, m.name, st))
+		if st != nil && st.epoch < t.schema.Load() {
+			// DDL since the client prepared it, and perhaps prepared anew
+			// here: if its result no longer has the columns the client's
+			// Bind asks formats for, PostgreSQL's own error for a statement
+			// whose result type changed.
+			t.pushReplace(resultFormatsMismatch, planChangedBody)
 		}
+		return st
 	case msgTypeDescribe:
-		if m.kind != kindStatement {
-			ss.appendMsg(msgTypeDescribe, m.body)
-			return
+		switch {
+		case m.kind != kindStatement:
+			t.appendMsg(msgTypeDescribe, m.body)
+		case m.name == "":
+			t.ensureUnnamed()
+			t.appendMsg(msgTypeDescribe, m.body)
+		default:
+			t.appendDescribe(t.stmtTarget(bt, m.name))
 		}
-		if m.name == "" {
-			ss.ensureUnnamed()
-			ss.appendMsg(msgTypeDescribe, m.body)
-			return
-		}
-		ss.appendDescribe(ss.stmtTarget(be, m.name))
 	case msgTypeClose:
-		ss.push(&ss.closeQ, queued{action: replyPass})
+		t.push(&t.closeQ, queued{action: replyPass})
 		if m.kind == kindStatement && m.name != "" {
-			ss.replayNamed = true
+			t.replayNamed = true
 			// The backend's statement may serve other clients: keep it.
-			delete(ss.stmts, m.name)
-			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
-			return
+			delete(t.stmts, m.name)
+			t.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
+			return nil
 		}
 		if m.kind == kindStatement {
-			ss.unnamed = nil
+			t.unnamed = nil
 		}
-		ss.appendMsg(msgTypeClose, m.body)
+		t.appendMsg(msgTypeClose, m.body)
 	default:
-		ss.appendMsg(m.typ, m.body)
+		t.appendMsg(m.typ, m.body)
 	}
+	return nil
 }
 
 // appendBind appends the client's Bind m with the backend's statement
 // name in place of the client's.
-func (ss *session) appendBind(m *extMsg, target string) {
-	ss.appendMsg(msgTypeBind, appendCString(nil, m.portal), appendCString(nil, target), m.rest)
+func (t *translator) appendBind(m *extMsg, target string) {
+	t.appendMsg(msgTypeBind, appendCString(nil, m.portal), appendCString(nil, target), m.rest)
 }
 
 // appendDescribe appends a Describe of the backend's statement target.
-func (ss *session) appendDescribe(target string) {
-	ss.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, target))
+func (t *translator) appendDescribe(target string) {
+	t.appendMsg(msgTypeDescribe, []byte{kindStatement}, appendCString(nil, target))
 }
 
 // failParse sends, in place of a Parse, one that fails, so PostgreSQL skips
 // the rest of the batch as after any error; its syntax error is replaced by
 // err. It replaces the backend's unnamed statement, as a failed Parse of the
 // unnamed statement does.
-func (ss *session) failParse(err error) {
-	ss.pushReplace(refusedSQL, refusalBody(err))
-	ss.push(&ss.parseQ, queued{action: replyPass})
-	ss.appendMsg(msgTypeParse, []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
-	ss.unnamedOnBackend = false
+func (t *translator) failParse(err error) {
+	t.pushReplace(refusedSQL, refusalBody(err))
+	t.push(&t.parseQ, queued{action: replyPass})
+	t.appendMsg(msgTypeParse, []byte{0}, appendCString(nil, refusedSQL), []byte{0, 0})
+	t.unnamedOnBackend = false
 }
 
 // duplicateStmt is PostgreSQL's error for a statement name already in use.
@@ -367,95 +446,100 @@ func (ss *session) forgetLostParses() {
 		return
 	}
 	ss.mu.Lock()
-	ss.parsesLost.Store(false)
-	for _, lp := range ss.lostParses {
-		if ss.stmts[lp.name] == lp.st {
-			delete(ss.stmts, lp.name)
+	ss.forgetLost()
+	ss.mu.Unlock()
+}
+
+// forgetLost is forgetLostParses under the session's lock.
+func (t *translator) forgetLost() {
+	t.parsesLost.Store(false)
+	for _, lp := range t.lostParses {
+		if t.stmts[lp.name] == lp.st {
+			delete(t.stmts, lp.name)
 		}
 	}
-	ss.lostParses = ss.lostParses[:0]
-	ss.mu.Unlock()
+	t.lostParses = t.lostParses[:0]
 }
 
 // stmtTarget returns the backend name to use for a client's statement,
 // preparing it there first if needed; an unknown name maps to a stand-in
 // that fails with 26000.
-func (ss *session) stmtTarget(be *backend, name string) string {
-	return ss.stmtTargetOf(be, name, ss.stmts[name])
+func (t *translator) stmtTarget(bt *stmtTable, name string) string {
+	return t.stmtTargetOf(bt, name, t.stmts[name])
 }
 
 // stmtTargetOf is stmtTarget for the client's statement st (nil: none of
 // that name), already looked up.
-func (ss *session) stmtTargetOf(be *backend, name string, st *stmt) string {
-	ss.replayNamed = true // the translation depends on this backend's statements
+func (t *translator) stmtTargetOf(bt *stmtTable, name string, st *stmt) string {
+	t.replayNamed = true // the translation depends on this backend's statements
 	if st == nil {
-		ss.pushRename(missingStmtName, name)
+		t.pushRename(missingStmtName, name)
 		return missingStmtName
 	}
-	ss.prepareOn(be, st, "")
+	t.prepareOn(bt, st, "")
 	return st.proxyName
 }
 
 // prepareOn makes sure the backend has st. A client name says the client
 // sent this Parse under that name and expects a ParseComplete for it.
-func (ss *session) prepareOn(be *backend, st *stmt, client string) {
+func (t *translator) prepareOn(bt *stmtTable, st *stmt, client string) {
 	clientParse := client != ""
-	if be.stmts == nil {
-		be.stmts = map[string]*backendStmt{}
+	if bt.stmts == nil {
+		bt.stmts = map[string]*backendStmt{}
 	}
-	be.clock++
-	if bs := be.stmts[st.proxyName]; bs != nil && !bs.unsure && bs.epoch >= st.epoch {
-		bs.lastUse = be.clock
+	bt.clock++
+	if bs := bt.stmts[st.proxyName]; bs != nil && !bs.unsure && bs.epoch >= st.epoch {
+		bs.lastUse = bt.clock
 		if clientParse {
-			ss.push(&ss.closeQ, queued{action: replyAsParseComplete, client: client, clientStmt: st})
-			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
+			t.push(&t.closeQ, queued{action: replyAsParseComplete, client: client, clientStmt: st})
+			t.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
 		}
 		return
 	} else if bs != nil {
-		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: st.proxyName})
-		ss.appendMsg(msgTypeClose, closeMsgBody(st.proxyName))
-	} else if len(be.stmts) >= ss.srv.opts.MaxPreparedStatements {
+		t.push(&t.closeQ, queued{action: replyDrop, stmt: st.proxyName})
+		t.appendMsg(msgTypeClose, closeMsgBody(st.proxyName))
+	} else if len(bt.stmts) >= t.maxStmts {
 		victim, oldest := "", uint64(0)
-		for n, v := range be.stmts {
+		for n, v := range bt.stmts {
 			if victim == "" || v.lastUse < oldest {
 				victim, oldest = n, v.lastUse
 			}
 		}
-		delete(be.stmts, victim)
-		ss.push(&ss.closeQ, queued{action: replyDrop, stmt: victim, evicted: true})
-		ss.appendMsg(msgTypeClose, closeMsgBody(victim))
+		delete(bt.stmts, victim)
+		t.push(&t.closeQ, queued{action: replyDrop, stmt: victim, evicted: true})
+		t.appendMsg(msgTypeClose, closeMsgBody(victim))
 	}
-	be.stmts[st.proxyName] = &backendStmt{lastUse: be.clock, epoch: ss.projRun.schema.Load()}
+	bt.stmts[st.proxyName] = &backendStmt{lastUse: bt.clock, epoch: t.schema.Load()}
 	action := replyDrop
 	if clientParse {
 		action = replyPass
 	}
-	ss.push(&ss.parseQ, queued{action: action, stmt: st.proxyName, client: client, clientStmt: st})
-	ss.appendMsg(msgTypeParse, appendCString(nil, st.proxyName), st.rest)
+	t.push(&t.parseQ, queued{action: action, stmt: st.proxyName, client: client, clientStmt: st})
+	t.appendMsg(msgTypeParse, appendCString(nil, st.proxyName), st.rest)
 }
 
 // ensureUnnamed re-creates the client's unnamed statement on a backend that
 // has not seen it in this attachment (the client parsed it in an earlier
 // transaction, on another backend).
-func (ss *session) ensureUnnamed() {
-	if ss.unnamedOnBackend || ss.unnamed == nil {
+func (t *translator) ensureUnnamed() {
+	if t.unnamedOnBackend || t.unnamed == nil {
 		return
 	}
-	ss.push(&ss.parseQ, queued{action: replyDrop})
-	ss.appendMsg(msgTypeParse, []byte{0}, ss.unnamed.rest)
-	ss.unnamedOnBackend = true
+	t.push(&t.parseQ, queued{action: replyDrop})
+	t.appendMsg(msgTypeParse, []byte{0}, t.unnamed.rest)
+	t.unnamedOnBackend = true
 }
 
 // appendMsg appends one message made of parts to ss.out.
-func (ss *session) appendMsg(typ byte, parts ...[]byte) {
+func (t *translator) appendMsg(typ byte, parts ...[]byte) {
 	n := 4
 	for _, p := range parts {
 		n += len(p)
 	}
-	ss.out = append(ss.out, typ)
-	ss.out = binary.BigEndian.AppendUint32(ss.out, uint32(n))
+	t.out = append(t.out, typ)
+	t.out = binary.BigEndian.AppendUint32(t.out, uint32(n))
 	for _, p := range parts {
-		ss.out = append(ss.out, p...)
+		t.out = append(t.out, p...)
 	}
 }
 
@@ -463,42 +547,42 @@ func (ss *session) appendMsg(typ byte, parts ...[]byte) {
 // message already translated once (a read moved off a dead replica). It
 // only reads the client's statement names, which the first translation
 // already updated. Call with mu held.
-func (ss *session) retranslate(be *backend, m *extMsg) {
+func (t *translator) retranslate(bt *stmtTable, m *extMsg) {
 	switch {
 	case m.typ == msgTypeParse:
 		if m.name == "" {
-			ss.push(&ss.parseQ, queued{action: replyPass})
-			ss.appendMsg(msgTypeParse, m.body)
-			ss.unnamedOnBackend = true
+			t.push(&t.parseQ, queued{action: replyPass})
+			t.appendMsg(msgTypeParse, m.body)
+			t.unnamedOnBackend = true
 			return
 		}
-		st := ss.stmts[m.name]
+		st := t.stmts[m.name]
 		if st == nil || st.proxyName != statementName(m.rest) {
-			ss.failParse(duplicateStmt(m.name)) // the first translation refused it
+			t.failParse(duplicateStmt(m.name)) // the first translation refused it
 			return
 		}
-		ss.prepareOn(be, st, m.name)
+		t.prepareOn(bt, st, m.name)
 	case m.typ == msgTypeBind || (m.typ == msgTypeDescribe && m.kind == kindStatement):
 		if m.name == "" {
-			ss.ensureUnnamed()
-			ss.appendMsg(m.typ, m.body)
+			t.ensureUnnamed()
+			t.appendMsg(m.typ, m.body)
 			return
 		}
-		target := ss.stmtTarget(be, m.name)
+		target := t.stmtTarget(bt, m.name)
 		if m.typ == msgTypeBind {
-			ss.appendBind(m, target)
+			t.appendBind(m, target)
 		} else {
-			ss.appendDescribe(target)
+			t.appendDescribe(target)
 		}
 	case m.typ == msgTypeClose:
-		ss.push(&ss.closeQ, queued{action: replyPass})
+		t.push(&t.closeQ, queued{action: replyPass})
 		if m.kind == kindStatement && m.name != "" {
-			ss.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
+			t.appendMsg(msgTypeClose, closeMsgBody(noopStmtName))
 			return
 		}
-		ss.appendMsg(msgTypeClose, m.body)
+		t.appendMsg(msgTypeClose, m.body)
 	default:
-		ss.appendMsg(m.typ, m.body)
+		t.appendMsg(m.typ, m.body)
 	}
 }
 

@@ -415,3 +415,39 @@ func TestClientKilledMidMessage(t *testing.T) {
 	countRows(t, b, "half-copy-%", 0)
 	waitFor(t, "the dead clients to be gone", 2*time.Second, func() bool { return h.srv.ClientCount() == 1 })
 }
+
+// TestNamesAfterBackendLost: a backend lost while a query runs leaves the
+// client's connection usable, and the replies of its later queries are
+// translated as before: an unknown name is reported under the client's own
+// name, and the reply the proxy adds for a DEALLOCATE is dropped.
+func TestNamesAfterBackendLost(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	c := h.connect("p1", "authenticated", "lost-names")
+	tag := "lost-names-" + marker(t)
+	checkConnLost(t, terminateRunning(t, tag, func() error {
+		_, err := c.Exec(ctx, "SELECT pg_sleep(5) -- "+tag, pgx.QueryExecModeSimpleProtocol)
+		return err
+	}))
+
+	for round := range 3 {
+		_, err := c.Exec(ctx, "EXECUTE nosuch", pgx.QueryExecModeSimpleProtocol)
+		if want := `prepared statement "nosuch" does not exist`; err == nil || !strings.Contains(err.Error(), want) {
+			t.Fatalf("round %d: EXECUTE of an unknown name: %v, want %q", round, err, want)
+		}
+		if _, err := c.Exec(ctx, "PREPARE q1 AS SELECT 1", pgx.QueryExecModeSimpleProtocol); err != nil {
+			t.Fatalf("round %d: PREPARE: %v", round, err)
+		}
+		res, err := c.PgConn().Exec(ctx, "DEALLOCATE q1").ReadAll()
+		if err != nil {
+			t.Fatalf("round %d: DEALLOCATE: %v", round, err)
+		}
+		var tags []string
+		for _, r := range res {
+			tags = append(tags, r.CommandTag.String())
+		}
+		if len(tags) != 1 || tags[0] != "DEALLOCATE" {
+			t.Fatalf("round %d: DEALLOCATE answered %q, want one DEALLOCATE", round, tags)
+		}
+	}
+}

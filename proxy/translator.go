@@ -236,8 +236,11 @@ func (t *translator) answered(bt *stmtTable) {
 }
 
 // replyTo pops what to do with a ParseComplete or CloseComplete (typ) from
-// its queue; a reply nothing was queued for passes.
+// its queue; a reply nothing was queued for passes. Entries of batches
+// that are over (queued for a backend that was lost meanwhile) are
+// dropped first.
 func (t *translator) replyTo(bt *stmtTable, typ byte) replyAction {
+	t.dropUnanswered(bt)
 	q := &t.parseQ
 	if typ == msgTypeCloseComplete {
 		q = &t.closeQ
@@ -248,6 +251,15 @@ func (t *translator) replyTo(bt *stmtTable, typ byte) replyAction {
 	a := (*q)[0].action
 	popFront(q)
 	return a
+}
+
+// lost records that the backend with statement table bt died: every
+// batch sent is over (the client is told of the loss), and a Parse that
+// did not run there leaves the client without that name.
+func (t *translator) lost(bt *stmtTable) {
+	t.rfqSeq = t.syncSeq
+	t.dropUnanswered(bt)
+	t.forgetReplies()
 }
 
 // forgetReplies empties the queues when a unit ends: nothing more will be

@@ -3,6 +3,7 @@ package proxy
 import (
 	"encoding/binary"
 	"slices"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -196,4 +197,30 @@ func TestTranslatorSkippedParse(t *testing.T) {
 	tr.forgetLost()
 	expectLines(t, "the next use", sendBatch(t, &tr, &bt, parseMsg(t, "s4", "SELECT 4")),
 		"C S "+four, "P "+four, "S")
+}
+
+// A backend lost with batches in flight: they are over, and the next
+// batch's replies are translated (its rename applies, nothing stale is
+// popped for it).
+func TestTranslatorBackendLost(t *testing.T) {
+	var schema atomic.Uint64
+	tr := newTranslator(10, &schema)
+	var bt stmtTable
+	sendBatch(t, &tr, &bt, parseMsg(t, "s5", "SELECT 5"), bindMsg(t, "gone"))
+	sendBatch(t, &tr, &bt, closeStmtMsg(t, "s5"))
+	tr.lost(&bt)
+	if tr.rfqSeq != tr.syncSeq || len(tr.parseQ)+len(tr.closeQ)+len(tr.renames) != 0 {
+		t.Fatalf("after the loss: rfq %d sync %d, queues %d %d %d", tr.rfqSeq, tr.syncSeq, len(tr.parseQ), len(tr.closeQ), len(tr.renames))
+	}
+	if len(tr.lostParses) != 1 || tr.lostParses[0].name != "s5" {
+		t.Fatalf("lost parses: %+v", tr.lostParses)
+	}
+	var bt2 stmtTable
+	sendBatch(t, &tr, &bt2, bindMsg(t, "other"))
+	got := backendReplies(&tr, &bt2,
+		&pgproto3.ErrorResponse{Severity: "ERROR", Code: "26000", Message: `prepared statement "` + missingStmtName + `" does not exist`},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})
+	if !strings.Contains(got[0], `"other"`) {
+		t.Fatalf("the next batch's error: %q", got)
+	}
 }

@@ -28,16 +28,15 @@ import (
 // (session mode). A client idle with no backend attached has neither: its
 // session parks (park) and a new goroutine serves it when it speaks.
 type session struct {
-	srv         *Server
-	conn        net.Conn
-	rd          *msgReader // client side
-	wmu         sync.Mutex // guards wr and every write to the client
-	wr          *bufio.Writer
-	ref         string
-	ident       Identity
-	identKey    string
-	claimsMAC   string
-	claimGUCs   map[string]string // legacy request.jwt.claim.* settings, nil unless the project asks
+	srv  *Server
+	conn net.Conn
+	rd   *msgReader // client side
+	wmu  sync.Mutex // guards wr and every write to the client
+	wr   *bufio.Writer
+	ref  string
+	// clientState is who the client is and the session settings it
+	// carries from backend to backend (setup.go).
+	clientState
 	params      map[string]string
 	sessionMode bool // the client holds its backend until it leaves
 	// routedSession: a session-mode project with replicas. The session
@@ -80,25 +79,23 @@ type session struct {
 	translator
 
 	// Routing (transaction mode).
-	trusted      bool              // the role may run DO and CREATE FUNCTION
-	routePrimary bool              // SET cascata.route = 'primary'
-	beReplica    bool              // the attached backend is a replica
-	unitWrites   bool              // the unit on the primary may have written
-	lastWriteLSN uint64            // primary WAL position after the client's last write
-	lsnPending   bool              // that position is being fetched
-	settings     map[string]string // the client's session settings (transaction mode: carried across backends)
-	settingsKey  string            // settingsKey(settings)
-	unitGUCs     []string          // settings changed in the running unit
-	unitState    bool              // the running unit may leave session state: scrub at release
-	unitKeeps    bool              // the running unit may create state the client keeps: look at its end (pin.go)
-	unitDDL      bool              // the running unit has DDL: the schema epoch moves again at its end
-	projRun      *projectRun       // the project's shared run-time state (schema epoch, pins)
-	pinned       bool              // the client keeps its backend for its session state (pin.go)
-	pinSlot      *pinCount         // the project's pin counter the client holds a slot of
-	checking     bool              // the relay is looking at the backend between units: nothing else writes to it
-	gucsPending  bool              // their values are being read back
-	batch        []byte            // extended-protocol messages held until Sync/Flush to route the batch whole
-	held         []extMsg          // the held messages, decoded (views of batch)
+	trusted      bool        // the role may run DO and CREATE FUNCTION
+	routePrimary bool        // SET cascata.route = 'primary'
+	beReplica    bool        // the attached backend is a replica
+	unitWrites   bool        // the unit on the primary may have written
+	lastWriteLSN uint64      // primary WAL position after the client's last write
+	lsnPending   bool        // that position is being fetched
+	unitGUCs     []string    // settings changed in the running unit
+	unitState    bool        // the running unit may leave session state: scrub at release
+	unitKeeps    bool        // the running unit may create state the client keeps: look at its end (pin.go)
+	unitDDL      bool        // the running unit has DDL: the schema epoch moves again at its end
+	projRun      *projectRun // the project's shared run-time state (schema epoch, pins)
+	pinned       bool        // the client keeps its backend for its session state (pin.go)
+	pinSlot      *pinCount   // the project's pin counter the client holds a slot of
+	checking     bool        // the relay is looking at the backend between units: nothing else writes to it
+	gucsPending  bool        // their values are being read back
+	batch        []byte      // extended-protocol messages held until Sync/Flush to route the batch whole
+	held         []extMsg    // the held messages, decoded (views of batch)
 	// A read unit on a replica whose replica dies before any reply reached
 	// the client is run again on the primary (see retryOnPrimary).
 	replay    []byte      // the unit's bytes as sent (without identity/settings)
@@ -134,10 +131,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		conn:          c,
 		rd:            rd,
 		ref:           ref,
-		ident:         id,
-		identKey:      id.Role + "\x00" + id.Claims,
-		claimsMAC:     macOf(proj.cfg.ClaimsMAC, id.Claims),
-		claimGUCs:     legacyClaims(proj.cfg.LegacyClaimGUCs, id.Claims),
+		clientState:   newClientState(id, macOf(proj.cfg.ClaimsMAC, id.Claims), legacyClaims(proj.cfg.LegacyClaimGUCs, id.Claims), startupSettings(params)),
 		params:        params,
 		sessionMode:   proj.cfg.SessionMode && len(proj.replicas) == 0,
 		routedSession: proj.cfg.SessionMode && len(proj.replicas) > 0,
@@ -147,9 +141,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		txStatus:      'I',
 		translator:    newTranslator(s.opts.MaxPreparedStatements, &proj.run.schema),
 		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
-		settings:      startupSettings(params),
 	}
-	ss.settingsKey = settingsKey(ss.settings)
 	ss.cond = sync.NewCond(&ss.mu)
 	rd.releasable(c, s.readers)
 	ss.fd = -1
@@ -687,7 +679,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		be := res.Value()
 		// The identity and the client's settings go first, in one write
 		// with the client's message: no extra round trip.
-		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be, be.identity != ss.identKey)
+		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be)
 		ss.setupBuf = buf
 		ss.mu.Lock()
 		if !be.attach(attachment{ss: ss, be: be, setup: plan}) {
@@ -1430,7 +1422,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	}
 	be := res.Value()
 	ss.mu.Lock()
-	buf, n, err := ss.setupBytes(nil, be, be.identity != ss.identKey) // rare: its own buffer
+	buf, n, err := ss.setupBytes(nil, be) // rare: its own buffer
 	if !be.attach(attachment{ss: ss, be: be, setup: n}) {
 		ss.retrying = false
 		ss.cond.Broadcast()

@@ -64,21 +64,43 @@ func (g *setupGroup) exec(sql string, args ...string) {
 	g.n++
 }
 
+// clientState is what a client carries from backend to backend: its
+// identity and the session settings it has set (in transaction mode), put
+// in force on each backend that serves it by setupBytes. It is part of one
+// session, guarded by its lock.
+type clientState struct {
+	ident     Identity
+	identKey  string            // ident as one comparable string (backend.identity)
+	claimsMAC string            // request.jwt.claims_mac, "" unless the project signs claims
+	claimGUCs map[string]string // legacy request.jwt.claim.* settings, nil unless the project asks
+	// settings are the client's session settings, settingsKey their
+	// settingsKey (settings.go).
+	settings    map[string]string
+	settingsKey string
+}
+
+func newClientState(id Identity, claimsMAC string, claimGUCs, settings map[string]string) clientState {
+	return clientState{ident: id, identKey: id.Role + "\x00" + id.Claims, claimsMAC: claimsMAC, claimGUCs: claimGUCs,
+		settings: settings, settingsKey: settingsKey(settings)}
+}
+
 // setupBytes appends to buf the setup (see setupPlan) that makes be serve
-// this client: the identity if identSetup, legacy claim settings, and the
-// client's session settings where they differ from the backend's.
-func (ss *session) setupBytes(buf []byte, be *backend, identSetup bool) ([]byte, setupPlan, error) {
+// this client: the identity where be has another (or an unknown one),
+// legacy claim settings, and the client's session settings where they
+// differ from the backend's. It records on be what the setup puts in
+// force.
+func (cs *clientState) setupBytes(buf []byte, be *backend) ([]byte, setupPlan, error) {
 	g := setupGroup{buf: buf}
-	if identSetup {
-		be.identity = ss.identKey
-		g.exec(identSQL, ss.ident.Role, ss.ident.Claims, ss.claimsMAC)
+	if be.identity != cs.identKey {
+		be.identity = cs.identKey
+		g.exec(identSQL, cs.ident.Role, cs.ident.Claims, cs.claimsMAC)
 	}
-	if ss.claimGUCs != nil || be.claimGUCs != nil {
-		claimSetup(&g, be, ss.claimGUCs)
+	if cs.claimGUCs != nil || be.claimGUCs != nil {
+		claimSetup(&g, be, cs.claimGUCs)
 	}
-	if be.settingsKey != ss.settingsKey {
-		settingsSetup(&g, be, ss.settings)
-		be.settingsKey = ss.settingsKey
+	if be.settingsKey != cs.settingsKey {
+		settingsSetup(&g, be, cs.settings)
+		be.settingsKey = cs.settingsKey
 	}
 	if g.err != nil || g.n == 0 {
 		return g.buf, setupPlan{}, g.err

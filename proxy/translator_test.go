@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"encoding/binary"
 	"slices"
 	"strings"
 	"sync/atomic"
@@ -54,30 +53,7 @@ func sendBatch(t *testing.T, tr *translator, bt *stmtTable, msgs ...extMsg) []st
 	}
 	tr.syncCounted = false
 	tr.appendMsg(msgTypeSync)
-	return describeOut(t, tr.out)
-}
-
-func describeOut(t *testing.T, out []byte) []string {
-	t.Helper()
-	var lines []string
-	for off := 0; off < len(out); {
-		typ := out[off]
-		n := int(binary.BigEndian.Uint32(out[off+1:]))
-		body := out[off+5 : off+1+n]
-		off += 1 + n
-		if typ == msgTypeSync || typ == msgTypeExecute {
-			lines = append(lines, string(typ))
-			continue
-		}
-		m := mustDecode(t, typ, body)
-		switch typ {
-		case msgTypeClose, msgTypeDescribe:
-			lines = append(lines, string(typ)+" "+string(m.kind)+" "+m.name)
-		default:
-			lines = append(lines, string(typ)+" "+m.name)
-		}
-	}
-	return lines
+	return msgLines(t, tr.out)
 }
 
 // backendReplies plays a backend's replies through the translator and
@@ -130,7 +106,7 @@ func TestTranslatorStatementsShareABackend(t *testing.T) {
 
 	// Client a prepares s1: the backend gets it under the proxy's name.
 	expectLines(t, "a's first batch", sendBatch(t, &a, &bt, parseMsg(t, "s1", "SELECT 1"), bindMsg(t, "s1"), executeMsg(t)),
-		"P "+one, "B "+one, "E", "S")
+		"P "+one+"|SELECT 1", "B "+one, "E", "S")
 	expectLines(t, "a's replies", backendReplies(&a, &bt, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.CommandComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'}),
 		"1", "other", "other", "Z")
 
@@ -156,7 +132,7 @@ func TestTranslatorStatementsShareABackend(t *testing.T) {
 	sendBatch(t, &a, &bt, parseMsg(t, "s2", "SELECT 2"))
 	backendReplies(&a, &bt, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'})
 	expectLines(t, "a's third statement", sendBatch(t, &a, &bt, parseMsg(t, "s3", "SELECT 3")),
-		"C S "+one, "P "+three, "S")
+		"C S "+one, "P "+three+"|SELECT 3", "S")
 	expectLines(t, "eviction replies", backendReplies(&a, &bt, &pgproto3.CloseComplete{}, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'}),
 		"1", "Z")
 	if bt.stmts[one] != nil || bt.stmts[two] == nil || bt.stmts[three] == nil {
@@ -166,7 +142,7 @@ func TestTranslatorStatementsShareABackend(t *testing.T) {
 	// On another backend a's s1 is prepared first, its ParseComplete dropped.
 	var bt2 stmtTable
 	expectLines(t, "a on a second backend", sendBatch(t, &a, &bt2, bindMsg(t, "s1"), executeMsg(t)),
-		"P "+one, "B "+one, "E", "S")
+		"P "+one+"|SELECT 1", "B "+one, "E", "S")
 	expectLines(t, "its replies", backendReplies(&a, &bt2, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.CommandComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'}),
 		"other", "other", "Z")
 }
@@ -196,7 +172,7 @@ func TestTranslatorSkippedParse(t *testing.T) {
 	// the unsure statement is closed and parsed anew.
 	tr.forgetLost()
 	expectLines(t, "the next use", sendBatch(t, &tr, &bt, parseMsg(t, "s4", "SELECT 4")),
-		"C S "+four, "P "+four, "S")
+		"C S "+four, "P "+four+"|SELECT 4", "S")
 }
 
 // A backend lost with batches in flight: they are over, and the next

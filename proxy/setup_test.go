@@ -1,0 +1,141 @@
+package proxy
+
+import (
+	"math/rand/v2"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgproto3"
+)
+
+// A client's identity and settings on their own: what setupBytes sends to
+// a backend, and what it records there, with no server.
+
+// msgLines decodes frontend messages into one line per message, for
+// tests: "P <name>|<sql>", "B <statement>|<param>|...", "D S <name>",
+// "C S <name>", and the type alone for the rest.
+func msgLines(t *testing.T, buf []byte) []string {
+	t.Helper()
+	var lines []string
+	for off := 0; off < len(buf); {
+		typ, body, next := splitMsg(buf, off)
+		off = next
+		switch typ {
+		case msgTypeParse:
+			var m pgproto3.Parse
+			if err := m.Decode(body); err != nil {
+				t.Fatal(err)
+			}
+			lines = append(lines, "P "+m.Name+"|"+m.Query)
+		case msgTypeBind:
+			var m pgproto3.Bind
+			if err := m.Decode(body); err != nil {
+				t.Fatal(err)
+			}
+			line := "B " + m.PreparedStatement
+			for _, p := range m.Parameters {
+				line += "|" + string(p)
+			}
+			lines = append(lines, line)
+		case msgTypeDescribe, msgTypeClose:
+			lines = append(lines, string(typ)+" "+string(body[0])+" "+strings.TrimSuffix(string(body[1:]), "\x00"))
+		default:
+			lines = append(lines, string(typ))
+		}
+	}
+	return lines
+}
+
+func testBackend() *backend {
+	return &backend{gate: rand.NewChaCha8([32]byte{1})}
+}
+
+func TestSetupBytes(t *testing.T) {
+	alice := newClientState(Identity{Role: "authenticated", Claims: `{"sub":"alice"}`}, "mac-a", nil, map[string]string{"TimeZone": "UTC"})
+	bob := newClientState(Identity{Role: "anon", Claims: `{"role":"anon"}`}, "mac-b", nil, map[string]string{"TimeZone": "UTC"})
+	be := testBackend()
+
+	buf, plan, err := alice.setupBytes(nil, be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines := msgLines(t, buf)
+	if plan.group != 2 || !plan.gate {
+		t.Fatalf("plan %+v, want a group of 2 and a gate", plan)
+	}
+	gate := strings.TrimPrefix(lines[len(lines)-1], "C S ")
+	if len(gate) != gateNameLen || !strings.HasPrefix(gate, gatePrefix) {
+		t.Fatalf("gate name %q", gate)
+	}
+	// Identity and setting go as parameters of unnamed statements, the
+	// group ends with the gate's Parse and its own Sync, the client's batch
+	// starts with the gate's Describe and Close.
+	want := []string{
+		"P |" + identSQL, "B |authenticated|" + `{"sub":"alice"}` + "|mac-a", "E",
+		"P |" + setSQL, "B |TimeZone|UTC", "E",
+		"P " + gate + "|", "S", "D S " + gate, "C S " + gate,
+	}
+	if !slices.Equal(lines, want) {
+		t.Fatalf("alice's setup:\n got  %q\n want %q", lines, want)
+	}
+	if be.identity != alice.identKey || be.settingsKey != alice.settingsKey || be.settings["TimeZone"] != "UTC" {
+		t.Fatalf("recorded on the backend: identity %q settings %q", be.identity, be.settingsKey)
+	}
+
+	// The backend serves alice as she is: nothing to send.
+	if buf, plan, err := alice.setupBytes(nil, be); err != nil || len(buf) != 0 || !plan.empty() {
+		t.Fatalf("alice again: %q %+v %v", buf, plan, err)
+	}
+
+	// Bob has the same settings: only his identity, under a new gate.
+	buf, plan, err = bob.setupBytes(nil, be)
+	if err != nil || plan.group != 1 {
+		t.Fatalf("bob: plan %+v, %v", plan, err)
+	}
+	lines = msgLines(t, buf)
+	if lines[1] != "B |anon|"+`{"role":"anon"}`+"|mac-b" || len(lines) != 7 || strings.Contains(strings.Join(lines, " "), gate) {
+		t.Fatalf("bob's setup: %q (alice's gate %s)", lines, gate)
+	}
+
+	// A client without the setting gets it reset by its quoted name.
+	carol := newClientState(Identity{Role: "anon", Claims: `{"role":"anon"}`}, "mac-b", nil, nil)
+	buf, _, err = carol.setupBytes(nil, be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	lines = msgLines(t, buf)
+	if lines[0] != `P |RESET "TimeZone"` || len(be.settings) != 0 || be.settingsKey != "" {
+		t.Fatalf("carol's setup: %q, backend settings %v", lines, be.settings)
+	}
+
+	// A backend whose identity is unknown (a failed setup, a scrub) gets
+	// the identity again.
+	be.identity = ""
+	buf, plan, _ = carol.setupBytes(nil, be)
+	if plan.group != 1 || !strings.HasPrefix(msgLines(t, buf)[0], "P |"+identSQL) {
+		t.Fatalf("after the identity was forgotten: %q", msgLines(t, buf))
+	}
+}
+
+// Legacy claim settings follow the client: set where they differ, emptied
+// where the next client has none.
+func TestSetupBytesLegacyClaims(t *testing.T) {
+	a := newClientState(Identity{Role: "authenticated", Claims: `{"sub":"a"}`}, "", map[string]string{"request.jwt.claim.sub": "a"}, nil)
+	b := newClientState(Identity{Role: "authenticated", Claims: `{}`}, "", nil, nil)
+	be := testBackend()
+	buf, _, err := a.setupBytes(nil, be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lines := msgLines(t, buf); !slices.Contains(lines, "B |request.jwt.claim.sub|a") {
+		t.Fatalf("a's setup: %q", lines)
+	}
+	buf, _, err = b.setupBytes(nil, be)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if lines := msgLines(t, buf); !slices.Contains(lines, "B |request.jwt.claim.sub|") {
+		t.Fatalf("b's setup does not empty a's claim: %q", lines)
+	}
+}

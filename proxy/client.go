@@ -4,9 +4,15 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
-// maxBatchHold is how many bytes of extended-protocol messages the proxy
-// holds to route a batch whole; a larger batch goes to the primary as it comes.
-const maxBatchHold = 1 << 20
+// maxBatchHold and maxBatchMsgs are how many bytes and messages of
+// extended-protocol messages the proxy holds to route a batch whole; a
+// larger batch goes to the primary as it comes. The count bounds the
+// decoded messages a client makes the proxy keep (a message of 10 bytes
+// decodes to about a hundred).
+const (
+	maxBatchHold = 1 << 20
+	maxBatchMsgs = 1024
+)
 
 // maxBatchKeep is the largest held-batch buffer a client keeps between
 // batches (larger ones are dropped so idle clients stay small).
@@ -179,7 +185,7 @@ func (ss *session) onExtended(typ byte) error {
 			return err
 		}
 		ss.held = append(ss.held, m)
-		if len(ss.batch) > maxBatchHold {
+		if len(ss.batch) > maxBatchHold || len(ss.held) >= maxBatchMsgs {
 			return ss.flushBatch(0)
 		}
 		return nil

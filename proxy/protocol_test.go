@@ -185,6 +185,32 @@ func TestHeldBatchesOfChangingSize(t *testing.T) {
 	}
 }
 
+// TestLongBatch: one batch of 3,000 queries (12,000 messages) before its
+// Sync, more than the proxy holds to route a batch whole: every result
+// comes back, in order.
+func TestLongBatch(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	pc := h.connect("p1", "authenticated", "long-batch").PgConn()
+	b := &pgconn.Batch{}
+	const n = 3000
+	for i := range n {
+		b.ExecParams("SELECT $1::int * 2", [][]byte{[]byte(fmt.Sprint(i))}, nil, nil, nil)
+	}
+	res, err := pc.ExecBatch(ctx, b).ReadAll()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res) != n {
+		t.Fatalf("%d results, want %d", len(res), n)
+	}
+	for i, r := range res {
+		if got, want := rowsText(r.Rows), fmt.Sprint(2*i); r.Err != nil || got != want {
+			t.Fatalf("query %d: %q %v, want %s", i, got, r.Err, want)
+		}
+	}
+}
+
 // TestPipeline: several unnamed extended queries and Syncs sent at once,
 // with an error in the middle segment.
 func TestPipeline(t *testing.T) {

@@ -597,6 +597,60 @@ for mode in simple extended; do
     pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
 done
 
+# Where the time goes: PgBouncer and cascata each alone and fresh, simple
+# mode. A clean run gives user and kernel CPU per transaction (from
+# /proc/PID/stat) and, for cascata, a CPU profile from its admin plane
+# (pprof's samples at 100 Hz cost next to nothing); a second, shorter run
+# under strace -c (which slows the proxy, so it gives counts only) gives
+# the system calls per transaction.
+WHERE=$LOGDIR/where.tsv
+: >"$WHERE"
+CLK_TCK=$(getconf CLK_TCK)
+ticks_of() { sed 's/.*) //' "/proc/$1/stat" | awk '{print $12, $13}'; }
+# where_time ID PID ENV... pgbench ARGS...
+where_time() {
+  local id=$1 pid=$2
+  shift 2
+  local u0 s0 u1 s1 txns calls="" out=$LOGDIR/where-$id.out
+  echo "where-$id: $(redact "$*")" >>"$COMMANDS"
+  say "run where-$id"
+  read -r u0 s0 < <(ticks_of "$pid")
+  timeout -k 5 $((SEL_DUR + 60)) env "$@" -T "$SEL_DUR" >"$out" 2>&1 || true
+  read -r u1 s1 < <(ticks_of "$pid")
+  txns=$(grep -m1 -oP '^number of transactions actually processed: \K[0-9]+' "$out" || echo 0)
+  if command -v strace >/dev/null && [ "$txns" -gt 0 ]; then
+    local st=$LOGDIR/where-$id.strace sp n2
+    strace -c -f -p "$pid" -o "$st" 2>/dev/null &
+    sp=$!
+    sleep 0.5
+    timeout -k 5 $((SEL_DUR + 60)) env "$@" -T $((SEL_DUR / 2 + 1)) >"$out.strace" 2>&1 || true
+    kill -INT "$sp" 2>/dev/null || true
+    wait "$sp" 2>/dev/null || true
+    n2=$(grep -m1 -oP '^number of transactions actually processed: \K[0-9]+' "$out.strace" || echo 0)
+    # reads, writes, poller calls, futex, all: per transaction
+    calls=$(awk -v n="$n2" '$NF ~ /^(read|recvfrom|recvmsg)$/ {r += $4} $NF ~ /^(write|sendto|sendmsg)$/ {w += $4}
+      $NF ~ /^epoll/ {e += $4} $NF == "futex" {f += $4} $NF == "total" {t = $4}
+      END {if (n > 0) printf "%.2f\t%.2f\t%.2f\t%.2f\t%.2f", r / n, w / n, e / n, f / n, t / n}' "$st")
+  fi
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$id" "$txns" \
+    "$(awk -v d=$((u1 - u0)) -v n="$txns" -v hz="$CLK_TCK" 'BEGIN {if (n > 0) printf "%.1f", d * 1e6 / hz / n}')" \
+    "$(awk -v d=$((s1 - s0)) -v n="$txns" -v hz="$CLK_TCK" 'BEGIN {if (n > 0) printf "%.1f", d * 1e6 / hz / n}')" \
+    "$(grep -m1 -oP '^tps = \K[0-9.]+' "$out" || true)" "${calls:-}" >>"$WHERE"
+}
+where_time pgbouncer "$PGB_PID" PGPASSWORD="$PASSWORD" \
+  pgbench -n -S -c "$CLIENTS" -j "$THREADS" -M simple -h 127.0.0.1 -p "$PGB_PORT" -U authenticator bench
+stop_pid "$CASCATA_PID" 15
+start_cascata
+PROFILE=$LOGDIR/cascata-cpu.pb.gz
+curl -fsS --max-time $((SEL_DUR + 30)) -H "Authorization: Bearer $BENCH_ADMIN_TOKEN" \
+  "http://127.0.0.1:$ADMIN_PORT/debug/pprof/profile?seconds=$((SEL_DUR > 4 ? SEL_DUR - 2 : SEL_DUR))" -o "$PROFILE" 2>/dev/null &
+PROF_PID=$!
+where_time cascata "$CASCATA_PID" PGPASSWORD="$TOKEN" \
+  pgbench -n -S -c "$CLIENTS" -j "$THREADS" -M simple -h 127.0.0.1 -p "$CASCATA_PORT" -U authenticated bench
+wait "$PROF_PID" 2>/dev/null || true
+PROFILE_TOP=$LOGDIR/cascata-cpu-top.txt
+(cd "$ROOT" && go tool pprof -top -nodecount=5000 -nodefraction=0 -edgefraction=0 "$PROFILE") >"$PROFILE_TOP" 2>/dev/null || : >"$PROFILE_TOP"
+
 # --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
 
 MIX_ARGS=(-n -c "$CLIENTS" -j "$THREADS" -T "$DUR" -M simple -D "scale=$SCALE"
@@ -760,6 +814,38 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     echo "| $mode | $(fmt "$(field "pgbouncer-alone-$mode" 8)") | $(fmt "$(field "pgbouncer-$mode" 8)") | $(ratio "$(field "pgbouncer-$mode" 8)" "$(field "pgbouncer-alone-$mode" 8)") | $(num "$(field "pgbouncer-alone-$mode" 2)" 0) | $(num "$(field "pgbouncer-$mode" 2)" 0) |"
   done
   echo
+  echo "### Where the time goes: each proxy alone, \`-M simple\`"
+  echo
+  echo "A fresh PgBouncer, then a fresh cascata, nothing else of the bench's own at work: CPU per transaction"
+  echo "split into user and kernel time (/proc), and the system calls per transaction counted in a second run"
+  echo "under \`strace -c -f\` (which slows the proxy: counts only)."
+  echo
+  echo "| proxy | TPS | user µs per txn | kernel µs per txn | reads per txn | writes per txn | epoll calls per txn | futex per txn | all system calls per txn |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  awk -F'\t' '{printf "| %s | %.0f | %s | %s | %s | %s | %s | %s | %s |\n", $1, $5, $3, $4, ($6 == "" ? "—" : $6), ($7 == "" ? "—" : $7), ($8 == "" ? "—" : $8), ($9 == "" ? "—" : $9), ($10 == "" ? "—" : $10)}' "$WHERE"
+  echo
+  if [ -s "$PROFILE_TOP" ]; then
+    echo "cascata's CPU profile over that run (\`go tool pprof -top\`), samples by where they were taken (flat):"
+    echo
+    echo "| share of samples | where |"
+    echo "|---:|---|"
+    awk '$2 ~ /%$/ && NF >= 6 {
+        f = $2; sub(/%/, "", f); name = $6
+        if (name ~ /syscall\.|internal\/runtime\/syscall|^syscall/) k = "system calls (their kernel work included)"
+        else if (name ~ /^runtime\.|^time\.|^internal\/runtime|^internal\/poll|^net\.|^sync\.|^internal\/sync/) k = "Go runtime: scheduler, network poller, locks, memory"
+        else if (name ~ /^cascata\//) k = "cascata'"'"'s own code"
+        else k = "libraries (pgproto3, puddle, prometheus, bufio, ...)"
+        sum[k] += f
+      }
+      END {for (k in sum) printf "| %.1f %% | %s |\n", sum[k], k}' "$PROFILE_TOP" | sort -t'|' -k2 -rn
+    echo
+    echo "Its top functions by flat samples:"
+    echo
+    echo '```'
+    awk '$2 ~ /%$/ && NF >= 6' "$PROFILE_TOP" | head -n 12
+    echo '```'
+    echo
+  fi
   echo "The byte relay does no protocol work and gives each client its own server connection; it reads and"
   echo "writes its sockets as cascata does (internal/sockio), with two goroutines per client. The pooling"
   echo "prototypes below, which share 20 server connections and hand no bytes between goroutines, cost less."

@@ -86,6 +86,9 @@ type harnessOpts struct {
 	maxPinned   int
 	sessionMode bool
 	projects    []string
+	// urls gives projects a database_url of their own instead of their
+	// own database's (several projects sharing one, startup options).
+	urls map[string]string
 }
 
 func startProxy(t testing.TB, ho harnessOpts) *harness {
@@ -128,6 +131,9 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 			Consistency:     ho.consistency,
 			LegacyClaimGUCs: ho.legacyGUCs,
 			ClaimsMAC:       func(claims string) string { return projectdb.ClaimsMAC(claimKeys[ref], claims) },
+		}
+		if u, ok := ho.urls[ref]; ok {
+			pc.DatabaseURL = u
 		}
 		if ho.replicas {
 			pc.ReplicaURLs = []string{cluster.Replica.URL("authenticator", loginPassword, ref)}

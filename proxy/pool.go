@@ -479,6 +479,8 @@ func (h *hostLimiter) overCap() bool {
 // (the host's cap divided among the pools that have connections or
 // waiters) and p has at least two more than that pool. Capacity so moves
 // from rich to starved tenants, and balanced load causes no reconnects.
+// When no waiting pool is owed one by p, b may still go to fill the
+// newcomers' reserve back up, if p keeps a backend after it.
 func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	if h.nwait.Load() == 0 && h.reserveShort() == 0 {
 		return false // nobody waits for this host: the common case, no lock
@@ -490,37 +492,44 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 		return true
 	}
 	mine := p.open.Load()
-	if len(h.waiters) == 0 || (len(h.waiters) == 1 && h.waiters[p] > 0) {
-		// Nobody else waits: fill the newcomers' reserve back up, one close
-		// per slot missing, from a pool that keeps a backend after it (no
-		// look at every pool of the host here: this runs at every release
-		// while the reserve is in use).
-		if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine < 2 {
-			return false
+	if len(h.waiters) > 0 && (len(h.waiters) > 1 || h.waiters[p] == 0) {
+		active := 0
+		for q := range h.pools {
+			if q.open.Load() > 0 || h.waiters[q] > 0 {
+				active++
+			}
 		}
-		h.yielding++
-		h.yielded[b] = true
-		return true
+		share := int32(h.cap.Load() / int64(max(active, 1)))
+		starved, owed := 0, false
+		for q, n := range h.waiters {
+			if q == p || n == 0 {
+				continue
+			}
+			if theirs := q.open.Load(); theirs < share {
+				starved += n
+				owed = owed || mine > theirs+1
+			}
+		}
+		if owed {
+			if h.yielding >= starved {
+				return false // enough slots are on their way to the starved pools
+			}
+			h.yielding++
+			h.yielded[b] = true
+			return true
+		}
+		// The other waiters are owed nothing by p (at their share, or
+		// holding as many as p): they do not keep the reserve from
+		// filling back, or under a steady load, where busy backends are
+		// never idle for long, it would stay in use until the load ends.
 	}
-	active := 0
-	for q := range h.pools {
-		if q.open.Load() > 0 || h.waiters[q] > 0 {
-			active++
-		}
-	}
-	share := int32(h.cap.Load() / int64(max(active, 1)))
-	starved, owed := 0, false
-	for q, n := range h.waiters {
-		if q == p || n == 0 {
-			continue
-		}
-		if theirs := q.open.Load(); theirs < share {
-			starved += n
-			owed = owed || mine > theirs+1
-		}
-	}
-	if !owed || h.yielding >= starved {
-		return false // enough slots are on their way to the starved pools
+	// Fill the newcomers' reserve back up, one close per slot missing,
+	// from a pool that keeps a backend after it (no look at every pool of
+	// the host here: this runs at every release while the reserve is in
+	// use). A slot it frees is not taken by the waiters that have
+	// backends: for them the reserve is not free (take).
+	if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine < 2 {
+		return false
 	}
 	h.yielding++
 	h.yielded[b] = true

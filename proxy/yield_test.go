@@ -50,7 +50,7 @@ func TestNewcomerGetsTheYieldedSlot(t *testing.T) {
 	defer cancel()
 
 	var runs atomic.Int64
-	stop := busyClients(ctx, t, h, busy, func() { runs.Add(1) })
+	stop := busyClients(ctx, t, h, "p1", "SELECT pg_sleep(0.005)", busy, func() { runs.Add(1) })
 	defer stop()
 	waitFor(t, "p1 to hold the host cap", 10*time.Second, func() bool {
 		return serverConnects(t, reg, "p1") >= hostCap && h.srv.HostConns()[cluster.Primary.Addr()] == hostCap
@@ -100,7 +100,7 @@ func TestNewcomerReserve(t *testing.T) {
 	defer cancel()
 	host := cluster.Primary.Addr()
 	var most atomic.Int64
-	stop := busyClients(ctx, t, h, busy, func() {
+	stop := busyClients(ctx, t, h, "p1", "SELECT pg_sleep(0.005)", busy, func() {
 		n := int64(h.srv.HostConns()[host])
 		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
 		}
@@ -142,16 +142,17 @@ func TestNewcomerReserve(t *testing.T) {
 	}
 }
 
-// busyClients connects n clients of p1 that each run a short statement back
-// to back, calling each after every one, until the returned function stops
-// them (bounded in count as well); it reports their errors.
-func busyClients(ctx context.Context, t *testing.T, h *harness, n int, each func()) func() {
+// busyClients connects n clients of project ref that each run query (a
+// short one) back to back, calling each after every one, until the
+// returned function stops them (bounded in count as well); it reports
+// their errors.
+func busyClients(ctx context.Context, t *testing.T, h *harness, ref, query string, n int, each func()) func() {
 	t.Helper()
 	var wg sync.WaitGroup
 	fails := make(chan error, n)
 	bctx, bstop := context.WithCancel(ctx)
 	for i := range n {
-		c, err := h.tryConnect("p1", "authenticated", token(t, "p1", "authenticated", fmt.Sprintf("busy%d", i), nil))
+		c, err := h.tryConnect(ref, "authenticated", token(t, ref, "authenticated", fmt.Sprintf("busy%d", i), nil))
 		if err != nil {
 			bstop()
 			wg.Wait()
@@ -165,7 +166,7 @@ func busyClients(ctx context.Context, t *testing.T, h *harness, n int, each func
 				if bctx.Err() != nil {
 					return
 				}
-				if _, err := c.Exec(bctx, "SELECT pg_sleep(0.005)", pgx.QueryExecModeSimpleProtocol); err != nil {
+				if _, err := c.Exec(bctx, query, pgx.QueryExecModeSimpleProtocol); err != nil {
 					if bctx.Err() == nil {
 						fails <- fmt.Errorf("busy client: %w", err)
 					}
@@ -182,5 +183,112 @@ func busyClients(ctx context.Context, t *testing.T, h *harness, n int, each func
 		for err := range fails {
 			t.Error(err)
 		}
+	}
+}
+
+// Busy projects on database p1 under a host cap of 32 (a newcomers'
+// reserve of 2), shaped like the scale bench's: pool_size 2, more clients
+// than that, and together more than the cap less the reserve, so 13 of
+// them hold 2 backends and 4 hold one and wait for a slot all the time;
+// none of those is owed one by the others (they are at their fair share).
+const (
+	steadyCap      = 32
+	steadyReserve  = 2
+	steadyProjects = 17
+	steadyPool     = 2
+	steadyClients  = 4
+	steadyQuery    = "SELECT pg_sleep(0.05)"
+)
+
+// steadyLoad starts a proxy with the busy projects (b1, b2, ...) and the
+// newcomer projects given (ref to database_url), and the busy clients,
+// which run until the test ends, and waits until the busy projects hold
+// the cap less the reserve. It returns the proxy and the highest HostConns
+// seen by the busy clients.
+func steadyLoad(ctx context.Context, t *testing.T, newcomers map[string]string) (*harness, *atomic.Int64) {
+	t.Helper()
+	waitNoBackends(t)
+	refs := []string{}
+	urls := map[string]string{}
+	for i := range steadyProjects {
+		ref := fmt.Sprintf("b%d", i+1)
+		refs = append(refs, ref)
+		urls[ref] = cluster.Primary.URL("authenticator", loginPassword, "p1")
+	}
+	for ref, u := range newcomers {
+		refs = append(refs, ref)
+		urls[ref] = u
+	}
+	h := startProxy(t, harnessOpts{poolSize: steadyPool, projects: refs, urls: urls,
+		opts: proxy.Options{MaxServerConnPerHost: steadyCap}})
+	host := cluster.Primary.Addr()
+	most := &atomic.Int64{}
+	note := func() {
+		n := int64(h.srv.HostConns()[host])
+		for m := most.Load(); n > m && !most.CompareAndSwap(m, n); m = most.Load() {
+		}
+	}
+	// Each busy project's first backend is dialed at its first login,
+	// before the load starts: none of them takes a slot of the reserve.
+	for _, ref := range refs[:steadyProjects] {
+		h.connect(ref, "authenticated", "first")
+	}
+	for _, ref := range refs[:steadyProjects] {
+		t.Cleanup(busyClients(ctx, t, h, ref, steadyQuery, steadyClients, note))
+	}
+	// Steady: the cap less the reserve in use, by the busy projects,
+	// for a while on end.
+	var since time.Time
+	waitFor(t, "the busy projects to hold the cap less the reserve", 15*time.Second, func() bool {
+		if n := proxyBackends(t, ""); n > steadyCap {
+			t.Fatalf("%d backends in pg_stat_activity, over the cap %d", n, steadyCap)
+		}
+		if h.srv.HostConns()[host] != steadyCap-steadyReserve || proxyBackends(t, "p1") != steadyCap-steadyReserve {
+			since = time.Time{}
+			return false
+		}
+		if since.IsZero() {
+			since = time.Now()
+		}
+		return time.Since(since) >= 300*time.Millisecond
+	})
+	return h, most
+}
+
+// TestReserveRefilledWhileOthersWait: a newcomer takes a slot of the
+// reserve and keeps its backend (a transaction). The busy projects all
+// wait for slots, but none is owed one: that must not keep the reserve
+// from filling back, from a busy project at its next release (its
+// backends are never idle for 100 ms). Before, any other waiter stopped
+// the refill, so under a steady load (the scale bench's, its busy
+// tenants one backend short of their pool) the reserve stayed in use and
+// the next newcomers waited for an idle backend to be closed for them.
+func TestReserveRefilledWhileOthersWait(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	h, most := steadyLoad(ctx, t, map[string]string{"p3": cluster.Primary.URL("authenticator", loginPassword, "p3")})
+	host := cluster.Primary.Addr()
+
+	tx, err := h.connect("p3", "authenticated", "newcomer").Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the reserve to fill back up from the busy projects", 3*time.Second, func() bool {
+		if n := proxyBackends(t, ""); n > steadyCap {
+			t.Fatalf("%d backends in pg_stat_activity, over the cap %d", n, steadyCap)
+		}
+		return h.srv.HostConns()[host] <= steadyCap-steadyReserve
+	})
+	if n := proxyBackends(t, "p3"); n != 1 {
+		t.Errorf("the newcomer has %d backends, want its 1", n)
+	}
+	if err := tx.Commit(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := most.Load(); n > steadyCap {
+		t.Fatalf("host connections %d over the cap %d", n, steadyCap)
 	}
 }

@@ -71,6 +71,10 @@ type hostLimiter struct {
 	// needs to close.
 	taken atomic.Int64
 	gone  atomic.Int64
+	// fresh counts the slots of the newcomers' reserve taken by dials
+	// still under way: the reserve is filled back only once they are done
+	// (dialed).
+	fresh atomic.Int64
 
 	mu      sync.Mutex
 	pools   map[*pool]struct{}
@@ -262,7 +266,8 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 		// once, before any is open, do not take the reserve.
 		first := pl.dialing.Add(1) == 1 && pl.open.Load() == 0
 		defer pl.dialing.Add(-1)
-		if err := pl.host.acquire(ctx, pl, first); err != nil {
+		reserved, err := pl.host.acquire(ctx, pl, first)
+		if err != nil {
 			return nil, err
 		}
 		dctx, dcancel := context.WithTimeout(ctx, ps.connectTimeout)
@@ -270,6 +275,11 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 		b, err := dialBackend(dctx, pl.cfg)
 		if err != nil {
 			pl.host.giveBack()
+		}
+		if reserved {
+			pl.host.dialed()
+		}
+		if err != nil {
 			pl.log.Warn("backend dial failed", "project", pl.ref, "host", pl.hostKey, "error", err)
 			return nil, err
 		}
@@ -307,10 +317,14 @@ const hostBusyWait = 20 * time.Millisecond
 // none also waits for a slot handed over by a closing backend (grant): the
 // slot a busy pool gives up for it is then not taken by that pool's own dial
 // of a replacement, queued ahead of it, which would leave it starved and
-// make the next release yield another backend.
-func (h *hostLimiter) acquire(ctx context.Context, p *pool, first bool) (err error) {
-	if h.sem.TryAcquire(1) && h.take(first) {
-		return nil
+// make the next release yield another backend. It reports whether the slot
+// is one of the newcomers' reserve; the caller then calls dialed once its
+// dial is done.
+func (h *hostLimiter) acquire(ctx context.Context, p *pool, first bool) (reserved bool, err error) {
+	if h.sem.TryAcquire(1) {
+		if ok, res := h.take(first); ok {
+			return res, nil
+		}
 	}
 	var g *grant
 	h.mu.Lock()
@@ -346,7 +360,7 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool, first bool) (err err
 		wctx, cancel := context.WithTimeout(ctx, hostBusyWait)
 		if g != nil && h.await(g, cancel) {
 			cancel()
-			return nil
+			return false, nil
 		}
 		err = h.sem.Acquire(wctx, 1)
 		if g != nil && h.await(g, nil) {
@@ -354,24 +368,27 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool, first bool) (err err
 				h.sem.Release(1) // a second slot, not counted: the grant's is
 			}
 			cancel()
-			return nil
+			return false, nil
 		}
-		if err == nil && !h.take(first) {
-			// Over a lowered cap, or into the newcomers' reserve: the slot
-			// went back to the semaphore, where the lowering or a newcomer
-			// waits for it; trying again at once would spin.
-			<-wctx.Done()
-			err = wctx.Err()
+		if err == nil {
+			var ok bool
+			if ok, reserved = h.take(first); !ok {
+				// Over a lowered cap, or into the newcomers' reserve: the
+				// slot went back to the semaphore, where the lowering or a
+				// newcomer waits for it; trying again at once would spin.
+				<-wctx.Done()
+				err = wctx.Err()
+			}
 		}
 		cancel()
 		if err == nil {
-			return nil
+			return reserved, nil
 		}
 		if ctx.Err() != nil {
-			return fmt.Errorf("wait for a connection slot on %s: %w", h.key, ctx.Err())
+			return false, fmt.Errorf("wait for a connection slot on %s: %w", h.key, ctx.Err())
 		}
 		if p.open.Load() > 0 {
-			return errHostBusy
+			return false, errHostBusy
 		}
 	}
 }
@@ -420,8 +437,9 @@ func (h *hostLimiter) unwaitLocked(p *pool) {
 // when the host is at or over its cap (between the lowering of the cap and
 // the moment the lowering holds its units, the semaphore still has room
 // that the cap no longer gives), or when only the newcomers' reserve is
-// left and this is not a newcomer's first dial.
-func (h *hostLimiter) take(first bool) bool {
+// left and this is not a newcomer's first dial. It reports whether it
+// counted the slot, and whether that slot is one of the reserve.
+func (h *hostLimiter) take(first bool) (ok, reserved bool) {
 	limit := h.cap.Load()
 	unreserved := limit - newcomerReserve(limit)
 	if !first {
@@ -433,18 +451,37 @@ func (h *hostLimiter) take(first bool) bool {
 		n := h.taken.Load() + 1
 		if n > limit {
 			h.sem.Release(1)
-			return false
+			return false, false
+		}
+		// A slot of the reserve is counted in fresh before it shows in
+		// taken, so that reserveShort never counts it while its dial is
+		// under way.
+		reserved = n > unreserved
+		if reserved {
+			h.fresh.Add(1)
 		}
 		if !h.taken.CompareAndSwap(n-1, n) {
+			if reserved {
+				h.fresh.Add(-1)
+			}
 			continue
 		}
-		if n > unreserved && h.refill != nil {
-			select { // a newcomer took a reserved slot
-			case h.refill <- struct{}{}:
-			default:
-			}
+		return true, reserved
+	}
+}
+
+// dialed ends the dial of a newcomer on a slot of the reserve (done or
+// failed), and starts filling the reserve back. Not before: that closes a
+// backend, and a server process exiting while the newcomer's starts slows
+// the newcomer's login (measured with PostgreSQL 15 on 2 busy cores: a
+// third longer, about as long as waiting for the exit first).
+func (h *hostLimiter) dialed() {
+	h.fresh.Add(-1)
+	if h.refill != nil && h.reserveShort() > 0 {
+		select {
+		case h.refill <- struct{}{}:
+		default:
 		}
-		return true
 	}
 }
 
@@ -454,10 +491,12 @@ func (h *hostLimiter) take(first bool) bool {
 // to be released, closed and its server to exit. Small caps keep none.
 func newcomerReserve(limit int64) int64 { return min(2, limit/16) }
 
-// reserveShort is how many slots of the newcomers' reserve are in use.
+// reserveShort is how many slots of the newcomers' reserve are in use by
+// backends open (or dials failed but not given back yet), not by dials
+// under way (fresh).
 func (h *hostLimiter) reserveShort() int64 {
 	limit := h.cap.Load()
-	return max(0, h.taken.Load()-h.gone.Load()-(limit-newcomerReserve(limit)))
+	return max(0, h.taken.Load()-h.gone.Load()-h.fresh.Load()-(limit-newcomerReserve(limit)))
 }
 
 // giveBack returns a slot that no backend uses (a failed dial).

@@ -292,3 +292,68 @@ func TestReserveRefilledWhileOthersWait(t *testing.T) {
 		t.Fatalf("host connections %d over the cap %d", n, steadyCap)
 	}
 }
+
+// TestReserveRefilledAfterTheDial: a newcomer takes a slot of the reserve
+// and its dial takes a second (post_auth_delay). No busy backend is closed
+// to fill the reserve back while that dial is under way: a server process
+// exiting while the newcomer's starts slows the newcomer's login about as
+// much as waiting for the exit. Once the newcomer is in, the reserve fills
+// back up.
+func TestReserveRefilledAfterTheDial(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	slow := cluster.Primary.URL("authenticator", loginPassword, "p2") + "&options=-c%20post_auth_delay%3D1"
+	h, most := steadyLoad(ctx, t, map[string]string{"p2": slow})
+	host := cluster.Primary.Addr()
+
+	var (
+		c       *pgx.Conn
+		err     error
+		settled = make(chan struct{})
+	)
+	start := time.Now()
+	go func() {
+		defer close(settled)
+		c, err = h.tryConnect("p2", "authenticated", token(t, "p2", "authenticated", "newcomer", nil))
+	}()
+	t.Cleanup(func() {
+		<-settled
+		if c != nil {
+			_ = c.Close(context.Background())
+		}
+	})
+	// The dial lasts a second at least; look during most of it.
+	samples := 0
+	for time.Since(start) < 700*time.Millisecond {
+		if n := proxyBackends(t, "p1"); n != steadyCap-steadyReserve {
+			t.Fatalf("%v into the newcomer's dial the busy projects have %d backends, not %d: one was closed meanwhile",
+				time.Since(start).Round(time.Millisecond), n, steadyCap-steadyReserve)
+		}
+		if n := h.srv.HostConns()[host]; n > steadyCap {
+			t.Fatalf("host connections %d over the cap %d", n, steadyCap)
+		}
+		samples++
+		time.Sleep(20 * time.Millisecond)
+	}
+	<-settled
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(start); d < time.Second {
+		t.Fatalf("the newcomer's login took %v, under its post_auth_delay: the dial was not held", d)
+	}
+	t.Logf("%d samples during the newcomer's dial", samples)
+	waitFor(t, "the reserve to fill back up once the newcomer is in", 3*time.Second, func() bool {
+		if n := proxyBackends(t, ""); n > steadyCap {
+			t.Fatalf("%d backends in pg_stat_activity, over the cap %d", n, steadyCap)
+		}
+		return h.srv.HostConns()[host] <= steadyCap-steadyReserve
+	})
+	var one int
+	if err := c.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
+		t.Fatalf("newcomer's first query: %d, %v", one, err)
+	}
+	if n := most.Load(); n > steadyCap {
+		t.Fatalf("host connections %d over the cap %d", n, steadyCap)
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestIdentityInForce: current_user and request.jwt.claims are the client's.
@@ -178,4 +179,52 @@ func TestClaimsByteForByte(t *testing.T) {
 	if err := c.QueryRow(ctx, "SELECT count(*) FROM items").Scan(&n); err != nil {
 		t.Fatalf("items still there: %v", err)
 	}
+}
+
+// TestRoleNotInForce: a project whose server login may not SET ROLE to the
+// token's role. The client's statements never run under the login's own
+// role: each gets 42501 in cascata's words and the session goes on; the
+// backends it spoiled are closed, not kept; a role the login may take
+// works through the same project.
+func TestRoleNotInForce(t *testing.T) {
+	ctx := context.Background()
+	login := fmt.Sprintf("cascata_limited_%d", time.Now().UnixNano())
+	su := superConnDB(t, "p1")
+	for _, sql := range []string{
+		`CREATE ROLE ` + login + ` LOGIN PASSWORD 'limited-pw' IN ROLE anon`,
+		`GRANT CONNECT ON DATABASE p1 TO ` + login,
+	} {
+		if _, err := su.Exec(ctx, sql); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() { // before su's own cleanup closes it
+		_, _ = su.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '`+login+`'`)
+		_, _ = su.Exec(context.Background(), `DROP OWNED BY `+login)
+		_, _ = su.Exec(context.Background(), `DROP ROLE `+login)
+	})
+	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{"limited"},
+		urls: map[string]string{"limited": cluster.Primary.URL(login, "limited-pw", "p1")}})
+
+	c := h.connect("limited", "authenticated", "no-role")
+	for round := range 4 {
+		var user string
+		err := c.QueryRow(ctx, "SELECT current_user").Scan(&user)
+		if sqlstate(err) != "42501" || !strings.Contains(err.Error(), "cascata could not put the session in force (role authenticated)") {
+			t.Fatalf("round %d: SELECT current_user as a role the login may not take: %q, %v", round, user, err)
+		}
+	}
+	a := h.connect("limited", "anon", "anon-user")
+	var user string
+	if err := a.QueryRow(ctx, "SELECT current_user").Scan(&user); err != nil || user != "anon" {
+		t.Fatalf("anon through the same project: %q, %v", user, err)
+	}
+	// The closed backends' server processes leave within moments.
+	waitFor(t, "at most the pool's 2 backends of the project's login", 3*time.Second, func() bool {
+		var n int
+		if err := superConn(t).QueryRow(ctx, "SELECT count(*) FROM pg_stat_activity WHERE usename = $1", login).Scan(&n); err != nil {
+			t.Fatal(err)
+		}
+		return n <= 2
+	})
 }

@@ -36,6 +36,7 @@ func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster, set
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
+	keepInheritedFDs()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
 	c, err := pgcluster.Start(ctx, opts)
 	cancel()
@@ -184,5 +185,23 @@ func WaitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
 			t.Fatalf("after %s: %s", d, what)
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// keepInheritedFDs marks the descriptors the test process inherited beyond
+// stdin, stdout and stderr close-on-exec, so that the servers it starts do
+// not hold them. A fuzzing worker inherits the pipes to its coordinator:
+// held open by a postgres daemon, they keep the coordinator waiting
+// forever for a worker that has died, and its crash is never reported.
+func keepInheritedFDs() {
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		return // not Linux: nothing to do the same way
+	}
+	for _, e := range entries {
+		var fd int
+		if _, err := fmt.Sscan(e.Name(), &fd); err == nil && fd > 2 {
+			syscall.CloseOnExec(fd)
+		}
 	}
 }

@@ -403,6 +403,8 @@ var malformed = []struct {
 	{"empty close", 'C', nil},
 	{"execute without row count", 'E', []byte("\x00")},
 	{"sync with a body", 'S', []byte("x")},
+	{"a message type no client sends", 'A', nil},
+	{"query without NUL", 'Q', []byte("SELECT 1")},
 }
 
 // rawAfterLogin logs in through the proxy with pgconn and returns the raw
@@ -467,25 +469,34 @@ func isTimeout(err error) bool {
 // usable.
 func TestMalformedMessages(t *testing.T) {
 	h, base := advStart(t, false)
-	for _, m := range malformed {
-		for _, inTx := range []bool{false, true} {
-			t.Run(fmt.Sprintf("%s/in transaction %v", m.name, inTx), func(t *testing.T) {
-				c := rawAfterLogin(t, h, "anon", "attacker")
-				var out []byte
-				if inTx {
-					out = append(out, rawMsg('Q', []byte("BEGIN\x00"))...)
-				}
-				out = append(out, rawMsg(m.typ, m.body)...)
-				out = append(out, rawMsg('S', nil)...)
-				if _, err := c.Write(out); err != nil {
-					t.Fatal(err)
-				}
-				expectProtocolViolation(t, c)
-				victim := h.connect(advProject, "authenticated", "victim")
-				assertPristine(t, victim, "authenticated", "victim", base)
-				victim.Close(context.Background())
-			})
+	// In one write with a BEGIN before it, the bad message finds the BEGIN
+	// forwarded but not yet flushed to the backend (pipelining): it must
+	// still go out, or its reply never comes and the session waits for it
+	// holding the project's backend.
+	send := func(t *testing.T, msg []byte, inTx bool) {
+		c := rawAfterLogin(t, h, "anon", "attacker")
+		var out []byte
+		if inTx {
+			out = append(out, rawMsg('Q', []byte("BEGIN\x00"))...)
 		}
+		out = append(out, msg...)
+		out = append(out, rawMsg('S', nil)...)
+		if _, err := c.Write(out); err != nil {
+			t.Fatal(err)
+		}
+		expectProtocolViolation(t, c)
+		victim := h.connect(advProject, "authenticated", "victim")
+		assertPristine(t, victim, "authenticated", "victim", base)
+		victim.Close(context.Background())
+	}
+	for _, inTx := range []bool{false, true} {
+		for _, m := range malformed {
+			t.Run(fmt.Sprintf("%s/in transaction %v", m.name, inTx), func(t *testing.T) { send(t, rawMsg(m.typ, m.body), inTx) })
+		}
+		// A header that declares more than max_message_bytes (1 GiB).
+		t.Run(fmt.Sprintf("message over max_message_bytes/in transaction %v", inTx), func(t *testing.T) {
+			send(t, []byte{'Q', 0x7f, 0xff, 0xff, 0xff}, inTx)
+		})
 	}
 	waitFor(t, "the project's backends to be idle", 5*time.Second, func() bool {
 		for _, st := range h.srv.PoolStats() {

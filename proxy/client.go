@@ -322,21 +322,29 @@ func (ss *session) flushBatch(term byte) error {
 // and an attached backend is cleaned by finish like after any departure.
 func (ss *session) protocolViolation(err error) {
 	ss.batch, ss.held = ss.batch[:0], ss.held[:0]
-	// Messages forwarded before this one may wait in the backend's buffer
-	// for it (pipelining): they go out, so their replies come first.
+	ss.flushForwarded()
+	ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "%s", err.Error()), true), 0)
+}
+
+// flushForwarded sends what was forwarded to the attached backend and
+// still waits in its buffer for the next message (pipelining), before the
+// proxy answers something itself: writeLocal waits for the replies to what
+// came before, which never come for messages never sent, and the session
+// would hold its backend for good. Client goroutine only.
+func (ss *session) flushForwarded() {
 	ss.mu.Lock()
 	be := ss.be
 	if be != nil {
 		ss.writing = true
 	}
 	ss.mu.Unlock()
-	if be != nil {
-		if err := be.wr.Flush(); err != nil {
-			_ = ss.backendWriteFailed(be, err)
-		}
-		ss.doneWriting()
+	if be == nil {
+		return
 	}
-	ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "%s", err.Error()), true), 0)
+	if err := be.wr.Flush(); err != nil {
+		_ = ss.backendWriteFailed(be, err)
+	}
+	ss.doneWriting()
 }
 
 // failBatch answers a held batch that could not run.

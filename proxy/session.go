@@ -398,7 +398,7 @@ func (ss *session) serve() (parked bool) {
 		if err != nil {
 			var tooLarge *errMessageTooLarge
 			if errors.As(err, &tooLarge) {
-				ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "%s", tooLarge.Error()), true), 0)
+				ss.protocolViolation(tooLarge)
 			}
 			return false
 		}
@@ -437,7 +437,7 @@ func (ss *session) serve() (parked bool) {
 				return false
 			}
 		default:
-			ss.writeLocal(toErrorResponse(fatalError(CodeProtocolViolation, "invalid frontend message type %q", typ), true), 0)
+			ss.protocolViolation(fmt.Errorf("invalid frontend message type %q", typ))
 			return false
 		}
 	}
@@ -762,6 +762,7 @@ func (ss *session) acquire(wait *waitCtx, proj *project, w want, needLSN uint64)
 // ReadyForQuery for a simple query or a skip to the next Sync for an
 // extended-protocol batch (as PostgreSQL does after an error).
 func (ss *session) failLocal(typ byte, err error) {
+	ss.flushForwarded()
 	var pe *Error
 	if errors.As(err, &pe) && pe.Fatal {
 		ss.writeLocal(toErrorResponse(err, true), 0)

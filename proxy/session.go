@@ -690,6 +690,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		}
 		observeWait(proj.metrics.poolWait, start)
 		ss.relays.Add(1)
+		ss.discardStale()
 		ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
 		ss.beReplica = replica
 		ss.beTarget = target
@@ -1020,7 +1021,7 @@ func (ss *session) relay(a attachment) *unit {
 			gone := ss.clientGone.Load()
 			action := replyPass
 			if !gone {
-				action = ss.replyTo(&be.stmtTable, typ)
+				action = ss.replyTo(typ)
 			}
 			ss.mu.Unlock()
 			switch {

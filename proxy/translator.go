@@ -236,11 +236,8 @@ func (t *translator) answered(bt *stmtTable) {
 }
 
 // replyTo pops what to do with a ParseComplete or CloseComplete (typ) from
-// its queue; a reply nothing was queued for passes. Entries of batches
-// that are over (queued for a backend that was lost meanwhile) are
-// dropped first.
-func (t *translator) replyTo(bt *stmtTable, typ byte) replyAction {
-	t.dropUnanswered(bt)
+// its queue; a reply nothing was queued for passes.
+func (t *translator) replyTo(typ byte) replyAction {
 	q := &t.parseQ
 	if typ == msgTypeCloseComplete {
 		q = &t.closeQ
@@ -259,6 +256,23 @@ func (t *translator) replyTo(bt *stmtTable, typ byte) replyAction {
 func (t *translator) lost(bt *stmtTable) {
 	t.rfqSeq = t.syncSeq
 	t.dropUnanswered(bt)
+	t.forgetReplies()
+}
+
+// discardStale drops what is queued when a unit starts on a new backend:
+// nothing of the client's is in flight then, so anything queued was
+// translated for a backend lost between the claim of a message and its
+// translation, and will never be answered. A Parse among it never ran: its
+// name is not the client's (forgetLostParses).
+func (t *translator) discardStale() {
+	for _, q := range [2][]queued{t.parseQ, t.closeQ} {
+		for _, e := range q {
+			if e.client != "" {
+				t.lostParses = append(t.lostParses, lostParse{e.client, e.clientStmt})
+				t.parsesLost.Store(true)
+			}
+		}
+	}
 	t.forgetReplies()
 }
 

@@ -68,7 +68,7 @@ func backendReplies(tr *translator, bt *stmtTable, replies ...pgproto3.BackendMe
 			if _, ok := r.(*pgproto3.CloseComplete); ok {
 				typ = msgTypeCloseComplete
 			}
-			switch tr.replyTo(bt, typ) {
+			switch tr.replyTo(typ) {
 			case replyPass:
 				client = append(client, string(typ))
 			case replyAsParseComplete:
@@ -199,4 +199,27 @@ func TestTranslatorBackendLost(t *testing.T) {
 	if !strings.Contains(got[0], `"other"`) {
 		t.Fatalf("the next batch's error: %q", got)
 	}
+}
+
+// A message claimed for a backend that was lost before it was translated:
+// what it queued is stale when the next unit starts on another backend,
+// and a Parse among it is not the client's.
+func TestTranslatorDiscardStale(t *testing.T) {
+	var schema atomic.Uint64
+	tr := newTranslator(10, &schema)
+	var bt stmtTable
+	tr.lost(&bt) // the backend died before the batch went out
+	sendBatch(t, &tr, &bt, parseMsg(t, "s6", "SELECT 6"), bindMsg(t, "nosuch"))
+	tr.discardStale() // the next unit starts
+	if len(tr.parseQ)+len(tr.closeQ)+len(tr.renames) != 0 {
+		t.Fatalf("stale entries left: %d %d %d", len(tr.parseQ), len(tr.closeQ), len(tr.renames))
+	}
+	tr.forgetLost()
+	if _, ok := tr.stmts["s6"]; ok {
+		t.Fatal("a Parse that never ran left its name to the client")
+	}
+	var bt2 stmtTable
+	six := statementName([]byte("SELECT 6\x00\x00\x00"))
+	expectLines(t, "the next unit", sendBatch(t, &tr, &bt2, parseMsg(t, "s6", "SELECT 6")), "P "+six+"|SELECT 6", "S")
+	expectLines(t, "its replies", backendReplies(&tr, &bt2, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'}), "1", "Z")
 }

@@ -277,7 +277,7 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 			pl.host.giveBack()
 		}
 		if reserved {
-			pl.host.dialed()
+			pl.host.dialed() // after giveBack: a failed dial leaves no reserved slot to fill back
 		}
 		if err != nil {
 			pl.log.Warn("backend dial failed", "project", pl.ref, "host", pl.hostKey, "error", err)
@@ -553,8 +553,7 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 			if h.yielding >= starved {
 				return false // enough slots are on their way to the starved pools
 			}
-			h.yielding++
-			h.yielded[b] = true
+			h.yieldLocked(b)
 			return true
 		}
 		// The other waiters are owed nothing by p (at their share, or
@@ -570,20 +569,16 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine < 2 {
 		return false
 	}
-	h.yielding++
-	h.yielded[b] = true
+	h.yieldLocked(b)
 	return true
 }
 
-// yieldIdle counts an idle backend closed for a waiter (or the reserve) as
-// yielded, like a busy one closed at its release, so that a release meanwhile
-// does not close a second one for the same slot.
-func (h *hostLimiter) yieldIdle(b *backend) bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+// yieldLocked counts b, about to be closed for a waiter or the newcomers'
+// reserve, as yielded until its slot is free (yieldDone), so that another
+// close for the same slot is not made meanwhile. Call with mu held.
+func (h *hostLimiter) yieldLocked(b *backend) {
 	h.yielding++
 	h.yielded[b] = true
-	return true
 }
 
 // yieldDone counts a yielded backend's slot as free.
@@ -616,8 +611,16 @@ func (h *hostLimiter) evictIdle(p *pool, overCap bool) bool {
 			// A backend idle for a moment only is between the transactions
 			// of a busy client: it is not taken (shouldYield moves capacity
 			// from busy tenants instead, at a release).
-			settled := r.IdleDuration() >= evictMinIdle
-			if (overCap && h.condemnOver(q, r.Value())) || (!overCap && !closed && settled && h.yieldIdle(r.Value())) {
+			evict := overCap && h.condemnOver(q, r.Value())
+			if !overCap && !closed && r.IdleDuration() >= evictMinIdle {
+				// Counted as yielded like a busy backend closed at its
+				// release, so a release meanwhile does not close another.
+				h.mu.Lock()
+				h.yieldLocked(r.Value())
+				h.mu.Unlock()
+				evict = true
+			}
+			if evict {
 				r.Destroy()
 				closed = true
 			} else {

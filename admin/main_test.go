@@ -2,10 +2,8 @@ package admin_test
 
 import (
 	"bytes"
-	"cascata/internal/glue"
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -27,6 +25,7 @@ import (
 	"cascata/internal/jobs"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
+	"cascata/internal/projects"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -74,21 +73,6 @@ func setup(ctx context.Context, c *pgcluster.Cluster) error {
 	return nil
 }
 
-// verifierAuth adapts auth.Verifier to proxy.Authenticator.
-type verifierAuth struct{ v *auth.Verifier }
-
-func (a verifierAuth) Authenticate(ctx context.Context, ref, userRole, token string) (proxy.Identity, error) {
-	id, err := a.v.Verify(ctx, ref, userRole, token)
-	var ae *auth.Error
-	if errors.As(err, &ae) {
-		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
-	}
-	if err != nil {
-		return proxy.Identity{}, err
-	}
-	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
-}
-
 // plane is a proxy with the admin plane in front, wired as cmd/cascata does.
 type plane struct {
 	t      *testing.T
@@ -118,7 +102,7 @@ func newPlane(t *testing.T) *plane {
 	reg := prometheus.NewRegistry()
 	p := &plane{t: t, ver: auth.NewVerifier(), hold: map[string]chan struct{}{}}
 	p.srv, err = proxy.NewServer(proxy.Options{
-		Auth: verifierAuth{p.ver}, Metrics: proxy.NewMetrics(reg), QueryWaitTimeout: 10 * time.Second,
+		Auth: p.ver, Metrics: proxy.NewMetrics(reg), QueryWaitTimeout: 10 * time.Second,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})),
 	})
 	if err != nil {
@@ -178,7 +162,7 @@ func newPlane(t *testing.T) *plane {
 }
 
 func (p *plane) apply(ps []config.Project) error {
-	return glue.Apply(p.ver, p.srv, ps, nil)
+	return projects.Apply(p.ver, p.srv, ps, nil)
 }
 
 // holdPhase makes an ejection of ref block when it reaches phase, until the returned func runs.

@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"cascata/router"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -24,27 +26,24 @@ const maxHeldKeep = 32
 // classify asks the configured Classifier about one SQL text, sent in a
 // Query (parse false) or a Parse message, and adds the refusals that
 // protect a backend shared by many clients.
-func (ss *session) classify(sql string, parse bool) Route {
-	r := ss.srv.classifier.Classify(ss.ref, sql, ss.trusted)
-	if r.Refusal != nil || !ss.translatesNames() {
-		return r
+func (ss *session) classify(sql string, parse bool) verdict {
+	v := newVerdict(ss.srv.classifier.Classify(ss.ref, sql, ss.trusted))
+	if v.refused != nil || !ss.translatesNames() {
+		return v
 	}
 	switch {
-	case parse && (r.SQLPrepared != nil || r.Deallocate != nil || r.UntranslatedPrepared):
-		r.Refusal = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE cannot be sent in a Parse message through cascata in transaction mode",
+	case parse && (v.SQLPrepared != nil || v.Deallocate != nil || v.untranslatedPrepared()):
+		v.refused = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE cannot be sent in a Parse message through cascata in transaction mode",
 			Hint: "Send them as a simple query, or use the protocol's own prepared statements."}
-	case r.UntranslatedPrepared:
-		r.Refusal = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE must each be sent as a query of their own through cascata in transaction mode",
+	case v.untranslatedPrepared():
+		v.refused = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE must each be sent as a query of their own through cascata in transaction mode",
 			Hint: "cascata gives each client its own statement names; it translates a PREPARE, EXECUTE or DEALLOCATE only when it is the whole query."}
-	case r.ReadsBackendState:
-		r.Refusal = &Error{Code: CodeInsufficientPrivs, Message: "pg_prepared_statements and pg_cursors cannot be read through cascata in transaction mode: the server connection is shared with other clients"}
-	case r.KeepsSessionState && ss.txMode:
-		r.Refusal = ss.reservePin()
+	case v.ReadsBackendState:
+		v.refused = &Error{Code: CodeInsufficientPrivs, Message: "pg_prepared_statements and pg_cursors cannot be read through cascata in transaction mode: the server connection is shared with other clients"}
+	case v.KeepsSessionState && ss.txMode:
+		v.refused = ss.reservePin()
 	}
-	if r.Refusal != nil {
-		r.Primary = true
-	}
-	return r
+	return v
 }
 
 // translatesNames reports whether the client's statement names are its own
@@ -75,11 +74,11 @@ func (ss *session) onQuery() error {
 	}
 	ss.forgetLostParses() // an EXECUTE must not find a name whose Parse failed
 	r := ss.classify(sql, false)
-	if r.Reset != ResetNone && r.Refusal == nil {
+	if r.Reset != router.ResetNone && r.refused == nil {
 		return ss.onReset(sql, r)
 	}
-	if r.Hint == HintSessionPrimary || r.Hint == HintSessionAuto {
-		ss.routePrimary = r.Hint == HintSessionPrimary
+	if r.RouteHint == router.SessionPrimary || r.RouteHint == router.SessionAuto {
+		ss.routePrimary = r.RouteHint == router.SessionPrimary
 		if !ss.attached() {
 			ss.writeLocalComplete("SET")
 			return nil
@@ -87,10 +86,10 @@ func (ss *session) onQuery() error {
 		// Inside a transaction it also goes to PostgreSQL, which takes it as
 		// a custom setting, so the replies keep their order.
 	}
-	if r.Refusal != nil {
-		return ss.refuse(r.Refusal)
+	if r.refused != nil {
+		return ss.refuse(r.refused)
 	}
-	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema, primary: r.Primary || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	be, err := ss.claim(true, r.want())
 	if err != nil {
 		ss.failLocal(msgTypeQuery, err)
 		return nil
@@ -195,7 +194,7 @@ func (ss *session) onExtended(typ byte) error {
 		ss.protocolViolation(err)
 		return err
 	}
-	var r Route
+	var r verdict
 	w := ss.wantOf(&m, &r, nil)
 	be, err := ss.claim(false, w)
 	if err != nil {
@@ -215,13 +214,13 @@ func (ss *session) onExtended(typ byte) error {
 }
 
 // wantOf says what one extended-protocol message needs; a Parse is
-// classified and its Route stored in *r (left as it is otherwise). parsed
+// classified and its verdict stored in *r (left as it is otherwise). parsed
 // holds the statements parsed earlier in the same held batch.
-func (ss *session) wantOf(m *extMsg, r *Route, parsed map[string]want) want {
+func (ss *session) wantOf(m *extMsg, r *verdict, parsed map[string]want) want {
 	switch {
 	case m.typ == msgTypeParse:
 		*r = ss.classify(m.query, true)
-		w := want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema, primary: r.Primary || r.Refusal != nil || r.Hint == HintPrimaryOnce, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs}
+		w := r.want()
 		if parsed != nil {
 			parsed[m.name] = w
 		}
@@ -259,10 +258,10 @@ func (ss *session) flushBatch(term byte) error {
 	ss.replayNamed = false
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}
-	routes := make([]Route, 0, 4) // on the stack for the usual batch
+	routes := make([]verdict, 0, 4) // on the stack for the usual batch
 	w := want{reason: "read"}
 	for i := range held {
-		routes = append(routes, Route{})
+		routes = append(routes, verdict{})
 		mw := ss.wantOf(&held[i], &routes[i], parsed)
 		if mw.primary && !w.primary {
 			w.primary, w.reason = true, mw.reason
@@ -368,7 +367,7 @@ func splitMsg(b []byte, off int) (byte, []byte, int) {
 // fails with 26000 under the client's name. DEALLOCATE ALL drops every name
 // of the client and runs as it is (the backend keeps no statement of the
 // proxy's own that it could lose).
-func (ss *session) translateDeallocate(be *backend, d *Deallocate) []byte {
+func (ss *session) translateDeallocate(be *backend, d *router.Deallocate) []byte {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if d.All {

@@ -9,6 +9,8 @@ import (
 	"net"
 	"testing"
 	"time"
+
+	"cascata/auth"
 )
 
 // startupBytes builds a startup packet for the seed corpus.
@@ -96,8 +98,8 @@ func FuzzMsgReader(f *testing.F) {
 
 type nopAuth struct{}
 
-func (nopAuth) Authenticate(_ context.Context, _, _, _ string) (Identity, error) {
-	return Identity{}, &Error{Code: CodeInvalidPassword, Message: "no"}
+func (nopAuth) Verify(_ context.Context, _, _, _ string) (auth.Identity, error) {
+	return auth.Identity{}, &Error{Code: CodeInvalidPassword, Message: "no"}
 }
 
 // bytesConn is a net.Conn that reads from a byte slice and discards writes.

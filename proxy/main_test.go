@@ -13,12 +13,12 @@ import (
 	"time"
 
 	"cascata/auth"
-	"cascata/internal/glue"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
 	"cascata/internal/projectdb"
 	"cascata/internal/volatility"
 	"cascata/proxy"
+	"cascata/router"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
@@ -94,9 +94,9 @@ type harnessOpts struct {
 func startProxy(t testing.TB, ho harnessOpts) *harness {
 	t.Helper()
 	ver := auth.NewVerifier()
-	ho.opts.Auth = glue.Authenticator{V: ver}
+	ho.opts.Auth = ver
 	if ho.opts.Classifier == nil {
-		cls := glue.NewClassifier()
+		cls := router.NewProjects()
 		for _, ref := range testProjects {
 			cls.SetFunctions(ref, volatility.New(cluster.Primary.URL("authenticator", loginPassword, ref), nil, nil, slog.Default()))
 		}

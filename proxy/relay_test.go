@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"cascata/auth"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -45,7 +47,7 @@ func newRelayRig(t *testing.T, plan setupPlan, prepare func(ss *session)) *relay
 		srv:         &Server{log: slog.New(slog.DiscardHandler)},
 		conn:        clientSide,
 		wr:          bufio.NewWriter(clientSide),
-		clientState: newClientState(Identity{Role: "authenticated", Claims: "{}"}, "", nil, nil),
+		clientState: newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: "{}"}, "", nil, nil),
 		translator:  newTranslator(10, new(atomic.Uint64)),
 		txMode:      true,
 		txStatus:    'I',

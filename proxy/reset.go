@@ -5,6 +5,8 @@ import (
 	"maps"
 	"slices"
 	"strings"
+
+	"cascata/router"
 )
 
 // RESET ALL and DISCARD ALL, emulated.
@@ -29,15 +31,6 @@ import (
 // (resetSQL), over the simple or the extended protocol, and the client sees
 // the CommandComplete PostgreSQL would send.
 
-// ResetKind says which whole-session reset a text is (Route.Reset).
-type ResetKind uint8
-
-const (
-	ResetNone ResetKind = iota
-	ResetAll
-	DiscardAll
-)
-
 // retag is the CommandComplete of a rewritten reset, to be given its tag.
 type retag struct {
 	seq uint64
@@ -49,7 +42,7 @@ type retag struct {
 // otherwise the reset statement is replaced, in place, by resetSQL (so
 // asyncpg's Pool reset "SELECT pg_advisory_unlock_all(); CLOSE ALL;
 // UNLISTEN *; RESET ALL;" runs as it is).
-func (ss *session) onReset(sql string, r Route) error {
+func (ss *session) onReset(sql string, r verdict) error {
 	if isWholeReset(sql, r) {
 		ss.mu.Lock()
 		for ss.be == nil && ss.gucsPending {
@@ -61,15 +54,16 @@ func (ss *session) onReset(sql string, r Route) error {
 		}
 		ss.mu.Unlock()
 		if !attached {
-			ss.writeLocalComplete(r.Reset.tag())
+			ss.writeLocalComplete(resetTag(r.Reset))
 			return nil
 		}
-		if r.Reset == DiscardAll && status != 'I' {
+		if r.Reset == router.DiscardAll && status != 'I' {
 			return ss.refuse(discardInTransaction())
 		}
 	}
-	be, err := ss.claim(true, want{pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema,
-		primary: true, writes: r.Writes, reason: r.Reason, gucs: r.SessionGUCs})
+	w := r.want()
+	w.primary = true
+	be, err := ss.claim(true, w)
 	if err != nil {
 		ss.failLocal(msgTypeQuery, err)
 		return nil
@@ -77,7 +71,7 @@ func (ss *session) onReset(sql string, r Route) error {
 	defer ss.doneWriting()
 	ss.mu.Lock()
 	ss.resetClient(be, r.Reset)
-	ss.retags = append(ss.retags, retag{seq: ss.syncSeq, tag: r.Reset.tag()})
+	ss.retags = append(ss.retags, retag{seq: ss.syncSeq, tag: resetTag(r.Reset)})
 	ss.replayOK = false
 	ss.mu.Unlock()
 	q := sql[:r.ResetStart] + ss.resetSQL(r.Reset) + sql[r.ResetEnd:]
@@ -88,15 +82,16 @@ func (ss *session) onReset(sql string, r Route) error {
 }
 
 // isWholeReset reports whether the reset statement is the whole text.
-func isWholeReset(sql string, r Route) bool {
+func isWholeReset(sql string, r verdict) bool {
 	if r.ResetStart < 0 || r.ResetEnd > len(sql) || r.ResetStart > r.ResetEnd {
 		return false
 	}
 	return strings.TrimSpace(strings.TrimRight(strings.TrimSpace(sql), "; \t\r\n")) == sql[r.ResetStart:r.ResetEnd]
 }
 
-func (k ResetKind) tag() string {
-	if k == DiscardAll {
+// resetTag is the CommandComplete tag of a reset.
+func resetTag(k router.ResetKind) string {
+	if k == router.DiscardAll {
 		return "DISCARD ALL"
 	}
 	return "RESET"
@@ -114,10 +109,10 @@ func discardInTransaction() error {
 // them. Names and values travel as hex: nothing the client chose is SQL
 // text. The same client gets the same text every time (a prepared reset
 // keeps its statement).
-func (ss *session) resetSQL(kind ResetKind) string {
+func (ss *session) resetSQL(kind router.ResetKind) string {
 	var b strings.Builder
 	b.WriteString("DO $cascata$BEGIN ")
-	if kind == DiscardAll {
+	if kind == router.DiscardAll {
 		b.WriteString("EXECUTE 'CLOSE ALL'; EXECUTE 'UNLISTEN *'; PERFORM pg_catalog.pg_advisory_unlock_all(); " +
 			"EXECUTE 'DISCARD TEMP'; EXECUTE 'DISCARD SEQUENCES'; EXECUTE 'DISCARD PLANS'; ")
 		if !ss.translatesNames() {
@@ -133,7 +128,7 @@ func (ss *session) resetSQL(kind ResetKind) string {
 		b.WriteString("', 'hex'), 'UTF8'), false); ")
 	}
 	set("role", ss.ident.Role)
-	set("request.jwt.claims", ss.ident.Claims)
+	set("request.jwt.claims", ss.ident.ClaimsJSON)
 	set("request.jwt.claims_mac", ss.claimsMAC)
 	for _, n := range slices.Sorted(maps.Keys(ss.claimGUCs)) {
 		set(n, ss.claimGUCs[n])
@@ -152,9 +147,9 @@ func (ss *session) resetSQL(kind ResetKind) string {
 // runs on) the backend's record follows, and every setting name involved is
 // read back after the unit, so a reset rolled back with its transaction is
 // rolled back for the client too. Call with mu held.
-func (ss *session) resetClient(be *backend, kind ResetKind) {
+func (ss *session) resetClient(be *backend, kind router.ResetKind) {
 	ss.routePrimary = false
-	if kind == DiscardAll && ss.translatesNames() {
+	if kind == router.DiscardAll && ss.translatesNames() {
 		clear(ss.stmts)
 		clear(ss.sqlStmts)
 		ss.unnamed = nil
@@ -178,7 +173,7 @@ func (ss *session) resetClient(be *backend, kind ResetKind) {
 // resetParse is the Parse that replaces a client's Parse whose text is
 // RESET ALL or DISCARD ALL: the same name, the reset statement, no
 // parameter types.
-func (ss *session) resetParse(name string, kind ResetKind) extMsg {
+func (ss *session) resetParse(name string, kind router.ResetKind) extMsg {
 	sql := ss.resetSQL(kind)
 	body := appendCString(nil, name)
 	body = appendCString(body, sql)

@@ -7,8 +7,8 @@ import (
 	"time"
 
 	"cascata/auth"
-	"cascata/internal/glue"
 	"cascata/proxy"
+	"cascata/router"
 )
 
 // TestRoleLogins: a role with its own login is served by backends that log
@@ -30,7 +30,7 @@ func TestRoleLogins(t *testing.T) {
 		auth.Policy{Roles: []string{"anon", "authenticated", "auditor"}}); err != nil {
 		t.Fatal(err)
 	}
-	srv, err := proxy.NewServer(proxy.Options{Auth: glue.Authenticator{V: ver}, Classifier: glue.NewClassifier()})
+	srv, err := proxy.NewServer(proxy.Options{Auth: ver, Classifier: router.NewProjects()})
 	if err != nil {
 		t.Fatal(err)
 	}

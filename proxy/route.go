@@ -4,109 +4,59 @@ import (
 	"errors"
 	"strconv"
 	"strings"
+
+	"cascata/router"
 )
 
 // Classifier decides for one SQL text whether it is refused and where it
-// may run. The proxy asks it for every simple query and every Parse; it
-// knows nothing of SQL itself. cmd/cascata adapts router.Classifier to it.
+// may run: the router (router.Projects) for every simple query and every
+// Parse; the proxy reads no SQL itself.
 type Classifier interface {
-	Classify(project, sql string, trustedRole bool) Route
+	Classify(project, sql string, trustedRole bool) router.Decision
 }
 
-// Route is a Classifier's answer.
-type Route struct {
-	// Primary: the text must run on the primary; otherwise it only reads.
-	Primary bool
-	// PinSession: the text leaves session state behind (a write, a
-	// temporary table, a lock, LISTEN, a SET, ...). A session-mode session
-	// that routes reads takes a dedicated primary backend from then on.
-	PinSession bool
-	// SessionState: the text may leave session state (temporary objects,
-	// held cursors, LISTEN, advisory locks, effects of calls the guard
-	// cannot see) that must be scrubbed before another client gets the
-	// backend.
-	SessionState bool
-	// KeepsSessionState: the text creates session state a client means to
-	// keep across transactions (temporary objects, LISTEN, WITH HOLD
-	// cursors, session advisory locks). In transaction mode the client
-	// keeps its backend while the state lasts (pin.go).
-	KeepsSessionState bool
-	// ChangesSchema: the text has DDL. Statements the proxy prepared
-	// before it are prepared again for the Parses that follow.
-	ChangesSchema bool
-	// Reset: the text has a RESET ALL (at bytes ResetStart to ResetEnd) or
-	// is exactly DISCARD ALL, which the proxy emulates (reset.go).
-	Reset                ResetKind
-	ResetStart, ResetEnd int
-	// Statements is the number of statements in the text.
-	Statements int
-	// Writes: the text may change data, so a later read of the same client
-	// must see its effect (read-your-writes).
-	Writes bool
-	// Refusal, when set, is answered instead of running the text; it should
-	// have a SQLState method (42501 for the escalation guard).
-	Refusal error
-	// BeginReadOnly: the text starts a read-only transaction, which may run
-	// on a replica.
-	BeginReadOnly bool
-	// Hint is a routing instruction consumed by the proxy.
-	Hint Hint
-	// Reason is a short bounded label for metrics.
-	Reason string
-	// SessionGUCs names the settings the text changes at session level;
-	// in transaction mode the proxy carries them to the client's later
-	// transactions.
-	SessionGUCs []string
-	// Deallocate is set when the text is exactly one DEALLOCATE: in
-	// transaction mode the proxy translates it to its own statement names.
-	Deallocate *Deallocate
-	// SQLPrepared is set when the text is exactly one PREPARE or EXECUTE.
-	SQLPrepared *SQLPrepared
-	// UntranslatedPrepared: the text uses SQL-level PREPARE, EXECUTE or
-	// DEALLOCATE in a form the proxy cannot translate (with other
-	// statements, under EXPLAIN or CREATE TABLE AS, in a query given to a
-	// function). On a shared backend it is refused: the names would reach
-	// statements of other clients.
-	UntranslatedPrepared bool
-	// ReadsBackendState: the text reads pg_prepared_statements or
-	// pg_cursors, which on a shared backend list other clients' state.
-	ReadsBackendState bool
+// verdict is the router's decision on one text with what a backend shared
+// by many clients adds to it: the proxy's own refusals.
+type verdict struct {
+	router.Decision
+	// refused, when set, is answered instead of running the text: the
+	// router's refusal (42501 for the escalation guard) or the proxy's.
+	refused error
 }
 
-// SQLPrepared is a SQL-level PREPARE or EXECUTE of Name; Tail is the text
-// after the name, so the proxy can put its own name in front of it.
-type SQLPrepared struct {
-	Execute bool
-	Name    string
-	Tail    string
+// newVerdict takes the router's decision as it is.
+func newVerdict(d router.Decision) verdict {
+	v := verdict{Decision: d}
+	if r := d.Refusal; r != nil {
+		v.refused = &Error{Code: r.SQLState, Message: r.Message, Position: int32(r.Position)}
+	}
+	return v
 }
 
-// Deallocate is a DEALLOCATE of one statement (Name) or of ALL.
-type Deallocate struct {
-	All  bool
-	Name string
+// want is what running the text needs of a backend.
+func (v *verdict) want() want {
+	return want{
+		pin: v.PinSession, state: v.SessionState, keeps: v.KeepsSessionState, ddl: v.ChangesSchema,
+		primary: v.Target == router.Primary || v.refused != nil || v.RouteHint == router.ForcePrimaryOnce,
+		writes:  v.Writes, reason: v.Reason.String(), gucs: v.SessionGUCs,
+	}
 }
 
-// Hint is a client's routing instruction.
-type Hint uint8
-
-// Hints.
-const (
-	HintNone Hint = iota
-	// HintPrimaryOnce: /* cascata:primary */ in front of the statement.
-	HintPrimaryOnce
-	// HintSessionPrimary: SET cascata.route = 'primary'.
-	HintSessionPrimary
-	// HintSessionAuto: SET cascata.route = 'auto' (or RESET).
-	HintSessionAuto
-)
+// untranslatedPrepared: the text uses SQL-level PREPARE, EXECUTE or
+// DEALLOCATE in a form the proxy cannot translate (with other statements,
+// under EXPLAIN or CREATE TABLE AS, in a query given to a function). On a
+// shared backend it is refused: the names would reach statements of other
+// clients.
+func (v *verdict) untranslatedPrepared() bool {
+	return v.PreparedUses > 0 && v.SQLPrepared == nil && v.Deallocate == nil
+}
 
 // allPrimary is the Classifier used when none is configured: no guard, no
-// replica reads.
+// replica reads; every text is taken for a write.
 type allPrimary struct{}
 
-func (allPrimary) Classify(string, string, bool) Route {
-	return Route{Primary: true, Writes: true, Reason: "no_router"}
+func (allPrimary) Classify(string, string, bool) router.Decision {
+	return router.Decision{Target: router.Primary, Writes: true, Reason: router.ReasonWrite}
 }
 
 // refusedSQL is sent in place of a refused statement inside a transaction:

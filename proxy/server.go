@@ -18,6 +18,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/auth"
 	"cascata/internal/parking"
 	"cascata/internal/stats"
 
@@ -26,17 +27,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Identity is who a client is: the Postgres role its JWT claims and the
-// claims themselves as JSON, put in force on every backend it uses.
-type Identity struct {
-	Role   string
-	Claims string
-}
-
-// Authenticator verifies a client's password (a JWT) for a project. An error
-// with a SQLState method decides the SQLSTATE the client sees (28P01 otherwise).
+// Authenticator verifies a client's password (a JWT) for a project: the
+// role it claims and the claims themselves, put in force on every backend
+// the client uses (*auth.Verifier). An *auth.Error, or an error with a
+// SQLState method, decides the SQLSTATE the client sees (28P01 otherwise).
 type Authenticator interface {
-	Authenticate(ctx context.Context, ref, userRole, password string) (Identity, error)
+	Verify(ctx context.Context, ref, userRole, password string) (auth.Identity, error)
 }
 
 // ProjectConfig is what the proxy needs of a project.

@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/auth"
 	"cascata/internal/sockio"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -124,14 +125,14 @@ type session struct {
 	nudged  bool // a read deadline in the past is set (under nmu)
 }
 
-func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id Identity, params map[string]string) *session {
+func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string, id auth.Identity, params map[string]string) *session {
 	rd.maxBody = s.opts.MaxMessageBytes
 	ss := &session{
 		srv:           s,
 		conn:          c,
 		rd:            rd,
 		ref:           ref,
-		clientState:   newClientState(id, macOf(proj.cfg.ClaimsMAC, id.Claims), legacyClaims(proj.cfg.LegacyClaimGUCs, id.Claims), startupSettings(params)),
+		clientState:   newClientState(id, macOf(proj.cfg.ClaimsMAC, id.ClaimsJSON), legacyClaims(proj.cfg.LegacyClaimGUCs, id.ClaimsJSON), startupSettings(params)),
 		params:        params,
 		sessionMode:   proj.cfg.SessionMode && len(proj.replicas) == 0,
 		routedSession: proj.cfg.SessionMode && len(proj.replicas) > 0,
@@ -283,10 +284,10 @@ func (ss *session) greet(ctx context.Context) error {
 	// same guard as a SET statement would: options=-c role=... is refused.
 	for name, v := range ss.settings {
 		stmt := `SET "` + strings.ReplaceAll(name, `"`, `""`) + `" TO '` + strings.ReplaceAll(v, "'", "''") + `'`
-		if r := ss.classify(stmt, false); r.Refusal != nil {
-			msg := r.Refusal.Error()
+		if r := ss.classify(stmt, false); r.refused != nil {
+			msg := r.refused.Error()
 			var pe *Error
-			if errors.As(r.Refusal, &pe) {
+			if errors.As(r.refused, &pe) {
 				msg = pe.Message // its SQLSTATE is the error's own
 			}
 			return &Error{Code: CodeInsufficientPrivs, Fatal: true, Message: "startup parameter " + name + " refused: " + msg}
@@ -1126,7 +1127,7 @@ func (ss *session) settleUnit(u *unit) {
 	if u.readGUCs != nil || u.scrub {
 		be := u.res.Value()
 		st, err := be.settle(u.readGUCs, u.scrub)
-		if err == nil && u.scrub && (st.role != ss.ident.Role || st.claims != ss.ident.Claims) {
+		if err == nil && u.scrub && (st.role != ss.ident.Role || st.claims != ss.ident.ClaimsJSON) {
 			err = fmt.Errorf("the identity changed during a unit: role %q", st.role)
 			ss.srv.log.Error("identity changed on a backend; closing it", "project", ss.ref, "role", ss.ident.Role, "found", st.role)
 		}

@@ -4,6 +4,8 @@ import (
 	"encoding/binary"
 	"unsafe"
 
+	"cascata/auth"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -69,7 +71,7 @@ func (g *setupGroup) exec(sql string, args ...string) {
 // in force on each backend that serves it by setupBytes. It is part of one
 // session, guarded by its lock.
 type clientState struct {
-	ident     Identity
+	ident     auth.Identity
 	identKey  string            // ident as one comparable string (backend.identity)
 	claimsMAC string            // request.jwt.claims_mac, "" unless the project signs claims
 	claimGUCs map[string]string // legacy request.jwt.claim.* settings, nil unless the project asks
@@ -79,8 +81,8 @@ type clientState struct {
 	settingsKey string
 }
 
-func newClientState(id Identity, claimsMAC string, claimGUCs, settings map[string]string) clientState {
-	return clientState{ident: id, identKey: id.Role + "\x00" + id.Claims, claimsMAC: claimsMAC, claimGUCs: claimGUCs,
+func newClientState(id auth.Identity, claimsMAC string, claimGUCs, settings map[string]string) clientState {
+	return clientState{ident: id, identKey: id.Role + "\x00" + id.ClaimsJSON, claimsMAC: claimsMAC, claimGUCs: claimGUCs,
 		settings: settings, settingsKey: settingsKey(settings)}
 }
 
@@ -93,7 +95,7 @@ func (cs *clientState) setupBytes(buf []byte, be *backend) ([]byte, setupPlan, e
 	g := setupGroup{buf: buf}
 	if be.identity != cs.identKey {
 		be.identity = cs.identKey
-		g.exec(identSQL, cs.ident.Role, cs.ident.Claims, cs.claimsMAC)
+		g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
 	}
 	if cs.claimGUCs != nil || be.claimGUCs != nil {
 		claimSetup(&g, be, cs.claimGUCs)

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	"cascata/auth"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -52,8 +54,8 @@ func testBackend() *backend {
 }
 
 func TestSetupBytes(t *testing.T) {
-	alice := newClientState(Identity{Role: "authenticated", Claims: `{"sub":"alice"}`}, "mac-a", nil, map[string]string{"TimeZone": "UTC"})
-	bob := newClientState(Identity{Role: "anon", Claims: `{"role":"anon"}`}, "mac-b", nil, map[string]string{"TimeZone": "UTC"})
+	alice := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"alice"}`}, "mac-a", nil, map[string]string{"TimeZone": "UTC"})
+	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, map[string]string{"TimeZone": "UTC"})
 	be := testBackend()
 
 	buf, plan, err := alice.setupBytes(nil, be)
@@ -99,7 +101,7 @@ func TestSetupBytes(t *testing.T) {
 	}
 
 	// A client without the setting gets it reset by its quoted name.
-	carol := newClientState(Identity{Role: "anon", Claims: `{"role":"anon"}`}, "mac-b", nil, nil)
+	carol := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, nil)
 	buf, _, err = carol.setupBytes(nil, be)
 	if err != nil {
 		t.Fatal(err)
@@ -121,8 +123,8 @@ func TestSetupBytes(t *testing.T) {
 // Legacy claim settings follow the client: set where they differ, emptied
 // where the next client has none.
 func TestSetupBytesLegacyClaims(t *testing.T) {
-	a := newClientState(Identity{Role: "authenticated", Claims: `{"sub":"a"}`}, "", map[string]string{"request.jwt.claim.sub": "a"}, nil)
-	b := newClientState(Identity{Role: "authenticated", Claims: `{}`}, "", nil, nil)
+	a := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"a"}`}, "", map[string]string{"request.jwt.claim.sub": "a"}, nil)
+	b := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{}`}, "", nil, nil)
 	be := testBackend()
 	buf, _, err := a.setupBytes(nil, be)
 	if err != nil {

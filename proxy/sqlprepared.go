@@ -7,6 +7,8 @@ import (
 	"encoding/hex"
 	"strconv"
 	"strings"
+
+	"cascata/router"
 )
 
 // SQL-level PREPARE / EXECUTE / DEALLOCATE in transaction mode.
@@ -35,7 +37,7 @@ type sqlPrepareErr struct {
 // translateSQLPrepared rewrites a single-statement PREPARE or EXECUTE for
 // the attached backend and returns the Query body to send. Call after
 // claim, without mu.
-func (ss *session) translateSQLPrepared(be *backend, sp *SQLPrepared) []byte {
+func (ss *session) translateSQLPrepared(be *backend, sp *router.SQLPrepared) []byte {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	ss.replayOK = false
@@ -83,7 +85,7 @@ func (ss *session) translateSQLPrepared(be *backend, sp *SQLPrepared) []byte {
 // both). On a backend that lacks the statement it is prepared in the same
 // query string by a SQL PREPARE of its text with the parameter types of the
 // Parse, whose CommandComplete is dropped. Call with mu held.
-func (ss *session) executeProtocolStmt(be *backend, st *stmt, sp *SQLPrepared, seq uint64) []byte {
+func (ss *session) executeProtocolStmt(be *backend, st *stmt, sp *router.SQLPrepared, seq uint64) []byte {
 	ss.renames = append(ss.renames, errRename{from: st.proxyName, to: sp.Name, seq: seq})
 	// If the query fails, whether the statement exists is unsure.
 	ss.sqlPrepFail = append(ss.sqlPrepFail, sqlPrepareErr{seq: seq, proxyName: st.proxyName, protocol: true})

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"cascata/auth"
 	"cascata/internal/sockio"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -260,13 +261,9 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), s.opts.ClientLoginTimeout)
 	defer cancel()
-	id, err := s.opts.Auth.Authenticate(ctx, ref, role, password)
+	id, err := s.opts.Auth.Verify(ctx, ref, role, password)
 	if err != nil {
-		var ss sqlStater
-		if !errors.As(err, &ss) {
-			err = &Error{Code: CodeInvalidPassword, Message: "password authentication failed", Err: err}
-		}
-		return nil, err
+		return nil, loginError(err)
 	}
 	proj := s.project(ref)
 	if proj == nil {
@@ -476,6 +473,20 @@ func isLoopback(a net.Addr) bool {
 		return true
 	}
 	return false
+}
+
+// loginError is what a client whose password was refused is told: the
+// verifier's SQLSTATE and words, or 28P01.
+func loginError(err error) error {
+	var ae *auth.Error
+	if errors.As(err, &ae) {
+		return &Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err, Reason: ae.Reason.String()}
+	}
+	var ss sqlStater
+	if !errors.As(err, &ss) {
+		return &Error{Code: CodeInvalidPassword, Message: "password authentication failed", Err: err}
+	}
+	return err
 }
 
 func loginResult(err error) string {

@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strconv"
 	"sync/atomic"
+
+	"cascata/router"
 )
 
 // Named prepared statements in transaction mode.
@@ -47,13 +49,13 @@ type stmt struct {
 	rest      []byte // query text and parameter types as in Parse, after the name
 	primary   bool   // its text must run on the primary
 	writes    bool
-	pin       bool      // its text pins a routed session
-	state     bool      // its text may leave session state (Route.SessionState)
-	keeps     bool      // its text creates state the client keeps (Route.KeepsSessionState)
-	ddl       bool      // its text changes the schema (Route.ChangesSchema)
-	epoch     uint64    // the project's schema epoch when the client parsed it
-	reset     ResetKind // its text was RESET ALL or DISCARD ALL, rewritten (reset.go)
-	gucs      []string  // session settings it changes
+	pin       bool             // its text pins a routed session
+	state     bool             // its text may leave session state (Route.SessionState)
+	keeps     bool             // its text creates state the client keeps (Route.KeepsSessionState)
+	ddl       bool             // its text changes the schema (Route.ChangesSchema)
+	epoch     uint64           // the project's schema epoch when the client parsed it
+	reset     router.ResetKind // its text was RESET ALL or DISCARD ALL, rewritten (reset.go)
+	gucs      []string         // session settings it changes
 }
 
 // replyAction says what to do with one ParseComplete or CloseComplete.
@@ -328,21 +330,21 @@ func (t *translator) dropUnanswered(bt *stmtTable) {
 }
 
 // translate appends to ss.out what the backend gets for one client message
-// and queues what to do with the replies; r is the Route of a Parse (zero
+// and queues what to do with the replies; r is the verdict on a Parse (zero
 // for other messages). m was checked when it arrived, so nothing here can
 // find it malformed. Call with mu held.
-func (ss *session) translate(be *backend, m *extMsg, r *Route) {
-	if m.typ == msgTypeParse && r.Refusal != nil {
-		ss.failParse(r.Refusal)
+func (ss *session) translate(be *backend, m *extMsg, r *verdict) {
+	if m.typ == msgTypeParse && r.refused != nil {
+		ss.failParse(r.refused)
 		return
 	}
-	if m.typ == msgTypeParse && r.Reset != ResetNone {
+	if m.typ == msgTypeParse && r.Reset != router.ResetNone {
 		if !isWholeReset(m.query, *r) {
 			// What PostgreSQL answers before it runs anything.
 			ss.failParse(&Error{Code: "42601", Message: "cannot insert multiple commands into a prepared statement"})
 			return
 		}
-		if r.Reset == DiscardAll && ss.be != nil && ss.txStatus != 'I' {
+		if r.Reset == router.DiscardAll && ss.be != nil && ss.txStatus != 'I' {
 			ss.failParse(discardInTransaction())
 			return
 		}
@@ -351,19 +353,20 @@ func (ss *session) translate(be *backend, m *extMsg, r *Route) {
 		if !ss.translatesNames() {
 			// Names pass through: the reset is taken to run in this batch.
 			ss.resetClient(be, r.Reset)
-			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: r.Reset.tag()})
+			ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: resetTag(r.Reset)})
 		}
 	}
 	if !ss.translatesNames() {
 		ss.appendMsg(m.typ, m.body) // the backend is the client's own: names pass through
 		return
 	}
-	w := want{primary: r.Primary, writes: r.Writes, gucs: r.SessionGUCs, pin: r.PinSession, state: r.SessionState, keeps: r.KeepsSessionState, ddl: r.ChangesSchema}
-	if st := ss.translateNames(&be.stmtTable, m, w, r.Reset); st != nil && st.reset != ResetNone {
+	w := r.want()
+	w.primary = r.Target == router.Primary // a hint in front of a Parse routes its own batch only
+	if st := ss.translateNames(&be.stmtTable, m, w, r.Reset); st != nil && st.reset != router.ResetNone {
 		// The Execute of this Bind resets the client's session (after the
 		// Bind, which still needed the client's names).
 		ss.resetClient(be, st.reset)
-		ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: st.reset.tag()})
+		ss.retags = append(ss.retags, retag{seq: ss.batchSeq(), tag: resetTag(st.reset)})
 	}
 }
 
@@ -372,7 +375,7 @@ func (ss *session) translate(be *backend, m *extMsg, r *Route) {
 // backend's, and queues what to do with the replies. w is what a Parse's
 // text needs and reset what it resets. It returns the client's statement a
 // Bind binds (nil: none, or another message).
-func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset ResetKind) *stmt {
+func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset router.ResetKind) *stmt {
 	switch m.typ {
 	case msgTypeParse:
 		if m.name == "" {

@@ -6,6 +6,8 @@ import (
 	"sync/atomic"
 	"testing"
 
+	"cascata/router"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -49,7 +51,7 @@ func sendBatch(t *testing.T, tr *translator, bt *stmtTable, msgs ...extMsg) []st
 	tr.syncCounted = true
 	for i := range msgs {
 		var w want
-		tr.translateNames(bt, &msgs[i], w, ResetNone)
+		tr.translateNames(bt, &msgs[i], w, router.ResetNone)
 	}
 	tr.syncCounted = false
 	tr.appendMsg(msgTypeSync)

@@ -20,10 +20,11 @@ import (
 
 	"cascata/auth"
 	"cascata/internal/config"
-	"cascata/internal/glue"
 	"cascata/internal/projectdb"
+	"cascata/internal/projects"
 	"cascata/internal/volatility"
 	"cascata/proxy"
+	"cascata/router"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -41,7 +42,7 @@ type app struct {
 	reg     *prometheus.Registry
 	// claimKeys caches each project's claims key (cascata.keys), by ref and owner URL.
 	claimKeys map[string][]byte
-	cls       *glue.Classifier
+	cls       *router.Projects
 	plane     *adminPlane // catalog, jobs, ejection (admin_wiring.go)
 }
 
@@ -49,7 +50,7 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 	a := &app{cfgPath: cfgPath, cfg: cfg, log: log, reg: prometheus.NewRegistry()}
 	a.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	a.ver = auth.NewVerifier(auth.WithLogger(log))
-	a.cls = glue.NewClassifier()
+	a.cls = router.NewProjects()
 	var tlsConf *tls.Config
 	if cfg.Proxy.TLSCertFile != "" {
 		cert, err := tls.LoadX509KeyPair(cfg.Proxy.TLSCertFile, cfg.Proxy.TLSKeyFile)
@@ -70,7 +71,7 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 		MaxPreparedStatements: p.MaxPreparedStatements,
 		TLS:                   tlsConf,
 		Cleartext:             p.AllowCleartextWithoutTLS,
-		Auth:                  glue.Authenticator{V: a.ver},
+		Auth:                  a.ver,
 		Classifier:            a.cls,
 		Metrics:               proxy.NewMetrics(a.reg),
 		Logger:                log,
@@ -87,10 +88,10 @@ func newApp(cfgPath string, cfg *config.Config, log *slog.Logger) (*app, error) 
 
 // applyProjects puts a set of projects in force: keys in the verifier,
 // pools and routes in the proxy. Projects not in the set are removed.
-func (a *app) applyProjects(projects []config.Project) error {
-	a.installClaims(projects)
+func (a *app) applyProjects(set []config.Project) error {
+	a.installClaims(set)
 	keep := map[string]bool{}
-	err := glue.Apply(a.ver, a.srv, projects, func(p *config.Project, pc *proxy.ProjectConfig) {
+	err := projects.Apply(a.ver, a.srv, set, func(p *config.Project, pc *proxy.ProjectConfig) {
 		keep[p.Ref] = true
 		a.cls.SetFunctions(p.Ref, volatility.New(p.DatabaseURL, p.ReadOnlyFunctions, p.WriteFunctions, a.log))
 		pc.ClaimsMAC = a.claimsMAC(p)

@@ -1,9 +1,7 @@
 package eject_test
 
 import (
-	"cascata/internal/glue"
 	"context"
-	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -20,6 +18,7 @@ import (
 	"cascata/internal/jobs"
 	"cascata/internal/pgcluster"
 	"cascata/internal/pgtest"
+	"cascata/internal/projects"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -129,21 +128,6 @@ func setupTarget(ctx context.Context, _ *pgcluster.Cluster) error {
 	return nil
 }
 
-// verifierAuth adapts auth.Verifier to proxy.Authenticator.
-type verifierAuth struct{ v *auth.Verifier }
-
-func (a verifierAuth) Authenticate(ctx context.Context, ref, userRole, token string) (proxy.Identity, error) {
-	id, err := a.v.Verify(ctx, ref, userRole, token)
-	var ae *auth.Error
-	if errors.As(err, &ae) {
-		return proxy.Identity{}, &proxy.Error{Code: ae.SQLState, Message: ae.Message, Fatal: true, Err: err}
-	}
-	if err != nil {
-		return proxy.Identity{}, err
-	}
-	return proxy.Identity{Role: id.Role, Claims: id.ClaimsJSON}, nil
-}
-
 // env is a proxy serving the source projects, with a catalog, a job
 // runner and an ejector, as cmd/cascata wires them.
 type env struct {
@@ -175,7 +159,7 @@ func newEnv(t *testing.T, onPhase func(ref, phase string), refs ...string) *env 
 	}
 	e := &env{t: t, ver: auth.NewVerifier(), cfg: cfg, stateDir: t.TempDir()}
 	e.srv, err = proxy.NewServer(proxy.Options{
-		Auth:   verifierAuth{e.ver},
+		Auth:   e.ver,
 		Logger: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError})),
 	})
 	if err != nil {
@@ -223,7 +207,7 @@ func newEnv(t *testing.T, onPhase func(ref, phase string), refs ...string) *env 
 
 // apply puts a catalog set in force, as app.applyProjects does.
 func (e *env) apply(ps []config.Project) error {
-	return glue.Apply(e.ver, e.srv, ps, nil)
+	return projects.Apply(e.ver, e.srv, ps, nil)
 }
 
 // clientURL is a client connection string through the proxy with a fresh JWT.

@@ -1,4 +1,7 @@
-package glue
+// Package projects puts configured projects in force: each project's keys
+// and token policy in the JWT verifier, and the whole set of pools and
+// routes in the proxy.
+package projects
 
 import (
 	"fmt"

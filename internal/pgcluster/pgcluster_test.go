@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -237,4 +238,47 @@ func waitCaughtUp(t *testing.T) {
 	if err := cluster.WaitReplicaCaughtUp(ctx); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestStopWhenGone kills the owner of a cluster (a stand-in process, as a
+// test binary killed from outside) and waits for the watchdog to stop the
+// server and remove the cluster's temporary directory.
+func TestStopWhenGone(t *testing.T) {
+	ctx := t.Context()
+	c, err := pgcluster.Start(ctx, pgcluster.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stopped := false
+	t.Cleanup(func() {
+		if !stopped {
+			_ = c.Stop(context.Background())
+		}
+	})
+	owner := exec.Command("sleep", "60")
+	if err := owner.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = owner.Process.Kill(); _ = owner.Wait() })
+	unwatch, err := c.StopWhenGone(owner.Process.Pid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unwatch()
+	url := c.Primary.SuperuserURL("postgres")
+	if got := pgtest.QueryValue(t, url, "SELECT 1"); got != "1" {
+		t.Fatalf("the cluster did not serve while its owner lived: %q", got)
+	}
+
+	_ = owner.Process.Kill()
+	_ = owner.Wait() // reaped: its /proc entry is gone
+	pgtest.WaitFor(t, 15*time.Second, "the watchdog to stop the server and remove "+c.Dir, func() bool {
+		_, statErr := os.Stat(c.Dir)
+		conn, err := pgx.Connect(ctx, url)
+		if err == nil {
+			_ = conn.Close(ctx)
+		}
+		return err != nil && errors.Is(statErr, os.ErrNotExist)
+	})
+	stopped = true
 }

@@ -27,7 +27,9 @@ const (
 // and stops and removes the cluster, and returns the exit code for
 // os.Exit. When the cluster cannot be started (e.g. binaries missing) or
 // stopped it prints the reason to stderr and returns 1. SIGINT/SIGTERM
-// during the tests stop the cluster before exiting. A nil opts.Logger logs
+// during the tests stop the cluster before exiting; when the process is
+// killed outright, a watchdog stops and removes it within about a second
+// (pgcluster.Cluster.StopWhenGone). A nil opts.Logger logs
 // warnings to stderr.
 //
 // Each setup function runs once after the cluster is up (create databases,
@@ -45,11 +47,21 @@ func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster, set
 		return 1
 	}
 	*cluster = c
+	// A test binary killed from outside (go test's -timeout, a fuzzing
+	// coordinator ending its workers) does not stop its cluster itself.
+	unwatch, err := c.StopWhenGone(os.Getpid())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: %v (the cluster outlives this process if it is killed)\n", err)
+	}
 
 	stop := sync.OnceValue(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
-		return c.Stop(ctx)
+		err := c.Stop(ctx)
+		if unwatch != nil {
+			unwatch()
+		}
+		return err
 	})
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)

@@ -140,7 +140,10 @@ func TestReadYourWrites(t *testing.T) {
 	replicaP3 := connectURL(t, cluster.Replica.SuperuserURL("p3"))
 	setDelay("300ms")
 	t.Cleanup(func() { setDelay("0") })
-	time.Sleep(200 * time.Millisecond)
+	waitFor(t, "the replica to take the apply delay", 10*time.Second, func() bool {
+		var d string
+		return rs.QueryRow(ctx, "SHOW recovery_min_apply_delay").Scan(&d) == nil && d == "300ms"
+	})
 	replicaReads, lagged := 0, 0
 	run := time.Now().UnixNano() // rows of an earlier run (-count) stay in the table
 	for i := range 500 {

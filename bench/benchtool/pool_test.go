@@ -213,7 +213,10 @@ func leaveMidStatement(t *testing.T, addr string, inTxn bool) {
 		_, err := a.Exec(ctx, "SELECT pg_sleep(5)").ReadAll()
 		sleeping <- err
 	}()
-	time.Sleep(300 * time.Millisecond)
+	pgtest.WaitFor(t, 10*time.Second, "the 5 s statement to run", func() bool {
+		return pgtest.QueryValue(t, cluster.Primary.SuperuserURL("bench"),
+			"SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(5)' AND state = 'active'") != "0"
+	})
 	t0 := time.Now()
 	_ = a.Conn().Close() // gone without a Terminate
 	<-sleeping

@@ -29,10 +29,11 @@ type pool struct {
 	host    *hostLimiter
 	p       *puddle.Pool[*backend]
 	params  atomic.Pointer[map[string]string]
-	lastUse atomic.Int64 // unix nanos of the last acquire or release
-	waiting atomic.Int32 // acquirers blocked in this pool
-	open    atomic.Int32 // backends of this pool that exist
-	dialing atomic.Int32 // constructors of this pool under way
+	lastUse atomic.Int64  // unix nanos of the last acquire or release
+	waiting atomic.Int32  // acquirers blocked in this pool
+	clients *atomic.Int32 // the project's connected clients (projectRun)
+	open    atomic.Int32  // backends of this pool that exist
+	dialing atomic.Int32  // constructors of this pool under way
 	size    int32
 	log     *slog.Logger
 	metrics serverMetrics
@@ -75,6 +76,9 @@ type hostLimiter struct {
 	// still under way: the reserve is filled back only once they are done
 	// (dialed).
 	fresh atomic.Int64
+	// refilling: a refill from idle backends (refillReserves) is due;
+	// until it has run, releases of busy backends do not fill the reserve.
+	refilling atomic.Bool
 
 	mu      sync.Mutex
 	pools   map[*pool]struct{}
@@ -152,7 +156,8 @@ func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *sl
 }
 
 // get returns the pool of a project for a URL, creating it on first use.
-func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, error) {
+func (ps *pools) get(proj *project, url string, cfg *pgconn.Config) (*pool, error) {
+	ref, size := proj.cfg.Ref, proj.cfg.PoolSize
 	key := ref + "\x00" + url
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
@@ -166,7 +171,8 @@ func (ps *pools) get(ref, url string, size int, cfg *pgconn.Config) (*pool, erro
 		h.refill = ps.refill
 		ps.hosts[hostKey] = h
 	}
-	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log, metrics: ps.metrics.forServers(ref)}
+	pl := &pool{key: key, ref: ref, hostKey: hostKey, cfg: withRawSocket(cfg), host: h, size: int32(size), log: ps.log, metrics: ps.metrics.forServers(ref),
+		clients: &proj.run.clients}
 	pp, err := puddle.NewPool(&puddle.Config[*backend]{
 		Constructor: pl.construct(ps),
 		Destructor:  pl.destroy,
@@ -478,6 +484,7 @@ func (h *hostLimiter) take(first bool) (ok, reserved bool) {
 func (h *hostLimiter) dialed() {
 	h.fresh.Add(-1)
 	if h.refill != nil && h.reserveShort() > 0 {
+		h.refilling.Store(true)
 		select {
 		case h.refill <- struct{}{}:
 		default:
@@ -519,7 +526,8 @@ func (h *hostLimiter) overCap() bool {
 // waiters) and p has at least two more than that pool. Capacity so moves
 // from rich to starved tenants, and balanced load causes no reconnects.
 // When no waiting pool is owed one by p, b may still go to fill the
-// newcomers' reserve back up, if p keeps a backend after it.
+// newcomers' reserve back up, if p keeps a backend after it or its project
+// has no client left, and no refill from idle backends is due (refilling).
 func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 	if h.nwait.Load() == 0 && h.reserveShort() == 0 {
 		return false // nobody waits for this host: the common case, no lock
@@ -562,11 +570,12 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 		// never idle for long, it would stay in use until the load ends.
 	}
 	// Fill the newcomers' reserve back up, one close per slot missing,
-	// from a pool that keeps a backend after it (no look at every pool of
-	// the host here: this runs at every release while the reserve is in
-	// use). A slot it frees is not taken by the waiters that have
-	// backends: for them the reserve is not free (take).
-	if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || mine < 2 {
+	// from a pool that keeps a backend after it, or whose project has no
+	// client left (no look at every pool of the host here: this runs at
+	// every release while the reserve is in use). A slot it frees is not
+	// taken by the waiters that have backends: for them the reserve is not
+	// free (take).
+	if short := h.reserveShort(); short == 0 || int64(h.yielding) >= short || (mine < 2 && p.clients.Load() > 0) || h.refilling.Load() {
 		return false
 	}
 	h.yieldLocked(b)
@@ -610,9 +619,10 @@ func (h *hostLimiter) evictIdle(p *pool, overCap bool) bool {
 		for _, r := range q.p.AcquireAllIdle() {
 			// A backend idle for a moment only is between the transactions
 			// of a busy client: it is not taken (shouldYield moves capacity
-			// from busy tenants instead, at a release).
+			// from busy tenants instead, at a release), unless its project
+			// has no client left to use it.
 			evict := overCap && h.condemnOver(q, r.Value())
-			if !overCap && !closed && r.IdleDuration() >= evictMinIdle {
+			if !overCap && !closed && (r.IdleDuration() >= evictMinIdle || q.clients.Load() == 0) {
 				// Counted as yielded like a busy backend closed at its
 				// release, so a release meanwhile does not close another.
 				h.mu.Lock()
@@ -800,8 +810,9 @@ func (ps *pools) reap(idle time.Duration) int {
 }
 
 // refillReserves fills the newcomers' reserve of every host back from
-// backends idle for a while, which cost nobody a wait; busy tenants give
-// theirs back at their releases (shouldYield) when no idle one is left.
+// idle backends, which cost nobody a wait: of projects with no client
+// left, or idle for a while; busy tenants give theirs back at their
+// releases (shouldYield) when no idle one is left.
 func (ps *pools) refillReserves() {
 	for _, h := range ps.hostList() {
 		for range h.reserveShort() {
@@ -809,6 +820,7 @@ func (ps *pools) refillReserves() {
 				break
 			}
 		}
+		h.refilling.Store(false)
 	}
 }
 

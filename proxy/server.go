@@ -154,6 +154,9 @@ type project struct {
 // reloads: its pinned clients and its schema epoch.
 type projectRun struct {
 	pins pinCount
+	// clients counts the project's connected clients; a backend of a
+	// project with none is the first to give its slot (evictIdle).
+	clients atomic.Int32
 	// schema counts the DDL its clients ran; a statement prepared on a
 	// backend before the last DDL is prepared again for a client's Parse
 	// (prepared.go).

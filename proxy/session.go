@@ -336,7 +336,7 @@ func (ss *session) serverParams(ctx context.Context) (map[string]string, error) 
 	if proj == nil {
 		return nil, fatalError(CodeInvalidCatalog, "project %q does not exist", ss.ref)
 	}
-	pl, err := ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+	pl, err := ss.srv.pools.get(proj, proj.cfg.DatabaseURL, proj.primary)
 	if err != nil {
 		return nil, err
 	}
@@ -380,6 +380,7 @@ func (ss *session) run() bool {
 func (ss *session) serve() (parked bool) {
 	defer func() {
 		if !parked {
+			ss.projRun.clients.Add(-1) // counted at login; before finish releases the backend (shouldYield)
 			ss.finish()
 			ss.metrics.clients.Dec()
 			ss.srv.unregister(ss)
@@ -725,7 +726,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 func (ss *session) acquire(wait *waitCtx, proj *project, w want, needLSN uint64) (res *puddle.Resource[*backend], pl *pool, replica bool, target *replicaTarget, err error) {
 	if !w.primary && !ss.routePrimary && !ss.sessionMode && proj.rolePrim[ss.ident.Role] == nil {
 		if rt := ss.srv.replicas.pick(proj, needLSN); rt != nil {
-			pl, err = ss.srv.pools.get(ss.ref, rt.url, proj.cfg.PoolSize, rt.cfg)
+			pl, err = ss.srv.pools.get(proj, rt.url, rt.cfg)
 			if err == nil {
 				res, err = pl.acquireBackend(wait)
 			}
@@ -746,7 +747,7 @@ func (ss *session) acquire(wait *waitCtx, proj *project, w want, needLSN uint64)
 	for range 3 {
 		// The last pool this client used saves the registry's lock.
 		if pl = ss.lastPool; pl == nil || ss.lastPoolURL != url || ss.lastPoolCfg != cfg {
-			if pl, err = ss.srv.pools.get(ss.ref, url, proj.cfg.PoolSize, cfg); err != nil {
+			if pl, err = ss.srv.pools.get(proj, url, cfg); err != nil {
 				return nil, nil, false, nil, err
 			}
 			ss.lastPool, ss.lastPoolURL, ss.lastPoolCfg = pl, url, cfg
@@ -1411,7 +1412,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.srv.replicas.markDown(rt)
 	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout}
 	defer wait.stop()
-	pl, err := ss.srv.pools.get(ss.ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+	pl, err := ss.srv.pools.get(proj, proj.cfg.DatabaseURL, proj.primary)
 	var res *puddle.Resource[*backend]
 	if err == nil {
 		res, err = pl.acquireBackend(&wait)

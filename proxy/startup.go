@@ -269,16 +269,24 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 	if proj == nil {
 		return nil, fatalError(CodeInvalidCatalog, "project %q does not exist", ref)
 	}
-	if err := s.checkStartupSettings(ctx, proj, ref, st.params); err != nil {
+	// The client counts for its project from here, so that a backend
+	// dialled for its login is not closed as one nobody uses (evictIdle);
+	// the session gives the count back when it ends (serve).
+	proj.run.clients.Add(1)
+	refused := func(err error) (*session, error) {
+		proj.run.clients.Add(-1)
 		return nil, err
+	}
+	if err := s.checkStartupSettings(ctx, proj, ref, st.params); err != nil {
+		return refused(err)
 	}
 	ss := newSession(s, c, rd, proj, ref, id, st.params)
 	if err := s.register(ss); err != nil {
-		return nil, err
+		return refused(err)
 	}
 	if err := ss.greet(ctx); err != nil {
 		s.unregister(ss)
-		return nil, err
+		return refused(err)
 	}
 	return ss, nil
 }
@@ -423,7 +431,7 @@ func validCustomSettingName(name string) bool {
 // login role sees in pg_settings (lower-case name to context), loaded
 // once per pool over a connection of its own.
 func (s *Server) serverSettings(ctx context.Context, proj *project, ref string) (map[string]string, error) {
-	pl, err := s.pools.get(ref, proj.cfg.DatabaseURL, proj.cfg.PoolSize, proj.primary)
+	pl, err := s.pools.get(proj, proj.cfg.DatabaseURL, proj.primary)
 	if err != nil {
 		return nil, err
 	}

@@ -203,9 +203,9 @@ const (
 // steadyLoad starts a proxy with the busy projects (b1, b2, ...) and the
 // newcomer projects given (ref to database_url), and the busy clients,
 // which run until the test ends, and waits until the busy projects hold
-// the cap less the reserve. It returns the proxy and the highest HostConns
-// seen by the busy clients.
-func steadyLoad(ctx context.Context, t *testing.T, newcomers map[string]string) (*harness, *atomic.Int64) {
+// the cap less the reserve. It returns the proxy, the highest HostConns
+// seen by the busy clients and the proxy's metrics.
+func steadyLoad(ctx context.Context, t *testing.T, newcomers map[string]string) (*harness, *atomic.Int64, *prometheus.Registry) {
 	t.Helper()
 	waitNoBackends(t)
 	refs := []string{}
@@ -219,8 +219,9 @@ func steadyLoad(ctx context.Context, t *testing.T, newcomers map[string]string) 
 		refs = append(refs, ref)
 		urls[ref] = u
 	}
+	reg := prometheus.NewRegistry()
 	h := startProxy(t, harnessOpts{poolSize: steadyPool, projects: refs, urls: urls,
-		opts: proxy.Options{MaxServerConnPerHost: steadyCap}})
+		opts: proxy.Options{MaxServerConnPerHost: steadyCap, Metrics: proxy.NewMetrics(reg)}})
 	host := cluster.Primary.Addr()
 	most := &atomic.Int64{}
 	note := func() {
@@ -252,7 +253,7 @@ func steadyLoad(ctx context.Context, t *testing.T, newcomers map[string]string) 
 		}
 		return time.Since(since) >= 300*time.Millisecond
 	})
-	return h, most
+	return h, most, reg
 }
 
 // TestReserveRefilledWhileOthersWait: a newcomer takes a slot of the
@@ -266,7 +267,7 @@ func steadyLoad(ctx context.Context, t *testing.T, newcomers map[string]string) 
 func TestReserveRefilledWhileOthersWait(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	h, most := steadyLoad(ctx, t, map[string]string{"p3": cluster.Primary.URL("authenticator", loginPassword, "p3")})
+	h, most, _ := steadyLoad(ctx, t, map[string]string{"p3": cluster.Primary.URL("authenticator", loginPassword, "p3")})
 	host := cluster.Primary.Addr()
 
 	tx, err := h.connect("p3", "authenticated", "newcomer").Begin(ctx)
@@ -303,7 +304,7 @@ func TestReserveRefilledAfterTheDial(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	slow := cluster.Primary.URL("authenticator", loginPassword, "p2") + "&options=-c%20post_auth_delay%3D1"
-	h, most := steadyLoad(ctx, t, map[string]string{"p2": slow})
+	h, most, _ := steadyLoad(ctx, t, map[string]string{"p2": slow})
 	host := cluster.Primary.Addr()
 
 	var (
@@ -352,6 +353,61 @@ func TestReserveRefilledAfterTheDial(t *testing.T) {
 	var one int
 	if err := c.QueryRow(ctx, "SELECT 1").Scan(&one); err != nil || one != 1 {
 		t.Fatalf("newcomer's first query: %d, %v", one, err)
+	}
+	if n := most.Load(); n > steadyCap {
+		t.Fatalf("host connections %d over the cap %d", n, steadyCap)
+	}
+}
+
+// TestReserveRefilledFromAProjectLeft: a newcomer's backend idles in its
+// pool after its only client left, a moment before the next newcomer takes
+// a slot of the reserve. The reserve must fill back from that backend,
+// which nobody is left to use, not from a busy project's: before, a backend
+// idle under 100 ms was taken for a busy client's, so each newcomer closed
+// a busy backend (which its project then dialled again) while the one the
+// last newcomer left waited for server_idle_timeout, twice the churn of
+// server processes on a host already at its cap.
+func TestReserveRefilledFromAProjectLeft(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	h, most, reg := steadyLoad(ctx, t, map[string]string{
+		"p2": cluster.Primary.URL("authenticator", loginPassword, "p2"),
+		"p3": cluster.Primary.URL("authenticator", loginPassword, "p3"),
+	})
+	host := cluster.Primary.Addr()
+
+	// The first newcomer takes a slot of the reserve, which a busy project
+	// fills back at its next release, and leaves.
+	a, err := h.tryConnect("p2", "authenticated", token(t, "p2", "authenticated", "first", nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	busy := steadyCap - steadyReserve - 1
+	waitFor(t, "the reserve to fill back up from a busy project after the first newcomer", 3*time.Second, func() bool {
+		return h.srv.HostConns()[host] <= steadyCap-steadyReserve && proxyBackends(t, "p1") == busy
+	})
+	if err := a.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// The next one comes at once.
+	b := h.connect("p3", "authenticated", "next")
+	if _, err := b.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the reserve to fill back up from the backend of the project left", 3*time.Second, func() bool {
+		if n := proxyBackends(t, ""); n > steadyCap {
+			t.Fatalf("%d backends in pg_stat_activity, over the cap %d", n, steadyCap)
+		}
+		return h.srv.HostConns()[host] <= steadyCap-steadyReserve && proxyBackends(t, "p2") == 0
+	})
+	if n := proxyBackends(t, "p1"); n < busy {
+		t.Errorf("the busy projects went from %d backends to %d: one of theirs filled the reserve", busy, n)
+	}
+	if n := serverConnects(t, reg, "p3"); n != 1 {
+		t.Errorf("the second newcomer's project dialled %d backends, want 1: the one of its login went before its first query", n)
 	}
 	if n := most.Load(); n > steadyCap {
 		t.Fatalf("host connections %d over the cap %d", n, steadyCap)

@@ -45,6 +45,10 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# The build measured, read now (the binary was just built): only changes to
+# what goes into it count, not results, plots or docs changed meanwhile.
+COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
+DIRTY=$(cd "$ROOT" && git status --porcelain --untracked-files=no -- '*.go' go.mod go.sum 2>/dev/null | grep -q . && echo " + uncommitted changes" || true)
 BIN=${CASCATA_BIN:-$ROOT/bin/cascata}
 BEFORE_BIN=${CASCATA_BIN_BEFORE:-}
 SECOND_LABEL="cascata, GOMAXPROCS=1"
@@ -741,9 +745,6 @@ verdict() { # VALUE OP LIMIT
     print ok ? "met" : "**not met**" }'
 }
 CPU_MODEL=$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
-COMMIT=$(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null || echo unknown)
-# (the results file itself, left changed by an earlier run, does not count)
-DIRTY=$(cd "$ROOT" && git status --porcelain 2>/dev/null | grep -v '^??' | grep -qv ' bench/RESULTS.md$' && echo " + uncommitted changes" || true)
 ELAPSED=$(($(date +%s) - START_EPOCH))
 
 {

@@ -107,13 +107,10 @@ func gitCommit() string {
 		return "unknown"
 	}
 	c := strings.TrimSpace(string(out))
-	st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no").Output()
-	if err == nil {
-		for _, line := range strings.Split(string(st), "\n") {
-			if len(line) > 3 && !strings.HasPrefix(line[3:], "bench/") {
-				return c + " + uncommitted changes"
-			}
-		}
+	// Only changes to what goes into the binary count, not results or docs.
+	st, err := exec.Command("git", "status", "--porcelain", "--untracked-files=no", "--", "*.go", "go.mod", "go.sum").Output()
+	if err == nil && strings.TrimSpace(string(st)) != "" {
+		return c + " + uncommitted changes"
 	}
 	return c
 }

@@ -210,6 +210,13 @@ var guardAttacks = []guardAttack{
 	{name: "CREATE FUNCTION", sql: `CREATE FUNCTION pg_temp.esc() RETURNS text LANGUAGE sql AS $$ SELECT set_config('role', 'service_role', false) $$`},
 	{name: "CREATE OR REPLACE PROCEDURE", sql: `create or replace procedure pg_temp.p() language sql as $$ select 1; set role service_role $$`},
 	{name: "CREATE FUNCTION in another language", sql: `CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE plperl AS 'return 1'`},
+	// plpgsql with no body string once made pg_query's plpgsql compiler
+	// abort the whole proxy process.
+	{name: "CREATE FUNCTION plpgsql with no body", sql: `CREATE FUNCTION d(c t)LANGUAGE plpgsql`},
+	{name: "CREATE FUNCTION plpgsql with a SQL-standard body", sql: `CREATE FUNCTION pg_temp.d() RETURNS int LANGUAGE plpgsql RETURN 1`},
+	{name: "DO plpgsql with no body", sql: `DO LANGUAGE plpgsql`},
+	{name: "pgconn.Prepare DO with no body", via: viaPrepare, sql: `DO LANGUAGE plpgsql`},
+	{name: "pgconn.ExecParams CREATE PROCEDURE plpgsql BEGIN ATOMIC", via: viaUnnamed, sql: `CREATE PROCEDURE pg_temp.p() LANGUAGE plpgsql BEGIN ATOMIC SELECT 1; END`},
 	{name: "CREATE TEMP VIEW over set_config", sql: `CREATE TEMP VIEW esc AS SELECT set_config('role', 'service_role', false) AS r`},
 	{name: "CREATE TEMP TABLE with set_config default", sql: `CREATE TEMP TABLE esc (r text DEFAULT set_config('role', 'service_role', false))`},
 	{name: "ALTER ROLE SET role", sql: `ALTER ROLE authenticated SET role = 'service_role'`},

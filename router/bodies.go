@@ -32,6 +32,12 @@ func (a *analyzer) bodyReason(lang, body string, atomic bool, text string) strin
 		}
 		return a.subReason(body)
 	case "plpgsql":
+		if body == "" || atomic {
+			// pg_query's plpgsql compiler asserts there is a body string:
+			// without one (no AS, or a SQL-standard body) it aborts the
+			// whole process. PostgreSQL refuses such a statement anyway.
+			return "it has no body to check"
+		}
 		js, err := pg_query.ParsePlPgSqlToJSON(text)
 		if err != nil {
 			return "its plpgsql does not parse: " + err.Error()

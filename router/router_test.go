@@ -210,6 +210,14 @@ var classifyCases = []classifyCase{
 	refused(`CREATE FUNCTION f() RETURNS int BEGIN ATOMIC SELECT 1; END`),
 	refused(`CREATE FUNCTION f() RETURNS int LANGUAGE c AS 'lib', 'sym'`),
 	refused(`DO $$ BEGIN EXECUTE 'DO $x$ BEGIN EXECUTE ''SET ROLE postgres''; END $x$'; END $$`),
+	// plpgsql with no body string: pg_query's plpgsql compiler aborts the
+	// process on these, so they never reach it.
+	refused(`CREATE FUNCTION d(c t)LANGUAGE plpgsql`),
+	refused(`CREATE FUNCTION d() RETURNS int LANGUAGE plpgsql RETURN 1`),
+	refused(`CREATE PROCEDURE p() LANGUAGE plpgsql BEGIN ATOMIC SELECT 1; END`),
+	refused(`DO LANGUAGE plpgsql`),
+	refused(`DO $$ BEGIN EXECUTE 'DO LANGUAGE plpgsql'; END $$`),
+	trusted(primary(`DO LANGUAGE plpgsql`, ReasonCall, true)),
 	primary(`do language plpgsql 'begin null; end'`, ReasonCall, true),
 	primary(`CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'`, ReasonDDL, true),
 	primary(`create or replace procedure p() language plpgsql as $$ begin end $$`, ReasonDDL, true),

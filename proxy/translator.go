@@ -50,9 +50,9 @@ type stmt struct {
 	primary   bool   // its text must run on the primary
 	writes    bool
 	pin       bool             // its text pins a routed session
-	state     bool             // its text may leave session state (Route.SessionState)
-	keeps     bool             // its text creates state the client keeps (Route.KeepsSessionState)
-	ddl       bool             // its text changes the schema (Route.ChangesSchema)
+	state     bool             // its text may leave session state (Decision.SessionState)
+	keeps     bool             // its text creates state the client keeps (Decision.KeepsSessionState)
+	ddl       bool             // its text changes the schema (Decision.ChangesSchema)
 	epoch     uint64           // the project's schema epoch when the client parsed it
 	reset     router.ResetKind // its text was RESET ALL or DISCARD ALL, rewritten (reset.go)
 	gucs      []string         // session settings it changes

@@ -41,7 +41,6 @@ func (c *Cluster) StopWhenGone(pid int) (unwatch func(), err error) {
 	}
 	cmd := c.env.run.command(context.Background(), "/bin/sh", args...)
 	cmd.Dir = "/"
-	cmd.WaitDelay = 0
 	if cmd.SysProcAttr == nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}
 	}

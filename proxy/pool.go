@@ -95,6 +95,10 @@ type hostLimiter struct {
 	grants   []*grant
 	handoffs int64 // slots handed over so far
 	refill   chan<- struct{}
+	// retiring are the backends the reaper found idle too long, closed one
+	// after another by the host's retirer (retire) while it runs.
+	retiring []retiree
+	retirer  bool
 
 	resMu    sync.Mutex
 	reserved int64              // semaphore units held above the cap
@@ -120,6 +124,13 @@ const serverExitWait = 5 * time.Second
 // msgTerminate asks a server process to exit.
 var msgTerminate = []byte{msgTypeTerminate, 0, 0, 0, 4}
 
+// retiree is a backend the reaper found idle too long, taken from its pool
+// so that no client gets it, waiting to be closed.
+type retiree struct {
+	pl  *pool
+	res *puddle.Resource[*backend]
+}
+
 // pools is the registry of all pools and host limiters of a server.
 type pools struct {
 	maxPerHost     int
@@ -140,6 +151,8 @@ type pools struct {
 	// lowering starts on a closed server.
 	capMu  sync.Mutex
 	closed bool
+
+	retirers sync.WaitGroup // the hosts' retirers running (retire)
 }
 
 func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *slog.Logger, m *Metrics) *pools {
@@ -793,7 +806,7 @@ func (ps *pools) reap(idle time.Duration) int {
 	for _, p := range all {
 		for _, r := range p.p.AcquireAllIdle() {
 			if r.IdleDuration() >= idle {
-				r.Destroy()
+				ps.retire(p, r)
 			} else {
 				r.ReleaseUnused()
 			}
@@ -807,6 +820,56 @@ func (ps *pools) reap(idle time.Duration) int {
 	ps.mu.Lock()
 	defer ps.mu.Unlock()
 	return len(ps.byKey)
+}
+
+// retire closes a backend found idle too long after those of its host
+// found before it, each once the server of the one before has exited, on
+// a goroutine that runs while there are some. Backends that fall idle
+// together (a burst of clients gone) time out together; closed at once,
+// their server processes would exit at once, and PostgreSQL's postmaster,
+// busy with their exits, would start the logins of newly active projects
+// late.
+func (ps *pools) retire(p *pool, res *puddle.Resource[*backend]) {
+	h := p.host
+	h.mu.Lock()
+	h.retiring = append(h.retiring, retiree{pl: p, res: res})
+	start := !h.retirer
+	h.retirer = true
+	h.mu.Unlock()
+	if start {
+		ps.retirers.Add(1)
+		go ps.retireAll(h)
+	}
+}
+
+// retireAll is a host's retirer: it closes the host's retiring backends in
+// turn and ends when none is left.
+func (ps *pools) retireAll(h *hostLimiter) {
+	defer ps.retirers.Done()
+	for {
+		h.mu.Lock()
+		if len(h.retiring) == 0 {
+			h.retiring, h.retirer = nil, false
+			h.mu.Unlock()
+			return
+		}
+		r := h.retiring[0]
+		h.retiring[0] = retiree{}
+		h.retiring = h.retiring[1:]
+		h.mu.Unlock()
+		r.pl.destroyAndWait(r.res)
+	}
+}
+
+// destroyAndWait destroys a backend taken from the pool and waits until
+// its server has exited (or has been taken as gone: destroy closes the
+// socket after serverExitWait, which ends the backend's goroutine).
+func (pl *pool) destroyAndWait(res *puddle.Resource[*backend]) {
+	v, ok := pl.links.Load(res.Value())
+	res.Destroy()
+	if ok {
+		<-v.(*link).served
+	}
 }
 
 // refillReserves fills the newcomers' reserve of every host back from
@@ -870,6 +933,7 @@ func (ps *pools) closeAll() {
 	for _, p := range all {
 		ps.drop(p)
 	}
+	ps.retirers.Wait()
 }
 
 func (ps *pools) hostList() []*hostLimiter {

@@ -4,8 +4,12 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -282,6 +286,114 @@ func TestIdlePoolsDisappear(t *testing.T) {
 	if n := h.srv.PoolCount(); n != len(testProjects) {
 		t.Fatalf("PoolCount = %d after reuse, want %d", n, len(testProjects))
 	}
+}
+
+// TestIdleBackendsRetireOneAtATime: backends that fall idle together time
+// out together, and the proxy closes them one after another, each once the
+// server before it has exited, not all at once. The test stops their server
+// processes (SIGSTOP) so that a Terminate the proxy sends stays unread in
+// the server's socket; at most one such socket is seen at any time. Then
+// the servers go on, and every backend closes.
+func TestIdleBackendsRetireOneAtATime(t *testing.T) {
+	waitNoBackends(t)
+	const n = 4
+	h := startProxy(t, harnessOpts{poolSize: n, opts: proxy.Options{ServerIdleTimeout: 400 * time.Millisecond}})
+	ctx := context.Background()
+	conns := make([]*pgx.Conn, n)
+	pids := make([]int, n)
+	for i := range conns {
+		conns[i] = h.connect("p1", "authenticated", fmt.Sprintf("retire-%d", i))
+		if _, err := conns[i].Exec(ctx, "BEGIN"); err != nil {
+			t.Fatal(err)
+		}
+		if err := conns[i].QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range conns {
+		if _, err := c.Exec(ctx, "COMMIT"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resume := func() {
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGCONT)
+		}
+	}
+	t.Cleanup(resume) // never leave a server stopped
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatalf("stop server %d: %v", pid, err)
+		}
+	}
+	told := func() int {
+		k := 0
+		for _, pid := range pids {
+			if unreadBytes(t, pid) > 0 {
+				k++
+			}
+		}
+		return k
+	}
+	waitFor(t, "the proxy to close a backend idle too long", 5*time.Second, func() bool { return told() > 0 })
+	// The next Terminate would follow within a millisecond if they were
+	// closed together; the proxy waits serverExitWait (5 s) for a server
+	// that does not exit.
+	for end := time.Now().Add(500 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if k := told(); k > 1 {
+			t.Fatalf("%d stopped servers were sent a Terminate at once, want 1 at a time", k)
+		}
+	}
+	resume()
+	waitFor(t, "every idle backend to close", 10*time.Second, func() bool { return proxyBackends(t, "") == 0 })
+	waitFor(t, "their slots to be given back", 5*time.Second, func() bool { return h.srv.HostConns()[cluster.Primary.Addr()] == 0 })
+	// The clients go on with new backends.
+	for i, c := range conns {
+		var user string
+		if err := c.QueryRow(ctx, "SELECT current_user").Scan(&user); err != nil || user != "authenticated" {
+			t.Fatalf("client %d after its backend was retired: %q, %v", i, user, err)
+		}
+	}
+}
+
+// unreadBytes is how many bytes wait unread in the TCP sockets of process
+// pid (the receive queues of /proc/net/tcp and tcp6).
+func unreadBytes(t *testing.T, pid int) int64 {
+	t.Helper()
+	fds, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		t.Fatalf("server %d: %v", pid, err)
+	}
+	inodes := map[string]bool{}
+	for _, fd := range fds {
+		l, err := os.Readlink(fmt.Sprintf("/proc/%d/fd/%s", pid, fd.Name()))
+		if err == nil && strings.HasPrefix(l, "socket:[") {
+			inodes[strings.TrimSuffix(strings.TrimPrefix(l, "socket:["), "]")] = true
+		}
+	}
+	var total int64
+	for _, table := range []string{"/proc/net/tcp", "/proc/net/tcp6"} {
+		b, err := os.ReadFile(table)
+		if err != nil {
+			continue // no IPv6
+		}
+		for _, line := range strings.Split(string(b), "\n")[1:] {
+			f := strings.Fields(line)
+			if len(f) < 10 || !inodes[f[9]] {
+				continue
+			}
+			_, rx, ok := strings.Cut(f[4], ":") // tx_queue:rx_queue, hex
+			if !ok {
+				continue
+			}
+			q, err := strconv.ParseInt(rx, 16, 64)
+			if err != nil {
+				t.Fatalf("%s: receive queue %q: %v", table, f[4], err)
+			}
+			total += q
+		}
+	}
+	return total
 }
 
 // TestQueryWaitTimeout: with the only backend held by an open transaction, a

@@ -237,7 +237,7 @@ func (b *backend) cancel(ctx context.Context) error {
 		if _, err := io.ReadFull(c, resp[:]); err != nil {
 			return fmt.Errorf("ssl response for cancel: %w", err)
 		}
-		if resp[0] == 'S' {
+		if resp[0] == encryptionYes {
 			tc := tls.Client(c, b.tlsConf)
 			if err := tc.HandshakeContext(ctx); err != nil {
 				return fmt.Errorf("tls for cancel: %w", err)
@@ -319,7 +319,7 @@ func (b *backend) simpleQueryTo(notify *bufio.Writer, sqls ...string) ([][]*stri
 			if err != nil {
 				return nil, err
 			}
-			if len(body) != 1 || body[0] != 'I' {
+			if len(body) != 1 || body[0] != txIdle {
 				return nil, errors.New("backend not idle after an internal query")
 			}
 			if left--; left > 0 {

@@ -120,7 +120,7 @@ func (ss *session) onQuery() error {
 // transaction is aborted as by any error, and its error is replaced.
 func (ss *session) refuse(refusal error) error {
 	if !ss.attached() {
-		ss.writeLocal(toErrorResponse(refusal, false), 'I')
+		ss.writeLocal(toErrorResponse(refusal, false), txIdle)
 		return nil
 	}
 	be, err := ss.claim(true, want{primary: true, reason: "refused"})
@@ -155,7 +155,7 @@ func (ss *session) writeLocalComplete(tag string) {
 	ss.lockOut()
 	defer ss.wmu.Unlock()
 	ss.scratch, _ = encodeTo(ss.wr, &pgproto3.CommandComplete{CommandTag: []byte(tag)}, ss.scratch)
-	_, _ = ss.wr.Write(rfq('I'))
+	_, _ = ss.wr.Write(rfq(txIdle))
 	_ = ss.wr.Flush()
 }
 
@@ -349,7 +349,7 @@ func (ss *session) flushForwarded() {
 // failBatch answers a held batch that could not run.
 func (ss *session) failBatch(term byte, err error) {
 	if term == msgTypeSync {
-		ss.writeLocal(toErrorResponse(err, false), 'I')
+		ss.writeLocal(toErrorResponse(err, false), txIdle)
 		return
 	}
 	ss.failLocal(msgTypeParse, err)

@@ -57,7 +57,7 @@ func (ss *session) onReset(sql string, r verdict) error {
 			ss.writeLocalComplete(resetTag(r.Reset))
 			return nil
 		}
-		if r.Reset == router.DiscardAll && status != 'I' {
+		if r.Reset == router.DiscardAll && status != txIdle {
 			return ss.refuse(discardInTransaction())
 		}
 	}

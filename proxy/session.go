@@ -139,7 +139,7 @@ func newSession(s *Server, c net.Conn, rd *msgReader, proj *project, ref string,
 		txMode:        !proj.cfg.SessionMode,
 		projRun:       proj.run,
 		metrics:       proj.metrics,
-		txStatus:      'I',
+		txStatus:      txIdle,
 		translator:    newTranslator(s.opts.MaxPreparedStatements, &proj.run.schema),
 		trusted:       slices.Contains(proj.cfg.TrustedRoles, id.Role),
 	}
@@ -323,7 +323,7 @@ func (ss *session) greet(ctx context.Context) error {
 	if _, err = encodeTo(w, &pgproto3.BackendKeyData{ProcessID: ss.keyPID, SecretKey: ss.keySecret}, buf); err != nil {
 		return err
 	}
-	if _, err := w.Write(rfq('I')); err != nil {
+	if _, err := w.Write(rfq(txIdle)); err != nil {
 		return err
 	}
 	return w.Flush()
@@ -460,13 +460,13 @@ func (ss *session) onSync() error {
 	if perr := ss.pendingErr; perr != nil && ss.be == nil {
 		ss.pendingErr = nil
 		ss.mu.Unlock()
-		ss.writeLocal(toErrorResponse(perr, false), 'I')
+		ss.writeLocal(toErrorResponse(perr, false), txIdle)
 		return nil
 	}
 	be := ss.be
 	if be == nil {
 		ss.mu.Unlock()
-		ss.writeLocal(nil, 'I')
+		ss.writeLocal(nil, txIdle)
 		return nil
 	}
 	ss.mark(true)
@@ -618,7 +618,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	// must end before a statement for the primary starts its own unit.
 	// Only when that unit will end by itself: replies pending and nothing
 	// forwarded after its last Sync.
-	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == 'I' && ss.pending > 0 && !ss.dirty && !ss.clientGone.Load() {
+	for ss.be != nil && ss.beReplica && w.primary && ss.txStatus == txIdle && ss.pending > 0 && !ss.dirty && !ss.clientGone.Load() {
 		ss.cond.Wait()
 	}
 	if be := ss.be; be != nil {
@@ -703,7 +703,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.replay = ss.replay[:0]
 		ss.unitWrites = w.writes && !replica
 		ss.identPending = false // the identity commits on its own (setupPlan)
-		ss.txStatus = 'I'
+		ss.txStatus = txIdle
 		ss.mark(boundary)
 		ss.unnamedOnBackend = false
 		ss.unitGUCs = append(ss.unitGUCs[:0], w.gucs...)
@@ -784,7 +784,7 @@ func (ss *session) currentStatus() byte {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
 	if ss.be == nil {
-		return 'I'
+		return txIdle
 	}
 	return ss.txStatus
 }
@@ -930,18 +930,18 @@ func (ss *session) relay(a attachment) *unit {
 			if ss.pending == 0 {
 				ss.cond.Broadcast() // a proxy-made reply (writeLocal) may go out now
 			}
-			if status == 'I' {
+			if status == txIdle {
 				ss.identPending = false
 			}
 			gone := ss.clientGone.Load()
 			var u *unit
 			releasable := func() bool {
-				return ss.pending <= 0 && !ss.dirty && (ss.clientGone.Load() || (status == 'I' && !ss.sessionMode && !ss.pinned))
+				return ss.pending <= 0 && !ss.dirty && (ss.clientGone.Load() || (status == txIdle && !ss.sessionMode && !ss.pinned))
 			}
 			// A unit that may have created state the client keeps, and
 			// every unit of a pinned client, ends with a look at the backend.
 			checkDue := func() bool {
-				return ss.pending <= 0 && !ss.dirty && !ss.clientGone.Load() && status == 'I' && ss.txMode && (ss.unitKeeps || ss.pinned)
+				return ss.pending <= 0 && !ss.dirty && !ss.clientGone.Load() && status == txIdle && ss.txMode && (ss.unitKeeps || ss.pinned)
 			}
 			for (releasable() || checkDue()) && ss.writing {
 				// The client goroutine is finishing the write this reply
@@ -960,7 +960,7 @@ func (ss *session) relay(a attachment) *unit {
 			if releasable() {
 				// Decide and detach in one critical section: once the lock is
 				// released, the client goroutine must not find this backend.
-				u = ss.detachLocked(status == 'I' && !ss.drainFailed)
+				u = ss.detachLocked(status == txIdle && !ss.drainFailed)
 			}
 			ss.mu.Unlock()
 			if !gone {
@@ -1112,7 +1112,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	ss.unitWrites, ss.unitState, ss.unitKeeps, ss.unitDDL = false, false, false, false
 	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
-	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
+	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, txIdle
 	ss.forgetReplies()
 	ss.cond.Broadcast()
 	return u
@@ -1212,7 +1212,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	pend, dirty, status := ss.pending, ss.dirty, ss.txStatus
 	gone := ss.clientGone.Load()
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
-	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, 'I'
+	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, txIdle
 	ss.lost(&be.stmtTable)
 	e := &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: CodeConnectionFailure,
 		Message: "server connection lost", Detail: "The transaction was rolled back; the connection to cascata goes on."}
@@ -1226,7 +1226,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	sessionMode := ss.sessionMode || ss.pinned // a pinned client's state is gone too
 	ss.pinned = false
 	ss.releasePinLocked()
-	if !gone && !sessionMode && pend == 0 && (dirty || status != 'I') {
+	if !gone && !sessionMode && pend == 0 && (dirty || status != txIdle) {
 		ss.pendingErr = &Error{Code: e.Code, Message: e.Message, Detail: e.Detail, Hint: e.Hint}
 	}
 	ss.cond.Broadcast()
@@ -1251,7 +1251,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 		ss.lockOut()
 		ss.scratch, _ = encodeTo(ss.wr, e, ss.scratch)
 		for range pend {
-			_, _ = ss.wr.Write(rfq('I'))
+			_, _ = ss.wr.Write(rfq(txIdle))
 		}
 		_ = ss.wr.Flush()
 		ss.wmu.Unlock()

@@ -127,12 +127,12 @@ func (s *Server) readStartup(c net.Conn, tlsConf *tls.Config) (net.Conn, *startu
 				return c, nil, fatalError(CodeProtocolViolation, "unexpected SSL request")
 			}
 			if tlsConf == nil {
-				if _, err := c.Write([]byte{'N'}); err != nil {
+				if _, err := c.Write([]byte{encryptionNo}); err != nil {
 					return c, nil, err
 				}
 				continue
 			}
-			if _, err := c.Write([]byte{'S'}); err != nil {
+			if _, err := c.Write([]byte{encryptionYes}); err != nil {
 				return c, nil, err
 			}
 			tc := tls.Server(c, tlsConf)
@@ -141,7 +141,7 @@ func (s *Server) readStartup(c net.Conn, tlsConf *tls.Config) (net.Conn, *startu
 			}
 			c, encrypted = tc, true
 		case code == codeGSSENCRequest:
-			if _, err := c.Write([]byte{'N'}); err != nil {
+			if _, err := c.Write([]byte{encryptionNo}); err != nil {
 				return c, nil, err
 			}
 		case code == codeCancelRequest:
@@ -248,7 +248,7 @@ func (s *Server) login(c net.Conn, st *startup) (*session, error) {
 		}
 		return nil, fmt.Errorf("read password: %w", err)
 	}
-	if typ != 'p' {
+	if typ != msgTypePassword {
 		return nil, fatalError(CodeProtocolViolation, "expected password message, got %q", typ)
 	}
 	body, err := rd.body()

@@ -344,7 +344,7 @@ func (ss *session) translate(be *backend, m *extMsg, r *verdict) {
 			ss.failParse(&Error{Code: "42601", Message: "cannot insert multiple commands into a prepared statement"})
 			return
 		}
-		if r.Reset == router.DiscardAll && ss.be != nil && ss.txStatus != 'I' {
+		if r.Reset == router.DiscardAll && ss.be != nil && ss.txStatus != txIdle {
 			ss.failParse(discardInTransaction())
 			return
 		}

@@ -235,6 +235,15 @@ func encodeTo(w *bufio.Writer, msg interface {
 	return buf, err
 }
 
+// The one-byte answers to SSLRequest and GSSENCRequest.
+const (
+	encryptionYes byte = 'S' // go on with the TLS handshake
+	encryptionNo  byte = 'N' // go on unencrypted
+)
+
+// msgTypePassword is the client's PasswordMessage of the login.
+const msgTypePassword byte = 'p'
+
 // Frontend message types after login (PostgreSQL protocol 3.0).
 const (
 	msgTypeQuery        byte = 'Q'
@@ -266,6 +275,13 @@ const (
 	msgTypeParameterStatus byte = 'S'
 )
 
+// Transaction statuses of ReadyForQuery.
+const (
+	txIdle    byte = 'I' // not in a transaction block
+	txInBlock byte = 'T' // in a transaction block
+	txFailed  byte = 'E' // in a failed transaction block
+)
+
 // The kind byte of Describe and Close: a prepared statement or a portal.
 const (
 	kindStatement byte = 'S'
@@ -290,17 +306,17 @@ func mustEncode(msg interface {
 }
 
 // rfqMsgs are the ReadyForQuery messages of the three statuses.
-var rfqMsgs = [3][]byte{{msgTypeReadyForQuery, 0, 0, 0, 5, 'I'}, {msgTypeReadyForQuery, 0, 0, 0, 5, 'T'}, {msgTypeReadyForQuery, 0, 0, 0, 5, 'E'}}
+var rfqMsgs = [3][]byte{{msgTypeReadyForQuery, 0, 0, 0, 5, txIdle}, {msgTypeReadyForQuery, 0, 0, 0, 5, txInBlock}, {msgTypeReadyForQuery, 0, 0, 0, 5, txFailed}}
 
 // rfq returns a ReadyForQuery message with the given transaction status.
 // The result must not be modified.
 func rfq(status byte) []byte {
 	switch status {
-	case 'I':
+	case txIdle:
 		return rfqMsgs[0]
-	case 'T':
+	case txInBlock:
 		return rfqMsgs[1]
-	case 'E':
+	case txFailed:
 		return rfqMsgs[2]
 	}
 	return []byte{msgTypeReadyForQuery, 0, 0, 0, 5, status}

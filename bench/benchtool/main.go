@@ -8,6 +8,7 @@
 //	benchtool rsakey -jwks FILE -project REF -role ROLE
 //	benchtool idle  -addr H:P -db DB -user U -password PW -n 5000 -stmts 10 -pid PID
 //	benchtool load  -addr H:P -db REF -role R -secret-env VAR -n 1000 -dur 15s [-distinct] -pid PID
+//	benchtool newcomers -addr H:P -prefix p -n 100 -secret-env VAR [-direct URL] [-only proxy|direct]
 //	benchtool relay -listen H:P -target H:P [-dur 1h]
 //	benchtool pool-goroutine -listen H:P -target H:P -db DB -user U -password-env VAR -role R -pool 20 [-dur 1h] [-cpuprofile F]
 //	benchtool pool-eventloop (the same flags)
@@ -22,7 +23,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|relay|pool-goroutine|pool-eventloop [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -38,6 +39,8 @@ func main() {
 		err = cmdIdle(args)
 	case "load":
 		err = cmdLoad(args)
+	case "newcomers":
+		err = cmdNewcomers(args)
 	case "relay":
 		err = cmdRelay(args)
 	case "pool-goroutine":

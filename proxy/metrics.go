@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -13,6 +14,8 @@ type Metrics struct {
 	logins       *prometheus.CounterVec
 	servers      *prometheus.GaugeVec
 	serverOpens  *prometheus.CounterVec
+	dialing      *prometheus.GaugeVec
+	dialSeconds  *prometheus.HistogramVec
 	transactions *prometheus.CounterVec
 	queries      *prometheus.CounterVec
 	poolWait     *prometheus.HistogramVec
@@ -76,8 +79,16 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		replicaUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "cascata_replica_healthy", Help: "1 when a replica server is used for reads.",
 		}, []string{"server"}),
+		dialing: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cascata_server_dials_in_progress", Help: "Backend logins under way, by server (host:port).",
+		}, []string{"server"}),
+		dialSeconds: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name: "cascata_server_dial_seconds", Help: "Time a backend login took (connect, TLS, authentication), by server (host:port); failed ones included.",
+			Buckets: []float64{.005, .01, .02, .03, .05, .075, .1, .15, .25, .5, 1, 2.5, 5, 10},
+		}, []string{"server"}),
 	}
 	if reg != nil {
+		reg.MustRegister(m.dialing, m.dialSeconds)
 		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.pinned, m.pinRefusals, m.routes, m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp)
 	}
 	return m
@@ -101,6 +112,28 @@ func (sm serverMetrics) serverOpened() {
 }
 
 func (sm serverMetrics) serverClosed() { sm.open.Dec() }
+
+// dialMetrics are the backend login series of one server, looked up at
+// each login (rare beside queries), so that deleting them (forgetServer)
+// never leaves a host updating a detached series.
+type dialMetrics struct {
+	inProgress prometheus.Gauge
+	seconds    prometheus.Observer
+}
+
+func (m *Metrics) forDials(server string) dialMetrics {
+	return dialMetrics{inProgress: m.dialing.WithLabelValues(server), seconds: m.dialSeconds.WithLabelValues(server)}
+}
+
+// dialStarted counts a login under way; the returned func ends it.
+func (dm dialMetrics) dialStarted() func() {
+	start := time.Now()
+	dm.inProgress.Inc()
+	return func() {
+		dm.inProgress.Dec()
+		dm.seconds.Observe(time.Since(start).Seconds())
+	}
+}
 
 // projectMetrics caches the per-project children so the hot path does no label lookups.
 type projectMetrics struct {
@@ -143,6 +176,9 @@ func (m *Metrics) forgetServer(server string) {
 	for _, v := range []*prometheus.GaugeVec{m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp} {
 		v.DeleteLabelValues(server)
 	}
+	hostPort := strings.TrimSuffix(server, "/true") // the monitor's key; dials are by host:port
+	m.dialing.DeleteLabelValues(hostPort)
+	m.dialSeconds.DeleteLabelValues(hostPort)
 }
 
 // forgetProject deletes every series of a removed project, so projects that

@@ -291,7 +291,9 @@ func (pl *pool) construct(ps *pools) puddle.Constructor[*backend] {
 		}
 		dctx, dcancel := context.WithTimeout(ctx, ps.connectTimeout)
 		defer dcancel()
+		dialDone := ps.metrics.forDials(pl.hostKey).dialStarted()
 		b, err := dialBackend(dctx, pl.cfg)
+		dialDone()
 		if err != nil {
 			pl.host.giveBack()
 		}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -86,4 +87,95 @@ func (w *world) poolProjects(ctx context.Context) (map[string]bool, error) {
 		out[p.Project] = true
 	}
 	return out, nil
+}
+
+// dialHist is cascata_server_dial_seconds summed over servers: backend
+// logins so far by bucket (cumulative, as Prometheus keeps them).
+type dialHist struct {
+	at      time.Time
+	count   float64
+	buckets map[float64]float64 // upper bound in seconds -> logins at most that long
+}
+
+// dials reads cascata_server_dial_seconds from the admin plane's /metrics.
+func (w *world) dials(ctx context.Context) (dialHist, error) {
+	h := dialHist{at: time.Now(), buckets: map[float64]float64{}}
+	body, err := w.admin(ctx, "/metrics")
+	if err != nil {
+		return h, err
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		name, v, ok := strings.Cut(line, " ")
+		if !ok || !strings.HasPrefix(name, "cascata_server_dial_seconds_") {
+			continue
+		}
+		n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+		if err != nil {
+			return h, fmt.Errorf("parse %s %q: %w", name, v, err)
+		}
+		switch {
+		case strings.HasPrefix(name, "cascata_server_dial_seconds_count{"):
+			h.count += n
+		case strings.HasPrefix(name, "cascata_server_dial_seconds_bucket{"):
+			_, le, _ := strings.Cut(name, `le="`)
+			le, _, _ = strings.Cut(le, `"`)
+			if le == "+Inf" {
+				continue
+			}
+			ub, err := strconv.ParseFloat(le, 64)
+			if err != nil {
+				return h, fmt.Errorf("parse bucket %q: %w", name, err)
+			}
+			h.buckets[ub] += n
+		}
+	}
+	return h, nil
+}
+
+// dialWindow is what the backend logins between two readings were.
+type dialWindow struct {
+	n       float64       // logins
+	perSec  float64       // logins per second
+	p50     time.Duration // upper bound of the bucket holding the median; 0: none or beyond the last bucket
+	p99     time.Duration
+	measure bool // both readings were taken
+}
+
+func (h dialHist) since(before dialHist) dialWindow {
+	win := dialWindow{n: h.count - before.count, measure: true}
+	if d := h.at.Sub(before.at).Seconds(); d > 0 {
+		win.perSec = win.n / d
+	}
+	bounds := make([]float64, 0, len(h.buckets))
+	for ub := range h.buckets {
+		bounds = append(bounds, ub)
+	}
+	slices.Sort(bounds)
+	quantile := func(q float64) time.Duration {
+		for _, ub := range bounds {
+			if win.n > 0 && h.buckets[ub]-before.buckets[ub] >= q*win.n {
+				return time.Duration(ub * float64(time.Second))
+			}
+		}
+		return 0
+	}
+	win.p50, win.p99 = quantile(0.5), quantile(0.99)
+	return win
+}
+
+// String renders the window for the report: "logins (per s), p50 / p99".
+func (win dialWindow) String() string {
+	if !win.measure {
+		return "—"
+	}
+	if win.n == 0 {
+		return "0"
+	}
+	q := func(d time.Duration) string {
+		if d == 0 {
+			return "> 10 s"
+		}
+		return fmt.Sprintf("≤ %s", d)
+	}
+	return fmt.Sprintf("%.0f (%.1f/s), %s / %s", win.n, win.perSec, q(win.p50), q(win.p99))
 }

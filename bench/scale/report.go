@@ -176,17 +176,19 @@ func section(res *outcome, svgLink string) string {
 	p("")
 	p("Every %dth client runs `SELECT 1` once a second for %s, each at its own offset (their projects keep a pool).", o.lightEvery, o.lightDur)
 	p("")
-	p("| clients | clients querying (projects) | p50 ms | p99 ms | errors | RSS per client KiB | goroutines | pools | backends, mean / max |")
-	p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	p("| clients | clients querying (projects) | p50 ms | p99 ms | errors | RSS per client KiB | goroutines | pools | backends, mean / max | cascata's backend logins (per s), p50 / p99 |")
+	p("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
 	for _, s := range res.steps {
 		if s.light == nil {
-			p("| %s | not run ||||||||", thousands(s.live))
+			p("| %s | not run |||||||||", thousands(s.live))
 			continue
 		}
-		p("| %s | %d (%d) | %.2f | %.2f | %d | %.1f | %d | %d | %.1f / %d |", thousands(s.live), s.lightActive, s.lightProjs,
+		p("| %s | %d (%d) | %.2f | %.2f | %d | %.1f | %d | %d | %.1f / %d | %s |", thousands(s.live), s.lightActive, s.lightProjs,
 			s.light.pct(0.5), s.light.pct(0.99), s.light.errs, s.lightRead.kibPerClient(res.base.rssKB, s.live),
-			s.lightRead.goroutines, s.lightRead.pools, s.lightWin.mean, s.lightWin.max)
+			s.lightRead.goroutines, s.lightRead.pools, s.lightWin.mean, s.lightWin.max, s.lightDials)
 	}
+	p("")
+	p("With more projects querying than the host cap holds backends for, each query of a project left without one waits for a backend login (`cascata_server_dial_seconds`, whose bucket bounds the percentiles).")
 	p("")
 	p("### Newly active projects while the host cap is in use")
 	p("")
@@ -206,8 +208,8 @@ func section(res *outcome, svgLink string) string {
 	p("show how often cascata closed and dialled backends. The busy clients are measured alone for %s first (after 2 s to", busyAlone)
 	p("settle); %d backends each running `%s` back to back could serve up to %.0f queries/s.", o.hostCap, o.busyQuery, busyCeiling(o))
 	p("")
-	p("| clients | busy query | probes | p50 ms | p99 ms (target < %.0f) | max ms | login alone p50 / p99 ms | PostgreSQL login + `SELECT 1` between the probes, p50 / p99 ms | failed | backends min / mean / max | mean backend age s | backends closed per s | busy queries/s | before the probes: busy queries/s, backends mean, age s, closed per s |", targetP99Ms)
-	p("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+	p("| clients | busy query | probes | p50 ms | p99 ms (target < %.0f) | max ms | login alone p50 / p99 ms | PostgreSQL login + `SELECT 1` between the probes, p50 / p99 ms | cascata's backend logins (per s), p50 / p99 | failed | backends min / mean / max | mean backend age s | backends closed per s | busy queries/s | before the probes: busy queries/s, backends mean, age s, closed per s |", targetP99Ms)
+	p("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 	for _, s := range res.steps {
 		for _, ph := range s.phases {
 			probeRow(p, o, s, ph)
@@ -461,9 +463,9 @@ func probeRow(p func(string, ...any), o *options, s *step, ph *probePhase) {
 		}
 		made += ")"
 	}
-	p("| %s | `%s` | %s | %.1f | %.1f %s | %.1f | %.1f / %.1f | %.1f / %.1f | %d | %d / %.1f / %d | %.2f | %.0f | %.0f | %.0f, %.1f, %.2f, %.0f |",
+	p("| %s | `%s` | %s | %.1f | %.1f %s | %.1f | %.1f / %.1f | %.1f / %.1f | %s | %d | %d / %.1f / %d | %.2f | %.0f | %.0f | %.0f, %.1f, %.2f, %.0f |",
 		thousands(s.live), ph.query, made, pr.lat.pct(0.5), p99, verdict(pr.lat.count() >= o.probes && p99 < targetP99Ms),
-		pr.lat.pct(1), pr.connect.pct(0.5), pr.connect.pct(0.99), pr.floor.pct(0.5), pr.floor.pct(0.99), pr.lat.errs,
+		pr.lat.pct(1), pr.connect.pct(0.5), pr.connect.pct(0.99), pr.floor.pct(0.5), pr.floor.pct(0.99), ph.dials, pr.lat.errs,
 		ph.probeWin.min, ph.probeWin.mean, ph.probeWin.max, ph.probeWin.meanAge, ph.probeWin.closedPerSec(), ph.probeBusyQPS,
 		ph.busyAloneQPS, ph.busyAloneWin.mean, ph.busyAloneWin.meanAge, ph.busyAloneWin.closedPerSec())
 }

@@ -28,6 +28,7 @@ type step struct {
 	light       *latencies
 	lightRead   reading
 	lightWin    window // backends during the light activity
+	lightDials  dialWindow
 
 	phases  []*probePhase // newly active projects, one phase per busy query
 	stepWin window        // backends over the whole step
@@ -37,8 +38,9 @@ type step struct {
 // other projects, running query back to back, hold the host cap.
 type probePhase struct {
 	query        string
-	busyAloneQPS float64 // busy clients' queries per second before the probes
-	busyAloneWin window  // backends then
+	dials        dialWindow // cascata's backend logins during the probes
+	busyAloneQPS float64    // busy clients' queries per second before the probes
+	busyAloneWin window     // backends then
 	probes       probeResult
 	probeBusyQPS float64
 	probeWin     window // backends while probing
@@ -269,6 +271,10 @@ func measureStep(ctx context.Context, w *world, o *options, d *dialer, fl *fleet
 		n, st.idle.rssKB, perClient(st.idle.rssKB-w.baseRSS, st.live), st.idle.goroutines, st.idle.fds, st.idle.pools, st.idle.backends)
 
 	// Light activity: a few per cent of the clients query once a second.
+	dials0, err := w.dials(ctx)
+	if err != nil {
+		return st, err
+	}
 	lightStart := time.Now()
 	lightDone := make(chan struct{})
 	go func() {
@@ -285,6 +291,11 @@ func measureStep(ctx context.Context, w *world, o *options, d *dialer, fl *fleet
 	if err != nil {
 		return st, err
 	}
+	dials1, err := w.dials(ctx)
+	if err != nil {
+		return st, err
+	}
+	st.lightDials = dials1.since(dials0)
 	say("%d clients, %d querying once a second: p50 %.2f ms, p99 %.2f ms, %d errors; %d pools",
 		n, st.lightActive, st.light.pct(0.5), st.light.pct(0.99), st.light.errs, st.lightRead.pools)
 
@@ -365,11 +376,21 @@ func runProbePhase(ctx context.Context, w *world, o *options, d *dialer, smp *sa
 	}
 	ph.busyAloneWin = smp.window(a0, time.Now())
 	ph.busyAloneQPS = float64(b.runs.Load()-aruns) / time.Since(a0).Seconds()
+	dials0, err := w.dials(ctx)
+	if err != nil {
+		b.stop(context.WithoutCancel(ctx))
+		return ph, err
+	}
 	runs0 := b.runs.Load()
 	p0 := time.Now()
 	pctx, pcancel := context.WithTimeout(ctx, o.probeTime)
 	perr := probe(pctx, d, fresh, w.floorURL, &ph.probes)
 	pcancel()
+	if dials1, err := w.dials(ctx); err == nil {
+		ph.dials = dials1.since(dials0)
+	} else if perr == nil {
+		perr = err
+	}
 	if perr != nil && ctx.Err() == nil {
 		perr = nil // the step's probe time ran out: the probes not made are reported as missing
 	}

@@ -88,8 +88,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"server"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.dialing, m.dialSeconds)
-		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.pinned, m.pinRefusals, m.routes, m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp)
+		reg.MustRegister(m.clients, m.logins, m.servers, m.serverOpens, m.dialing, m.dialSeconds, m.transactions, m.queries, m.poolWait, m.waitTimeouts, m.pinned, m.pinRefusals, m.routes, m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp)
 	}
 	return m
 }

@@ -832,6 +832,9 @@ func (ps *pools) reap(idle time.Duration) int {
 // busy with their exits, would start the logins of newly active projects
 // late.
 func (ps *pools) retire(p *pool, res *puddle.Resource[*backend]) {
+	// Closing from now on for the cap and the newcomers' reserve, so that
+	// neither closes another backend for the slot this one will free.
+	p.condemn(res.Value())
 	h := p.host
 	h.mu.Lock()
 	h.retiring = append(h.retiring, retiree{pl: p, res: res})

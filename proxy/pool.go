@@ -153,6 +153,9 @@ type pools struct {
 	closed bool
 
 	retirers sync.WaitGroup // the hosts' retirers running (retire)
+	// quit is closed when the pools close (closeAll): the retirers stop
+	// waiting for one server's exit before the next.
+	quit chan struct{}
 }
 
 func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *slog.Logger, m *Metrics) *pools {
@@ -165,6 +168,7 @@ func newPools(maxPerHost int, connectTimeout, waitTimeout time.Duration, log *sl
 		byKey:          map[string]*pool{},
 		hosts:          map[string]*hostLimiter{},
 		refill:         make(chan struct{}, 1),
+		quit:           make(chan struct{}),
 	}
 }
 
@@ -825,8 +829,8 @@ func (ps *pools) reap(idle time.Duration) int {
 }
 
 // retire closes a backend found idle too long after those of its host
-// found before it, each once the server of the one before has exited, on
-// a goroutine that runs while there are some. Backends that fall idle
+// found before it, each once the server of the one before has exited (or
+// retireWait has passed), on a goroutine that runs while there are some. Backends that fall idle
 // together (a burst of clients gone) time out together; closed at once,
 // their server processes would exit at once, and PostgreSQL's postmaster,
 // busy with their exits, would start the logins of newly active projects
@@ -862,18 +866,30 @@ func (ps *pools) retireAll(h *hostLimiter) {
 		h.retiring[0] = retiree{}
 		h.retiring = h.retiring[1:]
 		h.mu.Unlock()
-		r.pl.destroyAndWait(r.res)
+		r.pl.destroyAndWait(r.res, ps.quit)
 	}
 }
 
+// retireWait bounds how long a retirer waits for one server to exit before
+// it closes the next: exits take milliseconds, and a server that does not
+// exit (unreachable) must not hold the others back serverExitWait each.
+const retireWait = time.Second
+
 // destroyAndWait destroys a backend taken from the pool and waits until
-// its server has exited (or has been taken as gone: destroy closes the
-// socket after serverExitWait, which ends the backend's goroutine).
-func (pl *pool) destroyAndWait(res *puddle.Resource[*backend]) {
+// its server has exited, for retireWait at most and not once quit is
+// closed; destroy itself goes on waiting up to serverExitWait.
+func (pl *pool) destroyAndWait(res *puddle.Resource[*backend], quit <-chan struct{}) {
 	v, ok := pl.links.Load(res.Value())
 	res.Destroy()
-	if ok {
-		<-v.(*link).served
+	if !ok {
+		return
+	}
+	t := time.NewTimer(retireWait)
+	defer t.Stop()
+	select {
+	case <-v.(*link).served:
+	case <-t.C:
+	case <-quit:
 	}
 }
 
@@ -924,6 +940,9 @@ func (ps *pools) dropProject(ref string, keepURLs map[string]bool) {
 // of host caps.
 func (ps *pools) closeAll() {
 	ps.capMu.Lock()
+	if !ps.closed {
+		close(ps.quit)
+	}
 	ps.closed = true
 	for _, h := range ps.hostList() {
 		h.setCap(0, false)

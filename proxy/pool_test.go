@@ -299,28 +299,12 @@ func TestIdleBackendsRetireOneAtATime(t *testing.T) {
 	const n = 4
 	h := startProxy(t, harnessOpts{poolSize: n, opts: proxy.Options{ServerIdleTimeout: 400 * time.Millisecond}})
 	ctx := context.Background()
-	conns := make([]*pgx.Conn, n)
-	pids := make([]int, n)
-	for i := range conns {
-		conns[i] = h.connect("p1", "authenticated", fmt.Sprintf("retire-%d", i))
-		if _, err := conns[i].Exec(ctx, "BEGIN"); err != nil {
-			t.Fatal(err)
-		}
-		if err := conns[i].QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pids[i]); err != nil {
-			t.Fatal(err)
-		}
-	}
-	for _, c := range conns {
-		if _, err := c.Exec(ctx, "COMMIT"); err != nil {
-			t.Fatal(err)
-		}
-	}
+	conns, pids := holdBackends(t, h, n)
 	resume := func() {
 		for _, pid := range pids {
 			_ = syscall.Kill(pid, syscall.SIGCONT)
 		}
 	}
-	t.Cleanup(resume) // never leave a server stopped
 	for _, pid := range pids {
 		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
 			t.Fatalf("stop server %d: %v", pid, err)
@@ -337,8 +321,8 @@ func TestIdleBackendsRetireOneAtATime(t *testing.T) {
 	}
 	waitFor(t, "the proxy to close a backend idle too long", 5*time.Second, func() bool { return told() > 0 })
 	// The next Terminate would follow within a millisecond if they were
-	// closed together; the proxy waits serverExitWait (5 s) for a server
-	// that does not exit.
+	// closed together; the proxy waits retireWait (1 s) for a server that
+	// does not exit.
 	for end := time.Now().Add(500 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
 		if k := told(); k > 1 {
 			t.Fatalf("%d stopped servers were sent a Terminate at once, want 1 at a time", k)
@@ -354,6 +338,77 @@ func TestIdleBackendsRetireOneAtATime(t *testing.T) {
 			t.Fatalf("client %d after its backend was retired: %q, %v", i, user, err)
 		}
 	}
+}
+
+// TestShutdownDoesNotWaitForEachRetiringServer: backends retiring one at
+// a time wait for each server's exit, but not at shutdown: with eight idle
+// backends whose servers are stopped (they never exit by themselves), a
+// shutdown takes about serverExitWait (5 s, the servers closed together),
+// not one wait after another.
+func TestShutdownDoesNotWaitForEachRetiringServer(t *testing.T) {
+	waitNoBackends(t)
+	const n = 8
+	h := startProxy(t, harnessOpts{poolSize: n, opts: proxy.Options{ServerIdleTimeout: 300 * time.Millisecond}})
+	_, pids := holdBackends(t, h, n)
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatalf("stop server %d: %v", pid, err)
+		}
+	}
+	waitFor(t, "the proxy to start retiring the stopped servers' backends", 5*time.Second, func() bool {
+		for _, pid := range pids {
+			if unreadBytes(t, pid) > 0 {
+				return true
+			}
+		}
+		return false
+	})
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	start := time.Now()
+	if err := h.srv.Shutdown(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// One wait after another would take n-1 retire waits (1 s each) and a
+	// last serverExitWait: 12 s.
+	if d := time.Since(start); d > 9*time.Second {
+		t.Fatalf("shutdown took %v with %d retiring backends of stopped servers", d, n)
+	}
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGCONT)
+	}
+	waitFor(t, "the stopped servers to exit once resumed", 10*time.Second, func() bool { return proxyBackends(t, "") == 0 })
+}
+
+// holdBackends has n clients of p1 hold a backend each at once, then
+// release them together, and returns the clients and their servers'
+// process IDs; the servers are resumed at the test's end if the test stops
+// them.
+func holdBackends(t *testing.T, h *harness, n int) ([]*pgx.Conn, []int) {
+	t.Helper()
+	ctx := context.Background()
+	conns := make([]*pgx.Conn, n)
+	pids := make([]int, n)
+	for i := range conns {
+		conns[i] = h.connect("p1", "authenticated", fmt.Sprintf("hold-%d", i))
+		if _, err := conns[i].Exec(ctx, "BEGIN"); err != nil {
+			t.Fatal(err)
+		}
+		if err := conns[i].QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pids[i]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range conns {
+		if _, err := c.Exec(ctx, "COMMIT"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Cleanup(func() {
+		for _, pid := range pids {
+			_ = syscall.Kill(pid, syscall.SIGCONT) // never leave a server stopped
+		}
+	})
+	return conns, pids
 }
 
 // unreadBytes is how many bytes wait unread in the TCP sockets of process

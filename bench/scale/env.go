@@ -103,15 +103,13 @@ func startPostgres(ctx context.Context, w *world, o *options) (password string, 
 		return "", fmt.Errorf("server version: %w", err)
 	}
 	// The direct logins timed beside the probes use a SCRAM login of their
-	// own, so that the sampler, which counts authenticator's backends,
+	// own, to the postgres database, so that the sampler, which counts
+	// authenticator's backends and the logins to the projects' databases,
 	// sees cascata's alone.
 	if _, err := conn.Exec(ctx, fmt.Sprintf("CREATE ROLE %s LOGIN PASSWORD '%s'", floorRole, password)); err != nil {
 		return "", fmt.Errorf("create role %s: %w", floorRole, err)
 	}
-	if _, err := conn.Exec(ctx, fmt.Sprintf("GRANT CONNECT ON DATABASE scale_0 TO %s", floorRole)); err != nil {
-		return "", fmt.Errorf("grant connect to %s: %w", floorRole, err)
-	}
-	w.floorURL = fmt.Sprintf("postgres://%s:%s@127.0.0.1:%d/scale_0?sslmode=disable", floorRole, password, w.cluster.Primary.Port)
+	w.floorURL = fmt.Sprintf("postgres://%s:%s@127.0.0.1:%d/postgres?sslmode=disable", floorRole, password, w.cluster.Primary.Port)
 	return password, nil
 }
 

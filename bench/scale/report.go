@@ -204,11 +204,11 @@ func section(res *outcome, svgLink string) string {
 	p("slowest); a failed one counts against the target. After each probe the bench logs in to PostgreSQL itself (SCRAM,")
 	p("a role of its own) and runs `SELECT 1`: a project with no backend needs a server login through any proxy, so")
 	p("that column is the floor of a newly active project's first query at the same moment, on this machine.")
-	p("Backends are sampled in pg_stat_activity; their mean age and the sessions PostgreSQL saw end (pg_stat_database)")
-	p("show how often cascata closed and dialled backends. The busy clients are measured alone for %s first (after 2 s to", busyAlone)
+	p("Backends are sampled in pg_stat_activity; their mean age and the logins PostgreSQL counted to the projects' databases")
+	p("(pg_stat_database.sessions; the direct logins go to another database) show how often cascata dialled, and so closed, backends. The busy clients are measured alone for %s first (after 2 s to", busyAlone)
 	p("settle); %d backends each running `%s` back to back could serve up to %.0f queries/s.", o.hostCap, o.busyQuery, busyCeiling(o))
 	p("")
-	p("| clients | busy query | probes | p50 ms | p99 ms (target < %.0f) | max ms | login alone p50 / p99 ms | PostgreSQL login + `SELECT 1` between the probes, p50 / p99 ms | cascata's backend logins (per s), p50 / p99 | failed | backends min / mean / max | mean backend age s | backends closed per s | busy queries/s | before the probes: busy queries/s, backends mean, age s, closed per s |", targetP99Ms)
+	p("| clients | busy query | probes | p50 ms | p99 ms (target < %.0f) | max ms | login alone p50 / p99 ms | PostgreSQL login + `SELECT 1` between the probes, p50 / p99 ms | cascata's backend logins (per s), p50 / p99 | failed | backends min / mean / max | mean backend age s | backend logins per s | busy queries/s | before the probes: busy queries/s, backends mean, age s, logins per s |", targetP99Ms)
 	p("|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|")
 	for _, s := range res.steps {
 		for _, ph := range s.phases {
@@ -466,6 +466,6 @@ func probeRow(p func(string, ...any), o *options, s *step, ph *probePhase) {
 	p("| %s | `%s` | %s | %.1f | %.1f %s | %.1f | %.1f / %.1f | %.1f / %.1f | %s | %d | %d / %.1f / %d | %.2f | %.0f | %.0f | %.0f, %.1f, %.2f, %.0f |",
 		thousands(s.live), ph.query, made, pr.lat.pct(0.5), p99, verdict(pr.lat.count() >= o.probes && p99 < targetP99Ms),
 		pr.lat.pct(1), pr.connect.pct(0.5), pr.connect.pct(0.99), pr.floor.pct(0.5), pr.floor.pct(0.99), ph.dials, pr.lat.errs,
-		ph.probeWin.min, ph.probeWin.mean, ph.probeWin.max, ph.probeWin.meanAge, ph.probeWin.closedPerSec(), ph.probeBusyQPS,
-		ph.busyAloneQPS, ph.busyAloneWin.mean, ph.busyAloneWin.meanAge, ph.busyAloneWin.closedPerSec())
+		ph.probeWin.min, ph.probeWin.mean, ph.probeWin.max, ph.probeWin.meanAge, ph.probeWin.loginsPerSec(), ph.probeBusyQPS,
+		ph.busyAloneQPS, ph.busyAloneWin.mean, ph.busyAloneWin.meanAge, ph.busyAloneWin.loginsPerSec())
 }

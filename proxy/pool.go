@@ -96,9 +96,9 @@ type hostLimiter struct {
 	handoffs int64 // slots handed over so far
 	refill   chan<- struct{}
 	// retiring are the backends the reaper found idle too long, closed one
-	// after another by the host's retirer (retire) while it runs.
+	// after another by the host's retirer (retire), which runs while there
+	// are some: the first is the one it is closing.
 	retiring []retiree
-	retirer  bool
 
 	resMu    sync.Mutex
 	reserved int64              // semaphore units held above the cap
@@ -260,11 +260,18 @@ func awaitExit(b *backend, served <-chan struct{}) {
 			return
 		}
 	}
-	t := time.NewTimer(serverExitWait)
+	waitClosed(served, serverExitWait, nil)
+}
+
+// waitClosed waits until ch is closed, for d at most and not once stop is
+// closed (a nil stop never is).
+func waitClosed(ch <-chan struct{}, d time.Duration, stop <-chan struct{}) {
+	t := time.NewTimer(d)
 	defer t.Stop()
 	select {
-	case <-served:
+	case <-ch:
 	case <-t.C:
+	case <-stop:
 	}
 }
 
@@ -830,11 +837,11 @@ func (ps *pools) reap(idle time.Duration) int {
 
 // retire closes a backend found idle too long after those of its host
 // found before it, each once the server of the one before has exited (or
-// retireWait has passed), on a goroutine that runs while there are some. Backends that fall idle
-// together (a burst of clients gone) time out together; closed at once,
-// their server processes would exit at once, and PostgreSQL's postmaster,
-// busy with their exits, would start the logins of newly active projects
-// late.
+// retireWait has passed), on a goroutine that runs while there are some.
+// Backends that fall idle together (a burst of clients gone) time out
+// together; closed at once, their server processes would exit at once, and
+// PostgreSQL's postmaster, busy with their exits, would start the logins
+// of newly active projects late.
 func (ps *pools) retire(p *pool, res *puddle.Resource[*backend]) {
 	// Closing from now on for the cap and the newcomers' reserve, so that
 	// neither closes another backend for the slot this one will free.
@@ -842,8 +849,7 @@ func (ps *pools) retire(p *pool, res *puddle.Resource[*backend]) {
 	h := p.host
 	h.mu.Lock()
 	h.retiring = append(h.retiring, retiree{pl: p, res: res})
-	start := !h.retirer
-	h.retirer = true
+	start := len(h.retiring) == 1 // none was queued: no retirer runs
 	h.mu.Unlock()
 	if start {
 		ps.retirers.Add(1)
@@ -855,19 +861,17 @@ func (ps *pools) retire(p *pool, res *puddle.Resource[*backend]) {
 // turn and ends when none is left.
 func (ps *pools) retireAll(h *hostLimiter) {
 	defer ps.retirers.Done()
-	for {
-		h.mu.Lock()
-		if len(h.retiring) == 0 {
-			h.retiring, h.retirer = nil, false
-			h.mu.Unlock()
-			return
-		}
+	h.mu.Lock()
+	for len(h.retiring) > 0 {
 		r := h.retiring[0]
-		h.retiring[0] = retiree{}
-		h.retiring = h.retiring[1:]
 		h.mu.Unlock()
 		r.pl.destroyAndWait(r.res, ps.quit)
+		h.mu.Lock()
+		h.retiring[0] = retiree{}
+		h.retiring = h.retiring[1:]
 	}
+	h.retiring = nil
+	h.mu.Unlock()
 }
 
 // retireWait bounds how long a retirer waits for one server to exit before
@@ -881,15 +885,8 @@ const retireWait = time.Second
 func (pl *pool) destroyAndWait(res *puddle.Resource[*backend], quit <-chan struct{}) {
 	v, ok := pl.links.Load(res.Value())
 	res.Destroy()
-	if !ok {
-		return
-	}
-	t := time.NewTimer(retireWait)
-	defer t.Stop()
-	select {
-	case <-v.(*link).served:
-	case <-t.C:
-	case <-quit:
+	if ok {
+		waitClosed(v.(*link).served, retireWait, quit)
 	}
 }
 

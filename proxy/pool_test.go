@@ -300,35 +300,17 @@ func TestIdleBackendsRetireOneAtATime(t *testing.T) {
 	h := startProxy(t, harnessOpts{poolSize: n, opts: proxy.Options{ServerIdleTimeout: 400 * time.Millisecond}})
 	ctx := context.Background()
 	conns, pids := holdBackends(t, h, n)
-	resume := func() {
-		for _, pid := range pids {
-			_ = syscall.Kill(pid, syscall.SIGCONT)
-		}
-	}
-	for _, pid := range pids {
-		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-			t.Fatalf("stop server %d: %v", pid, err)
-		}
-	}
-	told := func() int {
-		k := 0
-		for _, pid := range pids {
-			if unreadBytes(t, pid) > 0 {
-				k++
-			}
-		}
-		return k
-	}
-	waitFor(t, "the proxy to close a backend idle too long", 5*time.Second, func() bool { return told() > 0 })
+	stopServers(t, pids)
+	waitFor(t, "the proxy to close a backend idle too long", 5*time.Second, func() bool { return told(t, pids) > 0 })
 	// The next Terminate would follow within a millisecond if they were
 	// closed together; the proxy waits retireWait (1 s) for a server that
 	// does not exit.
 	for end := time.Now().Add(500 * time.Millisecond); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
-		if k := told(); k > 1 {
+		if k := told(t, pids); k > 1 {
 			t.Fatalf("%d stopped servers were sent a Terminate at once, want 1 at a time", k)
 		}
 	}
-	resume()
+	resumeServers(pids)
 	waitFor(t, "every idle backend to close", 10*time.Second, func() bool { return proxyBackends(t, "") == 0 })
 	waitFor(t, "their slots to be given back", 5*time.Second, func() bool { return h.srv.HostConns()[cluster.Primary.Addr()] == 0 })
 	// The clients go on with new backends.
@@ -350,19 +332,8 @@ func TestShutdownDoesNotWaitForEachRetiringServer(t *testing.T) {
 	const n = 8
 	h := startProxy(t, harnessOpts{poolSize: n, opts: proxy.Options{ServerIdleTimeout: 300 * time.Millisecond}})
 	_, pids := holdBackends(t, h, n)
-	for _, pid := range pids {
-		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
-			t.Fatalf("stop server %d: %v", pid, err)
-		}
-	}
-	waitFor(t, "the proxy to start retiring the stopped servers' backends", 5*time.Second, func() bool {
-		for _, pid := range pids {
-			if unreadBytes(t, pid) > 0 {
-				return true
-			}
-		}
-		return false
-	})
+	stopServers(t, pids)
+	waitFor(t, "the proxy to start retiring the stopped servers' backends", 5*time.Second, func() bool { return told(t, pids) > 0 })
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	start := time.Now()
@@ -374,16 +345,13 @@ func TestShutdownDoesNotWaitForEachRetiringServer(t *testing.T) {
 	if d := time.Since(start); d > 9*time.Second {
 		t.Fatalf("shutdown took %v with %d retiring backends of stopped servers", d, n)
 	}
-	for _, pid := range pids {
-		_ = syscall.Kill(pid, syscall.SIGCONT)
-	}
+	resumeServers(pids)
 	waitFor(t, "the stopped servers to exit once resumed", 10*time.Second, func() bool { return proxyBackends(t, "") == 0 })
 }
 
 // holdBackends has n clients of p1 hold a backend each at once, then
 // release them together, and returns the clients and their servers'
-// process IDs; the servers are resumed at the test's end if the test stops
-// them.
+// process IDs.
 func holdBackends(t *testing.T, h *harness, n int) ([]*pgx.Conn, []int) {
 	t.Helper()
 	ctx := context.Background()
@@ -403,12 +371,38 @@ func holdBackends(t *testing.T, h *harness, n int) ([]*pgx.Conn, []int) {
 			t.Fatal(err)
 		}
 	}
-	t.Cleanup(func() {
-		for _, pid := range pids {
-			_ = syscall.Kill(pid, syscall.SIGCONT) // never leave a server stopped
-		}
-	})
 	return conns, pids
+}
+
+// stopServers stops server processes (SIGSTOP): they read nothing, so what
+// the proxy sends them stays in their sockets (told). They are resumed when
+// the test ends, if not before.
+func stopServers(t *testing.T, pids []int) {
+	t.Helper()
+	t.Cleanup(func() { resumeServers(pids) }) // never leave a server stopped
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, syscall.SIGSTOP); err != nil {
+			t.Fatalf("stop server %d: %v", pid, err)
+		}
+	}
+}
+
+func resumeServers(pids []int) {
+	for _, pid := range pids {
+		_ = syscall.Kill(pid, syscall.SIGCONT)
+	}
+}
+
+// told counts the stopped servers that were sent something they have not
+// read (a Terminate: nothing else goes to an idle backend).
+func told(t *testing.T, pids []int) int {
+	k := 0
+	for _, pid := range pids {
+		if unreadBytes(t, pid) > 0 {
+			k++
+		}
+	}
+	return k
 }
 
 // unreadBytes is how many bytes wait unread in the TCP sockets of process

@@ -39,6 +39,13 @@ func cmdNewcomers(args []string) error {
 	case *only == "direct" && *direct == "":
 		return errors.New("-only direct needs -direct")
 	}
+	var directCfg *pgconn.Config
+	if *direct != "" && *only != "proxy" {
+		var err error
+		if directCfg, err = pgconn.ParseConfig(*direct); err != nil {
+			return fmt.Errorf("-direct: %w", err)
+		}
+	}
 	ctx := context.Background()
 	var proxyRes, directRes loginTimes
 	for i := 1; i <= *n; i++ {
@@ -56,12 +63,8 @@ func cmdNewcomers(args []string) error {
 				return fmt.Errorf("project %s: %w", ref, err)
 			}
 		}
-		if *direct != "" && *only != "proxy" {
-			cfg, err := pgconn.ParseConfig(*direct)
-			if err != nil {
-				return err
-			}
-			if err := directRes.probe(ctx, cfg); err != nil {
+		if directCfg != nil {
+			if err := directRes.probe(ctx, directCfg); err != nil {
 				return fmt.Errorf("direct: %w", err)
 			}
 		}

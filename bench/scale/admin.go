@@ -39,32 +39,46 @@ func (w *world) admin(ctx context.Context, path string) ([]byte, error) {
 	return body.Bytes(), nil
 }
 
+// scrape reads the samples of the admin plane's /metrics: series (name
+// with its labels, as written) to value.
+func (w *world) scrape(ctx context.Context) (map[string]float64, error) {
+	body, err := w.admin(ctx, "/metrics")
+	if err != nil {
+		return nil, err
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ') // label values may hold spaces, the value none
+		if i < 0 {
+			return nil, fmt.Errorf("/metrics line %q", line)
+		}
+		series, v := line[:i], line[i+1:]
+		if out[series], err = strconv.ParseFloat(strings.TrimSpace(v), 64); err != nil {
+			return nil, fmt.Errorf("parse %s %q: %w", series, v, err)
+		}
+	}
+	return out, nil
+}
+
 // goMetrics reads go_goroutines and the Go heap and stack in use from the
 // admin plane's /metrics.
 func (w *world) goMetrics(ctx context.Context, r *reading) error {
-	body, err := w.admin(ctx, "/metrics")
+	m, err := w.scrape(ctx)
 	if err != nil {
 		return err
 	}
-	want := map[string]*float64{"go_goroutines": new(float64), "go_memstats_heap_inuse_bytes": new(float64), "go_memstats_stack_inuse_bytes": new(float64)}
-	seen := 0
-	for _, line := range strings.Split(string(body), "\n") {
-		name, v, ok := strings.Cut(line, " ")
-		dst := want[name]
-		if !ok || dst == nil {
-			continue
-		}
-		if *dst, err = strconv.ParseFloat(strings.TrimSpace(v), 64); err != nil {
-			return fmt.Errorf("parse %s %q: %w", name, v, err)
-		}
-		seen++
-	}
-	if seen != len(want) {
+	goroutines, ok1 := m["go_goroutines"]
+	heap, ok2 := m["go_memstats_heap_inuse_bytes"]
+	stack, ok3 := m["go_memstats_stack_inuse_bytes"]
+	if !ok1 || !ok2 || !ok3 {
 		return errors.New("/metrics lacks go_goroutines or go_memstats_*_inuse_bytes")
 	}
-	r.goroutines = int(*want["go_goroutines"])
-	r.heapKB = int64(*want["go_memstats_heap_inuse_bytes"]) / 1024
-	r.stackKB = int64(*want["go_memstats_stack_inuse_bytes"]) / 1024
+	r.goroutines = int(goroutines)
+	r.heapKB = int64(heap) / 1024
+	r.stackKB = int64(stack) / 1024
 	return nil
 }
 
@@ -100,31 +114,23 @@ type dialHist struct {
 // dials reads cascata_server_dial_seconds from the admin plane's /metrics.
 func (w *world) dials(ctx context.Context) (dialHist, error) {
 	h := dialHist{at: time.Now(), buckets: map[float64]float64{}}
-	body, err := w.admin(ctx, "/metrics")
+	m, err := w.scrape(ctx)
 	if err != nil {
 		return h, err
 	}
-	for _, line := range strings.Split(string(body), "\n") {
-		name, v, ok := strings.Cut(line, " ")
-		if !ok || !strings.HasPrefix(name, "cascata_server_dial_seconds_") {
-			continue
-		}
-		n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-		if err != nil {
-			return h, fmt.Errorf("parse %s %q: %w", name, v, err)
-		}
+	for series, n := range m {
 		switch {
-		case strings.HasPrefix(name, "cascata_server_dial_seconds_count{"):
+		case strings.HasPrefix(series, "cascata_server_dial_seconds_count{"):
 			h.count += n
-		case strings.HasPrefix(name, "cascata_server_dial_seconds_bucket{"):
-			_, le, _ := strings.Cut(name, `le="`)
+		case strings.HasPrefix(series, "cascata_server_dial_seconds_bucket{"):
+			_, le, _ := strings.Cut(series, `le="`)
 			le, _, _ = strings.Cut(le, `"`)
 			if le == "+Inf" {
 				continue
 			}
 			ub, err := strconv.ParseFloat(le, 64)
 			if err != nil {
-				return h, fmt.Errorf("parse bucket %q: %w", name, err)
+				return h, fmt.Errorf("parse bucket %q: %w", series, err)
 			}
 			h.buckets[ub] += n
 		}
@@ -136,9 +142,10 @@ func (w *world) dials(ctx context.Context) (dialHist, error) {
 type dialWindow struct {
 	n       float64       // logins
 	perSec  float64       // logins per second
-	p50     time.Duration // upper bound of the bucket holding the median; 0: none or beyond the last bucket
+	p50     time.Duration // upper bound of the bucket holding the median; 0: beyond the last bucket
 	p99     time.Duration
-	measure bool // both readings were taken
+	last    time.Duration // the last bucket's upper bound
+	measure bool          // both readings were taken
 }
 
 func (h dialHist) since(before dialHist) dialWindow {
@@ -151,10 +158,13 @@ func (h dialHist) since(before dialHist) dialWindow {
 		bounds = append(bounds, ub)
 	}
 	slices.Sort(bounds)
+	if len(bounds) > 0 {
+		win.last = seconds(bounds[len(bounds)-1])
+	}
 	quantile := func(q float64) time.Duration {
 		for _, ub := range bounds {
 			if win.n > 0 && h.buckets[ub]-before.buckets[ub] >= q*win.n {
-				return time.Duration(ub * float64(time.Second))
+				return seconds(ub)
 			}
 		}
 		return 0
@@ -173,9 +183,11 @@ func (win dialWindow) String() string {
 	}
 	q := func(d time.Duration) string {
 		if d == 0 {
-			return "> 10 s"
+			return fmt.Sprintf("> %s", win.last)
 		}
 		return fmt.Sprintf("≤ %s", d)
 	}
 	return fmt.Sprintf("%.0f (%.1f/s), %s / %s", win.n, win.perSec, q(win.p50), q(win.p99))
 }
+
+func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }

@@ -47,8 +47,10 @@ type facts struct {
 	resetStart, resetEnd int
 	// afterTxEnd: Decision.StatementsAfterTxEnd.
 	afterTxEnd bool
-	hint       RouteHint
-	gucs       []string
+	// copyIn: Decision.CopyFromClient.
+	copyIn bool
+	hint   RouteHint
+	gucs   []string
 	// dealloc is set when a statement is DEALLOCATE.
 	dealloc *Deallocate
 	// sqlPrepared names the statement of a PREPARE or EXECUTE.
@@ -98,6 +100,7 @@ func (f *facts) apply(p Policy) Decision {
 		ResetEnd:          f.resetEnd,
 
 		StatementsAfterTxEnd: f.afterTxEnd,
+		CopyFromClient:       f.copyIn,
 		Statements:           f.statements,
 		SessionGUCs:          f.gucs,
 	}
@@ -585,6 +588,9 @@ func (a *analyzer) copyStmt(s *pg_query.CopyStmt) stmtInfo {
 	}
 	switch {
 	case s.GetIsFrom():
+		if s.GetFilename() == "" {
+			a.f.copyIn = true // FROM STDIN
+		}
 		return stmtInfo{target: Primary, reason: ReasonWrite, pin: true}
 	case s.GetFilename() != "" && info.target == Replica:
 		// COPY TO a server file: a side effect on the server.

@@ -459,7 +459,7 @@ func decisionsEqual(a, b Decision) bool {
 		return false
 	}
 	return a.Target == b.Target && a.Reason == b.Reason && a.Tx == b.Tx && a.TxLast == b.TxLast &&
-		a.StatementsAfterTxEnd == b.StatementsAfterTxEnd &&
+		a.StatementsAfterTxEnd == b.StatementsAfterTxEnd && a.CopyFromClient == b.CopyFromClient &&
 		a.PinSession == b.PinSession && a.RouteHint == b.RouteHint && a.Statements == b.Statements &&
 		slices.Equal(a.SessionGUCs, b.SessionGUCs) && slices.Equal(a.UnknownFunctions, b.UnknownFunctions)
 }
@@ -496,6 +496,24 @@ func TestStatementsAfterTxEnd(t *testing.T) {
 	} {
 		if got := c.Classify(sql, Policy{}).StatementsAfterTxEnd; got != want {
 			t.Errorf("%q: StatementsAfterTxEnd %v, want %v", sql, got, want)
+		}
+	}
+}
+
+func TestCopyFromClient(t *testing.T) {
+	c := NewClassifier(Options{})
+	for sql, want := range map[string]bool{
+		"COPY t FROM STDIN":                   true,
+		"copy t (a, b) from stdin with csv":   true,
+		"SELECT 1; COPY t FROM STDIN":         true,
+		"COPY t TO STDOUT":                    false,
+		"COPY (SELECT 1) TO STDOUT":           false,
+		"COPY t FROM '/var/lib/postgresql/x'": false,
+		"INSERT INTO t VALUES (1)":            false,
+		"SELECT 'COPY t FROM STDIN'":          false,
+	} {
+		if got := c.Classify(sql, Policy{}).CopyFromClient; got != want {
+			t.Errorf("%q: CopyFromClient %v, want %v", sql, got, want)
 		}
 	}
 }

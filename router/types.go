@@ -381,6 +381,10 @@ type Decision struct {
 	// claims per transaction (SET LOCAL, set_config(..., true)) must refuse
 	// or split such texts, or they would run without the role.
 	StatementsAfterTxEnd bool
+	// CopyFromClient is true when the text has a COPY ... FROM STDIN: the
+	// statement waits for data the client sends in messages of their own
+	// after it.
+	CopyFromClient bool
 	// RouteHint is the client's routing hint (see RouteHint). The proxy
 	// consumes SessionPrimary/SessionAuto texts and never forwards them.
 	RouteHint RouteHint

@@ -225,7 +225,7 @@ func (ss *session) wantOf(m *extMsg, r *verdict, parsed map[string]want) want {
 			parsed[m.name] = w
 		}
 		return w
-	case m.typ == msgTypeBind || (m.typ == msgTypeDescribe && m.kind == kindStatement):
+	case m.hasText():
 		if w, here := parsed[m.name]; here {
 			return w
 		}
@@ -236,7 +236,9 @@ func (ss *session) wantOf(m *extMsg, r *verdict, parsed map[string]want) want {
 		if st == nil {
 			return want{reason: "read"}
 		}
-		return want{primary: st.primary, writes: st.writes, reason: "prepared", gucs: st.gucs, pin: st.pin, state: st.state, keeps: st.keeps, ddl: st.ddl}
+		w := st.need
+		w.reason = "prepared"
+		return w
 	}
 	return want{reason: "read"}
 }
@@ -259,10 +261,13 @@ func (ss *session) flushBatch(term byte) error {
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}
 	routes := make([]verdict, 0, 4) // on the stack for the usual batch
-	w := want{reason: "read"}
+	w := want{reason: "read", shareTx: term == msgTypeSync}
 	for i := range held {
 		routes = append(routes, verdict{})
 		mw := ss.wantOf(&held[i], &routes[i], parsed)
+		if held[i].hasText() {
+			w.shareTx = w.shareTx && mw.shareTx
+		}
 		if mw.primary && !w.primary {
 			w.primary, w.reason = true, mw.reason
 		}

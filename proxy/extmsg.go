@@ -27,6 +27,12 @@ type extMsg struct {
 	rest []byte
 }
 
+// hasText: the message is about a statement's text (Parse, Bind, Describe
+// of a statement), so what running it needs is the text's.
+func (m *extMsg) hasText() bool {
+	return m.typ == msgTypeParse || m.typ == msgTypeBind || (m.typ == msgTypeDescribe && m.kind == kindStatement)
+}
+
 // decodeExtMsg checks the layout of an extended-protocol message body the
 // way PostgreSQL's own reader does (every field present, counts not
 // negative, nothing left over) and splits it into its fields. A message

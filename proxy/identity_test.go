@@ -9,6 +9,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgproto3"
 )
 
 // TestIdentityInForce: current_user and request.jwt.claims are the client's.
@@ -190,9 +192,14 @@ func TestRoleNotInForce(t *testing.T) {
 	ctx := context.Background()
 	login := fmt.Sprintf("cascata_limited_%d", time.Now().UnixNano())
 	su := superConnDB(t, "p1")
+	probe := login + "_probe"
 	for _, sql := range []string{
 		`CREATE ROLE ` + login + ` LOGIN PASSWORD 'limited-pw' IN ROLE anon`,
 		`GRANT CONNECT ON DATABASE p1 TO ` + login,
+		// A table anyone may write: an INSERT that ran under the login's
+		// own role would leave a row.
+		`CREATE TABLE public.` + probe + ` (x int)`,
+		`GRANT INSERT ON public.` + probe + ` TO PUBLIC`,
 	} {
 		if _, err := su.Exec(ctx, sql); err != nil {
 			t.Fatal(err)
@@ -200,6 +207,7 @@ func TestRoleNotInForce(t *testing.T) {
 	}
 	t.Cleanup(func() { // before su's own cleanup closes it
 		_, _ = su.Exec(context.Background(), `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '`+login+`'`)
+		_, _ = su.Exec(context.Background(), `DROP TABLE public.`+probe)
 		_, _ = su.Exec(context.Background(), `DROP OWNED BY `+login)
 		_, _ = su.Exec(context.Background(), `DROP ROLE `+login)
 	})
@@ -213,6 +221,13 @@ func TestRoleNotInForce(t *testing.T) {
 		if sqlstate(err) != "42501" || !strings.Contains(err.Error(), "cascata could not put the session in force (role authenticated)") {
 			t.Fatalf("round %d: SELECT current_user as a role the login may not take: %q, %v", round, user, err)
 		}
+		if _, err := c.Exec(ctx, `INSERT INTO public.`+probe+` VALUES (1)`); sqlstate(err) != "42501" {
+			t.Fatalf("round %d: INSERT as a role the login may not take: %v", round, err)
+		}
+	}
+	var rows int
+	if err := su.QueryRow(ctx, `SELECT count(*) FROM public.`+probe).Scan(&rows); err != nil || rows != 0 {
+		t.Fatalf("%d rows inserted (%v): a statement ran without the client's role", rows, err)
 	}
 	a := h.connect("limited", "anon", "anon-user")
 	var user string
@@ -227,4 +242,71 @@ func TestRoleNotInForce(t *testing.T) {
 		}
 		return n <= 2
 	})
+}
+
+// TestFailedFirstStatementKeepsIdentity: a client whose first statement on
+// a backend fails, with its next statements already on their way (one
+// write, simple and extended protocol, the error raised by the statement
+// or by its Bind), never sees the identity of the client the backend
+// served before. Pool size 1: every unit of the attacker lands on the
+// backend the victim used last.
+func TestFailedFirstStatementKeepsIdentity(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{advProject}})
+	ctx := context.Background()
+	victim := h.connect(advProject, "service_role", "victim")
+	atk := rawAfterLogin(t, h, "anon", "attacker")
+	fe := pgproto3.NewFrontend(atk, atk)
+	const probe = "SELECT current_user || ' ' || current_setting('request.jwt.claims')"
+	extended := func(sql string, params ...[]byte) []pgproto3.FrontendMessage {
+		return []pgproto3.FrontendMessage{&pgproto3.Parse{Query: sql}, &pgproto3.Bind{Parameters: params}, &pgproto3.Execute{}, &pgproto3.Sync{}}
+	}
+	variants := []struct {
+		name string
+		msgs []pgproto3.FrontendMessage
+	}{
+		{"simple", []pgproto3.FrontendMessage{&pgproto3.Query{String: "SELECT 1/0"}, &pgproto3.Query{String: probe}}},
+		{"extended", append(extended("SELECT 1/0"), extended(probe)...)},
+		{"extended, error in Bind", append(extended("SELECT $1::int", []byte("x")), extended(probe)...)},
+		{"simple after extended", append(extended("SELECT 1/0"), &pgproto3.Query{String: probe})},
+	}
+	for range 10 {
+		for _, v := range variants {
+			var who string
+			if err := victim.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "service_role" {
+				t.Fatalf("victim: %q, %v", who, err)
+			}
+			var out []byte
+			for _, m := range v.msgs {
+				var err error
+				if out, err = m.Encode(out); err != nil {
+					t.Fatal(err)
+				}
+			}
+			_ = atk.SetDeadline(time.Now().Add(10 * time.Second))
+			if _, err := atk.Write(out); err != nil {
+				t.Fatal(err)
+			}
+			var codes, rows []string
+			for rfq := 0; rfq < 2; {
+				msg, err := fe.Receive()
+				if err != nil {
+					t.Fatalf("%s: %v (errors %v, rows %v)", v.name, err, codes, rows)
+				}
+				switch m := msg.(type) {
+				case *pgproto3.ErrorResponse:
+					codes = append(codes, m.Code)
+				case *pgproto3.DataRow:
+					rows = append(rows, string(m.Values[0]))
+				case *pgproto3.ReadyForQuery:
+					rfq++
+				}
+			}
+			if len(codes) != 1 || (codes[0] != "22012" && codes[0] != "22P02") {
+				t.Fatalf("%s: errors %v, want the first statement's", v.name, codes)
+			}
+			if len(rows) != 1 || !strings.HasPrefix(rows[0], "anon ") || !strings.Contains(rows[0], `"attacker"`) {
+				t.Fatalf("%s: the follow-up saw %q, want anon and the attacker's claims", v.name, rows)
+			}
+		}
+	}
 }

@@ -171,3 +171,69 @@ func TestRelaySetupFailure(t *testing.T) {
 		t.Fatalf("backend closed %v, still attached %v", r.be.closed.Load(), r.ss.be != nil)
 	}
 }
+
+// newInlineRig runs the relay for a unit whose identity went inline.
+func newInlineRig(t *testing.T) *relayRig {
+	return newRelayRig(t, setupPlan{inline: 1}, func(ss *session) {
+		ss.identPending = true
+		ss.be.identity = ss.identKey
+	})
+}
+
+// inlineIdentityReplies are the server's replies to an inline identity.
+func inlineIdentityReplies() []pgproto3.BackendMessage {
+	return []pgproto3.BackendMessage{&pgproto3.ParseComplete{}, &pgproto3.BindComplete{},
+		&pgproto3.DataRow{Values: [][]byte{[]byte("authenticated")}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")}}
+}
+
+// An inline identity: its replies up to its CommandComplete never reach
+// the client; its commit with the client's batch (ReadyForQuery 'I', no
+// error) ends identPending.
+func TestRelaySwallowsInlineIdentity(t *testing.T) {
+	r := newInlineRig(t)
+	r.script(t, append(inlineIdentityReplies(),
+		&pgproto3.RowDescription{}, &pgproto3.DataRow{Values: [][]byte{[]byte("42")}}, &pgproto3.CommandComplete{CommandTag: []byte("SELECT 1")},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})...)
+	expectLines(t, "the client's replies", r.received(t), "RowDescription", "DataRow", "CommandComplete", "Z I")
+	if u := r.unit(t); u == nil || !u.clean {
+		t.Fatalf("unit %+v, want a clean unit to release", u)
+	}
+	if r.ss.identPending || r.be.identity != r.ss.identKey {
+		t.Fatalf("identPending %v, backend identity %q", r.ss.identPending, r.be.identity)
+	}
+}
+
+// A client statement after an inline identity fails: the rollback took the
+// identity with it, so the backend's identity is unknown afterwards.
+func TestRelayInlineIdentityRolledBack(t *testing.T) {
+	r := newInlineRig(t)
+	r.script(t, append(inlineIdentityReplies(),
+		&pgproto3.ErrorResponse{Severity: "ERROR", Code: "22012", Message: "division by zero"},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})...)
+	expectLines(t, "the client's replies", r.received(t), "E 22012 division by zero", "Z I")
+	if u := r.unit(t); u == nil {
+		t.Fatal("no unit: the backend is fine and goes back")
+	}
+	if r.ss.identPending || r.be.identity != "" {
+		t.Fatalf("identPending %v, backend identity %q, want unknown", r.ss.identPending, r.be.identity)
+	}
+}
+
+// The inline identity fails (the role is gone): PostgreSQL skips the
+// client's messages; the client is told in cascata's words and the backend
+// is closed.
+func TestRelayInlineIdentityFails(t *testing.T) {
+	r := newRelayRig(t, setupPlan{inline: 1}, func(ss *session) { ss.identPending = true })
+	r.script(t,
+		&pgproto3.ParseComplete{}, &pgproto3.BindComplete{},
+		&pgproto3.ErrorResponse{Severity: "ERROR", Code: "22023", Message: `role "authenticated" does not exist`},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})
+	want := []string{`E 22023 cascata could not put the session in force (role authenticated): role "authenticated" does not exist`, "Z I"}
+	expectLines(t, "the client's replies", r.received(t), want...)
+	if u := r.unit(t); u != nil {
+		t.Fatalf("unit %+v, want none (the backend is lost)", u)
+	}
+	if !r.be.closed.Load() || r.ss.be != nil {
+		t.Fatalf("backend closed %v, still attached %v", r.be.closed.Load(), r.ss.be != nil)
+	}
+}

@@ -39,7 +39,28 @@ func (v *verdict) want() want {
 		pin: v.PinSession, state: v.SessionState, keeps: v.KeepsSessionState, ddl: v.ChangesSchema,
 		primary: v.Target == router.Primary || v.refused != nil || v.RouteHint == router.ForcePrimaryOnce,
 		writes:  v.Writes, reason: v.Reason.String(), gucs: v.SessionGUCs,
+		shareTx: v.plain(),
 	}
+}
+
+// plain: the text is one or more plain reads and writes (SELECT, INSERT,
+// UPDATE, DELETE, locking reads) and nothing else: no transaction control,
+// no utility or DDL statement, no call, no session state, no setting, no
+// SQL-level prepared statement, no COPY that waits for the client's data.
+// Such a text may run in one implicit transaction with the statement that
+// puts the client's identity in force: it can neither end that
+// transaction early nor refuse to run inside a pipeline, and the
+// transaction ends without another message of the client.
+func (v *verdict) plain() bool {
+	switch v.Reason {
+	case router.ReasonRead, router.ReasonWrite, router.ReasonLockingRead:
+	default:
+		return false
+	}
+	return v.refused == nil && v.Statements > 0 && v.Tx == router.TxNone && v.TxLast == router.TxNone &&
+		!v.SessionState && !v.KeepsSessionState && !v.ChangesSchema &&
+		v.Reset == router.ResetNone && v.PreparedUses == 0 && len(v.SessionGUCs) == 0 &&
+		v.RouteHint == router.HintNone && !v.StatementsAfterTxEnd && !v.CopyFromClient
 }
 
 // untranslatedPrepared: the text uses SQL-level PREPARE, EXECUTE or

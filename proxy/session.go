@@ -589,6 +589,10 @@ type want struct {
 	writes  bool // may write: read-your-writes bookkeeping
 	reason  string
 	gucs    []string // session settings the message changes
+	// shareTx: every statement is a plain read or write (no transaction
+	// control, no utility statement, no session state): the identity may
+	// ride in the client's own implicit transaction (setupPlan.inline).
+	shareTx bool
 }
 
 // claim returns the attached backend, or attaches one, and records the
@@ -611,7 +615,19 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.projRun.schema.Add(1)
 		ss.unitDDL = true
 	}
-	for ss.retrying || ss.checking {
+	// An identity put in force inline (setupPlan) is known only at the
+	// end of its unit: nothing more goes to the backend before then. What
+	// was forwarded and still waits in the buffer for this message goes
+	// out first, or that end never comes.
+	flushed := false
+	for ss.retrying || ss.checking || (ss.identPending && ss.be != nil) {
+		if ss.identPending && ss.be != nil && !flushed {
+			flushed = true
+			ss.mu.Unlock()
+			ss.flushForwarded()
+			ss.mu.Lock()
+			continue
+		}
 		ss.cond.Wait()
 	}
 	// A read unit still running on a replica (pipelined autocommit reads)
@@ -651,6 +667,11 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.cond.Wait() // the last unit's WAL position or settings are on their way
 	}
 	needLSN := ss.lastWriteLSN
+	// The identity may ride in the client's transaction only where the
+	// backend goes back to the pool at the end of it, and only in front of
+	// a whole batch (a Query, or messages up to their Sync): the end of
+	// the transaction must come without another message of the client.
+	shareTx := boundary && w.shareTx && ss.txMode && !ss.pinned && !ss.pinPending
 	ss.mu.Unlock()
 	proj := ss.srv.project(ss.ref)
 	if proj == nil {
@@ -681,7 +702,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		be := res.Value()
 		// The identity and the client's settings go first, in one write
 		// with the client's message: no extra round trip.
-		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be)
+		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be, shareTx)
 		ss.setupBuf = buf
 		ss.mu.Lock()
 		if !be.attach(attachment{ss: ss, be: be, setup: plan}) {
@@ -702,7 +723,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.replayOK = replica
 		ss.replay = ss.replay[:0]
 		ss.unitWrites = w.writes && !replica
-		ss.identPending = false // the identity commits on its own (setupPlan)
+		ss.identPending = plan.inline > 0 // else it commits on its own (setupPlan)
 		ss.txStatus = txIdle
 		ss.mark(boundary)
 		ss.unnamedOnBackend = false
@@ -870,7 +891,8 @@ func (ss *session) relay(a attachment) *unit {
 					be.poisoned = true // its settings are unknown now: close it after this unit
 					continue
 				}
-				// The gate is missing: the client's messages were skipped.
+				// The gate is missing, or the inline identity failed: the
+				// client's messages were skipped.
 				if groupErr != nil {
 					er = *groupErr
 				}
@@ -891,6 +913,10 @@ func (ss *session) relay(a attachment) *unit {
 				switch typ {
 				case msgTypeReadyForQuery:
 					setup.group = 0
+				}
+			case setup.inline != 0:
+				if typ == msgTypeCommandComplete {
+					setup.inline-- // one inline statement done
 				}
 			case typ == msgTypeCloseComplete:
 				setup.gate = false // the gate's CloseComplete: the client's replies follow
@@ -930,8 +956,9 @@ func (ss *session) relay(a attachment) *unit {
 			if ss.pending == 0 {
 				ss.cond.Broadcast() // a proxy-made reply (writeLocal) may go out now
 			}
-			if status == txIdle {
-				ss.identPending = false
+			if status == txIdle && ss.identPending {
+				ss.identPending = false // committed
+				ss.cond.Broadcast()
 			}
 			gone := ss.clientGone.Load()
 			var u *unit
@@ -1113,6 +1140,7 @@ func (ss *session) detachLocked(clean bool) *unit {
 	ss.unitGUCs = ss.unitGUCs[:0]
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, txIdle
+	ss.identPending = false
 	ss.forgetReplies()
 	ss.cond.Broadcast()
 	return u
@@ -1426,7 +1454,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	}
 	be := res.Value()
 	ss.mu.Lock()
-	buf, n, err := ss.setupBytes(nil, be) // rare: its own buffer
+	buf, n, err := ss.setupBytes(nil, be, false) // rare: its own buffer
 	if !be.attach(attachment{ss: ss, be: be, setup: n}) {
 		ss.retrying = false
 		ss.cond.Broadcast()

@@ -28,12 +28,26 @@ import (
 // Every statement of the group is parsed as the unnamed statement: the
 // proxy keeps no named statement on a backend that a client could reach,
 // and a name it cannot know is all the gate needs.
+//
+// When only the identity differs and the client's batch is plain reads and
+// writes (want.shareTx) in transaction mode, the identity statement goes
+// instead right in front of the client's messages, with no Sync and no
+// gate (inline): it runs in the client's own implicit transaction, which
+// those messages cannot end early. That saves PostgreSQL a transaction and
+// a flush per switch. If it fails, PostgreSQL skips everything up to the
+// next Sync, the client's Query included, and the backend is closed; if a
+// client statement fails, the transaction rolls back and takes the
+// identity with it: the backend's identity is then unknown (identPending),
+// and the client's next messages wait for the end of this one before they
+// are sent, so that none of them runs under the identity the rollback
+// brought back.
 type setupPlan struct {
-	group int  // statements in the committed group (0 = no group, no Sync)
-	gate  bool // the gate's Describe and Close follow the group
+	group  int  // statements in the committed group (0 = no group, no Sync)
+	gate   bool // the gate's Describe and Close follow the group
+	inline int  // statements in front of the client's messages, in its transaction
 }
 
-func (p setupPlan) empty() bool { return p.group == 0 && !p.gate }
+func (p setupPlan) empty() bool { return p.group == 0 && !p.gate && p.inline == 0 }
 
 // setupGroup encodes the statements of a setup group.
 type setupGroup struct {
@@ -90,9 +104,17 @@ func newClientState(id auth.Identity, claimsMAC string, claimGUCs, settings map[
 // this client: the identity where be has another (or an unknown one),
 // legacy claim settings, and the client's session settings where they
 // differ from the backend's. It records on be what the setup puts in
-// force.
-func (cs *clientState) setupBytes(buf []byte, be *backend) ([]byte, setupPlan, error) {
+// force. shareTx allows the inline form.
+func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx bool) ([]byte, setupPlan, error) {
 	g := setupGroup{buf: buf}
+	if shareTx && be.identity != cs.identKey && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
+		be.identity = cs.identKey
+		g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		if g.err != nil {
+			return g.buf, setupPlan{}, g.err
+		}
+		return g.buf, setupPlan{inline: g.n}, nil
+	}
 	if be.identity != cs.identKey {
 		be.identity = cs.identKey
 		g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)

@@ -58,7 +58,7 @@ func TestSetupBytes(t *testing.T) {
 	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, map[string]string{"TimeZone": "UTC"})
 	be := testBackend()
 
-	buf, plan, err := alice.setupBytes(nil, be)
+	buf, plan, err := alice.setupBytes(nil, be, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,12 +86,12 @@ func TestSetupBytes(t *testing.T) {
 	}
 
 	// The backend serves alice as she is: nothing to send.
-	if buf, plan, err := alice.setupBytes(nil, be); err != nil || len(buf) != 0 || !plan.empty() {
+	if buf, plan, err := alice.setupBytes(nil, be, false); err != nil || len(buf) != 0 || !plan.empty() {
 		t.Fatalf("alice again: %q %+v %v", buf, plan, err)
 	}
 
 	// Bob has the same settings: only his identity, under a new gate.
-	buf, plan, err = bob.setupBytes(nil, be)
+	buf, plan, err = bob.setupBytes(nil, be, false)
 	if err != nil || plan.group != 1 {
 		t.Fatalf("bob: plan %+v, %v", plan, err)
 	}
@@ -102,7 +102,7 @@ func TestSetupBytes(t *testing.T) {
 
 	// A client without the setting gets it reset by its quoted name.
 	carol := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, nil)
-	buf, _, err = carol.setupBytes(nil, be)
+	buf, _, err = carol.setupBytes(nil, be, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +114,7 @@ func TestSetupBytes(t *testing.T) {
 	// A backend whose identity is unknown (a failed setup, a scrub) gets
 	// the identity again.
 	be.identity = ""
-	buf, plan, _ = carol.setupBytes(nil, be)
+	buf, plan, _ = carol.setupBytes(nil, be, false)
 	if plan.group != 1 || !strings.HasPrefix(msgLines(t, buf)[0], "P |"+identSQL) {
 		t.Fatalf("after the identity was forgotten: %q", msgLines(t, buf))
 	}
@@ -126,18 +126,51 @@ func TestSetupBytesLegacyClaims(t *testing.T) {
 	a := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"a"}`}, "", map[string]string{"request.jwt.claim.sub": "a"}, nil)
 	b := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{}`}, "", nil, nil)
 	be := testBackend()
-	buf, _, err := a.setupBytes(nil, be)
+	buf, _, err := a.setupBytes(nil, be, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if lines := msgLines(t, buf); !slices.Contains(lines, "B |request.jwt.claim.sub|a") {
 		t.Fatalf("a's setup: %q", lines)
 	}
-	buf, _, err = b.setupBytes(nil, be)
+	buf, _, err = b.setupBytes(nil, be, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if lines := msgLines(t, buf); !slices.Contains(lines, "B |request.jwt.claim.sub|") {
 		t.Fatalf("b's setup does not empty a's claim: %q", lines)
+	}
+}
+
+// With shareTx, an identity change alone goes inline: the identity's
+// statement and nothing else (no Sync, no gate). Settings that differ, or
+// legacy claim settings, take the group and its gate as before.
+func TestSetupBytesInline(t *testing.T) {
+	alice := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"alice"}`}, "mac-a", nil, nil)
+	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "", nil, nil)
+	be := testBackend()
+	buf, plan, err := alice.setupBytes(nil, be, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"P |" + identSQL, "B |authenticated|" + `{"sub":"alice"}` + "|mac-a", "E"}
+	if lines := msgLines(t, buf); !slices.Equal(lines, want) || plan != (setupPlan{inline: 1}) {
+		t.Fatalf("alice inline: %q %+v", lines, plan)
+	}
+	if be.identity != alice.identKey {
+		t.Fatalf("identity recorded %q", be.identity)
+	}
+	if buf, plan, err := alice.setupBytes(nil, be, true); err != nil || len(buf) != 0 || !plan.empty() {
+		t.Fatalf("alice again: %q %+v %v", buf, plan, err)
+	}
+
+	// Bob's settings differ from the backend's: the committed group.
+	bob.settings, bob.settingsKey = map[string]string{"TimeZone": "UTC"}, settingsKey(map[string]string{"TimeZone": "UTC"})
+	if _, plan, err := bob.setupBytes(nil, be, true); err != nil || plan.inline != 0 || plan.group != 2 || !plan.gate {
+		t.Fatalf("bob with a setting: %+v %v", plan, err)
+	}
+	legacy := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"sub":"l"}`}, "", map[string]string{"request.jwt.claim.sub": "l"}, nil)
+	if _, plan, err := legacy.setupBytes(nil, testBackend(), true); err != nil || plan.inline != 0 || !plan.gate {
+		t.Fatalf("legacy claim settings: %+v %v", plan, err)
 	}
 }

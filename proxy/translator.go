@@ -46,16 +46,10 @@ const (
 // stmt is one of a client's prepared statements.
 type stmt struct {
 	proxyName string
-	rest      []byte // query text and parameter types as in Parse, after the name
-	primary   bool   // its text must run on the primary
-	writes    bool
-	pin       bool             // its text pins a routed session
-	state     bool             // its text may leave session state (Decision.SessionState)
-	keeps     bool             // its text creates state the client keeps (Decision.KeepsSessionState)
-	ddl       bool             // its text changes the schema (Decision.ChangesSchema)
+	rest      []byte           // query text and parameter types as in Parse, after the name
+	need      want             // what running its text needs of a backend
 	epoch     uint64           // the project's schema epoch when the client parsed it
 	reset     router.ResetKind // its text was RESET ALL or DISCARD ALL, rewritten (reset.go)
-	gucs      []string         // session settings it changes
 }
 
 // replyAction says what to do with one ParseComplete or CloseComplete.
@@ -379,7 +373,7 @@ func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset rout
 	switch m.typ {
 	case msgTypeParse:
 		if m.name == "" {
-			t.unnamed = &stmt{rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl, reset: reset}
+			t.unnamed = &stmt{rest: bytes.Clone(m.rest), need: w, reset: reset}
 			t.unnamedOnBackend = true
 			t.push(&t.parseQ, queued{action: replyPass})
 			t.appendMsg(msgTypeParse, m.body)
@@ -389,8 +383,7 @@ func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset rout
 			t.failParse(duplicateStmt(m.name))
 			return nil
 		}
-		st := &stmt{proxyName: statementName(m.rest), rest: bytes.Clone(m.rest), primary: w.primary, writes: w.writes, gucs: w.gucs, pin: w.pin, state: w.state, keeps: w.keeps, ddl: w.ddl,
-			epoch: t.schema.Load(), reset: reset}
+		st := &stmt{proxyName: statementName(m.rest), rest: bytes.Clone(m.rest), need: w, epoch: t.schema.Load(), reset: reset}
 		t.stmts[m.name] = st
 		t.replayNamed = true // its translation depends on this backend
 		t.prepareOn(bt, st, m.name)

@@ -274,6 +274,37 @@ round_ratios() {
 field() { awk -F'\t' -v id="$1" -v c="$2" '$1 == id {print $c}' "$RESULTS"; }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN {if (a == "" || b == "" || b + 0 == 0) print "n/a"; else printf "%.2f", a / b}'; }
 kv() { grep -m1 "^$2=" "$1" | cut -d= -f2- || true; }
+# median_kv FILE...: the key=value outputs of benchtool load runs as one,
+# every numeric value the median over the files, errors their total, the
+# first error the first one seen.
+median_kv() {
+  awk -F= '
+    function med(a, n,   i, j, t) {
+      for (i = 2; i <= n; i++) for (j = i; j > 1 && a[j - 1] > a[j]; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
+      return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    NF < 2 { next }
+    {
+      k = $1; v = substr($0, length(k) + 2)
+      if (!(k in seen)) { seen[k] = 1; order[++nk] = k }
+      if (k == "errors") { total[k] += v; next }
+      if (k == "first_error") { if (first == "") first = v; next }
+      if (v ~ /^-?[0-9.]+$/) vals[k, ++cnt[k]] = v + 0
+      else if (!(k in text)) text[k] = v
+    }
+    END {
+      for (i = 1; i <= nk; i++) {
+        k = order[i]
+        if (k == "errors") { print k "=" total[k] + 0; continue }
+        if (k == "first_error") { if (first != "") print k "=" first; continue }
+        if (cnt[k] > 0) {
+          delete a
+          for (j = 1; j <= cnt[k]; j++) a[j] = vals[k, j]
+          printf "%s=%.10g\n", k, med(a, cnt[k])
+        } else print k "=" text[k]
+      }
+    }' "$@"
+}
 
 # route_snapshot FILE: cascata_route_decisions_total lines from /metrics.
 route_snapshot() {
@@ -683,17 +714,35 @@ run_pgbench conn-direct-scram "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authe
 
 USER_TARGETS=("users:$CASCATA_PORT:$CASCATA_PID")
 [ -n "$BEFORE_BIN" ] && USER_TARGETS+=("usersbefore:$CASCATA1_PORT:$CASCATA1_PID")
-for kind in distinct same; do
-  for ut in "${USER_TARGETS[@]}"; do
-    IFS=: read -r uid uport upid <<<"$ut"
-    say "run $uid-$kind ($USERS connections)"
-    flag=-distinct=false
-    [ "$kind" = distinct ] && flag=-distinct=true
-    echo "$uid-$kind: benchtool load -addr 127.0.0.1:$uport -db bench -role authenticated -secret-env BENCH_JWT_SECRET -n $USERS -dur ${DUR}s $flag -pid <cascata>" >>"$COMMANDS"
-    timeout -k 5 $((DUR + 300)) "$TOOL" load -addr "127.0.0.1:$uport" -db bench -role authenticated \
-      -secret-env BENCH_JWT_SECRET -n "$USERS" -dur "${DUR}s" "$flag" -pid "$upid" \
-      >"$LOGDIR/$uid-$kind.out" 2>"$LOGDIR/$uid-$kind.err" || say "$uid-$kind failed: $(tail -n3 "$LOGDIR/$uid-$kind.err")"
+# Interleaved rounds, as for select-only: the machine's drift between two
+# single runs is as large as the effect measured. Each target's figures are
+# the medians over the rounds (errors: their total).
+for round in $(seq 1 "$ROUNDS"); do
+  for kind in distinct same; do
+    for ut in "${USER_TARGETS[@]}"; do
+      IFS=: read -r uid uport upid <<<"$ut"
+      say "run $uid-$kind-r$round ($USERS connections)"
+      flag=-distinct=false
+      [ "$kind" = distinct ] && flag=-distinct=true
+      [ "$round" = 1 ] && echo "$uid-$kind: benchtool load -addr 127.0.0.1:$uport -db bench -role authenticated -secret-env BENCH_JWT_SECRET -n $USERS -dur ${DUR}s $flag -pid <cascata> ($ROUNDS rounds)" >>"$COMMANDS"
+      timeout -k 5 $((DUR + 300)) "$TOOL" load -addr "127.0.0.1:$uport" -db bench -role authenticated \
+        -secret-env BENCH_JWT_SECRET -n "$USERS" -dur "${DUR}s" "$flag" -pid "$upid" \
+        >"$LOGDIR/$uid-$kind-r$round.out" 2>"$LOGDIR/$uid-$kind-r$round.err" || say "$uid-$kind-r$round failed: $(tail -n3 "$LOGDIR/$uid-$kind-r$round.err")"
+    done
   done
+done
+for ut in "${USER_TARGETS[@]}"; do
+  uid=${ut%%:*}
+  for kind in distinct same; do
+    rounds=()
+    for round in $(seq 1 "$ROUNDS"); do rounds+=("$LOGDIR/$uid-$kind-r$round.out"); done
+    median_kv "${rounds[@]}" >"$LOGDIR/$uid-$kind.out"
+  done
+  per=""
+  for round in $(seq 1 "$ROUNDS"); do
+    per="$per $(ratio "$(kv "$LOGDIR/$uid-distinct-r$round.out" tps)" "$(kv "$LOGDIR/$uid-same-r$round.out" tps)")"
+  done
+  echo "ratio_per_round=${per# }" >>"$LOGDIR/$uid-distinct.out"
 done
 
 # Units that may leave session state are scrubbed on release (RESET ALL,
@@ -934,7 +983,8 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "## Identity switching: $USERS connections through cascata, \`SELECT 1\` in a loop for $DUR s (issue 3)"
   echo
-  echo "bench/benchtool load (pgconn, simple protocol): $USERS connections, each with its own JWT (distinct \`sub\`), vs $USERS connections sharing one JWT."
+  echo "bench/benchtool load (pgconn, simple protocol): $USERS connections, each with its own JWT (distinct \`sub\`), vs $USERS connections sharing one JWT;"
+  echo "$ROUNDS interleaved rounds, medians (errors: total)."
   echo
   echo "| tokens | connect s ($USERS logins) | logins/s | TPS | avg latency ms | errors | proxy CPU s per 1,000 txns |"
   echo "|---|---:|---:|---:|---:|---:|---:|"
@@ -944,7 +994,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     echo "| $kind | $(fmt "$(kv "$f" connect_secs)") | $(fmt "$(kv "$f" connects_per_sec)") | $(fmt "$(kv "$f" tps)") | $(fmt "$(kv "$f" latency_ms)") | $(fmt "$(kv "$f" errors)")$([ -n "$(kv "$f" first_error)" ] && echo " ($(kv "$f" first_error))") | $(fmt "$(kv "$f" proxy_cpu_per_1k)") |"
   done
   echo
-  echo "TPS distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" tps)" "$(kv "$LOGDIR/users-same.out" tps)"); CPU per txn distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" proxy_cpu_per_1k)" "$(kv "$LOGDIR/users-same.out" proxy_cpu_per_1k)")."
+  echo "TPS distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" tps)" "$(kv "$LOGDIR/users-same.out" tps)") (per round: $(kv "$LOGDIR/users-distinct.out" ratio_per_round)); CPU per txn distinct/same = $(ratio "$(kv "$LOGDIR/users-distinct.out" proxy_cpu_per_1k)" "$(kv "$LOGDIR/users-same.out" proxy_cpu_per_1k)")."
   if [ -n "$BEFORE_BIN" ]; then
     echo
     echo "Before the change: TPS distinct/same = $(ratio "$(kv "$LOGDIR/usersbefore-distinct.out" tps)" "$(kv "$LOGDIR/usersbefore-same.out" tps)"); distinct TPS after/before = $(ratio "$(kv "$LOGDIR/users-distinct.out" tps)" "$(kv "$LOGDIR/usersbefore-distinct.out" tps)"), CPU per txn after/before = $(ratio "$(kv "$LOGDIR/users-distinct.out" proxy_cpu_per_1k)" "$(kv "$LOGDIR/usersbefore-distinct.out" proxy_cpu_per_1k)")."

@@ -368,7 +368,7 @@ SQL
 PG_VERSION=$(psql -X -Atc 'SHOW server_version' "${SU[@]}" -d bench)
 # The replica has replayed the data before it is read from.
 for _ in $(seq 1 600); do
-  lag=$(psql -X -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) FROM pg_stat_replication" "${SU[@]}" -d postgres | head -n1)
+  lag=$(psql -X -Atc "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) FROM pg_stat_replication" "${SU[@]}" -d postgres | awk 'NR == 1')
   [ "${lag:-1}" = 0 ] && break
   sleep 0.1
 done
@@ -807,7 +807,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| machine | $(nproc) CPUs, $CPU_MODEL, $(awk '/MemTotal/ {printf "%.0f GiB", $2 / 1048576}' /proc/meminfo) RAM, Linux $(uname -r) |"
   echo "| load average (1/5/15 min) | at start $LOAD_START; at end $LOAD_END (other work on the machine makes absolute numbers noisy) |"
   echo "| PostgreSQL | $PG_VERSION (primary + streaming replica, loopback TCP, fsync off, shared_buffers 256MB) |"
-  echo "| PgBouncer | $("$PGBOUNCER" --version 2>/dev/null | head -n1) |"
+  echo "| PgBouncer | $("$PGBOUNCER" --version 2>/dev/null | awk 'NR == 1') |"
   echo "| cascata | $COMMIT$DIRTY |"
   echo "| command | \`${CASCATA_BIN:+CASCATA_BIN=$CASCATA_BIN }BENCH_DURATION=$DUR BENCH_CONN_DURATION=$CONN_DUR BENCH_SELECT_DURATION=$SEL_DUR BENCH_ROUNDS=$ROUNDS BENCH_CLIENTS=$CLIENTS BENCH_THREADS=$THREADS BENCH_POOL_SIZE=$POOL BENCH_SCALE=$SCALE BENCH_IDLE_CLIENTS=$IDLE_CLIENTS BENCH_IDLE_SETTLE=$IDLE_SETTLE BENCH_USERS=$USERS make bench\` ($ELAPSED s) |"
   echo "| pool | cascata \`pool_mode = \"transaction\"\`, \`pool_size = $POOL\`; pgbouncer \`pool_mode = transaction\`, \`default_pool_size = $POOL\`, \`auth_type = scram-sha-256\` with the SCRAM verifier of authenticator in auth_file (SCRAM pass-through to the server), clients log in as authenticator, server connections run \`connect_query = 'SET ROLE authenticated'\` |"
@@ -892,7 +892,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     echo "Its top functions by flat samples:"
     echo
     echo '```'
-    awk '$2 ~ /%$/ && NF >= 6' "$PROFILE_TOP" | head -n 12
+    awk '$2 ~ /%$/ && NF >= 6 && ++n <= 12' "$PROFILE_TOP"
     echo '```'
     echo
   fi
@@ -965,7 +965,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     reads=$(awk '/^SQL script 1:/ {f = 1} f && / transactions \(/ {print $2; exit}' "$LOGDIR/mix-$ref.out" 2>/dev/null)
     rep=$(awk '$1 == "replica" {s += $3} END {print s + 0}' "$LOGDIR/routes-$ref.delta" 2>/dev/null || echo 0)
     share=$(awk -v r="$rep" -v n="$reads" 'BEGIN {if (n + 0 == 0) print "—"; else printf "%.1f %%", 100 * r / n}')
-    dec=$(sort -k3,3nr "$LOGDIR/routes-$ref.delta" 2>/dev/null | head -n 6 | awk '{printf "%s%s %s %s", (NR > 1 ? "; " : ""), $1, $2, $3}')
+    dec=$(sort -k3,3nr "$LOGDIR/routes-$ref.delta" 2>/dev/null | awk 'NR <= 6 {printf "%s%s %s %s", (NR > 1 ? "; " : ""), $1, $2, $3}')
     echo "| $ref (${v#*:}) | $(num "$(field "mix-$ref" 2)" 0) | $(fmt "$(field "mix-$ref" 3)") | $(fmt "$(field "mix-$ref" 6)") | $(fmt "$reads") | $share | $(fmt "$dec") | $(fmt "$(field "mix-$ref" 8)") |"
   done
   echo

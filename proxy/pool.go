@@ -640,34 +640,65 @@ func (h *hostLimiter) evictIdle(p *pool, overCap bool) bool {
 		}
 	}
 	h.mu.Unlock()
+	if overCap {
+		return h.closeOverCap(others)
+	}
+	return h.evictLongestIdle(others)
+}
+
+// closeOverCap closes idle connections of pools while the host has more
+// than its cap.
+func (h *hostLimiter) closeOverCap(pools []*pool) bool {
 	closed := false
-	for _, q := range others {
+	for _, q := range pools {
 		for _, r := range q.p.AcquireAllIdle() {
-			// A backend idle for a moment only is between the transactions
-			// of a busy client: it is not taken (shouldYield moves capacity
-			// from busy tenants instead, at a release), unless its project
-			// has no client left to use it.
-			evict := overCap && h.condemnOver(q, r.Value())
-			if !overCap && !closed && (r.IdleDuration() >= evictMinIdle || q.clients.Load() == 0) {
-				// Counted as yielded like a busy backend closed at its
-				// release, so a release meanwhile does not close another.
-				h.mu.Lock()
-				h.yieldLocked(r.Value())
-				h.mu.Unlock()
-				evict = true
-			}
-			if evict {
+			if h.condemnOver(q, r.Value()) {
 				r.Destroy()
 				closed = true
 			} else {
 				r.ReleaseUnused()
 			}
 		}
-		if closed && !overCap {
-			break
-		}
 	}
 	return closed
+}
+
+// evictLongestIdle closes one idle connection of pools, as PgBouncer
+// does: of a project with no client left if there is one, else the one
+// idle longest, the least likely to be wanted again soon. A backend idle
+// for a moment only is between the transactions of a busy client: it is
+// not taken (shouldYield moves capacity from busy tenants instead, at a
+// release), unless its project has no client left to use it. Every other
+// idle backend goes back to its pool at once; the best one found so far
+// is held while the rest are looked at.
+func (h *hostLimiter) evictLongestIdle(pools []*pool) bool {
+	var best *puddle.Resource[*backend]
+	bestUnused, bestIdle := false, time.Duration(0)
+	for _, q := range pools {
+		unused := q.clients.Load() == 0
+		for _, r := range q.p.AcquireAllIdle() {
+			idle := r.IdleDuration()
+			better := best == nil || (unused && !bestUnused) || (unused == bestUnused && idle > bestIdle)
+			if (idle < evictMinIdle && !unused) || !better {
+				r.ReleaseUnused()
+				continue
+			}
+			if best != nil {
+				best.ReleaseUnused()
+			}
+			best, bestUnused, bestIdle = r, unused, idle
+		}
+	}
+	if best == nil {
+		return false
+	}
+	// Counted as yielded like a busy backend closed at its release, so a
+	// release meanwhile does not close another.
+	h.mu.Lock()
+	h.yieldLocked(best.Value())
+	h.mu.Unlock()
+	best.Destroy()
+	return true
 }
 
 // condemnOver counts b of q as closing if the host is over its cap. The

@@ -510,3 +510,40 @@ func checkWaitTimeout(t *testing.T, what string, err error, waited time.Duration
 		t.Fatalf("%s: 53300 after %v, want about query_wait_timeout (300ms)", what, waited)
 	}
 }
+
+// TestEvictsLongestIdleBackend: a newly active project at a full host cap
+// takes the slot of the backend idle longest, as PgBouncer does, not of
+// whichever pool comes first. Cap 2, one backend each for p1 and then p2,
+// both projects keeping a client; p3's first query must close p1's. Three
+// rounds, the order of p1 and p2 swapped in the second, so that a pick
+// that ignores idle time passes all of them one time in eight.
+func TestEvictsLongestIdleBackend(t *testing.T) {
+	ctx := context.Background()
+	for round, order := range [][2]string{{"p1", "p2"}, {"p2", "p1"}, {"p1", "p2"}} {
+		t.Run(fmt.Sprintf("round %d", round), func(t *testing.T) {
+			waitNoBackends(t)
+			h := startProxy(t, harnessOpts{poolSize: 1, opts: proxy.Options{MaxServerConnPerHost: 2}})
+			older, newer := order[0], order[1]
+			for i, ref := range order {
+				c := h.connect(ref, "authenticated", "u")
+				if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+					t.Fatal(err)
+				}
+				if i == 0 {
+					time.Sleep(300 * time.Millisecond) // the older one's idle time
+				}
+			}
+			time.Sleep(150 * time.Millisecond) // both past evictMinIdle
+			newcomer := h.connect("p3", "authenticated", "n")
+			if _, err := newcomer.Exec(ctx, "SELECT 1"); err != nil {
+				t.Fatal(err)
+			}
+			waitFor(t, "the evicted backend's server to leave", 5*time.Second, func() bool {
+				return proxyBackends(t, "") <= 2
+			})
+			if o, n := proxyBackends(t, older), proxyBackends(t, newer); o != 0 || n != 1 {
+				t.Fatalf("backends of %s (idle longer) %d, of %s %d; want the older one closed", older, o, newer, n)
+			}
+		})
+	}
+}

@@ -107,17 +107,16 @@ func newClientState(id auth.Identity, claimsMAC string, claimGUCs, settings map[
 // force. shareTx allows the inline form.
 func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx bool) ([]byte, setupPlan, error) {
 	g := setupGroup{buf: buf}
-	if shareTx && be.identity != cs.identKey && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
+	identity := be.identity != cs.identKey
+	if identity {
 		be.identity = cs.identKey
 		g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+	}
+	if shareTx && identity && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
 		if g.err != nil {
 			return g.buf, setupPlan{}, g.err
 		}
-		return g.buf, setupPlan{inline: g.n}, nil
-	}
-	if be.identity != cs.identKey {
-		be.identity = cs.identKey
-		g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		return g.buf, setupPlan{inline: g.n}, nil // nothing else differs
 	}
 	if cs.claimGUCs != nil || be.claimGUCs != nil {
 		claimSetup(&g, be, cs.claimGUCs)

@@ -1,7 +1,6 @@
 package proxy
 
 import (
-	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -170,14 +169,14 @@ func (m *Metrics) replicaLSN(server string, lsn, behind uint64, lagSeconds float
 
 func (m *Metrics) replicaDown(server string) { m.replicaUp.WithLabelValues(server).Set(0) }
 
-// forgetServer deletes the series of a replica server no project uses any more.
-func (m *Metrics) forgetServer(server string) {
+// forgetServer deletes the series of a replica server no project uses any
+// more: its replica series (labelled server) and its login series (addr).
+func (m *Metrics) forgetServer(server, addr string) {
 	for _, v := range []*prometheus.GaugeVec{m.replicaLSNs, m.replicaBytes, m.replicaSecs, m.replicaUp} {
 		v.DeleteLabelValues(server)
 	}
-	hostPort := strings.TrimSuffix(server, "/true") // the monitor's key; dials are by host:port
-	m.dialing.DeleteLabelValues(hostPort)
-	m.dialSeconds.DeleteLabelValues(hostPort)
+	m.dialing.DeleteLabelValues(addr)
+	m.dialSeconds.DeleteLabelValues(addr)
 }
 
 // forgetProject deletes every series of a removed project, so projects that

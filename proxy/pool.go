@@ -181,7 +181,7 @@ func (ps *pools) get(proj *project, url string, cfg *pgconn.Config) (*pool, erro
 	if p, ok := ps.byKey[key]; ok {
 		return p, nil
 	}
-	hostKey := fmt.Sprintf("%s:%d", cfg.Host, cfg.Port)
+	hostKey := serverAddr(cfg)
 	h, ok := ps.hosts[hostKey]
 	if !ok {
 		h = newHostLimiter(hostKey, int64(ps.maxPerHost))
@@ -261,6 +261,12 @@ func awaitExit(b *backend, served <-chan struct{}) {
 		}
 	}
 	waitClosed(served, serverExitWait, nil)
+}
+
+// serverAddr is a server's host:port: the key of its host limiter and the
+// label of its login metrics.
+func serverAddr(cfg *pgconn.Config) string {
+	return fmt.Sprintf("%s:%d", cfg.Host, cfg.Port)
 }
 
 // waitClosed waits until ch is closed, for d at most and not once stop is

@@ -32,7 +32,8 @@ type replicaTarget struct {
 // replay position and lag, or a primary's current position. It serves every
 // project on that server.
 type monitor struct {
-	key     string
+	key     string // addr and whether the server is a replica: its metrics' label
+	addr    string // host:port (serverAddr)
 	replica bool
 	cfg     *pgconn.Config
 
@@ -145,13 +146,14 @@ func newReplicaSet(interval time.Duration, log *slog.Logger, m *Metrics) *replic
 
 // monitorFor returns the monitor of a server, creating it on first use.
 func (rs *replicaSet) monitorFor(cfg *pgconn.Config, replica bool) *monitor {
-	key := fmt.Sprintf("%s:%d/%t", cfg.Host, cfg.Port, replica)
+	addr := serverAddr(cfg)
+	key := fmt.Sprintf("%s/%t", addr, replica)
 	rs.mu.Lock()
 	defer rs.mu.Unlock()
 	if m, ok := rs.monitors[key]; ok {
 		return m
 	}
-	m := &monitor{key: key, replica: replica, cfg: cfg.Copy()}
+	m := &monitor{key: key, addr: addr, replica: replica, cfg: cfg.Copy()}
 	rs.monitors[key] = m
 	return m
 }
@@ -180,7 +182,7 @@ func (rs *replicaSet) closeDropped() {
 	for _, m := range dropped {
 		m.closeConn()
 		if m.replica {
-			rs.m.forgetServer(m.key)
+			rs.m.forgetServer(m.key, m.addr)
 		}
 	}
 }

@@ -261,7 +261,9 @@ func (ss *session) flushBatch(term byte) error {
 	// Decide where the whole batch runs.
 	parsed := map[string]want{}
 	routes := make([]verdict, 0, 4) // on the stack for the usual batch
-	w := want{reason: "read", shareTx: term == msgTypeSync}
+	// shareTx holds while every text is plain; claim takes it only for a
+	// batch ended by Sync.
+	w := want{reason: "read", shareTx: true}
 	for i := range held {
 		routes = append(routes, verdict{})
 		mw := ss.wantOf(&held[i], &routes[i], parsed)

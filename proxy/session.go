@@ -619,15 +619,12 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	// end of its unit: nothing more goes to the backend before then. What
 	// was forwarded and still waits in the buffer for this message goes
 	// out first, or that end never comes.
-	flushed := false
+	if ss.identPending && ss.be != nil {
+		ss.mu.Unlock()
+		ss.flushForwarded()
+		ss.mu.Lock()
+	}
 	for ss.retrying || ss.checking || (ss.identPending && ss.be != nil) {
-		if ss.identPending && ss.be != nil && !flushed {
-			flushed = true
-			ss.mu.Unlock()
-			ss.flushForwarded()
-			ss.mu.Lock()
-			continue
-		}
 		ss.cond.Wait()
 	}
 	// A read unit still running on a replica (pipelined autocommit reads)

@@ -387,9 +387,7 @@ func runProbePhase(ctx context.Context, w *world, o *options, d *dialer, smp *sa
 	perr := probe(pctx, d, fresh, w.floorURL, &ph.probes)
 	pcancel()
 	if dials1, err := w.dials(ctx); err == nil {
-		ph.dials = dials1.since(dials0)
-	} else if perr == nil {
-		perr = err
+		ph.dials = dials1.since(dials0) // else the report shows no logins measured (—)
 	}
 	if perr != nil && ctx.Err() == nil {
 		perr = nil // the step's probe time ran out: the probes not made are reported as missing

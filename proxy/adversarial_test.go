@@ -128,6 +128,10 @@ var sessionOutcomes = map[string][]string{
 	"execute after another statement":        noSuchStmt,
 	"execute identity":                       noSuchStmt,
 	"deallocate and re-prepare":              noSuchStmt,
+	"execute the identity statement":         noSuchStmt,
+	"explain analyze the identity statement": noSuchStmt,
+	"deallocate the identity statement":      noSuchStmt,
+	"replace the identity statement":         noSuchStmt,
 	"deallocate all after another statement": {"", "42601"},
 	"read prepared statements":               {""},
 	"read cursors":                           {""},
@@ -177,6 +181,15 @@ var identityAttacks = []attack{
 	{"deallocate and re-prepare", `DEALLOCATE cascata_ident; PREPARE cascata_ident(text,text,text) AS SELECT $1`, []string{"0A000", "42601"}},
 	{"deallocate all after another statement", `SELECT 1; DEALLOCATE ALL`, []string{"0A000", "42601"}},
 	{"query_to_xml execute", `SELECT query_to_xml('EXECUTE cascata_set(''role'', ''service_role'')', true, false, '')`, []string{"0A000", "42501", "26000"}},
+	// The identity statement the proxy prepares on shared backends
+	// (cs_ident): no client name translates to it, and a client's own
+	// statement of that name is the client's.
+	{"execute the identity statement", `EXECUTE cs_ident('service_role', '{"sub":"victim"}', '')`, []string{"0A000", "26000"}},
+	{"explain analyze the identity statement", `EXPLAIN ANALYZE EXECUTE cs_ident('service_role', '{"sub":"victim"}', '')`, []string{"0A000", "26000"}},
+	{"deallocate the identity statement", `DEALLOCATE cs_ident`, []string{"0A000", "26000"}},
+	{"replace the identity statement", `DEALLOCATE cs_ident; PREPARE cs_ident(text, text, text) AS SELECT $1, $2, $3`, []string{"0A000", "42601"}},
+	{"prepare under the identity statement's name", `PREPARE cs_ident(text, text, text) AS SELECT $1, $2, $3`, []string{"", "0A000"}},
+	{"deallocate all", `DEALLOCATE ALL`, []string{"", "0A000"}},
 	{"read prepared statements", `SELECT name, statement FROM pg_prepared_statements`, []string{"42501"}},
 	{"read cursors", `SELECT name FROM pg_cursors`, []string{"42501"}},
 	{"set role", `SET ROLE service_role`, []string{"42501"}},

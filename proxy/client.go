@@ -372,8 +372,8 @@ func splitMsg(b []byte, off int) (byte, []byte, int) {
 // DEALLOCATE name drops the client's name and the backend's statement under
 // the proxy's name (others re-prepare it when they need it); an unknown name
 // fails with 26000 under the client's name. DEALLOCATE ALL drops every name
-// of the client and runs as it is (the backend keeps no statement of the
-// proxy's own that it could lose).
+// of the client and runs as it is: the proxy's statements on the backend go
+// with it and are prepared again where needed.
 func (ss *session) translateDeallocate(be *backend, d *router.Deallocate) []byte {
 	ss.mu.Lock()
 	defer ss.mu.Unlock()
@@ -381,6 +381,7 @@ func (ss *session) translateDeallocate(be *backend, d *router.Deallocate) []byte
 		clear(ss.stmts)
 		clear(ss.sqlStmts)
 		be.stmts, be.sqlStmts = nil, nil
+		be.identStmt = stmtUnknown // the proxy's own goes too, unless the statement fails
 		return appendCString(ss.out[:0], "DEALLOCATE ALL")
 	}
 	ss.replayOK = false

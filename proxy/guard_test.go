@@ -754,18 +754,26 @@ func TestGuardLoginTokens(t *testing.T) {
 	}
 }
 
-// TestGuardTrustedRole: DO and CREATE FUNCTION are refused by role: a role
-// marked trusted in the project may run them, the others may not.
-func TestGuardTrustedRole(t *testing.T) {
-	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p2"}})
+// trustedProxy is a proxy in front of project ref alone, with a pool of
+// one backend and roles trusted to run DO and CREATE FUNCTION.
+func trustedProxy(t *testing.T, ref string, roles ...string) *harness {
+	t.Helper()
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{ref}})
 	if err := h.srv.SetProjects([]proxy.ProjectConfig{{
-		Ref:          "p2",
-		DatabaseURL:  cluster.Primary.URL("authenticator", loginPassword, "p2"),
+		Ref:          ref,
+		DatabaseURL:  cluster.Primary.URL("authenticator", loginPassword, ref),
 		PoolSize:     1,
-		TrustedRoles: []string{"service_role"},
+		TrustedRoles: roles,
 	}}); err != nil {
 		t.Fatal(err)
 	}
+	return h
+}
+
+// TestGuardTrustedRole: DO and CREATE FUNCTION are refused by role: a role
+// marked trusted in the project may run them, the others may not.
+func TestGuardTrustedRole(t *testing.T) {
+	h := trustedProxy(t, "p2", "service_role")
 	ctx := context.Background()
 	do := `DO $$ BEGIN EXECUTE 'SELECT ' || 1; END $$` // a body the guard cannot see whole
 	trusted := newGuardClient(t, h, "trusted", "p2", "service_role", "ops", "simple_protocol")

@@ -10,6 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"cascata/proxy"
+
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -308,5 +311,69 @@ func TestFailedFirstStatementKeepsIdentity(t *testing.T) {
 				t.Fatalf("%s: the follow-up saw %q, want anon and the attacker's claims", v.name, rows)
 			}
 		}
+	}
+}
+
+// The identity statement a shared backend keeps (cs_ident) is only ever
+// the proxy's. A trusted role's DO block can drop or replace it; the unit
+// is scrubbed at release, and the next identity closes whatever is under
+// that name and prepares it again, so the next client runs as itself.
+func TestIdentityStatementAfterTrustedDO(t *testing.T) {
+	h := trustedProxy(t, "p2", "service_role")
+	ctx := context.Background()
+	trusted := h.connect("p2", "service_role", "ops")
+	anon := h.connect("p2", "anon", "visitor")
+	for _, do := range []string{
+		`DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$`,
+		`DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; EXECUTE 'PREPARE cs_ident(text, text, text) AS SELECT pg_catalog.set_config(''role'', ''service_role'', false), $2, $3'; END $$`,
+	} {
+		for range 2 { // the statement is prepared again, then only bound
+			for _, c := range []struct {
+				conn *pgx.Conn
+				role string
+			}{{anon, "anon"}, {trusted, "service_role"}} {
+				var who string
+				if err := c.conn.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != c.role {
+					t.Fatalf("after %s: %s runs as %q (%v)", do, c.role, who, err)
+				}
+			}
+		}
+		if _, err := trusted.Exec(ctx, do); err != nil {
+			t.Fatalf("%s: %v", do, err)
+		}
+		var who string
+		if err := anon.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "anon" {
+			t.Fatalf("after %s: anon runs as %q (%v)", do, who, err)
+		}
+	}
+}
+
+// A backend keeps its statements whatever mode the project is in next: a
+// session-mode client, which names statements itself and may read
+// pg_prepared_statements, finds none of the proxy's.
+func TestNoIdentityStatementInSessionMode(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p2"}})
+	ctx := context.Background()
+	c := h.connect("p2", "authenticated", "tx")
+	if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
+		t.Fatal(err)
+	}
+	c.Close(ctx)
+	if err := h.srv.SetProjects([]proxy.ProjectConfig{{
+		Ref:         "p2",
+		DatabaseURL: cluster.Primary.URL("authenticator", loginPassword, "p2"),
+		PoolSize:    1,
+		SessionMode: true,
+	}}); err != nil {
+		t.Fatal(err)
+	}
+	s := h.connect("p2", "anon", "session")
+	var n int
+	var who string
+	if err := s.QueryRow(ctx, "SELECT (SELECT count(*) FROM pg_prepared_statements WHERE name = 'cs_ident')::int, current_user").Scan(&n, &who); err != nil {
+		t.Fatal(err)
+	}
+	if n != 0 || who != "anon" {
+		t.Fatalf("a session-mode client finds %d statements named cs_ident and runs as %q", n, who)
 	}
 }

@@ -699,7 +699,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		be := res.Value()
 		// The identity and the client's settings go first, in one write
 		// with the client's message: no extra round trip.
-		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be, shareTx)
+		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be, shareTx, ss.translatesNames())
 		ss.setupBuf = buf
 		ss.mu.Lock()
 		if !be.attach(attachment{ss: ss, be: be, setup: plan}) {
@@ -1181,6 +1181,8 @@ func (ss *session) settleUnit(u *unit) {
 			// RESET ALL left the role and nothing else of the client's.
 			be.identity = ""
 			be.settings, be.settingsKey, be.claimGUCs = nil, "", nil
+			// A trusted role's DO block may have run DEALLOCATE or PREPARE.
+			be.identStmt = stmtUnknown
 		}
 		if u.readGUCs != nil {
 			// Only this unit's read-back was awaited: a scrub-only unit
@@ -1329,6 +1331,7 @@ func (ss *session) finish() {
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.sqlStmts = nil
+		be.identStmt = stmtUnknown
 		be.settings, be.settingsKey = nil, ""
 		be.claimGUCs = nil
 	}
@@ -1451,7 +1454,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	}
 	be := res.Value()
 	ss.mu.Lock()
-	buf, n, err := ss.setupBytes(nil, be, false) // rare: its own buffer
+	buf, n, err := ss.setupBytes(nil, be, false, ss.translatesNames()) // rare: its own buffer
 	if !be.attach(attachment{ss: ss, be: be, setup: n}) {
 		ss.retrying = false
 		ss.cond.Broadcast()

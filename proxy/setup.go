@@ -25,9 +25,13 @@ import (
 //     query, so the client's first statement may still be BEGIN ISOLATION
 //     LEVEL ...
 //
-// Every statement of the group is parsed as the unnamed statement: the
-// proxy keeps no named statement on a backend that a client could reach,
-// and a name it cannot know is all the gate needs.
+// The identity statement is prepared once per backend under a name of
+// the proxy's own (identStmtName) where the client's statement names are
+// translated, so no client can reach it; for a client that names
+// statements itself (session mode) it is parsed as the unnamed statement,
+// and a backend that has the named one closes it first. Every other
+// statement of the group is parsed as the unnamed statement, and a name no
+// client can know is all the gate needs.
 //
 // When only the identity differs and the client's batch is plain reads and
 // writes (want.shareTx) in transaction mode, the identity statement goes
@@ -42,9 +46,9 @@ import (
 // are sent, so that none of them runs under the identity the rollback
 // brought back.
 type setupPlan struct {
-	group  int  // statements in the committed group (0 = no group, no Sync)
+	group  int  // executions and Closes in the committed group (0 = no group, no Sync)
 	gate   bool // the gate's Describe and Close follow the group
-	inline int  // statements in front of the client's messages, in its transaction
+	inline int  // executions in front of the client's messages, in its transaction (one CommandComplete each)
 }
 
 func (p setupPlan) empty() bool { return p.group == 0 && !p.gate && p.inline == 0 }
@@ -52,13 +56,15 @@ func (p setupPlan) empty() bool { return p.group == 0 && !p.gate && p.inline == 
 // setupGroup encodes the statements of a setup group.
 type setupGroup struct {
 	buf    []byte
-	n      int
+	n      int    // executions: one CommandComplete each
+	closes int    // Close messages
 	parsed string // the text of the unnamed statement parsed last in the group
 	params [3][]byte
 	err    error
 }
 
-// exec adds one execution of sql with text parameters.
+// exec adds one execution of sql, parsed as the unnamed statement, with
+// text parameters.
 func (g *setupGroup) exec(sql string, args ...string) {
 	if g.err != nil {
 		return
@@ -67,17 +73,48 @@ func (g *setupGroup) exec(sql string, args ...string) {
 		g.buf, g.err = (&pgproto3.Parse{Query: sql}).Encode(g.buf)
 		g.parsed = sql
 	}
+	g.run("", args)
+}
+
+// execNamed adds one execution of the statement named name, which *st
+// says is prepared from sql or not; it prepares it first where needed,
+// closing first whatever may be under that name, and records it prepared.
+func (g *setupGroup) execNamed(name, sql string, st *namedStmt, args ...string) {
+	if g.err != nil {
+		return
+	}
+	if *st == stmtUnknown {
+		g.closeStatement(name) // no error when there is none
+	}
+	if *st != stmtPrepared {
+		g.buf, g.err = (&pgproto3.Parse{Name: name, Query: sql}).Encode(g.buf)
+		*st = stmtPrepared
+	}
+	g.run(name, args)
+}
+
+// run adds the Bind and Execute of one execution of statement stmt.
+func (g *setupGroup) run(stmt string, args []string) {
 	params := g.params[:0]
 	for _, a := range args {
 		params = append(params, textParam(a))
 	}
 	if g.err == nil {
-		g.buf, g.err = (&pgproto3.Bind{Parameters: params}).Encode(g.buf)
+		g.buf, g.err = (&pgproto3.Bind{PreparedStatement: stmt, Parameters: params}).Encode(g.buf)
 	}
 	if g.err == nil {
 		g.buf, g.err = (&pgproto3.Execute{}).Encode(g.buf)
 	}
 	g.n++
+}
+
+// closeStatement adds the Close of statement name.
+func (g *setupGroup) closeStatement(name string) {
+	if g.err != nil {
+		return
+	}
+	g.buf = appendGateMsg(g.buf, msgTypeClose, kindStatement, []byte(name))
+	g.closes++
 }
 
 // clientState is what a client carries from backend to backend: its
@@ -104,15 +141,27 @@ func newClientState(id auth.Identity, claimsMAC string, claimGUCs, settings map[
 // this client: the identity where be has another (or an unknown one),
 // legacy claim settings, and the client's session settings where they
 // differ from the backend's. It records on be what the setup puts in
-// force. shareTx allows the inline form.
-func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx bool) ([]byte, setupPlan, error) {
+// force. shareTx allows the inline form; translated says the proxy
+// translates the client's statement names, so the identity statement may
+// be the named one.
+func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx, translated bool) ([]byte, setupPlan, error) {
 	g := setupGroup{buf: buf}
+	if be.identStmt != stmtAbsent && !translated {
+		// This client names statements itself: it must find none of the
+		// proxy's (a backend keeps its statements across pool modes).
+		g.closeStatement(identStmtName)
+		be.identStmt = stmtAbsent
+	}
 	identity := be.identity != cs.identKey
 	if identity {
 		be.identity = cs.identKey
-		g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		if translated {
+			g.execNamed(identStmtName, identSQL, &be.identStmt, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		} else {
+			g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		}
 	}
-	if shareTx && identity && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
+	if shareTx && translated && identity && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
 		if g.err != nil {
 			return g.buf, setupPlan{}, g.err
 		}
@@ -125,7 +174,7 @@ func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx bool) ([]byte
 		settingsSetup(&g, be, cs.settings)
 		be.settingsKey = cs.settingsKey
 	}
-	if g.err != nil || g.n == 0 {
+	if g.err != nil || g.n+g.closes == 0 {
 		return g.buf, setupPlan{}, g.err
 	}
 	var gate [gateNameLen]byte
@@ -134,7 +183,7 @@ func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx bool) ([]byte
 	buf = append(buf, msgSync...)
 	buf = appendGateMsg(buf, msgTypeDescribe, kindStatement, gate[:])
 	buf = appendGateMsg(buf, msgTypeClose, kindStatement, gate[:])
-	return buf, setupPlan{group: g.n, gate: true}, nil
+	return buf, setupPlan{group: g.n + g.closes, gate: true}, nil
 }
 
 // appendGateMsg appends a message of type typ whose body is kind (unless

@@ -53,12 +53,14 @@ func testBackend() *backend {
 	return &backend{gate: rand.NewChaCha8([32]byte{1})}
 }
 
+// Without translated names (session mode), every statement of the setup
+// is the unnamed one.
 func TestSetupBytes(t *testing.T) {
 	alice := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"alice"}`}, "mac-a", nil, map[string]string{"TimeZone": "UTC"})
 	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, map[string]string{"TimeZone": "UTC"})
 	be := testBackend()
 
-	buf, plan, err := alice.setupBytes(nil, be, false)
+	buf, plan, err := alice.setupBytes(nil, be, false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -86,12 +88,12 @@ func TestSetupBytes(t *testing.T) {
 	}
 
 	// The backend serves alice as she is: nothing to send.
-	if buf, plan, err := alice.setupBytes(nil, be, false); err != nil || len(buf) != 0 || !plan.empty() {
+	if buf, plan, err := alice.setupBytes(nil, be, false, false); err != nil || len(buf) != 0 || !plan.empty() {
 		t.Fatalf("alice again: %q %+v %v", buf, plan, err)
 	}
 
 	// Bob has the same settings: only his identity, under a new gate.
-	buf, plan, err = bob.setupBytes(nil, be, false)
+	buf, plan, err = bob.setupBytes(nil, be, false, false)
 	if err != nil || plan.group != 1 {
 		t.Fatalf("bob: plan %+v, %v", plan, err)
 	}
@@ -102,7 +104,7 @@ func TestSetupBytes(t *testing.T) {
 
 	// A client without the setting gets it reset by its quoted name.
 	carol := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, nil)
-	buf, _, err = carol.setupBytes(nil, be, false)
+	buf, _, err = carol.setupBytes(nil, be, false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -114,7 +116,7 @@ func TestSetupBytes(t *testing.T) {
 	// A backend whose identity is unknown (a failed setup, a scrub) gets
 	// the identity again.
 	be.identity = ""
-	buf, plan, _ = carol.setupBytes(nil, be, false)
+	buf, plan, _ = carol.setupBytes(nil, be, false, false)
 	if plan.group != 1 || !strings.HasPrefix(msgLines(t, buf)[0], "P |"+identSQL) {
 		t.Fatalf("after the identity was forgotten: %q", msgLines(t, buf))
 	}
@@ -126,14 +128,14 @@ func TestSetupBytesLegacyClaims(t *testing.T) {
 	a := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"a"}`}, "", map[string]string{"request.jwt.claim.sub": "a"}, nil)
 	b := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{}`}, "", nil, nil)
 	be := testBackend()
-	buf, _, err := a.setupBytes(nil, be, false)
+	buf, _, err := a.setupBytes(nil, be, false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if lines := msgLines(t, buf); !slices.Contains(lines, "B |request.jwt.claim.sub|a") {
 		t.Fatalf("a's setup: %q", lines)
 	}
-	buf, _, err = b.setupBytes(nil, be, false)
+	buf, _, err = b.setupBytes(nil, be, false, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -149,28 +151,91 @@ func TestSetupBytesInline(t *testing.T) {
 	alice := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"alice"}`}, "mac-a", nil, nil)
 	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "", nil, nil)
 	be := testBackend()
-	buf, plan, err := alice.setupBytes(nil, be, true)
+	buf, plan, err := alice.setupBytes(nil, be, true, true)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []string{"P |" + identSQL, "B |authenticated|" + `{"sub":"alice"}` + "|mac-a", "E"}
+	want := []string{"P " + identStmtName + "|" + identSQL, "B " + identStmtName + "|authenticated|" + `{"sub":"alice"}` + "|mac-a", "E"}
 	if lines := msgLines(t, buf); !slices.Equal(lines, want) || plan != (setupPlan{inline: 1}) {
 		t.Fatalf("alice inline: %q %+v", lines, plan)
 	}
 	if be.identity != alice.identKey {
 		t.Fatalf("identity recorded %q", be.identity)
 	}
-	if buf, plan, err := alice.setupBytes(nil, be, true); err != nil || len(buf) != 0 || !plan.empty() {
+	if buf, plan, err := alice.setupBytes(nil, be, true, true); err != nil || len(buf) != 0 || !plan.empty() {
 		t.Fatalf("alice again: %q %+v %v", buf, plan, err)
 	}
 
 	// Bob's settings differ from the backend's: the committed group.
 	bob.settings, bob.settingsKey = map[string]string{"TimeZone": "UTC"}, settingsKey(map[string]string{"TimeZone": "UTC"})
-	if _, plan, err := bob.setupBytes(nil, be, true); err != nil || plan.inline != 0 || plan.group != 2 || !plan.gate {
+	if _, plan, err := bob.setupBytes(nil, be, true, true); err != nil || plan.inline != 0 || plan.group != 2 || !plan.gate {
 		t.Fatalf("bob with a setting: %+v %v", plan, err)
 	}
 	legacy := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"sub":"l"}`}, "", map[string]string{"request.jwt.claim.sub": "l"}, nil)
-	if _, plan, err := legacy.setupBytes(nil, testBackend(), true); err != nil || plan.inline != 0 || !plan.gate {
+	if _, plan, err := legacy.setupBytes(nil, testBackend(), true, true); err != nil || plan.inline != 0 || !plan.gate {
 		t.Fatalf("legacy claim settings: %+v %v", plan, err)
+	}
+}
+
+// Where the proxy translates the client's statement names, the identity
+// statement is prepared once per backend under the proxy's name, then
+// only bound; after whatever may have dropped or replaced it, it is closed
+// and prepared again. A client that names statements itself gets a backend
+// whose named identity statement is closed first.
+func TestSetupBytesNamedIdentity(t *testing.T) {
+	alice := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"alice"}`}, "", nil, nil)
+	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "", nil, nil)
+	be := testBackend()
+	parse := "P " + identStmtName + "|" + identSQL
+	bindAlice := "B " + identStmtName + "|authenticated|" + `{"sub":"alice"}` + "|"
+	bindBob := "B " + identStmtName + "|anon|" + `{"role":"anon"}` + "|"
+	closeIdent := "C S " + identStmtName
+
+	steps := []struct {
+		name       string
+		cs         *clientState
+		before     namedStmt // set on the backend first (0: leave it)
+		forget     bool      // the identity is unknown first
+		shareTx    bool
+		translated bool
+		want       []string // the setup's messages up to the gate's Parse
+		plan       setupPlan
+		after      namedStmt
+	}{
+		{name: "first switch prepares", cs: &alice, shareTx: true, translated: true,
+			want: []string{parse, bindAlice, "E"}, plan: setupPlan{inline: 1}, after: stmtPrepared},
+		{name: "next switch only binds", cs: &bob, shareTx: true, translated: true,
+			want: []string{bindBob, "E"}, plan: setupPlan{inline: 1}, after: stmtPrepared},
+		{name: "in a group too", cs: &alice, translated: true,
+			want: []string{bindAlice, "E"}, plan: setupPlan{group: 1, gate: true}, after: stmtPrepared},
+		{name: "unknown: closed, prepared again", cs: &bob, before: stmtUnknown, shareTx: true, translated: true,
+			want: []string{closeIdent, parse, bindBob, "E"}, plan: setupPlan{inline: 1}, after: stmtPrepared},
+		{name: "a client naming statements itself: closed, unnamed", cs: &alice, translated: false,
+			want: []string{closeIdent, "P |" + identSQL, "B |authenticated|" + `{"sub":"alice"}` + "|", "E"}, plan: setupPlan{group: 2, gate: true}, after: stmtAbsent},
+		{name: "closed even when the identity is in force", cs: &alice, before: stmtUnknown, translated: false,
+			want: []string{closeIdent}, plan: setupPlan{group: 1, gate: true}, after: stmtAbsent},
+		{name: "nothing to close", cs: &bob, translated: false,
+			want: []string{"P |" + identSQL, "B |anon|" + `{"role":"anon"}` + "|", "E"}, plan: setupPlan{group: 1, gate: true}, after: stmtAbsent},
+		{name: "forgotten identity, absent statement: prepared", cs: &bob, forget: true, shareTx: true, translated: true,
+			want: []string{parse, bindBob, "E"}, plan: setupPlan{inline: 1}, after: stmtPrepared},
+	}
+	for _, st := range steps {
+		if st.before != 0 {
+			be.identStmt = st.before
+		}
+		if st.forget {
+			be.identity = ""
+		}
+		buf, plan, err := st.cs.setupBytes(nil, be, st.shareTx, st.translated)
+		if err != nil {
+			t.Fatalf("%s: %v", st.name, err)
+		}
+		lines := msgLines(t, buf)
+		if plan.gate {
+			lines = lines[:len(lines)-4] // the gate's Parse, Sync, Describe, Close
+		}
+		if !slices.Equal(lines, st.want) || plan != st.plan || be.identStmt != st.after {
+			t.Fatalf("%s:\n got  %q %+v %d\n want %q %+v %d", st.name, lines, plan, be.identStmt, st.want, st.plan, st.after)
+		}
 	}
 }

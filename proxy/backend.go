@@ -34,6 +34,10 @@ const identSQL = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.se
 // to it.
 const identStmtName = "cs_ident"
 
+// setStmtName names setSQL where it is prepared once per backend, like
+// identStmtName.
+const setStmtName = "cs_set"
+
 // namedStmt is what the proxy knows of one of its named statements on a
 // backend.
 type namedStmt uint8
@@ -58,10 +62,11 @@ type backend struct {
 	tlsConf  *tls.Config
 	params   map[string]string
 	identity string // key of the identity in force; "" = unknown or none
-	// identStmt is what the proxy knows of identStmtName here, guarded
-	// by the lock of the session the backend is attached to.
-	identStmt namedStmt
-	created   time.Time
+	// identStmt and setStmt are what the proxy knows of identStmtName
+	// and setStmtName here, guarded by the lock of the session the
+	// backend is attached to.
+	identStmt, setStmt namedStmt
+	created            time.Time
 	// The proxy-named statements prepared here (transaction mode),
 	// guarded by the lock of the session the backend is attached to.
 	stmtTable
@@ -92,6 +97,12 @@ type backend struct {
 	idleSS    *session
 	idleUnit  *unit
 	idleEnded bool
+}
+
+// forgetProxyStmts records that the proxy's named statements may have been
+// dropped or replaced here (DEALLOCATE ALL, DISCARD ALL, a scrubbed unit).
+func (b *backend) forgetProxyStmts() {
+	b.identStmt, b.setStmt = stmtUnknown, stmtUnknown
 }
 
 // attachment is a unit of a client on a backend: serve relays the backend's

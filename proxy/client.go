@@ -381,7 +381,7 @@ func (ss *session) translateDeallocate(be *backend, d *router.Deallocate) []byte
 		clear(ss.stmts)
 		clear(ss.sqlStmts)
 		be.stmts, be.sqlStmts = nil, nil
-		be.identStmt = stmtUnknown // the proxy's own goes too, unless the statement fails
+		be.forgetProxyStmts() // the proxy's own go too, unless the statement fails
 		return appendCString(ss.out[:0], "DEALLOCATE ALL")
 	}
 	ss.replayOK = false

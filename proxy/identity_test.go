@@ -348,13 +348,40 @@ func TestIdentityStatementAfterTrustedDO(t *testing.T) {
 	}
 }
 
+// The same for the statement that sets one setting (cs_set), which runs
+// when clients whose settings differ take turns on a backend.
+func TestSettingsStatementAfterTrustedDO(t *testing.T) {
+	h := trustedProxy(t, "p2", "service_role")
+	ctx := context.Background()
+	trusted := h.connect("p2", "service_role", "ops")
+	tokyo := connectURL(t, h.url("p2", "anon", token(t, "p2", "anon", "visitor", nil))+"&timezone=Asia/Tokyo")
+	check := func(when string) {
+		t.Helper()
+		var who, tz string
+		if err := tokyo.QueryRow(ctx, "SELECT current_user, current_setting('TimeZone')").Scan(&who, &tz); err != nil || who != "anon" || tz != "Asia/Tokyo" {
+			t.Fatalf("%s: the anon client runs as %q with TimeZone %q (%v)", when, who, tz, err)
+		}
+		if err := trusted.QueryRow(ctx, "SELECT current_user, current_setting('TimeZone')").Scan(&who, &tz); err != nil || who != "service_role" || tz == "Asia/Tokyo" {
+			t.Fatalf("%s: the trusted client runs as %q with TimeZone %q (%v)", when, who, tz, err)
+		}
+	}
+	check("before")
+	check("again")
+	do := `DO $$ BEGIN EXECUTE 'DEALLOCATE cs_set'; EXECUTE 'PREPARE cs_set(text, text) AS SELECT pg_catalog.set_config(''role'', ''service_role'', false), $1, $2'; END $$`
+	if _, err := trusted.Exec(ctx, do); err != nil {
+		t.Fatalf("%s: %v", do, err)
+	}
+	check("after the DO block")
+}
+
 // A backend keeps its statements whatever mode the project is in next: a
 // session-mode client, which names statements itself and may read
 // pg_prepared_statements, finds none of the proxy's.
 func TestNoIdentityStatementInSessionMode(t *testing.T) {
 	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p2"}})
 	ctx := context.Background()
-	c := h.connect("p2", "authenticated", "tx")
+	// A setting of its own: the backend gets cs_set as well as cs_ident.
+	c := connectURL(t, h.url("p2", "authenticated", token(t, "p2", "authenticated", "tx", nil))+"&timezone=Asia/Tokyo")
 	if _, err := c.Exec(ctx, "SELECT 1"); err != nil {
 		t.Fatal(err)
 	}
@@ -370,10 +397,10 @@ func TestNoIdentityStatementInSessionMode(t *testing.T) {
 	s := h.connect("p2", "anon", "session")
 	var n int
 	var who string
-	if err := s.QueryRow(ctx, "SELECT (SELECT count(*) FROM pg_prepared_statements WHERE name = 'cs_ident')::int, current_user").Scan(&n, &who); err != nil {
+	if err := s.QueryRow(ctx, "SELECT (SELECT count(*) FROM pg_prepared_statements WHERE name IN ('cs_ident', 'cs_set'))::int, current_user").Scan(&n, &who); err != nil {
 		t.Fatal(err)
 	}
 	if n != 0 || who != "anon" {
-		t.Fatalf("a session-mode client finds %d statements named cs_ident and runs as %q", n, who)
+		t.Fatalf("a session-mode client finds %d of the proxy's statements and runs as %q", n, who)
 	}
 }

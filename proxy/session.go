@@ -1182,7 +1182,7 @@ func (ss *session) settleUnit(u *unit) {
 			be.identity = ""
 			be.settings, be.settingsKey, be.claimGUCs = nil, "", nil
 			// A trusted role's DO block may have run DEALLOCATE or PREPARE.
-			be.identStmt = stmtUnknown
+			be.forgetProxyStmts()
 		}
 		if u.readGUCs != nil {
 			// Only this unit's read-back was awaited: a scrub-only unit
@@ -1331,7 +1331,7 @@ func (ss *session) finish() {
 		be.identity = ""
 		be.stmts = nil // DISCARD ALL deallocates them
 		be.sqlStmts = nil
-		be.identStmt = stmtUnknown
+		be.forgetProxyStmts()
 		be.settings, be.settingsKey = nil, ""
 		be.claimGUCs = nil
 	}

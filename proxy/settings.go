@@ -19,7 +19,8 @@ import (
 // SET rolled back with its transaction leaves nothing — before that client
 // can start another transaction.
 
-// setSQL puts one setting in force (parsed as the unnamed statement).
+// setSQL puts one setting in force (prepared as setStmtName where the
+// client's statement names are translated, else the unnamed statement).
 const setSQL = "SELECT pg_catalog.set_config($1, $2, false)"
 
 // startupSettings are the parameters a client may give at startup that are
@@ -133,7 +134,7 @@ func settingsSetup(g *setupGroup, be *backend, want map[string]string) {
 		if cur, ok := be.settings[name]; ok && cur == v {
 			continue
 		}
-		g.exec(setSQL, name, v)
+		g.execProxy(setStmtName, setSQL, &be.setStmt, name, v)
 	}
 	if g.n > n {
 		be.settings = make(map[string]string, len(want))
@@ -260,12 +261,12 @@ func validSettingPart(k string) bool {
 func claimSetup(g *setupGroup, be *backend, want map[string]string) {
 	for name, v := range want {
 		if cur, ok := be.claimGUCs[name]; !ok || cur != v {
-			g.exec(setSQL, name, v)
+			g.execProxy(setStmtName, setSQL, &be.setStmt, name, v)
 		}
 	}
 	for name := range be.claimGUCs {
 		if _, ok := want[name]; !ok {
-			g.exec(setSQL, name, "")
+			g.execProxy(setStmtName, setSQL, &be.setStmt, name, "")
 		}
 	}
 	be.claimGUCs = want

@@ -25,13 +25,14 @@ import (
 //     query, so the client's first statement may still be BEGIN ISOLATION
 //     LEVEL ...
 //
-// The identity statement is prepared once per backend under a name of
-// the proxy's own (identStmtName) where the client's statement names are
-// translated, so no client can reach it; for a client that names
-// statements itself (session mode) it is parsed as the unnamed statement,
-// and a backend that has the named one closes it first. Every other
-// statement of the group is parsed as the unnamed statement, and a name no
-// client can know is all the gate needs.
+// The identity statement and the statement that sets one setting are
+// prepared once per backend under names of the proxy's own (identStmtName,
+// setStmtName) where the client's statement names are translated, so no
+// client can reach them; for a client that names statements itself
+// (session mode) they are parsed as the unnamed statement, and a backend
+// that has the named ones closes them first. Every other statement of the
+// group (RESET of a setting) is parsed as the unnamed statement, and a
+// name no client can know is all the gate needs.
 //
 // When only the identity differs and the client's batch is plain reads and
 // writes (want.shareTx) in transaction mode, the identity statement goes
@@ -55,6 +56,9 @@ func (p setupPlan) empty() bool { return p.group == 0 && !p.gate && p.inline == 
 
 // setupGroup encodes the statements of a setup group.
 type setupGroup struct {
+	// named: the proxy's own statements are the ones prepared on the
+	// backend under its names (execProxy).
+	named  bool
 	buf    []byte
 	n      int    // executions: one CommandComplete each
 	closes int    // Close messages
@@ -91,6 +95,26 @@ func (g *setupGroup) execNamed(name, sql string, st *namedStmt, args ...string) 
 		*st = stmtPrepared
 	}
 	g.run(name, args)
+}
+
+// execProxy adds one execution of one of the proxy's own statements: the
+// one prepared on the backend as name (see execNamed) where g.named, else
+// sql parsed as the unnamed statement.
+func (g *setupGroup) execProxy(name, sql string, st *namedStmt, args ...string) {
+	if g.named {
+		g.execNamed(name, sql, st, args...)
+	} else {
+		g.exec(sql, args...)
+	}
+}
+
+// closeProxy closes the proxy's statement name unless st says the
+// backend never had it, and records it absent.
+func (g *setupGroup) closeProxy(name string, st *namedStmt) {
+	if *st != stmtAbsent {
+		g.closeStatement(name)
+		*st = stmtAbsent
+	}
 }
 
 // run adds the Bind and Execute of one execution of statement stmt.
@@ -142,24 +166,20 @@ func newClientState(id auth.Identity, claimsMAC string, claimGUCs, settings map[
 // legacy claim settings, and the client's session settings where they
 // differ from the backend's. It records on be what the setup puts in
 // force. shareTx allows the inline form; translated says the proxy
-// translates the client's statement names, so the identity statement may
-// be the named one.
+// translates the client's statement names, so the proxy's statements may
+// be its named ones.
 func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx, translated bool) ([]byte, setupPlan, error) {
-	g := setupGroup{buf: buf}
-	if be.identStmt != stmtAbsent && !translated {
+	g := setupGroup{buf: buf, named: translated}
+	if !translated {
 		// This client names statements itself: it must find none of the
 		// proxy's (a backend keeps its statements across pool modes).
-		g.closeStatement(identStmtName)
-		be.identStmt = stmtAbsent
+		g.closeProxy(identStmtName, &be.identStmt)
+		g.closeProxy(setStmtName, &be.setStmt)
 	}
 	identity := be.identity != cs.identKey
 	if identity {
 		be.identity = cs.identKey
-		if translated {
-			g.execNamed(identStmtName, identSQL, &be.identStmt, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
-		} else {
-			g.exec(identSQL, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
-		}
+		g.execProxy(identStmtName, identSQL, &be.identStmt, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
 	}
 	if shareTx && translated && identity && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
 		if g.err != nil {

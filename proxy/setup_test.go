@@ -239,3 +239,34 @@ func TestSetupBytesNamedIdentity(t *testing.T) {
 		}
 	}
 }
+
+// The statement that sets one setting follows the same rule as the
+// identity statement: prepared once as cs_set where names are translated,
+// closed for a client that names statements itself.
+func TestSetupBytesNamedSettings(t *testing.T) {
+	tokyo := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{}`}, "", nil, map[string]string{"timezone": "Asia/Tokyo"})
+	utc := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{}`}, "", nil, map[string]string{"timezone": "UTC"})
+	be := testBackend()
+	be.identity = tokyo.identKey // the same identity: only settings differ
+	parse := "P " + setStmtName + "|" + setSQL
+	for i, st := range []struct {
+		cs         *clientState
+		translated bool
+		want       []string // up to the gate's Parse
+		after      namedStmt
+	}{
+		{&tokyo, true, []string{parse, "B " + setStmtName + "|timezone|Asia/Tokyo", "E"}, stmtPrepared},
+		{&utc, true, []string{"B " + setStmtName + "|timezone|UTC", "E"}, stmtPrepared},
+		{&tokyo, false, []string{"C S " + setStmtName, "P |" + setSQL, "B |timezone|Asia/Tokyo", "E"}, stmtAbsent},
+	} {
+		buf, plan, err := st.cs.setupBytes(nil, be, true, st.translated)
+		if err != nil || !plan.gate {
+			t.Fatalf("step %d: %+v %v", i, plan, err)
+		}
+		lines := msgLines(t, buf)
+		lines = lines[:len(lines)-4] // the gate's Parse, Sync, Describe, Close
+		if !slices.Equal(lines, st.want) || be.setStmt != st.after {
+			t.Fatalf("step %d:\n got  %q %d\n want %q %d", i, lines, be.setStmt, st.want, st.after)
+		}
+	}
+}

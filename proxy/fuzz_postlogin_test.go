@@ -25,8 +25,9 @@ func FuzzPostLogin(f *testing.F) {
 	f.Add(append(append(framed('P', []byte("s1\x00SELECT current_user\x00\x00\x00")), framed('B', []byte("\x00s1\x00\x00\x00\x00\x00\x00\x00"))...), framed('E', []byte("\x00\x00\x00\x00\x00"))...))
 	f.Add(framed('Q', []byte("SET TimeZone = 'Asia/Tokyo'; SELECT pg_advisory_lock(7)\x00")))
 	f.Add(append([]byte{0}, rawMsg('P', []byte("no-terminator"))...))
-	// The proxy's identity statement on the shared backend (cs_ident).
+	// The proxy's statements on the shared backend (cs_ident, cs_set).
 	f.Add(framed('Q', []byte("DEALLOCATE ALL\x00")))
+	f.Add(framed('Q', []byte("EXECUTE cs_set('role', 'service_role')\x00")))
 	f.Add(append(framed('C', []byte("Scs_ident\x00")), framed('Q', []byte("EXECUTE cs_ident('service_role', '{}', '')\x00"))...))
 	f.Add(append(framed('P', []byte("cs_ident\x00SELECT $1, $2, $3\x00\x00\x00")), framed('B', []byte("\x00cs_ident\x00\x00\x00\x00\x03\x00\x00\x00\x01a\x00\x00\x00\x01b\x00\x00\x00\x01c\x00\x00"))...))
 	h, base := advStart(f, false)

@@ -12,6 +12,7 @@
 //	benchtool relay -listen H:P -target H:P [-dur 1h]
 //	benchtool pool-goroutine -listen H:P -target H:P -db DB -user U -password-env VAR -role R -pool 20 [-dur 1h] [-cpuprofile F]
 //	benchtool pool-eventloop (the same flags)
+//	benchtool setup-cost -url URL [-n 32] [-dur 6s] [-rounds 3] [-modes ...] [-postmaster PID]
 //
 // Results are printed as key=value lines for the script to pick up.
 package main
@@ -23,7 +24,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop|setup-cost [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -47,6 +48,8 @@ func main() {
 		err = cmdPoolGoroutine(args)
 	case "pool-eventloop":
 		err = cmdPoolEventLoop(args)
+	case "setup-cost":
+		err = cmdSetupCost(args)
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

@@ -392,7 +392,11 @@ func (h *hostLimiter) acquire(ctx context.Context, p *pool, first bool) (reserve
 		// backends of busy tenants between their transactions, and the
 		// tenants would evict each other's in turn (measured: a third of
 		// the host's backends closed and dialled again every second).
-		if p.open.Load() == 0 {
+		// Only while fewer slots are on their way to the waiting newcomers
+		// than there are newcomers: a server takes a while to exit, and a
+		// newcomer that evicted again at each turn of this loop closed a
+		// second backend where one was enough.
+		if p.open.Load() == 0 && h.evictionDue() {
 			h.evictIdle(p, false)
 		}
 		wctx, cancel := context.WithTimeout(ctx, hostBusyWait)
@@ -620,6 +624,14 @@ func (h *hostLimiter) shouldYield(p *pool, b *backend) bool {
 func (h *hostLimiter) yieldLocked(b *backend) {
 	h.yielding++
 	h.yielded[b] = true
+}
+
+// evictionDue reports whether fewer backends are closing, their slots
+// due to the oldest waiting newcomers (handOff), than newcomers wait.
+func (h *hostLimiter) evictionDue() bool {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.yielding < len(h.grants)
 }
 
 // yieldDone counts a yielded backend's slot as free.

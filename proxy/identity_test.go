@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"cascata/internal/pgtest"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
@@ -344,6 +345,35 @@ func TestIdentityStatementAfterTrustedDO(t *testing.T) {
 		var who string
 		if err := anon.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "anon" {
 			t.Fatalf("after %s: anon runs as %q (%v)", do, who, err)
+		}
+	}
+}
+
+// A function that is not volatile cannot drop the proxy's statements
+// unseen (its units are not scrubbed): PostgreSQL runs its SQL read-only
+// and refuses DEALLOCATE there.
+func TestStableFunctionCannotDropIdentityStatement(t *testing.T) {
+	ctx := context.Background()
+	su := pgtest.Connect(t, cluster.Primary.SuperuserURL("p2"))
+	if _, err := su.Exec(ctx, `
+		CREATE OR REPLACE FUNCTION public.stable_dealloc() RETURNS int LANGUAGE plpgsql STABLE AS $$
+		BEGIN EXECUTE 'DEALLOCATE ALL'; RETURN 1; END $$;
+		GRANT EXECUTE ON FUNCTION public.stable_dealloc() TO anon;`); err != nil {
+		t.Fatal(err)
+	}
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p2"}})
+	anon := h.connect("p2", "anon", "visitor")
+	other := h.connect("p2", "authenticated", "user")
+	if _, err := anon.Exec(ctx, "SELECT public.stable_dealloc()"); sqlstate(err) != "0A000" {
+		t.Fatalf("DEALLOCATE in a stable function: %v, want 0A000", err)
+	}
+	for _, c := range []struct {
+		conn *pgx.Conn
+		role string
+	}{{other, "authenticated"}, {anon, "anon"}} {
+		var who string
+		if err := c.conn.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != c.role {
+			t.Fatalf("%s runs as %q (%v)", c.role, who, err)
 		}
 	}
 }

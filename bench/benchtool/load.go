@@ -27,26 +27,42 @@ const clkTck = 100
 
 // cpuSeconds returns utime+stime of a process in seconds.
 func cpuSeconds(pid int) (float64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	st, err := readProcStat(pid)
 	if err != nil {
 		return 0, err
 	}
+	return float64(st.ticks) / clkTck, nil
+}
+
+// procStat is what the bench reads of /proc/<pid>/stat.
+type procStat struct {
+	comm  string
+	ppid  int
+	ticks int64 // utime + stime, in 1/clkTck s
+}
+
+func readProcStat(pid int) (procStat, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return procStat{}, err
+	}
 	s := string(b)
-	i := strings.LastIndexByte(s, ')') // comm may hold spaces
-	if i < 0 {
-		return 0, errors.New("bad /proc stat")
+	open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')') // comm may hold spaces
+	if open < 0 || end < open {
+		return procStat{}, errors.New("bad /proc stat")
 	}
-	f := strings.Fields(s[i+1:])
-	// After comm: state is field 3, utime field 14, stime field 15.
+	f := strings.Fields(s[end+1:])
+	// After comm: state is field 3, ppid field 4, utime field 14, stime field 15.
 	if len(f) < 13 {
-		return 0, errors.New("short /proc stat")
+		return procStat{}, errors.New("short /proc stat")
 	}
-	ut, err1 := strconv.ParseFloat(f[11], 64)
-	st, err2 := strconv.ParseFloat(f[12], 64)
-	if err := errors.Join(err1, err2); err != nil {
-		return 0, err
+	ppid, err0 := strconv.Atoi(f[1])
+	ut, err1 := strconv.ParseInt(f[11], 10, 64)
+	st, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err := errors.Join(err0, err1, err2); err != nil {
+		return procStat{}, err
 	}
-	return (ut + st) / clkTck, nil
+	return procStat{comm: s[open+1 : end], ppid: ppid, ticks: ut + st}, nil
 }
 
 // rssKB returns VmRSS of a process in KiB.

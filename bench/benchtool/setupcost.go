@@ -5,7 +5,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -89,8 +88,7 @@ func cmdSetupCost(args []string) error {
 			if err != nil {
 				return err
 			}
-			// Clock ticks are 1/100 s on Linux.
-			us := float64(after-before) * 10000 / float64(count)
+			us := float64(after-before) * 1e6 / clkTck / float64(count)
 			results[mode] = append(results[mode], us)
 			fmt.Printf("round=%d mode=%s tps=%.0f pg_us_per_txn=%.1f\n", r, mode, float64(count)/dur.Seconds(), us)
 		}
@@ -229,35 +227,24 @@ func roundTrip(h *pgconn.HijackedConn, buf []byte, rfqs int) error {
 // named postgres: the postmaster's own and its children's when postmaster
 // is set, else every one on the machine.
 func postgresTicks(postmaster int) (int64, error) {
-	stats, err := filepath.Glob("/proc/[0-9]*/stat")
+	dirs, err := filepath.Glob("/proc/[0-9]*")
 	if err != nil {
 		return 0, err
 	}
 	var total int64
-	for _, p := range stats {
-		b, err := os.ReadFile(p)
+	for _, d := range dirs {
+		pid, err := strconv.Atoi(filepath.Base(d))
 		if err != nil {
-			continue // the process has exited
-		}
-		s := string(b)
-		open, end := strings.IndexByte(s, '('), strings.LastIndexByte(s, ')')
-		if open < 0 || end < open || s[open+1:end] != "postgres" {
 			continue
 		}
-		f := strings.Fields(s[end+1:]) // f[0] is field 3 (state)
-		if len(f) < 13 {
+		st, err := readProcStat(pid)
+		if err != nil || st.comm != "postgres" {
+			continue // exited, or another program
+		}
+		if postmaster != 0 && pid != postmaster && st.ppid != postmaster {
 			continue
 		}
-		if postmaster != 0 {
-			pid, _ := strconv.Atoi(strings.TrimSuffix(strings.TrimPrefix(p, "/proc/"), "/stat"))
-			ppid, _ := strconv.Atoi(f[1])
-			if pid != postmaster && ppid != postmaster {
-				continue
-			}
-		}
-		utime, _ := strconv.ParseInt(f[11], 10, 64)
-		stime, _ := strconv.ParseInt(f[12], 10, 64)
-		total += utime + stime
+		total += st.ticks
 	}
 	return total, nil
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
+	"net"
 	"strings"
 	"sync"
 	"testing"
@@ -279,32 +280,7 @@ func TestFailedFirstStatementKeepsIdentity(t *testing.T) {
 			if err := victim.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "service_role" {
 				t.Fatalf("victim: %q, %v", who, err)
 			}
-			var out []byte
-			for _, m := range v.msgs {
-				var err error
-				if out, err = m.Encode(out); err != nil {
-					t.Fatal(err)
-				}
-			}
-			_ = atk.SetDeadline(time.Now().Add(10 * time.Second))
-			if _, err := atk.Write(out); err != nil {
-				t.Fatal(err)
-			}
-			var codes, rows []string
-			for rfq := 0; rfq < 2; {
-				msg, err := fe.Receive()
-				if err != nil {
-					t.Fatalf("%s: %v (errors %v, rows %v)", v.name, err, codes, rows)
-				}
-				switch m := msg.(type) {
-				case *pgproto3.ErrorResponse:
-					codes = append(codes, m.Code)
-				case *pgproto3.DataRow:
-					rows = append(rows, string(m.Values[0]))
-				case *pgproto3.ReadyForQuery:
-					rfq++
-				}
-			}
+			codes, rows := exchangeRaw(t, atk, fe, v.msgs, 2)
 			if len(codes) != 1 || (codes[0] != "22012" && codes[0] != "22P02") {
 				t.Fatalf("%s: errors %v, want the first statement's", v.name, codes)
 			}
@@ -329,22 +305,86 @@ func TestIdentityStatementAfterTrustedDO(t *testing.T) {
 		`DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; EXECUTE 'PREPARE cs_ident(text, text, text) AS SELECT pg_catalog.set_config(''role'', ''service_role'', false), $2, $3'; END $$`,
 	} {
 		for range 2 { // the statement is prepared again, then only bound
-			for _, c := range []struct {
-				conn *pgx.Conn
-				role string
-			}{{anon, "anon"}, {trusted, "service_role"}} {
-				var who string
-				if err := c.conn.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != c.role {
-					t.Fatalf("after %s: %s runs as %q (%v)", do, c.role, who, err)
-				}
-			}
+			runsAs(t, anon, "anon")
+			runsAs(t, trusted, "service_role")
 		}
 		if _, err := trusted.Exec(ctx, do); err != nil {
 			t.Fatalf("%s: %v", do, err)
 		}
-		var who string
-		if err := anon.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != "anon" {
-			t.Fatalf("after %s: anon runs as %q (%v)", do, who, err)
+		runsAs(t, anon, "anon")
+	}
+}
+
+// exchangeRaw sends msgs in one write on a raw client connection and reads
+// the replies up to the rfqs-th ReadyForQuery: the SQLSTATEs of the errors
+// and the first column of the rows.
+func exchangeRaw(t *testing.T, c net.Conn, fe *pgproto3.Frontend, msgs []pgproto3.FrontendMessage, rfqs int) (codes, rows []string) {
+	t.Helper()
+	var out []byte
+	for _, m := range msgs {
+		var err error
+		if out, err = m.Encode(out); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(out); err != nil {
+		t.Fatal(err)
+	}
+	for rfqs > 0 {
+		msg, err := fe.Receive()
+		if err != nil {
+			t.Fatalf("%T...: %v (errors %v, rows %v)", msgs[0], err, codes, rows)
+		}
+		switch m := msg.(type) {
+		case *pgproto3.ErrorResponse:
+			codes = append(codes, m.Code)
+		case *pgproto3.DataRow:
+			rows = append(rows, string(m.Values[0]))
+		case *pgproto3.ReadyForQuery:
+			rfqs--
+		}
+	}
+	return codes, rows
+}
+
+// runsAs fails the test unless c's current_user is role.
+func runsAs(t *testing.T, c *pgx.Conn, role string) {
+	t.Helper()
+	var who string
+	if err := c.QueryRow(context.Background(), "SELECT current_user").Scan(&who); err != nil || who != role {
+		t.Fatalf("a client of role %s runs as %q (%v)", role, who, err)
+	}
+}
+
+// Over the extended protocol too, the proxy's statements are out of a
+// client's reach: a Bind or Describe naming them reaches the client's own
+// names (none: 26000), a Close of them closes nothing on the backend, and
+// the next client of the one backend runs as itself.
+func TestProxyStatementsOverExtendedProtocol(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{advProject}})
+	victim := h.connect(advProject, "service_role", "victim")
+	runsAs(t, victim, "service_role") // the backend has cs_ident now
+	atk := rawAfterLogin(t, h, "anon", "attacker")
+	fe := pgproto3.NewFrontend(atk, atk)
+	role := [][]byte{[]byte("service_role"), []byte(`{"role":"service_role"}`), []byte("")}
+	for _, name := range []string{"cs_ident", "cs_set"} {
+		for _, msgs := range [][]pgproto3.FrontendMessage{
+			{&pgproto3.Bind{PreparedStatement: name, Parameters: role[:2]}, &pgproto3.Execute{}, &pgproto3.Sync{}},
+			{&pgproto3.Bind{PreparedStatement: name, Parameters: role}, &pgproto3.Execute{}, &pgproto3.Sync{}},
+			{&pgproto3.Describe{ObjectType: 'S', Name: name}, &pgproto3.Sync{}},
+			{&pgproto3.Close{ObjectType: 'S', Name: name}, &pgproto3.Sync{}},
+		} {
+			msgs = append(msgs, &pgproto3.Query{String: "SELECT current_user"})
+			codes, rows := exchangeRaw(t, atk, fe, msgs, 2)
+			_, closing := msgs[0].(*pgproto3.Close)
+			if (closing && len(codes) != 0) || (!closing && (len(codes) != 1 || codes[0] != "26000")) {
+				t.Fatalf("%s %T: errors %v", name, msgs[0], codes)
+			}
+			if len(rows) != 1 || rows[0] != "anon" {
+				t.Fatalf("%s %T: the attacker then runs as %v", name, msgs[0], rows)
+			}
+			runsAs(t, victim, "service_role")
 		}
 	}
 }
@@ -367,15 +407,8 @@ func TestStableFunctionCannotDropIdentityStatement(t *testing.T) {
 	if _, err := anon.Exec(ctx, "SELECT public.stable_dealloc()"); sqlstate(err) != "0A000" {
 		t.Fatalf("DEALLOCATE in a stable function: %v, want 0A000", err)
 	}
-	for _, c := range []struct {
-		conn *pgx.Conn
-		role string
-	}{{other, "authenticated"}, {anon, "anon"}} {
-		var who string
-		if err := c.conn.QueryRow(ctx, "SELECT current_user").Scan(&who); err != nil || who != c.role {
-			t.Fatalf("%s runs as %q (%v)", c.role, who, err)
-		}
-	}
+	runsAs(t, other, "authenticated")
+	runsAs(t, anon, "anon")
 }
 
 // The same for the statement that sets one setting (cs_set), which runs

@@ -1429,6 +1429,17 @@ func (ss *session) keepReplay(sent []byte) {
 // It reports whether the unit moved; the primary backend relays the rest.
 func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.mu.Lock()
+	if ss.writing {
+		// The replica died between the claim and the end of the client
+		// goroutine's write of the unit (its replay bytes are recorded just
+		// before that write): wait for the write, which fails or lands in
+		// a closed socket, and decide with the unit known. The connection
+		// is closed first, so that write cannot block on it.
+		old.close()
+		for ss.writing {
+			ss.cond.Wait()
+		}
+	}
 	ok := !ss.clientGone.Load() && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty && !ss.writing
 	if !ok {
 		ss.mu.Unlock()

@@ -92,6 +92,9 @@ type backend struct {
 	// pool (a session may still be finishing a write that fails).
 	closed atomic.Bool
 	raw    syscall.RawConn // the plain socket (nil under TLS), see waitIdle
+	// unit is the backend's current unit once it is detached (see
+	// detachLocked), used by the backend's goroutine only.
+	unit unit
 	// waitIdle's state, used by the backend's goroutine only.
 	idleRead  func(uintptr) bool
 	idleSS    *session

@@ -387,15 +387,24 @@ func (ss *session) serve() (parked bool) {
 		}
 	}()
 	for {
-		ss.waitForClient()
-		typ, n, err := ss.rd.next()
-		if ss.heardClient(err) {
-			// Nudged: the read buffer went back; the goroutine too, if
-			// the session can park.
-			if ss.park() {
-				return true
+		var typ byte
+		var n int
+		var err error
+		if ss.rd.nextBuffered() {
+			// Pipelined (a Bind behind its Parse): no read that a nudge
+			// may interrupt, so none of waitForClient's bookkeeping.
+			typ, n, err = ss.rd.next()
+		} else {
+			ss.waitForClient()
+			typ, n, err = ss.rd.next()
+			if ss.heardClient(err) {
+				// Nudged: the read buffer went back; the goroutine too, if
+				// the session can park.
+				if ss.park() {
+					return true
+				}
+				continue
 			}
-			continue
 		}
 		if err != nil {
 			var tooLarge *errMessageTooLarge
@@ -1117,7 +1126,11 @@ type unit struct {
 // detachLocked clears the attachment; call with mu held, then settleUnit
 // and endUnit without it.
 func (ss *session) detachLocked(clean bool) *unit {
-	u := &unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
+	// The unit lives in its backend, which has one at a time: relay,
+	// settleUnit and endUnit all run on the backend's own goroutine, so
+	// the next unit of this backend is made after this one has ended.
+	u := &ss.be.unit
+	*u = unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
 	if clean && ss.unitWrites && !ss.clientGone.Load() && len(ss.proj.replicas) > 0 {
 		u.fetchLSN = true
 		ss.lsnPending = true
@@ -1217,14 +1230,17 @@ func (ss *session) settleUnit(u *unit) {
 
 // endUnit gives the backend back (clean) or closes it, and ends the unit.
 func (ss *session) endUnit(u *unit) {
+	// u lives in the backend: nothing of it is read once the backend is
+	// back in its pool.
+	proj, stopping := u.proj, u.stopping
 	if u.clean {
 		u.pl.release(u.res)
 	} else {
 		u.res.Destroy()
 	}
-	u.proj.gate.leave()
-	u.proj.metrics.transactions.Inc()
-	if u.stopping {
+	proj.gate.leave()
+	proj.metrics.transactions.Inc()
+	if stopping {
 		ss.sayShutdown()
 	}
 }

@@ -52,6 +52,10 @@ type stmt struct {
 	reset     router.ResetKind // its text was RESET ALL or DISCARD ALL, rewritten (reset.go)
 }
 
+// maxUnnamedKeep is the longest unnamed statement text whose buffer the
+// next Parse of the unnamed statement uses again.
+const maxUnnamedKeep = 4 << 10
+
 // replyAction says what to do with one ParseComplete or CloseComplete.
 type replyAction uint8
 
@@ -105,8 +109,9 @@ type translator struct {
 	maxStmts int            // statements a backend keeps; the least recently used go beyond
 	schema   *atomic.Uint64 // the project's schema epoch (DDL moves it)
 
-	stmts            map[string]*stmt    // the client's statements by its names
-	unnamed          *stmt               // the client's unnamed statement
+	stmts            map[string]*stmt // the client's statements by its names
+	unnamed          *stmt            // the client's unnamed statement (nil, or &unnamedStmt)
+	unnamedStmt      stmt
 	unnamedOnBackend bool                // ... is on the attached backend
 	sqlStmts         map[string]*sqlStmt // SQL-level PREPAREd names (sqlprepared.go)
 	parseQ, closeQ   []queued            // what to do with each ParseComplete, CloseComplete
@@ -373,7 +378,16 @@ func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset rout
 	switch m.typ {
 	case msgTypeParse:
 		if m.name == "" {
-			t.unnamed = &stmt{rest: bytes.Clone(m.rest), need: w, reset: reset}
+			// Its storage is the translator's, used again by every Parse
+			// of the unnamed statement: nothing keeps a pointer to the
+			// one before (wantOf copies what it needs).
+			st := &t.unnamedStmt
+			rest := st.rest[:0]
+			if cap(rest) > maxUnnamedKeep {
+				rest = nil // a very long text is not kept for the next
+			}
+			*st = stmt{rest: append(rest, m.rest...), need: w, reset: reset}
+			t.unnamed = st
 			t.unnamedOnBackend = true
 			t.push(&t.parseQ, queued{action: replyPass})
 			t.appendMsg(msgTypeParse, m.body)
@@ -435,7 +449,11 @@ func (t *translator) translateNames(bt *stmtTable, m *extMsg, w want, reset rout
 // appendBind appends the client's Bind m with the backend's statement
 // name in place of the client's.
 func (t *translator) appendBind(m *extMsg, target string) {
-	t.appendMsg(msgTypeBind, appendCString(nil, m.portal), appendCString(nil, target), m.rest)
+	t.out = append(t.out, msgTypeBind)
+	t.out = binary.BigEndian.AppendUint32(t.out, uint32(4+len(m.portal)+1+len(target)+1+len(m.rest)))
+	t.out = appendCString(t.out, m.portal)
+	t.out = appendCString(t.out, target)
+	t.out = append(t.out, m.rest...)
 }
 
 // appendDescribe appends a Describe of the backend's statement target.

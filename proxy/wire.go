@@ -345,6 +345,12 @@ func queryText(body []byte) (string, bool) {
 	return string(body[:len(body)-1]), true
 }
 
+// nextBuffered reports whether next returns a message already buffered,
+// without reading the connection.
+func (m *msgReader) nextBuffered() bool {
+	return m.taken && m.fullMessageBuffered()
+}
+
 // wait blocks until some bytes are buffered or the reader fails.
 func (m *msgReader) wait() error {
 	if !m.taken {

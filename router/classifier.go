@@ -2,6 +2,7 @@ package router
 
 import (
 	"hash/maphash"
+	"sync"
 	"sync/atomic"
 )
 
@@ -28,6 +29,9 @@ type Classifier struct {
 	// extended protocol) take the fastest path while one-off texts with
 	// inlined literals do not evict anything from the exact cache.
 	seen [seenSlots]atomic.Uint64
+	// keyBufs holds buffers for normalized keys (*[]byte), at most
+	// maxLen long as the texts that are cached.
+	keyBufs sync.Pool
 }
 
 // seenSlots is the size of Classifier.seen.
@@ -47,7 +51,9 @@ func NewClassifier(opts Options) *Classifier {
 	if maxBytes <= 0 {
 		maxBytes = DefaultCacheBytes
 	}
-	return &Classifier{exact: newLRU(size, maxBytes), norm: newLRU(size, maxBytes), maxLen: maxLen, seed: maphash.MakeSeed()}
+	c := &Classifier{exact: newLRU(size, maxBytes), norm: newLRU(size, maxBytes), maxLen: maxLen, seed: maphash.MakeSeed()}
+	c.keyBufs.New = func() any { return new([]byte) }
+	return c
 }
 
 // Classify classifies sql (one simple-protocol Query text or one
@@ -74,10 +80,20 @@ func (c *Classifier) facts(sql string) *facts {
 	if !cacheable {
 		return analyze(sql, nil)
 	}
-	key, n, ok := normalizeKey(sql, nil)
+	// The key is built in a buffer of the pool and becomes a string only
+	// when it goes into the cache.
+	buf := c.keyBufs.Get().(*[]byte)
+	kb, n, ok := appendNormalized((*buf)[:0], sql, nil)
+	var key string
 	if ok && n > 0 {
-		hk := maphash.String(c.seed, key)
-		if f, hit := c.norm.get(key, hk); hit {
+		hk := maphash.Bytes(c.seed, kb)
+		f, hit := c.norm.getBytes(kb, hk)
+		if !hit {
+			key = string(kb)
+		}
+		*buf = kb[:0]
+		c.keyBufs.Put(buf)
+		if hit {
 			if slot := &c.seen[h%seenSlots]; slot.Load() == h {
 				c.exact.add(sql, h, f)
 			} else {
@@ -87,7 +103,7 @@ func (c *Classifier) facts(sql string) *facts {
 		}
 		spans := make([]int32, 0, n)
 		normalizeKey(sql, &spans)
-		f := analyze(sql, spans)
+		f = analyze(sql, spans)
 		if f.normalizable {
 			c.norm.add(key, hk, f)
 		} else {
@@ -95,6 +111,8 @@ func (c *Classifier) facts(sql string) *facts {
 		}
 		return f
 	}
+	*buf = kb[:0]
+	c.keyBufs.Put(buf)
 	f := analyze(sql, nil)
 	c.exact.add(sql, h, f)
 	return f

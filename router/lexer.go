@@ -1,6 +1,6 @@
 package router
 
-import "strings"
+import "slices"
 
 // Markers that replace literals in a normalized key. A text containing
 // either byte (or any other control character but whitespace) is never
@@ -32,14 +32,28 @@ const maxInlineDigits = 9
 // when n is 0, key is sql. When spans is non-nil the byte offsets at which
 // replaced literals start are appended to it.
 func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
-	var b strings.Builder
+	b, n, ok := appendNormalized(nil, sql, spans)
+	switch {
+	case !ok:
+		return "", 0, false
+	case n == 0:
+		return sql, 0, true
+	}
+	return string(b), n, true
+}
+
+// appendNormalized appends normalizeKey's key of sql to dst when it
+// replaces literals (n > 0) and returns dst unchanged otherwise, so that a
+// cache lookup needs no new string.
+func appendNormalized(dst []byte, sql string, spans *[]int32) (key []byte, n int, ok bool) {
+	b := dst
 	last := 0 // start of the verbatim run not yet copied into b
 	replace := func(start, end int, mark byte) {
 		if n == 0 {
-			b.Grow(len(sql))
+			b = slices.Grow(b, len(sql))
 		}
-		b.WriteString(sql[last:start])
-		b.WriteByte(mark)
+		b = append(b, sql[last:start]...)
+		b = append(b, mark)
 		last = end
 		n++
 		if spans != nil {
@@ -53,14 +67,14 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 		switch {
 		case c < 0x20 || c == 0x7f:
 			if !isSpace(c) {
-				return "", 0, false
+				return dst, 0, false
 			}
 			i++
 		case c == '-' && i+1 < len(s) && s[i+1] == '-':
 			j := i + 2
 			for j < len(s) && s[j] != '\n' && s[j] != '\r' {
 				if isBadControl(s[j]) {
-					return "", 0, false
+					return dst, 0, false
 				}
 				j++
 			}
@@ -70,7 +84,7 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 			j := i + 2
 			for depth > 0 {
 				if j >= len(s) {
-					return "", 0, false
+					return dst, 0, false
 				}
 				switch {
 				case s[j] == '/' && j+1 < len(s) && s[j+1] == '*':
@@ -80,7 +94,7 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 					depth--
 					j += 2
 				case isBadControl(s[j]):
-					return "", 0, false
+					return dst, 0, false
 				default:
 					j++
 				}
@@ -90,12 +104,12 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 			if i > 0 && isPrefixChar(s[i-1]) {
 				// E'', B'', X'', N'', U&'' or an identifier glued to a
 				// string: not a plain literal.
-				return "", 0, false
+				return dst, 0, false
 			}
 			j := i + 1
 			for {
 				if j >= len(s) || s[j] == '\\' || isBadControl(s[j]) {
-					return "", 0, false
+					return dst, 0, false
 				}
 				if s[j] == '\'' {
 					if j+1 < len(s) && s[j+1] == '\'' {
@@ -110,12 +124,12 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 			i = j + 1
 		case c == '"':
 			if i > 0 && s[i-1] == '&' {
-				return "", 0, false // U&"..." (may be followed by UESCAPE '...')
+				return dst, 0, false // U&"..." (may be followed by UESCAPE '...')
 			}
 			j := i + 1
 			for {
 				if j >= len(s) || isBadControl(s[j]) {
-					return "", 0, false
+					return dst, 0, false
 				}
 				if s[j] == '"' {
 					if j+1 < len(s) && s[j+1] == '"' {
@@ -134,12 +148,12 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 					j++
 				}
 				if j < len(s) && (isIdentCont(s[j]) || s[j] == '.') {
-					return "", 0, false
+					return dst, 0, false
 				}
 				i = j
 				continue
 			}
-			return "", 0, false // dollar quoting
+			return dst, 0, false // dollar quoting
 		case isDigit(c):
 			j := i
 			for j < len(s) && isDigit(s[j]) {
@@ -159,7 +173,7 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 					k++
 				}
 				if k >= len(s) || !isDigit(s[k]) {
-					return "", 0, false
+					return dst, 0, false
 				}
 				plainInt = false
 				j = k
@@ -169,7 +183,7 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 			}
 			if j < len(s) && (isIdentCont(s[j]) || s[j] == '.') {
 				// 0x1F, 1_000, 1abc (trailing junk), 1..2 ...
-				return "", 0, false
+				return dst, 0, false
 			}
 			if plainInt && j-i > maxInlineDigits {
 				i = j // stays verbatim
@@ -192,10 +206,9 @@ func normalizeKey(sql string, spans *[]int32) (key string, n int, ok bool) {
 		}
 	}
 	if n == 0 {
-		return sql, 0, true
+		return dst, 0, true
 	}
-	b.WriteString(sql[last:])
-	return b.String(), n, true
+	return append(b, sql[last:]...), n, true
 }
 
 func isSpace(c byte) bool {

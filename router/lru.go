@@ -1,6 +1,9 @@
 package router
 
-import "sync"
+import (
+	"sync"
+	"unsafe"
+)
 
 // lruShards is the number of independently locked shards of a cache.
 const lruShards = 16
@@ -50,12 +53,18 @@ func newLRU(size, maxBytes int) *lru {
 
 // get returns the value for key (of hash h) and marks it most recently used.
 func (c *lru) get(key string, h uint64) (*facts, bool) {
+	return c.getBytes(unsafe.Slice(unsafe.StringData(key), len(key)), h)
+}
+
+// getBytes is get of a key held in bytes, which it only reads: the map
+// lookup converts them without a copy.
+func (c *lru) getBytes(key []byte, h uint64) (*facts, bool) {
 	if c == nil {
 		return nil, false
 	}
 	sh := &c.shards[h%lruShards]
 	sh.mu.Lock()
-	e, ok := sh.m[key]
+	e, ok := sh.m[string(key)]
 	if !ok {
 		sh.mu.Unlock()
 		return nil, false

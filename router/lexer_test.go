@@ -1,6 +1,7 @@
 package router
 
 import (
+	"hash/maphash"
 	"strconv"
 	"strings"
 	"testing"
@@ -179,5 +180,40 @@ func TestNormalizedCacheAdmission(t *testing.T) {
 	}
 	if c.exact.len() != 1 {
 		t.Fatalf("repeated text not admitted: exact %d", c.exact.len())
+	}
+}
+
+// TestNormalizedKeysOutliveTheirBuffer: normalized keys are built in a
+// pooled buffer that the next text overwrites; the key the cache keeps
+// must be its own copy, or a later text would find (or hide) another
+// text's analysis under it.
+func TestNormalizedKeysOutliveTheirBuffer(t *testing.T) {
+	c := NewClassifier(Options{})
+	read := "SELECT * FROM t WHERE id = 1"
+	write := "DELETE FROM u WHERE idx = 'a'"
+	if d := c.Classify(read, Policy{}); d.Target != Replica {
+		t.Fatalf("%s: %+v", read, d)
+	}
+	if d := c.Classify(write, Policy{}); d.Target != Primary {
+		t.Fatalf("%s: %+v", write, d)
+	}
+	for _, sql := range []string{read, write} {
+		key, n, ok := normalizeKey(sql, nil)
+		if !ok || n == 0 {
+			t.Fatalf("%q not normalized", sql)
+		}
+		if _, hit := c.norm.get(key, maphash.String(c.seed, key)); !hit {
+			t.Errorf("normalized key of %q not in the cache", sql)
+		}
+	}
+	// Other literals: each text still gets its own analysis.
+	if d := c.Classify("SELECT * FROM t WHERE id = 2", Policy{}); d.Target != Replica {
+		t.Fatalf("read after the write: %+v", d)
+	}
+	if d := c.Classify("DELETE FROM u WHERE idx = 'b'", Policy{}); d.Target != Primary {
+		t.Fatalf("write after the read: %+v", d)
+	}
+	if c.norm.len() != 2 {
+		t.Fatalf("normalized cache holds %d keys, want 2", c.norm.len())
 	}
 }

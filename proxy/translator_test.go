@@ -225,3 +225,39 @@ func TestTranslatorDiscardStale(t *testing.T) {
 	expectLines(t, "the next unit", sendBatch(t, &tr, &bt2, parseMsg(t, "s6", "SELECT 6")), "P "+six+"|SELECT 6", "S")
 	expectLines(t, "its replies", backendReplies(&tr, &bt2, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'}), "1", "Z")
 }
+
+// TestTranslatorUnnamedOnAnotherBackend: the client's unnamed statement
+// keeps one buffer for its text, used again by its next Parse. Bound in
+// a later transaction on another backend, it is parsed there again from
+// that buffer: the text of the last Parse, whole, whatever was longer
+// before it.
+func TestTranslatorUnnamedOnAnotherBackend(t *testing.T) {
+	var schema atomic.Uint64
+	tr := newTranslator(4, &schema)
+	var bt, bt2, bt3 stmtTable
+	long := "SELECT a, b, c, d FROM a_table_with_a_long_name WHERE x = $1"
+	expectLines(t, "the long text", sendBatch(t, &tr, &bt, parseMsg(t, "", long), bindMsg(t, ""), executeMsg(t)),
+		"P |"+long, "B ", "E", "S")
+	backendReplies(&tr, &bt, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.CommandComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+	expectLines(t, "the short text", sendBatch(t, &tr, &bt, parseMsg(t, "", "SELECT 2")),
+		"P |SELECT 2", "S")
+	backendReplies(&tr, &bt, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+
+	tr.unnamedOnBackend = false // a new attachment, on another backend
+	expectLines(t, "bound on another backend", sendBatch(t, &tr, &bt2, bindMsg(t, ""), executeMsg(t)),
+		"P |SELECT 2", "B ", "E", "S")
+	backendReplies(&tr, &bt2, &pgproto3.ParseComplete{}, &pgproto3.BindComplete{}, &pgproto3.CommandComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+
+	// A text longer than the buffer kept: the next one gets its own.
+	huge := "SELECT '" + strings.Repeat("x", maxUnnamedKeep) + "'"
+	sendBatch(t, &tr, &bt2, parseMsg(t, "", huge))
+	backendReplies(&tr, &bt2, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+	sendBatch(t, &tr, &bt2, parseMsg(t, "", "SELECT 3"))
+	backendReplies(&tr, &bt2, &pgproto3.ParseComplete{}, &pgproto3.ReadyForQuery{TxStatus: 'I'})
+	if c := cap(tr.unnamedStmt.rest); c > maxUnnamedKeep {
+		t.Fatalf("the unnamed statement keeps a %d-byte buffer after a short text", c)
+	}
+	tr.unnamedOnBackend = false
+	expectLines(t, "after the huge text", sendBatch(t, &tr, &bt3, bindMsg(t, ""), executeMsg(t)),
+		"P |SELECT 3", "B ", "E", "S")
+}

@@ -17,6 +17,7 @@ import (
 	"cascata/internal/jobs"
 	"cascata/internal/pgtest"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -441,6 +442,22 @@ func TestSharedControlDatabaseOutage(t *testing.T) {
 	seenIn(t, b, st.ID, jobs.Running, "dump")
 
 	pgtest.Exec(t, super, "ALTER DATABASE "+p.name+" ALLOW_CONNECTIONS false")
+	// Back before the runners close at the end, also when the test fails
+	// midway (cleanups run last registered first).
+	// (t.Context is done by then: a context of its own.)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, super)
+		if err != nil {
+			t.Errorf("allow connections again: %v", err)
+			return
+		}
+		defer conn.Close(ctx)
+		if _, err := conn.Exec(ctx, "ALTER DATABASE "+p.name+" ALLOW_CONNECTIONS true"); err != nil {
+			t.Errorf("allow connections again: %v", err)
+		}
+	})
 	pgtest.Exec(t, super, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", p.name)
 	eventually(t, "the control database refuses b", func() (bool, string) {
 		got, err := b.Get(st.ID)
@@ -453,9 +470,15 @@ func TestSharedControlDatabaseOutage(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("the job stalled while its control database was away")
 	}
-	got, err := a.Get(st.ID)
-	if err != nil || got.State != jobs.Succeeded || !got.HasResult || !hasLine(got, "written while the control database was away") {
-		t.Fatalf("a's own view during the outage: %+v %v", got, err)
+	// The function has returned; the runner records its end right after.
+	var got jobs.Status
+	eventually(t, "a's own view to show the job done during the outage", func() (bool, string) {
+		var err error
+		got, err = a.Get(st.ID)
+		return err == nil && got.State == jobs.Succeeded, fmt.Sprintf("%+v %v", got, err)
+	})
+	if !got.HasResult || !hasLine(got, "written while the control database was away") {
+		t.Fatalf("a's own view during the outage: %+v", got)
 	}
 	if data, _, _ := readResult(t, a, st.ID); !bytes.Equal(data, payload) {
 		t.Fatal("a's own result differs during the outage")

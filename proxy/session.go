@@ -962,10 +962,13 @@ func (ss *session) relay(a attachment) *unit {
 			if ss.pending == 0 {
 				ss.cond.Broadcast() // a proxy-made reply (writeLocal) may go out now
 			}
-			if status == txIdle && ss.identPending {
-				ss.identPending = false // committed
-				ss.cond.Broadcast()
-			}
+			// An identity that rode in the unit's implicit transaction is
+			// committed now, or rolled back with it after an error (then
+			// be.identity is ""). identPending stays set until the backend
+			// is detached below: the wait for the client goroutine's write
+			// lets that goroutine run, and it must not find this backend
+			// attached with the identity unknown and send its next batch
+			// with none in front.
 			gone := ss.clientGone.Load()
 			var u *unit
 			releasable := func() bool {
@@ -990,12 +993,27 @@ func (ss *session) relay(a attachment) *unit {
 					return nil
 				}
 			}
+			identLost := false
 			if releasable() {
 				// Decide and detach in one critical section: once the lock is
 				// released, the client goroutine must not find this backend.
 				u = ss.detachLocked(status == txIdle && !ss.drainFailed)
+			} else if status == txIdle && ss.identPending {
+				// The unit ended without the backend going back (nothing
+				// that rides the identity along keeps it; kept anyway): a
+				// committed identity stays in force, a rolled-back one is
+				// never left under the client's next statements.
+				ss.identPending = false
+				ss.cond.Broadcast()
+				identLost = be.identity == ""
 			}
 			ss.mu.Unlock()
+			if identLost {
+				_, _ = ss.wr.Write(rfq(status))
+				unlock()
+				ss.backendLost(be, errors.New("identity rolled back on a backend the client keeps"), nil)
+				return nil
+			}
 			if !gone {
 				_, _ = ss.wr.Write(rfq(status))
 			}

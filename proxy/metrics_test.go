@@ -55,7 +55,12 @@ func TestMetricsForgetRemovedProject(t *testing.T) {
 		t.Fatal(err)
 	}
 	use("p1")
-	body = scrape(t, reg)
+	// A transaction is counted when its backend goes back to the pool,
+	// just after the client has its answer.
+	waitFor(t, "p1's transaction to be counted after it came back", 5*time.Second, func() bool {
+		body = scrape(t, reg)
+		return !strings.Contains(body, `cascata_transactions_total{project="p1"} 0`)
+	})
 	if !strings.Contains(body, `cascata_transactions_total{project="p1"} 1`) {
 		t.Fatalf("p1's transactions after it came back:\n%s", grepLines(body, `project="p1"`))
 	}

@@ -257,9 +257,16 @@ func TestHostCapLoweredClosesIdle(t *testing.T) {
 	}
 
 	h.srv.SetMaxServerConnPerHost(low)
+	var last capSample
+	defer func() {
+		if t.Failed() {
+			// A slow lowering and a stuck one look alike but for this.
+			t.Logf("last sample: %d backends in pg_stat_activity, HostConns %d", len(last.pids), last.after)
+		}
+	}()
 	waitFor(t, fmt.Sprintf("idle backends above the cap of %d to close", low), 10*time.Second, func() bool {
-		s := sampleCap(t, h)
-		return len(s.pids) == low && s.after == low
+		last = sampleCap(t, h)
+		return len(last.pids) == low && last.after == low
 	})
 	for i, c := range conns {
 		var v int

@@ -219,6 +219,49 @@ func TestRelayInlineIdentityRolledBack(t *testing.T) {
 	}
 }
 
+// The same rollback while the client goroutine is still writing the unit
+// (a fast reply on a busy machine): the relay waits for that write before
+// it detaches the backend, and meanwhile the client goroutine, free to
+// run, must find the backend's identity still pending, so that a batch
+// sent behind the failing one waits for a backend whose identity is put in
+// force again instead of running under the one the rollback brought back.
+func TestRelayInlineIdentityRolledBackDuringWrite(t *testing.T) {
+	r := newRelayRig(t, setupPlan{inline: 1}, func(ss *session) {
+		ss.identPending = true
+		ss.be.identity = ss.identKey
+		ss.writing = true // the client goroutine's write of this unit
+	})
+	r.script(t, append(inlineIdentityReplies(),
+		&pgproto3.ErrorResponse{Severity: "ERROR", Code: "22012", Message: "division by zero"},
+		&pgproto3.ReadyForQuery{TxStatus: 'I'})...)
+	// The relay has taken the ReadyForQuery (pending 0) and waits for
+	// the write, the lock released.
+	var pending, attached bool
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		r.ss.mu.Lock()
+		reached := r.ss.pending == 0
+		pending, attached = r.ss.identPending, r.ss.be != nil
+		r.ss.mu.Unlock()
+		if reached {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the relay did not reach the unit's ReadyForQuery")
+		}
+	}
+	if !pending || !attached {
+		t.Fatalf("while the write is under way: identPending %v, attached %v; the next claim would reuse the backend", pending, attached)
+	}
+	r.ss.doneWriting()
+	expectLines(t, "the client's replies", r.received(t), "E 22012 division by zero", "Z I")
+	if u := r.unit(t); u == nil {
+		t.Fatal("no unit: the backend is fine and goes back")
+	}
+	if r.ss.identPending || r.ss.be != nil || r.be.identity != "" {
+		t.Fatalf("after the write: identPending %v, attached %v, backend identity %q", r.ss.identPending, r.ss.be != nil, r.be.identity)
+	}
+}
+
 // The inline identity fails (the role is gone): PostgreSQL skips the
 // client's messages; the client is told in cascata's words and the backend
 // is closed.

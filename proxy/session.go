@@ -64,7 +64,7 @@ type session struct {
 	writing      bool // the client goroutine is writing to the backend
 	txStatus     byte
 	copyIn       bool
-	identPending bool        // identity applied in this unit and not yet committed
+	identPending bool        // identity applied inline in this unit: unknown until the backend is detached
 	clientGone   atomic.Bool // the client left; the backend is being cleaned (set with mu held)
 	drainFailed  bool        // an error happened while cleaning
 	pendingErr   error       // backend lost mid-batch: told at the next Sync or Query
@@ -387,24 +387,20 @@ func (ss *session) serve() (parked bool) {
 		}
 	}()
 	for {
-		var typ byte
-		var n int
-		var err error
-		if ss.rd.nextBuffered() {
-			// Pipelined (a Bind behind its Parse): no read that a nudge
-			// may interrupt, so none of waitForClient's bookkeeping.
-			typ, n, err = ss.rd.next()
-		} else {
+		// A message already buffered (a Bind behind its Parse) needs no
+		// read that a nudge may interrupt, so none of its bookkeeping.
+		buffered := ss.rd.nextBuffered()
+		if !buffered {
 			ss.waitForClient()
-			typ, n, err = ss.rd.next()
-			if ss.heardClient(err) {
-				// Nudged: the read buffer went back; the goroutine too, if
-				// the session can park.
-				if ss.park() {
-					return true
-				}
-				continue
+		}
+		typ, n, err := ss.rd.next()
+		if !buffered && ss.heardClient(err) {
+			// Nudged: the read buffer went back; the goroutine too, if
+			// the session can park.
+			if ss.park() {
+				return true
 			}
+			continue
 		}
 		if err != nil {
 			var tooLarge *errMessageTooLarge
@@ -1474,7 +1470,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 			ss.cond.Wait()
 		}
 	}
-	ok := !ss.clientGone.Load() && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty && !ss.writing
+	ok := !ss.clientGone.Load() && ss.be == old && ss.beReplica && ss.replayOK && len(ss.replay) > 0 && ss.pending > 0 && !ss.dirty
 	if !ok {
 		ss.mu.Unlock()
 		return false

@@ -84,15 +84,22 @@ func (c *Classifier) facts(sql string) *facts {
 	// when it goes into the cache.
 	buf := c.keyBufs.Get().(*[]byte)
 	kb, n, ok := appendNormalized((*buf)[:0], sql, nil)
-	var key string
-	if ok && n > 0 {
-		hk := maphash.Bytes(c.seed, kb)
-		f, hit := c.norm.getBytes(kb, hk)
-		if !hit {
+	normalized := ok && n > 0
+	var (
+		key string
+		hk  uint64
+		f   *facts
+		hit bool
+	)
+	if normalized {
+		hk = maphash.Bytes(c.seed, kb)
+		if f, hit = c.norm.getBytes(kb, hk); !hit {
 			key = string(kb)
 		}
-		*buf = kb[:0]
-		c.keyBufs.Put(buf)
+	}
+	*buf = kb[:0]
+	c.keyBufs.Put(buf)
+	if normalized {
 		if hit {
 			if slot := &c.seen[h%seenSlots]; slot.Load() == h {
 				c.exact.add(sql, h, f)
@@ -111,9 +118,7 @@ func (c *Classifier) facts(sql string) *facts {
 		}
 		return f
 	}
-	*buf = kb[:0]
-	c.keyBufs.Put(buf)
-	f := analyze(sql, nil)
+	f = analyze(sql, nil)
 	c.exact.add(sql, h, f)
 	return f
 }

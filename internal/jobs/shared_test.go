@@ -17,7 +17,6 @@ import (
 	"cascata/internal/jobs"
 	"cascata/internal/pgtest"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -444,20 +443,7 @@ func TestSharedControlDatabaseOutage(t *testing.T) {
 	pgtest.Exec(t, super, "ALTER DATABASE "+p.name+" ALLOW_CONNECTIONS false")
 	// Back before the runners close at the end, also when the test fails
 	// midway (cleanups run last registered first).
-	// (t.Context is done by then: a context of its own.)
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		conn, err := pgx.Connect(ctx, super)
-		if err != nil {
-			t.Errorf("allow connections again: %v", err)
-			return
-		}
-		defer conn.Close(ctx)
-		if _, err := conn.Exec(ctx, "ALTER DATABASE "+p.name+" ALLOW_CONNECTIONS true"); err != nil {
-			t.Errorf("allow connections again: %v", err)
-		}
-	})
+	t.Cleanup(func() { pgtest.Exec(t, super, "ALTER DATABASE "+p.name+" ALLOW_CONNECTIONS true") })
 	pgtest.Exec(t, super, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", p.name)
 	eventually(t, "the control database refuses b", func() (bool, string) {
 		got, err := b.Get(st.ID)

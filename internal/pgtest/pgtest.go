@@ -116,10 +116,11 @@ func Connect(t testing.TB, url string) *pgx.Conn {
 }
 
 // Exec runs sql (with optional arguments) on a new connection to url and
-// fails the test on error.
+// fails the test on error. It works in a cleanup too, where t.Context is
+// already done.
 func Exec(t testing.TB, url, sql string, args ...any) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), sqlTimeout)
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(t.Context()), sqlTimeout)
 	defer cancel()
 	conn, err := pgx.Connect(ctx, url)
 	if err != nil {

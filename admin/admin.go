@@ -58,7 +58,7 @@ type Options struct {
 	// POST /v1/projects has no database_url.
 	Provisioner Provisioner
 	// Instances lists the fleet ([catalog].url); nil lists this instance alone.
-	Instances InstanceLister
+	Instances Fleet
 	// InstanceID names this instance: every response says it in the header
 	// X-Cascata-Instance, so that behind a load balancer the answering
 	// instance is known.
@@ -134,6 +134,7 @@ func New(opts Options) (*Handler, error) {
 	h.mux.HandleFunc("GET /v1/jobs/{id}", h.getJob)
 	h.mux.HandleFunc("GET /v1/jobs/{id}/result", h.jobResult)
 	h.mux.HandleFunc("GET /v1/instances", h.instances)
+	h.mux.HandleFunc("DELETE /v1/instances/{id}", h.forgetInstance)
 	h.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeError(w, http.StatusNotFound, "no route %s %s", r.Method, r.URL.Path)
 	})

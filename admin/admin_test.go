@@ -45,6 +45,12 @@ func TestAuthCORSHealthMetrics(t *testing.T) {
 		}
 	}
 	p.call("GET", "/v1/nope", nil, http.StatusNotFound, nil)
+	if st, _ := p.do("DELETE", "/v1/instances/x", "", nil); st != http.StatusUnauthorized {
+		t.Errorf("DELETE /v1/instances/x without token: %d", st)
+	}
+	if b := string(p.call("DELETE", "/v1/instances/x", nil, http.StatusNotFound, nil)); !strings.Contains(b, "no fleet") {
+		t.Errorf("DELETE /v1/instances/x of an instance alone: %s", b)
+	}
 	body := string(p.call("GET", "/metrics", nil, http.StatusOK, nil))
 	if !strings.Contains(body, "cascata_") {
 		t.Errorf("metrics without cascata_ names:\n%.300s", body)

@@ -96,9 +96,11 @@ type Provisioner interface {
 	Drop(ctx context.Context, p config.Project) error
 }
 
-// InstanceLister lists the instances of a fleet (*fleet.Member).
-type InstanceLister interface {
+// Fleet lists the instances of a fleet and forgets gone ones
+// (*fleet.Member).
+type Fleet interface {
 	Instances(ctx context.Context) ([]fleet.Instance, error)
+	Forget(ctx context.Context, id string) error
 }
 
 // Pinger checks that a database answers.
@@ -124,10 +126,10 @@ func statusOf(err error) int {
 	switch {
 	case errors.Is(err, ErrForbidden):
 		return http.StatusForbidden
-	case errors.Is(err, ErrNotFound), errors.Is(err, catalog.ErrNotFound), errors.Is(err, jobs.ErrNotFound):
+	case errors.Is(err, ErrNotFound), errors.Is(err, catalog.ErrNotFound), errors.Is(err, jobs.ErrNotFound), errors.Is(err, fleet.ErrNoInstance):
 		return http.StatusNotFound
 	case errors.Is(err, ErrConflict), errors.Is(err, catalog.ErrExists), errors.Is(err, catalog.ErrConflict),
-		errors.Is(err, jobs.ErrBusy), errors.Is(err, jobs.ErrNoResult):
+		errors.Is(err, jobs.ErrBusy), errors.Is(err, jobs.ErrNoResult), errors.Is(err, fleet.ErrLive):
 		return http.StatusConflict
 	case errors.Is(err, ErrBadRequest), errors.Is(err, eject.ErrInvalid):
 		return http.StatusBadRequest

@@ -352,3 +352,18 @@ func (h *Handler) instances(w http.ResponseWriter, r *http.Request) {
 	}
 	writeJSON(w, http.StatusOK, InstanceList{Instances: list})
 }
+
+// forgetInstance marks a silent instance of the fleet stopped, so that the
+// others take its share of the host cap: 409 while it beats, 404 without a
+// fleet or for an unknown id.
+func (h *Handler) forgetInstance(w http.ResponseWriter, r *http.Request) {
+	if h.opts.Instances == nil {
+		writeError(w, http.StatusNotFound, "no fleet: [catalog].url is not set")
+		return
+	}
+	if err := h.opts.Instances.Forget(r.Context(), r.PathValue("id")); err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	w.WriteHeader(http.StatusNoContent)
+}

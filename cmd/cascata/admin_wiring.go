@@ -271,8 +271,8 @@ func targetAllowed(allowed []string, what, rawURL string) error {
 	return nil
 }
 
-// instances lists the fleet on GET /v1/instances; nil alone.
-func (p *adminPlane) instances() admin.InstanceLister {
+// instances is the fleet for /v1/instances; nil alone.
+func (p *adminPlane) instances() admin.Fleet {
 	if p.fleet == nil {
 		return nil
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -84,18 +85,18 @@ type Member struct {
 	every time.Duration
 	wake  chan struct{}
 
-	mu    sync.Mutex
-	limit int // the share in force
-	// raiseAfter: no raise of the share before this time. After a time out
-	// of touch every other heartbeat looks stale; the others are alive
-	// and hold their shares until they beat again.
-	raiseAfter time.Time
-	inTouch    bool                          // the last exchange with the control database worked
-	held       map[string]*hold              // projects this instance holds for a fleet pause
-	resumes    map[string]int64              // resumes not yet written (control database down)
-	cancels    map[string]context.CancelFunc // running local pauses
-	wg         sync.WaitGroup
-	ctx        context.Context
+	place  string       // where this instance runs (thisPlace)
+	client *http.Client // for probes of stale instances
+
+	mu       sync.Mutex
+	limit    int                           // the share in force
+	held     map[string]*hold              // projects this instance holds for a fleet pause
+	resumes  map[string]int64              // resumes not yet written (control database down)
+	cancels  map[string]context.CancelFunc // running local pauses
+	verdicts map[string]judged             // the last probe of each stale instance of this place
+	probing  bool                          // a round of probes is under way
+	wg       sync.WaitGroup
+	ctx      context.Context
 }
 
 type hold struct {
@@ -113,6 +114,7 @@ func New(opts Options) (*Member, error) {
 	every := min(time.Second, opts.Timeout/3)
 	// limit -1: the first share decided is put in force whatever it is.
 	return &Member{opts: opts, log: opts.Logger, every: every, wake: make(chan struct{}, 1), limit: -1,
+		place: thisPlace(), client: &http.Client{Transport: &http.Transport{DisableKeepAlives: true}},
 		held: map[string]*hold{}, resumes: map[string]int64{}, cancels: map[string]context.CancelFunc{}}, nil
 }
 
@@ -128,9 +130,6 @@ func (m *Member) Start(ctx context.Context) error {
 		err = m.beat(ctx)
 	}
 	if err == nil {
-		m.mu.Lock()
-		m.inTouch = true
-		m.mu.Unlock()
 		return nil
 	}
 	if !controldb.Unreachable(err) {
@@ -149,21 +148,7 @@ func (m *Member) Run(ctx context.Context) {
 	m.ctx = ctx
 	m.mu.Unlock()
 	defer m.wg.Wait()
-	controldb.Follow(ctx, m.log, "fleet", func(ctx context.Context, connected func()) error {
-		err := m.follow(ctx, func() {
-			m.mu.Lock()
-			if !m.inTouch {
-				m.raiseAfter = time.Now().Add(m.opts.Timeout)
-			}
-			m.inTouch = true
-			m.mu.Unlock()
-			connected()
-		})
-		m.mu.Lock()
-		m.inTouch = false
-		m.mu.Unlock()
-		return err
-	})
+	controldb.Follow(ctx, m.log, "fleet", m.follow)
 	m.mu.Lock()
 	for _, c := range m.cancels {
 		c()
@@ -233,33 +218,42 @@ const shareLockKey int64 = 0x736861726573
 // beat writes the heartbeat with the share this instance holds at most, and
 // moves the share towards an equal part of the cap: down at once (published
 // at the next beat, once the connections above it are closed), up only into
-// room the live others leave, published before it takes effect and under a
-// lock every beat takes. Each instance's published share is never below
-// what it holds, so the fleet's total never passes the cap while it changes.
+// room the others leave, published before it takes effect and under a lock
+// every beat takes. Each instance's published share is never below what it
+// holds, so the fleet's total never passes the cap while it changes. The
+// room of an instance whose heartbeat stopped is left to it until it is
+// marked stopped: by itself, on a graceful stop, or by an instance of its
+// place that found it gone (probe.go).
 func (m *Member) beat(ctx context.Context) error {
 	m.mu.Lock()
 	cur := m.limit
 	adminURL, proxyURL := m.opts.AdminURL, m.opts.ProxyURL
-	mayRaise := !time.Now().Before(m.raiseAfter)
 	m.mu.Unlock()
 	held := max(cur, 0)
 	for _, n := range m.opts.Server.HostConns() {
 		held = max(held, n)
 	}
 	var n, next int
+	var stale []candidate
 	err := pgx.BeginFunc(ctx, m.opts.Pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_catalog.pg_advisory_xact_lock($1)", shareLockKey); err != nil {
 			return err
 		}
-		if _, err := tx.Exec(ctx, `INSERT INTO `+controldb.Schema+`.instances AS i (id, admin_url, proxy_url, version, share)
-			VALUES ($1, $2, $3, $4, $5)
+		if _, err := tx.Exec(ctx, `INSERT INTO `+controldb.Schema+`.instances AS i (id, admin_url, proxy_url, version, share, place)
+			VALUES ($1, $2, $3, $4, $5, $6)
 			ON CONFLICT (id) DO UPDATE SET admin_url = excluded.admin_url, proxy_url = excluded.proxy_url,
-				version = excluded.version, share = excluded.share, heartbeat = now(), stopped = false`,
-			m.opts.ID, adminURL, proxyURL, m.opts.Version, held); err != nil {
+				version = excluded.version, share = excluded.share, place = excluded.place, heartbeat = now(), stopped = false`,
+			m.opts.ID, adminURL, proxyURL, m.opts.Version, held, m.place); err != nil {
+			return err
+		}
+		var err error
+		if stale, err = m.releaseGone(ctx, tx); err != nil {
 			return err
 		}
 		var others int
-		if err := tx.QueryRow(ctx, `SELECT count(*), coalesce(sum(share) FILTER (WHERE id <> $2), 0) FROM `+controldb.Schema+`.instances WHERE `+LiveSQL,
+		if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE `+LiveSQL+`),
+				coalesce(sum(share) FILTER (WHERE id <> $2 AND NOT stopped), 0)
+			FROM `+controldb.Schema+`.instances`,
 			m.opts.Timeout.String(), m.opts.ID).Scan(&n, &others); err != nil {
 			return err
 		}
@@ -267,10 +261,7 @@ func (m *Member) beat(ctx context.Context) error {
 		target := m.opts.Cap / n
 		next = target
 		if target > cur {
-			next = cur
-			if mayRaise {
-				next = max(cur, min(target, m.opts.Cap-others))
-			}
+			next = max(cur, min(target, m.opts.Cap-others))
 		}
 		if next > held {
 			_, err := tx.Exec(ctx, `UPDATE `+controldb.Schema+`.instances SET share = $2 WHERE id = $1`, m.opts.ID, next)
@@ -286,7 +277,90 @@ func (m *Member) beat(ctx context.Context) error {
 	}
 	m.setLimit(next)
 	m.writeCachedSize(n)
+	m.probeLater(stale)
 	return nil
+}
+
+// releaseGone marks stopped the stale instances of this place that the
+// last probe found gone at the heartbeat they still show, and returns the
+// others, to be probed again.
+func (m *Member) releaseGone(ctx context.Context, tx pgx.Tx) ([]candidate, error) {
+	if m.place == "" {
+		return nil, nil
+	}
+	rows, err := tx.Query(ctx, `SELECT id, admin_url, proxy_url, heartbeat FROM `+controldb.Schema+`.instances
+		WHERE id <> $2 AND place = $3 AND share > 0 AND NOT stopped AND NOT `+LiveSQL,
+		m.opts.Timeout.String(), m.opts.ID, m.place)
+	if err != nil {
+		return nil, err
+	}
+	cands, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (candidate, error) {
+		var c candidate
+		err := r.Scan(&c.id, &c.adminURL, &c.proxyURL, &c.heartbeat)
+		return c, err
+	})
+	if err != nil {
+		return nil, err
+	}
+	var again []candidate
+	for _, c := range cands {
+		m.mu.Lock()
+		j, ok := m.verdicts[c.id]
+		m.mu.Unlock()
+		if !ok || j.verdict != verdictGone || !j.heartbeat.Equal(c.heartbeat) {
+			again = append(again, c)
+			continue
+		}
+		tag, err := tx.Exec(ctx, `UPDATE `+controldb.Schema+`.instances SET stopped = true
+			WHERE id = $1 AND heartbeat = $2 AND NOT stopped`, c.id, c.heartbeat)
+		if err != nil {
+			return nil, err
+		}
+		if tag.RowsAffected() > 0 {
+			m.log.Warn("fleet: a silent instance is gone (its address refuses connections or another instance holds it); its share is free",
+				"instance", c.id, "heartbeat", c.heartbeat)
+		}
+	}
+	return again, nil
+}
+
+// probeLater probes the stale instances of this place in the background,
+// one round at a time; the next beat acts on the verdicts.
+func (m *Member) probeLater(cands []candidate) {
+	if len(cands) == 0 {
+		return
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.probing || m.ctx == nil {
+		return
+	}
+	m.probing = true
+	ctx := m.ctx
+	m.wg.Add(1)
+	go func() {
+		defer m.wg.Done()
+		pctx, cancel := context.WithTimeout(ctx, min(time.Second, m.opts.Timeout/4))
+		defer cancel()
+		found := make([]verdict, len(cands))
+		var wg sync.WaitGroup
+		for i, c := range cands {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				found[i] = probe(pctx, m.client, c)
+			}()
+		}
+		wg.Wait()
+		out := make(map[string]judged, len(cands))
+		for i, c := range cands {
+			out[c.id] = judged{heartbeat: c.heartbeat, verdict: found[i]}
+		}
+		m.mu.Lock()
+		m.verdicts = out
+		m.probing = false
+		m.mu.Unlock()
+	}()
 }
 
 func (m *Member) setLimit(n int) {
@@ -594,4 +668,43 @@ func (m *Member) Instances(ctx context.Context) ([]Instance, error) {
 		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
 	}
 	return out, nil
+}
+
+// ErrNoInstance: no instance of that id is known. ErrLive: the instance
+// beats, and is not forgotten.
+var (
+	ErrNoInstance = errors.New("fleet: no such instance")
+	ErrLive       = errors.New("fleet: the instance is live")
+)
+
+// Forget marks a silent instance stopped, so the others take its share of
+// the host cap at their next heartbeats. It is for an instance known to be
+// gone where no instance of its place is left to find it gone (its
+// machine or container is gone): an instance cut off from the control
+// database alone, forgotten, still holds its backends.
+func (m *Member) Forget(ctx context.Context, id string) error {
+	err := pgx.BeginFunc(ctx, m.opts.Pool, func(tx pgx.Tx) error {
+		var live bool
+		err := tx.QueryRow(ctx, `SELECT `+LiveSQL+` FROM `+controldb.Schema+`.instances WHERE id = $2 FOR UPDATE`,
+			m.opts.Timeout.String(), id).Scan(&live)
+		switch {
+		case errors.Is(err, pgx.ErrNoRows):
+			return fmt.Errorf("%w: %s", ErrNoInstance, id)
+		case err != nil:
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		case live:
+			return fmt.Errorf("%w: %s beat less than %v ago", ErrLive, id, m.opts.Timeout)
+		}
+		if _, err := tx.Exec(ctx, `UPDATE `+controldb.Schema+`.instances SET stopped = true WHERE id = $1`, id); err != nil {
+			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, ErrNoInstance) && !errors.Is(err, ErrLive) && !errors.Is(err, ErrUnavailable) {
+		err = fmt.Errorf("%w: forget %s: %w", ErrUnavailable, id, err)
+	}
+	if err == nil {
+		m.log.Warn("fleet: instance forgotten; its share is free", "instance", id)
+	}
+	return err
 }

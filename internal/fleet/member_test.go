@@ -87,10 +87,15 @@ type node struct {
 	stop func()
 }
 
-func join(t *testing.T, pool *pgxpool.Pool, id string, cap int, timeout time.Duration) *node {
+// join starts an instance; with, if given, changes its options first.
+func join(t *testing.T, pool *pgxpool.Pool, id string, cap int, timeout time.Duration, with ...func(*fleet.Options)) *node {
 	t.Helper()
 	n := &node{srv: newProxyState(), cat: &catalogRev{}}
-	m, err := fleet.New(fleet.Options{Pool: pool, ID: id, Timeout: timeout, Cap: cap, Server: n.srv, Catalog: n.cat, Dir: t.TempDir()})
+	opts := fleet.Options{Pool: pool, ID: id, Timeout: timeout, Cap: cap, Server: n.srv, Catalog: n.cat, Dir: t.TempDir()}
+	for _, w := range with {
+		w(&opts)
+	}
+	m, err := fleet.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -271,14 +276,23 @@ func TestSharesAfterAnOutage(t *testing.T) {
 	if err := ctl.Primary.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(3 * timeout)
-	for time.Now().Before(deadline) {
+	sharesWithinCap(t, nodes, cap, 3*timeout, "after the outage")
+}
+
+// sharesWithinCap checks every 10 ms, for d, that the shares of nodes add
+// up to cap at most.
+func sharesWithinCap(t *testing.T, nodes []*node, cap int, d time.Duration, when string) {
+	t.Helper()
+	start := time.Now()
+	for time.Since(start) < d {
 		total := 0
+		var each []int
 		for _, n := range nodes {
-			total += n.m.Share()
+			each = append(each, n.m.Share())
+			total += each[len(each)-1]
 		}
 		if total > cap {
-			t.Fatalf("after the outage the shares add up to %d, cap %d", total, cap)
+			t.Fatalf("%s (+%v) the shares %v add up to %d, cap %d", when, time.Since(start).Round(time.Millisecond), each, total, cap)
 		}
 		time.Sleep(10 * time.Millisecond)
 	}

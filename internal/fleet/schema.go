@@ -43,6 +43,9 @@ var steps = []controldb.Step{
 	);`,
 	// 2: the instance that started a pause: when it stops, the pause ends.
 	`ALTER TABLE pauses ADD COLUMN owner text NOT NULL DEFAULT ''`,
+	// 3: where an instance runs (boot and network namespace): only an
+	// instance of the same place can tell that a silent one is gone.
+	`ALTER TABLE instances ADD COLUMN place text NOT NULL DEFAULT ''`,
 }
 
 // Migrate creates or upgrades the fleet's tables.

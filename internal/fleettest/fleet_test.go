@@ -121,6 +121,9 @@ type fleetOptions struct {
 	hostCap int
 	// control is the control database URL; "" creates a fresh one.
 	control string
+	// controlVia, by instance name, is the address through which that
+	// instance reaches the control database (a relay the test can cut).
+	controlVia map[string]string
 }
 
 // fleet is the instances of one test sharing one control database.
@@ -209,7 +212,16 @@ func (f *fleet) configure(name string, o fleetOptions) *instance {
 	}
 	fmt.Fprintf(&b, "\n[admin]\nlisten = %q\ntoken_env = %q\n", in.adminAddr, adminTokenEnv)
 	fmt.Fprintf(&b, "\n[state]\ndir = %q\n", filepath.Join(dir, "state"))
-	fmt.Fprintf(&b, "\n[catalog]\nurl = %q\ninstance_timeout = %q\n", f.control, instanceTimeout)
+	controlURL := f.control
+	if via := o.controlVia[name]; via != "" {
+		u, err := url.Parse(controlURL)
+		if err != nil {
+			t.Fatal(err)
+		}
+		u.Host = via
+		controlURL = u.String()
+	}
+	fmt.Fprintf(&b, "\n[catalog]\nurl = %q\ninstance_timeout = %q\n", controlURL, instanceTimeout)
 	for _, p := range o.projects {
 		b.WriteString(p.toml())
 	}

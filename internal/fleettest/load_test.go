@@ -3,6 +3,8 @@ package fleettest
 import (
 	"context"
 	"fmt"
+	"net/http"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -160,4 +162,81 @@ func TestRollingRestart(t *testing.T) {
 	if len(outside) > 0 {
 		t.Errorf("%d new connections failed while haproxy had every running instance in:\n%s", len(outside), describe(outside, start))
 	}
+}
+
+// One instance alone loses the control database under load. It keeps
+// serving with the share it had, and the others, which see its heartbeat
+// stop, must not take its room while it is alive: pg_stat_activity never
+// shows more than the cap, and no client sees an error.
+func TestInstanceCutOffFromControlDatabase(t *testing.T) {
+	ctl := newControlDB(t)
+	u, err := url.Parse(ctl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	relay := pgtest.NewRelay(t, u.Host)
+	f := newFleet(t, fleetOptions{n: 3, hostCap: hostCap, projects: []project{capProject},
+		control: ctl, controlVia: map[string]string{"i1": relay.Addr()}})
+	f.waitLive(t, 3)
+	f.waitShares(t, hostCap)
+	i2 := f.insts[1]
+
+	sampler := sampleBackends(t)
+	var loads []*clientLoad
+	for _, in := range f.insts {
+		loads = append(loads, startClients(t, clientURL(t, in.proxyAddr, refCap), capClients/len(f.insts), 1000, busyQuery))
+	}
+	for _, l := range loads {
+		l.waitQueries(t, 100, 10*time.Second)
+	}
+	relay.Cut()
+	cut := time.Now()
+	eventually(t, 3*instanceTimeout, "i2 counts i1 out", func() error {
+		if n := i2.liveCount(t); n != 2 {
+			return fmt.Errorf("%d live", n)
+		}
+		return nil
+	})
+	// Heartbeats enough for i2 and i3 to raise into i1's room, if they would.
+	<-time.After(4 * time.Second)
+	for _, v := range i2.instances(t) {
+		if v.Share != hostCap/3 {
+			t.Errorf("%v after i1 lost the control database: %s holds a share of %d, want %d (all: %+v)",
+				time.Since(cut).Round(time.Millisecond), v.ID, v.Share, hostCap/3, i2.instances(t))
+		}
+	}
+	for _, l := range loads {
+		l.waitQueries(t, 100, 10*time.Second) // i1's clients too
+	}
+	relay.Restore()
+	f.waitLive(t, 3)
+	for i, l := range loads {
+		l.finish()
+		t.Logf("clients of %s: %s", f.insts[i].name, l.summary())
+		if errs, fresh, inConn := l.errors(); fresh+inConn > 0 {
+			t.Errorf("clients of %s saw errors (i1 cut off at +%v):\n%s", f.insts[i].name, cut.Sub(sampler.start).Round(time.Millisecond), describe(errs, sampler.start))
+		}
+	}
+	sampler.check(t)
+
+	// Killed, i1 is gone for certain (its ports refuse connections): its
+	// room goes to the others once its heartbeat is stale.
+	f.insts[0].kill()
+	took := eventually(t, 4*instanceTimeout, "i2 and i3 take i1's room", func() error {
+		for _, v := range i2.instances(t) {
+			if v.Live && v.Share != hostCap/2 {
+				return fmt.Errorf("%+v", i2.instances(t))
+			}
+		}
+		return nil
+	})
+	t.Logf("i2 and i3 took 15 each %v after i1 was killed (instance_timeout %v)", took.Round(time.Millisecond), instanceTimeout)
+
+	// A live instance is not forgotten; an unknown one is not found.
+	for _, v := range i2.instances(t) {
+		if v.AdminURL == "http://"+i2.adminAddr {
+			i2.admin(t, "DELETE", "/v1/instances/"+v.ID, nil, http.StatusConflict, nil)
+		}
+	}
+	i2.admin(t, "DELETE", "/v1/instances/no-such-instance", nil, http.StatusNotFound, nil)
 }

@@ -15,17 +15,23 @@ import (
 
 // Default scrypt parameters: about 32 MiB and 0.1 s per derivation.
 const (
-	scryptN       = 1 << 15
-	scryptR       = 8
-	scryptP       = 1
-	saltBytes     = 16
-	secretsAAD    = "cascata-archive/1/secrets.enc"
-	cipherAESGCM  = "AES-256-GCM"
-	kdfScrypt     = "scrypt"
-	minScryptN    = 1 << 10
-	maxScryptN    = 1 << 20
-	maxScryptR    = 32
-	maxScryptP    = 16
+	scryptN      = 1 << 15
+	scryptR      = 8
+	scryptP      = 1
+	saltBytes    = 16
+	secretsAAD   = "cascata-archive/1/secrets.enc"
+	cipherAESGCM = "AES-256-GCM"
+	kdfScrypt    = "scrypt"
+	minScryptN   = 1 << 10
+	maxScryptN   = 1 << 20
+	maxScryptR   = 32
+	maxScryptP   = 16
+	// A hostile manifest may set each parameter within its bound and still
+	// ask for 4 GiB and minutes of CPU: scrypt takes 128·N·r bytes and time
+	// in N·r·p. These keep a derivation within 256 MiB and 16 times the
+	// default's work (about 3 s here).
+	maxScryptMem  = 256 << 20
+	maxScryptWork = 16 * scryptN * scryptR * scryptP
 	minSaltBytes  = 16
 	maxSaltBytes  = 64
 	derivedKeyLen = 64 // 32 bytes AES key, 32 bytes HMAC key
@@ -64,15 +70,24 @@ func deriveKeys(passphrase []byte, si SealInfo) (keys, error) {
 	if si.Cipher != cipherAESGCM || si.KDF != kdfScrypt {
 		return keys{}, fmt.Errorf("%w: secrets sealed with %s/%s; only %s/%s is known", ErrCorrupt, si.Cipher, si.KDF, cipherAESGCM, kdfScrypt)
 	}
-	if si.N < minScryptN || si.N > maxScryptN || si.N&(si.N-1) != 0 || si.R < 1 || si.R > maxScryptR || si.P < 1 || si.P > maxScryptP ||
-		len(si.Salt) < minSaltBytes || len(si.Salt) > maxSaltBytes {
-		return keys{}, fmt.Errorf("%w: scrypt parameters out of range (N=%d r=%d p=%d salt=%d bytes)", ErrCorrupt, si.N, si.R, si.P, len(si.Salt))
+	if err := checkScrypt(si); err != nil {
+		return keys{}, err
 	}
 	k, err := scrypt.Key(passphrase, si.Salt, si.N, si.R, si.P, derivedKeyLen)
 	if err != nil {
 		return keys{}, fmt.Errorf("derive key: %w", err)
 	}
 	return keys{enc: k[:32], mac: k[32:]}, nil
+}
+
+// checkScrypt refuses scrypt parameters out of bounds.
+func checkScrypt(si SealInfo) error {
+	if si.N < minScryptN || si.N > maxScryptN || si.N&(si.N-1) != 0 || si.R < 1 || si.R > maxScryptR || si.P < 1 || si.P > maxScryptP ||
+		128*si.N*si.R > maxScryptMem || si.N*si.R*si.P > maxScryptWork ||
+		len(si.Salt) < minSaltBytes || len(si.Salt) > maxSaltBytes {
+		return fmt.Errorf("%w: scrypt parameters out of range (N=%d r=%d p=%d salt=%d bytes)", ErrCorrupt, si.N, si.R, si.P, len(si.Salt))
+	}
+	return nil
 }
 
 // seal encrypts the secrets: 12-byte nonce followed by the GCM ciphertext.

@@ -90,10 +90,23 @@ func TestSealOpen(t *testing.T) {
 	if _, err := deriveKeys(nil, si); !errors.Is(err, ErrNoPassphrase) {
 		t.Errorf("empty passphrase: %v", err)
 	}
-	huge := si
-	huge.N = 1 << 30
-	if _, err := deriveKeys([]byte("pass"), huge); !errors.Is(err, ErrCorrupt) {
-		t.Errorf("scrypt N=2^30 accepted: %v", err)
+	for _, bad := range []struct{ n, r, p int }{
+		{1 << 30, 8, 1},  // N out of range
+		{1 << 20, 32, 1}, // each within its bound, 4 GiB together
+		{1 << 20, 2, 16}, // 256 MiB, but 64 times the default's work
+	} {
+		huge := si
+		huge.N, huge.R, huge.P = bad.n, bad.r, bad.p
+		start := time.Now()
+		if _, err := deriveKeys([]byte("pass"), huge); !errors.Is(err, ErrCorrupt) {
+			t.Errorf("scrypt N=%d r=%d p=%d accepted after %v: %v", bad.n, bad.r, bad.p, time.Since(start).Round(time.Millisecond), err)
+		}
+	}
+	// The most a manifest may ask for is allowed (not derived here: 2 s).
+	most := si
+	most.N, most.R, most.P = 1<<18, 8, 2
+	if err := checkScrypt(most); err != nil {
+		t.Errorf("scrypt N=2^18 r=8 p=2 refused: %v", err)
 	}
 }
 

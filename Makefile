@@ -40,6 +40,8 @@ fuzz: ## run each fuzz target for 30 s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzDecodeExtMsg -fuzztime 30s
 	$(GO) test ./proxy -run '^$$' -fuzz FuzzPostLogin -fuzztime 30s -parallel 1
 	$(GO) test ./router -run '^$$' -fuzz FuzzClassify -fuzztime 30s
+	$(GO) test ./auth -run '^$$' -fuzz FuzzParseJSONObject -fuzztime 30s
+	$(GO) test ./internal/archive -run '^$$' -fuzz FuzzVerifyReader -fuzztime 30s
 
 bench: build pg ## pgbench through cascata, PgBouncer and direct; writes bench/RESULTS.md
 	bench/run.sh

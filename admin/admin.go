@@ -70,6 +70,10 @@ type Options struct {
 	MaxArchiveBytes int64
 	// PauseWait bounds how long POST .../pause waits for running transactions; 0 = 30s.
 	PauseWait time.Duration
+	// Draining, if set, reports that the instance is shutting down: /readyz
+	// then answers 503 "draining" at once, so that a load balancer takes
+	// it out while its last clients finish.
+	Draining func() bool
 	// ReadyTimeout bounds each primary's ping in /readyz; 0 = 3s.
 	ReadyTimeout time.Duration
 }

@@ -187,6 +187,13 @@ func TestPoolsAndReadiness(t *testing.T) {
 	if ready.Status != "unready" || len(ready.Failing) != 1 || ready.Failing[0].Project != "adm_dead" {
 		t.Fatalf("unready: %+v", ready)
 	}
+	// A shutdown under way: unready at once, whatever the primaries say.
+	p.srv.StopAccepting()
+	status, data = p.do("GET", "/readyz", adminToken, nil)
+	ready = admin.Readiness{}
+	if err := json.Unmarshal(data, &ready); err != nil || status != http.StatusServiceUnavailable || ready.Status != "draining" {
+		t.Fatalf("readyz while draining: %d %s", status, data)
+	}
 }
 
 func TestPauseResume(t *testing.T) {

@@ -125,7 +125,7 @@ func newPlane(t *testing.T) *plane {
 	h, err := admin.New(admin.Options{
 		Token: adminToken, CORSOrigins: []string{"https://console.example.com"}, Gatherer: reg,
 		Projects: p.cat, Pools: poolReader{p.srv}, Pauser: p.srv, Jobs: p.runner, Ejector: p, Pinger: pinger{},
-		PauseWait: 5 * time.Second,
+		PauseWait: 5 * time.Second, Draining: func() bool { return !p.srv.Accepting() },
 	})
 	if err != nil {
 		t.Fatal(err)

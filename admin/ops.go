@@ -302,6 +302,10 @@ func (h *Handler) readyz(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	entries := h.opts.Projects.Projects()
+	if h.opts.Draining != nil && h.opts.Draining() {
+		writeJSON(w, http.StatusServiceUnavailable, Readiness{Status: "draining", Projects: len(entries)})
+		return
+	}
 	var (
 		mu   sync.Mutex
 		wg   sync.WaitGroup

@@ -456,6 +456,14 @@ func (s *Server) StopAccepting() {
 	}
 }
 
+// Accepting reports whether the server takes new clients: false once
+// StopAccepting (a shutdown) has begun.
+func (s *Server) Accepting() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.closing
+}
+
 // PoolStats is a snapshot of every pool.
 func (s *Server) PoolStats() []stats.Pool { return s.pools.stats() }
 

@@ -172,6 +172,7 @@ func (p *adminPlane) handler() (http.Handler, error) {
 		Ejector:     p,
 		Archiver:    newArchiver(p),
 		Pinger:      pinger{timeout: a.cfg.Proxy.ServerConnectTimeout.Duration},
+		Draining:    func() bool { return !a.srv.Accepting() },
 		Provisioner: newProvisioner(p),
 		Instances:   p.instances(),
 		InstanceID:  p.instanceID(),

@@ -258,9 +258,6 @@ loop:
 	a.log.Info("shutting down", "timeout", a.cfg.Proxy.ShutdownTimeout.Duration)
 	sctx, cancel := context.WithTimeout(context.Background(), a.cfg.Proxy.ShutdownTimeout.Duration)
 	defer cancel()
-	if hs != nil {
-		_ = hs.Shutdown(sctx)
-	}
 	defer a.cls.Close()
 	if err := a.plane.close(sctx); err != nil {
 		a.log.Warn("jobs still running at shutdown", "error", err)
@@ -269,6 +266,15 @@ loop:
 		runErr = err
 	}
 	a.plane.leave()
+	// The admin plane closes last: while the proxy drains, /readyz says
+	// "draining" (the load balancer takes the instance out) and /healthz
+	// still names this instance, so that the fleet does not count it gone
+	// while it holds backends.
+	if hs != nil {
+		hctx, hcancel := context.WithTimeout(context.Background(), time.Second)
+		_ = hs.Shutdown(hctx)
+		hcancel()
+	}
 	return runErr
 }
 

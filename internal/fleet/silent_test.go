@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"slices"
 	"strconv"
 	"sync/atomic"
 	"testing"
@@ -191,4 +192,52 @@ func TestForgetASilentInstance(t *testing.T) {
 		t.Fatal(err)
 	}
 	pgtest.WaitFor(t, 5*time.Second, "b takes the forgotten instance's room", func() bool { return b.m.Share() == cap })
+}
+
+// An instance cut off from the control database during a fleet pause
+// keeps the project held: it cannot see the resume, and does not guess
+// that the cutover ended. Back in touch, it releases the project once its
+// catalog has the revision the resume names.
+func TestPauseHeldWhileCutOff(t *testing.T) {
+	pool := controlDB(t)
+	cfg := pool.Config().ConnConfig
+	relay := pgtest.NewRelay(t, net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))))
+	const timeout = 1500 * time.Millisecond
+	a := join(t, poolVia(t, pool, relay), "a", 30, timeout)
+	b := join(t, pool, "b", 30, timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := b.m.Pause(ctx, "p1"); err != nil {
+		t.Fatal(err)
+	}
+	if !a.srv.Paused("p1") {
+		t.Fatal("a does not hold the project")
+	}
+	relay.Cut()
+	b.cat.rev.Store(5) // the switch of the cutover
+	b.m.Resume("p1")
+	pgtest.WaitFor(t, 3*time.Second, "b releases the project", func() bool { return !b.srv.Paused("p1") })
+	cut := time.Now()
+	for time.Since(cut) < 2*timeout {
+		if !a.srv.Paused("p1") {
+			t.Fatalf("a, cut off from the control database, released the project %v after the resume", time.Since(cut).Round(time.Millisecond))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	relay.Restore()
+	pgtest.WaitFor(t, 10*time.Second, "a beats again", func() bool {
+		list, err := b.m.Instances(context.Background())
+		return err == nil && slices.ContainsFunc(list, func(i fleet.Instance) bool { return i.ID == "a" && i.Live })
+	})
+	// Back in touch, with the resume in sight, but its catalog lacks
+	// revision 5: a few of its loops, and still held.
+	back := time.Now()
+	for time.Since(back) < timeout {
+		if !a.srv.Paused("p1") {
+			t.Fatal("a released the project before its catalog had the resume's revision")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	a.cat.rev.Store(5)
+	pgtest.WaitFor(t, 5*time.Second, "a releases the project once its catalog has the revision", func() bool { return !a.srv.Paused("p1") })
 }

@@ -211,6 +211,10 @@ func (m *Member) poke() {
 	}
 }
 
+// forgetStoppedAfter is how long the row of a stopped instance is kept
+// (GET /v1/instances lists it until then).
+const forgetStoppedAfter = 24 * time.Hour
+
 // shareLockKey serializes the beats of the fleet ("shares" in ASCII), so
 // that two instances never raise their shares on the same stale reading.
 const shareLockKey int64 = 0x736861726573
@@ -248,6 +252,13 @@ func (m *Member) beat(ctx context.Context) error {
 		}
 		var err error
 		if stale, err = m.releaseGone(ctx, tx); err != nil {
+			return err
+		}
+		// Each start without a configured instance_id adds a row: the rows
+		// of instances stopped long ago go (jobs and pauses treat an owner
+		// with no row as stopped).
+		if _, err := tx.Exec(ctx, `DELETE FROM `+controldb.Schema+`.instances WHERE stopped AND heartbeat < now() - $1::interval`,
+			forgetStoppedAfter.String()); err != nil {
 			return err
 		}
 		var others int

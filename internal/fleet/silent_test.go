@@ -241,3 +241,31 @@ func TestPauseHeldWhileCutOff(t *testing.T) {
 	a.cat.rev.Store(5)
 	pgtest.WaitFor(t, 5*time.Second, "a releases the project once its catalog has the revision", func() bool { return !a.srv.Paused("p1") })
 }
+
+// The row of an instance stopped more than a day ago goes; a younger one
+// stays, listed as not live.
+func TestOldStoppedInstancesForgotten(t *testing.T) {
+	ctx := context.Background()
+	pool := controlDB(t)
+	if err := fleet.Migrate(ctx, pool); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := pool.Exec(ctx, `INSERT INTO cascata_control.instances (id, stopped, heartbeat) VALUES
+		('stopped-long-ago', true, now() - interval '25 hours'),
+		('stopped-lately', true, now() - interval '1 hour'),
+		('silent-long-ago', false, now() - interval '25 hours')`); err != nil {
+		t.Fatal(err)
+	}
+	b := join(t, pool, "b", 30, 1500*time.Millisecond)
+	list, err := b.m.Instances(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []string
+	for _, i := range list {
+		ids = append(ids, i.ID)
+	}
+	if want := []string{"b", "silent-long-ago", "stopped-lately"}; !slices.Equal(ids, want) {
+		t.Fatalf("instances after a heartbeat: %v, want %v", ids, want)
+	}
+}

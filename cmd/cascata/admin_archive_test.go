@@ -32,18 +32,19 @@ const archivePassphrase = "correct horse battery staple"
 func startClusters(t *testing.T, ctx context.Context, n int) []*pgcluster.Cluster {
 	t.Helper()
 	out := make([]*pgcluster.Cluster, n)
+	stops := make([]func(context.Context) error, n)
 	errs := make([]error, n)
 	var wg sync.WaitGroup
 	for i := range n {
-		wg.Go(func() { out[i], errs[i] = pgcluster.Start(ctx, pgcluster.Options{}) })
+		wg.Go(func() { out[i], stops[i], errs[i] = pgtest.Start(ctx, pgcluster.Options{}) })
 	}
 	wg.Wait()
-	for _, c := range out {
-		if c != nil {
+	for _, stop := range stops {
+		if stop != nil {
 			t.Cleanup(func() {
 				sctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 				defer cancel()
-				if err := c.Stop(sctx); err != nil {
+				if err := stop(sctx); err != nil {
 					t.Error(err)
 				}
 			})

@@ -39,35 +39,35 @@ func testMain(m *testing.M) int {
 	}
 	defer os.RemoveAll(fixtureDir)
 	type started struct {
-		c   *pgcluster.Cluster
-		err error
+		c    *pgcluster.Cluster
+		stop func(context.Context) error
+		err  error
 	}
 	ch := make(chan started, 1)
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 		defer cancel()
-		c, err := pgcluster.Start(ctx, pgcluster.Options{})
-		ch <- started{c, err}
+		c, stop, err := pgtest.Start(ctx, pgcluster.Options{})
+		ch <- started{c, stop, err}
 	}()
 	received := false
-	var second *pgcluster.Cluster
+	var second started
 	code := pgtest.Main(m, pgcluster.Options{}, &src, func(ctx context.Context, _ *pgcluster.Cluster) error {
-		s := <-ch
+		second = <-ch
 		received = true
-		second = s.c
-		if s.err != nil {
-			return fmt.Errorf("second cluster: %w", s.err)
+		if second.err != nil {
+			return fmt.Errorf("second cluster: %w", second.err)
 		}
-		dst = s.c
+		dst = second.c
 		return nil
 	})
 	if !received {
-		second = (<-ch).c
+		second = <-ch
 	}
-	if second != nil {
+	if second.stop != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		if err := second.Stop(ctx); err != nil {
+		if err := second.stop(ctx); err != nil {
 			fmt.Fprintf(os.Stderr, "stop second cluster: %v\n", err)
 			return 1
 		}

@@ -64,7 +64,8 @@ func run(m *testing.M) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	var err error
-	target, err = pgcluster.Start(ctx, pgcluster.Options{Logger: log})
+	var stopTarget func(context.Context) error
+	target, stopTarget, err = pgtest.Start(ctx, pgcluster.Options{Logger: log})
 	cancel()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "start target cluster: %v\n", err)
@@ -73,7 +74,7 @@ func run(m *testing.M) int {
 	defer func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		if err := target.Stop(ctx); err != nil {
+		if err := stopTarget(ctx); err != nil {
 			fmt.Fprintf(os.Stderr, "stop target cluster: %v\n", err)
 		}
 	}()

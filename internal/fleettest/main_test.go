@@ -69,19 +69,20 @@ func run(m *testing.M) int {
 	// build is mostly waiting for the linker while initdb waits for disk.
 	var wg sync.WaitGroup
 	var buildErr, controlErr, targetErr error
+	var stopControl, stopTarget func(context.Context) error
 	wg.Add(3)
 	go func() { defer wg.Done(); buildErr = buildCascata(cascataBin) }()
 	go func() {
 		defer wg.Done()
-		control, controlErr = startCluster(pgcluster.Options{Logger: log})
+		control, stopControl, controlErr = startCluster(pgcluster.Options{Logger: log})
 	}()
 	go func() {
 		defer wg.Done()
-		target, targetErr = startCluster(pgcluster.Options{Logger: log})
+		target, stopTarget, targetErr = startCluster(pgcluster.Options{Logger: log})
 	}()
 	wg.Wait()
-	defer stopCluster("control", control)
-	defer stopCluster("target", target)
+	defer stopCluster("control", stopControl)
+	defer stopCluster("target", stopTarget)
 	if err := errors.Join(buildErr, controlErr, targetErr); err != nil {
 		fmt.Fprintf(os.Stderr, "fleettest: %v\n", err)
 		return 1
@@ -89,19 +90,19 @@ func run(m *testing.M) int {
 	return pgtest.Main(m, pgcluster.Options{Replica: true, Logical: true, MaxConnections: 300, Logger: log}, &data, setupData, setupTarget)
 }
 
-func startCluster(opts pgcluster.Options) (*pgcluster.Cluster, error) {
+func startCluster(opts pgcluster.Options) (*pgcluster.Cluster, func(context.Context) error, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
-	return pgcluster.Start(ctx, opts)
+	return pgtest.Start(ctx, opts)
 }
 
-func stopCluster(name string, c *pgcluster.Cluster) {
-	if c == nil {
+func stopCluster(name string, stop func(context.Context) error) {
+	if stop == nil {
 		return
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	if err := c.Stop(ctx); err != nil {
+	if err := stop(ctx); err != nil {
 		fmt.Fprintf(os.Stderr, "fleettest: stop %s cluster: %v\n", name, err)
 	}
 }

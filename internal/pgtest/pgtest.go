@@ -38,30 +38,18 @@ func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster, set
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 	}
-	keepInheritedFDs()
 	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
-	c, err := pgcluster.Start(ctx, opts)
+	c, stopCluster, err := Start(ctx, opts)
 	cancel()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "pgtest: %v\n", err)
 		return 1
 	}
 	*cluster = c
-	// A test binary killed from outside (go test's -timeout, a fuzzing
-	// coordinator ending its workers) does not stop its cluster itself.
-	unwatch, err := c.StopWhenGone(os.Getpid())
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "pgtest: %v (the cluster outlives this process if it is killed)\n", err)
-	}
-
 	stop := sync.OnceValue(func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 		defer cancel()
-		err := c.Stop(ctx)
-		if unwatch != nil {
-			unwatch()
-		}
-		return err
+		return stopCluster(ctx)
 	})
 	sigs := make(chan os.Signal, 1)
 	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
@@ -100,6 +88,31 @@ func Main(m *testing.M, opts pgcluster.Options, cluster **pgcluster.Cluster, set
 		return 1
 	}
 	return code
+}
+
+// Start starts a cluster for a test binary: Main's, or one more beside it
+// (a target server, a control database). A test binary killed from outside
+// (go test's -timeout, a fuzzing coordinator ending its workers) runs no
+// clean-up of its own, so a watchdog stops and removes the cluster within
+// about a second of this process's end (pgcluster.Cluster.StopWhenGone).
+// stop stops the cluster and ends the watch.
+func Start(ctx context.Context, opts pgcluster.Options) (c *pgcluster.Cluster, stop func(context.Context) error, err error) {
+	keepInheritedFDs()
+	c, err = pgcluster.Start(ctx, opts)
+	if err != nil {
+		return nil, nil, err
+	}
+	unwatch, err := c.StopWhenGone(os.Getpid())
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "pgtest: %v (the cluster outlives this process if it is killed)\n", err)
+	}
+	return c, func(ctx context.Context) error {
+		err := c.Stop(ctx)
+		if unwatch != nil {
+			unwatch()
+		}
+		return err
+	}, nil
 }
 
 // Connect opens a connection to url, closed when the test ends.

@@ -51,6 +51,13 @@ const (
 	stmtUnknown
 )
 
+// idleCheckAfter: a backend that sat idle in its pool this long is looked
+// at (one peek at its socket, sockio.Pending) before a client gets it. Its
+// own goroutine notices a server going away, but on a busy machine it may
+// not have run yet; backends handed on at once, as under load, are not
+// looked at.
+const idleCheckAfter = time.Millisecond
+
 // backend is one hijacked server connection.
 type backend struct {
 	conn     net.Conn

@@ -135,6 +135,18 @@ func WaitReadable(c net.Conn) error {
 	return raw.Read(func(fd uintptr) bool { return peek(fd, &b) })
 }
 
+// Pending reports whether raw has bytes to read, or its peer closed it, at
+// this moment, without reading them and without taking the read side: a
+// goroutine waiting on the socket keeps waiting. One system call.
+func Pending(raw syscall.RawConn) bool {
+	var b [1]byte
+	ready := false
+	if err := raw.Control(func(fd uintptr) { ready = peek(fd, &b) }); err != nil {
+		return true // closed: nothing more will be read from it
+	}
+	return ready
+}
+
 // peek reports whether fd has bytes (or an end or error) to read, without
 // reading them; false only for EAGAIN, which sends the caller to the poller.
 func peek(fd uintptr, b *[1]byte) bool {

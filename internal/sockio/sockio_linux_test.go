@@ -274,3 +274,47 @@ func TestWaitReadable(t *testing.T) {
 		t.Fatalf("after the close: %d, %v", n, err)
 	}
 }
+
+// Pending looks at a socket while another goroutine waits on it: false
+// while nothing came, true once bytes or the peer's close are there, and
+// the bytes are still there to read.
+func TestPending(t *testing.T) {
+	a, b := tcpPair(t)
+	defer a.Close()
+	c := New(b)
+	defer c.Close()
+	raw := Raw(c)
+	waited := make(chan error, 1)
+	go func() { waited <- WaitReadable(c) }() // holds the read side
+	if Pending(raw) {
+		t.Fatal("pending on a socket nothing was written to")
+	}
+	if _, err := a.Write([]byte("Z")); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for !Pending(raw) {
+		if time.Now().After(deadline) {
+			t.Fatal("a written byte never showed as pending")
+		}
+		time.Sleep(time.Millisecond)
+	}
+	if err := <-waited; err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 4)
+	if n, err := c.Read(buf); err != nil || string(buf[:n]) != "Z" {
+		t.Fatalf("read after Pending: %q %v, want the byte", buf[:n], err)
+	}
+	if Pending(raw) {
+		t.Fatal("pending once the byte was read")
+	}
+	a.Close()
+	deadline = time.Now().Add(5 * time.Second)
+	for !Pending(raw) {
+		if time.Now().After(deadline) {
+			t.Fatal("the peer's close never showed as pending")
+		}
+		time.Sleep(time.Millisecond)
+	}
+}

@@ -2,7 +2,10 @@
 
 package sockio
 
-import "net"
+import (
+	"net"
+	"syscall"
+)
 
 // New returns c.
 func New(c net.Conn) net.Conn { return c }
@@ -12,3 +15,6 @@ func CanWait(net.Conn) bool { return false }
 
 // WaitReadable returns at once.
 func WaitReadable(net.Conn) error { return nil }
+
+// Pending reports false: nothing to look with.
+func Pending(syscall.RawConn) bool { return false }

@@ -11,6 +11,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"cascata/internal/sockio"
 	"cascata/internal/stats"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -814,12 +815,14 @@ func (w *waitCtx) stop() {
 // acquireBackend gets a live backend from the pool within the wait's
 // deadline. An idle backend of a full pool is taken without a deadline (no
 // timer per transaction); anything that may block uses the wait's context.
+// A backend found gone is closed and another one taken (every idle
+// backend of a restarted server may be gone).
 func (pl *pool) acquireBackend(wait *waitCtx) (*puddle.Resource[*backend], error) {
 	pl.lastUse.Store(time.Now().UnixNano())
 	if pl.open.Load() >= pl.size {
 		// Full: TryAcquire cannot start a dial, it only finds an idle one.
 		if res, err := pl.p.TryAcquire(context.Background()); err == nil {
-			if !res.Value().dead.Load() {
+			if !gone(res) {
 				return res, nil
 			}
 			res.Destroy()
@@ -836,12 +839,21 @@ func (pl *pool) acquireBackend(wait *waitCtx) (*puddle.Resource[*backend], error
 		if err != nil {
 			return nil, err
 		}
-		if !res.Value().dead.Load() {
+		if !gone(res) {
 			return res, nil
 		}
 		pl.log.Debug("dropping dead idle backend", "project", pl.ref, "host", pl.hostKey)
 		res.Destroy()
 	}
+}
+
+// gone reports whether an idle backend's server went away: its goroutine
+// saw it, or, for a backend idle idleCheckAfter or more, a peek at its
+// socket finds the server's last words waiting there because that
+// goroutine, woken for them, has not run yet (a busy machine).
+func gone(res *puddle.Resource[*backend]) bool {
+	be := res.Value()
+	return be.dead.Load() || (be.raw != nil && res.IdleDuration() >= idleCheckAfter && sockio.Pending(be.raw))
 }
 
 // release returns a clean backend, or closes it when another tenant waits

@@ -690,7 +690,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	if cur := ss.srv.project(ss.ref); cur != nil && cur.gate == proj.gate {
 		proj = cur // re-pointed (ejection) while this client waited at the gate
 	}
-	for tries := 0; tries < 3; {
+	for range 3 {
 		res, pl, replica, target, err := ss.acquire(&wait, proj, w, needLSN)
 		if err != nil {
 			observeWait(proj.metrics.poolWait, start)
@@ -702,14 +702,6 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 			return nil, &Error{Code: CodeConnectionFailure, Message: "could not connect to the project's database", Err: err}
 		}
 		be := res.Value()
-		if res.IdleDuration() >= idleCheckAfter && be.raw != nil && sockio.Pending(be.raw) {
-			// Its server spoke while it sat idle: it is going away (a
-			// restart, pg_terminate_backend) and its own goroutine, woken
-			// for that, has not run yet. Not counted as a try: every idle
-			// backend of a restarted server may be like this one.
-			res.Destroy()
-			continue
-		}
 		// The identity and the client's settings go first, in one write
 		// with the client's message: no extra round trip.
 		buf, plan, serr := ss.setupBytes(ss.setupBuf[:0], be, shareTx, ss.translatesNames())
@@ -717,7 +709,6 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mu.Lock()
 		if !be.attach(attachment{ss: ss, be: be, setup: plan}) {
 			// The server went away since the pool checked it.
-			tries++
 			ss.mu.Unlock()
 			res.Destroy()
 			continue

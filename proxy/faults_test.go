@@ -451,3 +451,37 @@ func TestNamesAfterBackendLost(t *testing.T) {
 		}
 	}
 }
+
+// TestIdleSessionTimeoutLeftOnABackend: an anon client may set
+// idle_session_timeout; its backend goes back to the pool with it and the
+// server ends the backend once it has sat idle that long. The next client
+// of the pool, another identity, gets a live backend without the setting
+// and no error, and the client who set it goes on working.
+func TestIdleSessionTimeoutLeftOnABackend(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1})
+	ctx := context.Background()
+	a := h.connect("p3", "anon", "sets-idle-timeout")
+	b := h.connect("p3", "anon", "next-client")
+	if _, err := a.Exec(ctx, "SET idle_session_timeout = '20ms'"); err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if err := a.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the server to end the idle backend", 5*time.Second, func() bool { return backendState(t, pid) == "gone" })
+	for i := range 3 {
+		var pid2 int
+		var timeout string
+		if err := b.QueryRow(ctx, "SELECT pg_backend_pid(), current_setting('idle_session_timeout')").Scan(&pid2, &timeout); err != nil {
+			t.Fatalf("next client, statement %d: %v", i, err)
+		}
+		if pid2 == pid || timeout != "0" {
+			t.Fatalf("next client, statement %d: pid %d (ended: %d), idle_session_timeout %q", i, pid2, pid, timeout)
+		}
+	}
+	var timeout string
+	if err := a.QueryRow(ctx, "SELECT current_setting('idle_session_timeout')").Scan(&timeout); err != nil || timeout != "20ms" {
+		t.Fatalf("the client who set it: %q %v", timeout, err)
+	}
+}

@@ -88,15 +88,15 @@ type Member struct {
 	place  string       // where this instance runs (thisPlace)
 	client *http.Client // for probes of stale instances
 
-	mu       sync.Mutex
-	limit    int                           // the share in force
-	held     map[string]*hold              // projects this instance holds for a fleet pause
-	resumes  map[string]int64              // resumes not yet written (control database down)
-	cancels  map[string]context.CancelFunc // running local pauses
-	verdicts map[string]judged             // the last probe of each stale instance of this place
-	probing  bool                          // a round of probes is under way
-	wg       sync.WaitGroup
-	ctx      context.Context
+	mu      sync.Mutex
+	limit   int                           // the share in force
+	held    map[string]*hold              // projects this instance holds for a fleet pause
+	resumes map[string]int64              // resumes not yet written (control database down)
+	cancels map[string]context.CancelFunc // running local pauses
+	gone    map[string]time.Time          // stale instances of this place found gone, at their heartbeat then
+	probing bool                          // a round of probes is under way
+	wg      sync.WaitGroup
+	ctx     context.Context
 }
 
 type hold struct {
@@ -316,9 +316,9 @@ func (m *Member) releaseGone(ctx context.Context, tx pgx.Tx) ([]candidate, error
 	var again []candidate
 	for _, c := range cands {
 		m.mu.Lock()
-		j, ok := m.verdicts[c.id]
+		hb, found := m.gone[c.id]
 		m.mu.Unlock()
-		if !ok || j.verdict != verdictGone || !j.heartbeat.Equal(c.heartbeat) {
+		if !found || !hb.Equal(c.heartbeat) {
 			again = append(again, c)
 			continue
 		}
@@ -353,22 +353,20 @@ func (m *Member) probeLater(cands []candidate) {
 		defer m.wg.Done()
 		pctx, cancel := context.WithTimeout(ctx, min(time.Second, m.opts.Timeout/4))
 		defer cancel()
-		found := make([]verdict, len(cands))
+		found := make([]bool, len(cands))
 		var wg sync.WaitGroup
 		for i, c := range cands {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				found[i] = probe(pctx, m.client, c)
-			}()
+			wg.Go(func() { found[i] = foundGone(pctx, m.client, c) })
 		}
 		wg.Wait()
-		out := make(map[string]judged, len(cands))
+		gone := map[string]time.Time{}
 		for i, c := range cands {
-			out[c.id] = judged{heartbeat: c.heartbeat, verdict: found[i]}
+			if found[i] {
+				gone[c.id] = c.heartbeat
+			}
 		}
 		m.mu.Lock()
-		m.verdicts = out
+		m.gone = gone
 		m.probing = false
 		m.mu.Unlock()
 	}()
@@ -702,16 +700,14 @@ func (m *Member) Forget(ctx context.Context, id string) error {
 		case errors.Is(err, pgx.ErrNoRows):
 			return fmt.Errorf("%w: %s", ErrNoInstance, id)
 		case err != nil:
-			return fmt.Errorf("%w: %w", ErrUnavailable, err)
+			return err
 		case live:
 			return fmt.Errorf("%w: %s beat less than %v ago", ErrLive, id, m.opts.Timeout)
 		}
-		if _, err := tx.Exec(ctx, `UPDATE `+controldb.Schema+`.instances SET stopped = true WHERE id = $1`, id); err != nil {
-			return fmt.Errorf("%w: %w", ErrUnavailable, err)
-		}
-		return nil
+		_, err = tx.Exec(ctx, `UPDATE `+controldb.Schema+`.instances SET stopped = true WHERE id = $1`, id)
+		return err
 	})
-	if err != nil && !errors.Is(err, ErrNoInstance) && !errors.Is(err, ErrLive) && !errors.Is(err, ErrUnavailable) {
+	if err != nil && !errors.Is(err, ErrNoInstance) && !errors.Is(err, ErrLive) {
 		err = fmt.Errorf("%w: forget %s: %w", ErrUnavailable, id, err)
 	}
 	if err == nil {

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"net"
 	"net/http"
-	"net/url"
 	"os"
 	"strings"
 	"syscall"
@@ -26,29 +25,10 @@ import (
 // that answered (admin.Handler sets it on every response, /healthz too).
 const instanceHeader = "X-Cascata-Instance"
 
-// verdict is what a probe of a stale instance's addresses found.
-type verdict int
-
-const (
-	// verdictUnknown: no answer in time, or nothing to ask: it may be alive.
-	verdictUnknown verdict = iota
-	// verdictAlive: it answered as itself.
-	verdictAlive
-	// verdictGone: its address refuses connections or another instance
-	// holds it.
-	verdictGone
-)
-
 // candidate is a stale instance that still holds a share.
 type candidate struct {
 	id, adminURL, proxyURL string
 	heartbeat              time.Time
-}
-
-// judged is a verdict on a candidate at one heartbeat of it.
-type judged struct {
-	heartbeat time.Time
-	verdict   verdict
 }
 
 // thisPlace names the network namespace of this boot of this machine: ""
@@ -65,51 +45,33 @@ func thisPlace() string {
 	return strings.TrimSpace(string(boot)) + "/" + ns
 }
 
-// probe asks a candidate's admin address (GET /healthz, whose answer names
-// the instance) or, with no admin plane, its proxy address (a refused
-// connection is the only verdict there). Any other instance answering,
-// the asking one included, holds the candidate's port.
-func probe(ctx context.Context, client *http.Client, c candidate) verdict {
+// foundGone asks a candidate's admin address (GET /healthz, whose answer
+// names the instance) or, with no admin plane, its proxy address, and
+// reports whether its process is gone: the connection is refused, or
+// another instance (the asking one included) answers there. No answer in
+// time, an answer as itself, or nothing to ask leaves it be.
+func foundGone(ctx context.Context, client *http.Client, c candidate) bool {
 	if c.adminURL != "" {
-		u, err := url.Parse(c.adminURL)
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimSuffix(c.adminURL, "/")+"/healthz", nil)
 		if err != nil {
-			return verdictUnknown
-		}
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.JoinPath("healthz").String(), nil)
-		if err != nil {
-			return verdictUnknown
+			return false
 		}
 		resp, err := client.Do(req)
 		if err != nil {
-			return refused(err)
+			return errors.Is(err, syscall.ECONNREFUSED)
 		}
 		resp.Body.Close()
-		switch id := resp.Header.Get(instanceHeader); id {
-		case c.id:
-			return verdictAlive
-		case "":
-			return verdictUnknown // not an admin plane of cascata
-		default:
-			return verdictGone
-		}
+		id := resp.Header.Get(instanceHeader)
+		return id != "" && id != c.id // "": not an admin plane of cascata
 	}
 	if c.proxyURL == "" {
-		return verdictUnknown
+		return false
 	}
 	var d net.Dialer
 	conn, err := d.DialContext(ctx, "tcp", c.proxyURL)
 	if err != nil {
-		return refused(err)
+		return errors.Is(err, syscall.ECONNREFUSED)
 	}
-	conn.Close()
-	return verdictUnknown // something listens there: maybe the instance
-}
-
-// refused is verdictGone for a refused connection, verdictUnknown for any
-// other failure (a timeout is no evidence).
-func refused(err error) verdict {
-	if errors.Is(err, syscall.ECONNREFUSED) {
-		return verdictGone
-	}
-	return verdictUnknown
+	conn.Close() // something listens there: maybe the instance
+	return false
 }

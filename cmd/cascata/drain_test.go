@@ -52,18 +52,9 @@ func TestDrainKeepsAdminPlane(t *testing.T) {
 	t.Setenv("CASCATA_TEST_ADMIN_TOKEN", appAdminToken)
 	dir := t.TempDir()
 	cfgPath := filepath.Join(dir, "cascata.toml")
-	cfgText := fmt.Sprintf(`
-[proxy]
-listen = "127.0.0.1:0"
-shutdown_timeout = "30s"
-
-[admin]
-listen = "127.0.0.1:0"
-token_env = "CASCATA_TEST_ADMIN_TOKEN"
-
-[state]
-dir = %q
-
+	// shutdown_timeout is testConfig's 5 s: the drain below takes
+	// milliseconds.
+	cfgText := testConfig(filepath.Join(dir, "state"), "", fmt.Sprintf(`
 [catalog]
 instance_id = "drain-1"
 
@@ -71,7 +62,7 @@ instance_id = "drain-1"
 ref = "app_d"
 database_url = %q
 jwt_secret = %q
-`, filepath.Join(dir, "state"), cl.Primary.URL("authenticator", appLoginPassword, "app_d"), appSecret)
+`, cl.Primary.URL("authenticator", appLoginPassword, "app_d"), appSecret))
 	if err := os.WriteFile(cfgPath, []byte(cfgText), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -20,9 +20,12 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
-// poolVia opens a pool on pool's database through relay.
-func poolVia(t *testing.T, pool *pgxpool.Pool, relay *pgtest.Relay) *pgxpool.Pool {
+// cuttable opens a pool on pool's database through a relay the test can
+// cut, to take the control database away from one member alone.
+func cuttable(t *testing.T, pool *pgxpool.Pool) (*pgxpool.Pool, *pgtest.Relay) {
 	t.Helper()
+	cfg := pool.Config().ConnConfig
+	relay := pgtest.NewRelay(t, net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))))
 	u, err := url.Parse(pool.Config().ConnString())
 	if err != nil {
 		t.Fatal(err)
@@ -33,7 +36,13 @@ func poolVia(t *testing.T, pool *pgxpool.Pool, relay *pgtest.Relay) *pgxpool.Poo
 		t.Fatal(err)
 	}
 	t.Cleanup(p.Close)
-	return p
+	return p, relay
+}
+
+// instanceColumn is one column of an instance's row, as text.
+func instanceColumn(t *testing.T, pool *pgxpool.Pool, column, id string) string {
+	t.Helper()
+	return pgtest.QueryValue(t, pool.Config().ConnString(), "SELECT "+column+" FROM cascata_control.instances WHERE id = $1", id)
 }
 
 // adminPlane answers GET /healthz as the admin plane of the instance named
@@ -67,12 +76,11 @@ func closedAddr(t *testing.T) string {
 // room is free.
 func TestShareOfACutOffInstanceIsKept(t *testing.T) {
 	pool := controlDB(t)
-	cfg := pool.Config().ConnConfig
-	relay := pgtest.NewRelay(t, net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))))
+	aPool, relay := cuttable(t, pool)
 	var answerAs atomic.Value
 	answerAs.Store("a")
 	const cap, timeout = 30, 1500 * time.Millisecond
-	a := join(t, poolVia(t, pool, relay), "a", cap, timeout, func(o *fleet.Options) { o.AdminURL = adminPlane(t, &answerAs) })
+	a := join(t, aPool, "a", cap, timeout, func(o *fleet.Options) { o.AdminURL = adminPlane(t, &answerAs) })
 	b := join(t, pool, "b", cap, timeout)
 	c := join(t, pool, "c", cap, timeout)
 	pgtest.WaitFor(t, 10*time.Second, "three instances take 10 each", func() bool {
@@ -98,7 +106,7 @@ func TestShareOfACutOffInstanceIsKept(t *testing.T) {
 	pgtest.WaitFor(t, 10*time.Second, "b and c take 15 each once a is gone", func() bool {
 		return b.m.Share() == 15 && c.m.Share() == 15
 	})
-	if v := pgtest.QueryValue(t, pool.Config().ConnString(), "SELECT stopped FROM cascata_control.instances WHERE id = 'a'"); v != "t" {
+	if v := instanceColumn(t, pool, "stopped", "a"); v != "t" {
 		t.Fatalf("a gone, yet its row says stopped = %s", v)
 	}
 }
@@ -112,7 +120,7 @@ func TestSilentInstancesJudgedOnEvidence(t *testing.T) {
 	const cap, timeout = 30, 1500 * time.Millisecond
 	scout := join(t, pool, "scout", cap, timeout)
 	scout.stop()
-	place := pgtest.QueryValue(t, pool.Config().ConnString(), "SELECT place FROM cascata_control.instances WHERE id = 'scout'")
+	place := instanceColumn(t, pool, "place", "scout")
 	if place == "" {
 		t.Fatal("an instance published no place")
 	}
@@ -158,7 +166,7 @@ func TestSilentInstancesJudgedOnEvidence(t *testing.T) {
 		if r.gone {
 			want = "t"
 		}
-		if v := pgtest.QueryValue(t, pool.Config().ConnString(), "SELECT stopped FROM cascata_control.instances WHERE id = $1", r.id); v != want {
+		if v := instanceColumn(t, pool, "stopped", r.id); v != want {
 			t.Errorf("%s: stopped = %s, want %s", r.id, v, want)
 		}
 	}
@@ -200,10 +208,9 @@ func TestForgetASilentInstance(t *testing.T) {
 // catalog has the revision the resume names.
 func TestPauseHeldWhileCutOff(t *testing.T) {
 	pool := controlDB(t)
-	cfg := pool.Config().ConnConfig
-	relay := pgtest.NewRelay(t, net.JoinHostPort(cfg.Host, strconv.Itoa(int(cfg.Port))))
+	aPool, relay := cuttable(t, pool)
 	const timeout = 1500 * time.Millisecond
-	a := join(t, poolVia(t, pool, relay), "a", 30, timeout)
+	a := join(t, aPool, "a", 30, timeout)
 	b := join(t, pool, "b", 30, timeout)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

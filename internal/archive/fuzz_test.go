@@ -11,16 +11,16 @@ import (
 	"time"
 )
 
-// tarOf is a tar stream of the given members (name, then body), or of
-// a header alone for a body of nil with typ.
+// tarOf is a tar stream of members (name, then body) of type typ; a member
+// that is not a regular file has no body and links to /etc/passwd.
 func tarOf(tb testing.TB, typ byte, members ...string) []byte {
 	tb.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	for i := 0; i+1 < len(members); i += 2 {
-		h := &tar.Header{Name: members[i], Typeflag: typ, Mode: 0o600, Size: int64(len(members[i+1])), Linkname: "/etc/passwd"}
+		h := &tar.Header{Name: members[i], Typeflag: typ, Mode: 0o600, Size: int64(len(members[i+1]))}
 		if typ != tar.TypeReg {
-			h.Size = 0
+			h.Size, h.Linkname = 0, "/etc/passwd"
 		}
 		if err := tw.WriteHeader(h); err != nil {
 			tb.Fatal(err)

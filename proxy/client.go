@@ -1,6 +1,8 @@
 package proxy
 
 import (
+	"slices"
+
 	"cascata/router"
 
 	"github.com/jackc/pgx/v5/pgproto3"
@@ -38,6 +40,12 @@ func (ss *session) classify(sql string, parse bool) verdict {
 	case v.untranslatedPrepared():
 		v.refused = &Error{Code: CodeFeatureNotSupported, Message: "SQL PREPARE, EXECUTE and DEALLOCATE must each be sent as a query of their own through cascata in transaction mode",
 			Hint: "cascata gives each client its own statement names; it translates a PREPARE, EXECUTE or DEALLOCATE only when it is the whole query."}
+	case slices.Contains(v.SessionGUCs, "idle_session_timeout"):
+		// On a shared backend the setting would outlive the client's unit:
+		// the server ends the backend once it sits idle in the pool, and a
+		// client could make the pool dial again and again.
+		v.refused = &Error{Code: CodeFeatureNotSupported, Message: "idle_session_timeout cannot be set through cascata where server connections are shared (transaction mode)",
+			Hint: "Server connections idle in cascata's pool; close an idle client connection from the application instead."}
 	case v.ReadsBackendState:
 		v.refused = &Error{Code: CodeInsufficientPrivs, Message: "pg_prepared_statements and pg_cursors cannot be read through cascata in transaction mode: the server connection is shared with other clients"}
 	case v.KeepsSessionState && ss.txMode:

@@ -2,6 +2,7 @@ package proxy_test
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"strconv"
 	"strings"
@@ -9,9 +10,11 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 
 	"cascata/internal/pgtest"
+	"cascata/proxy"
 )
 
 // activeQueryPID waits until a proxy backend runs a statement containing
@@ -452,36 +455,78 @@ func TestNamesAfterBackendLost(t *testing.T) {
 	}
 }
 
-// TestIdleSessionTimeoutLeftOnABackend: an anon client may set
-// idle_session_timeout; its backend goes back to the pool with it and the
-// server ends the backend once it has sat idle that long. The next client
-// of the pool, another identity, gets a live backend without the setting
-// and no error, and the client who set it goes on working.
-func TestIdleSessionTimeoutLeftOnABackend(t *testing.T) {
+// TestIdleSessionTimeoutRefused: on a shared backend idle_session_timeout
+// would outlive the client's unit: the server would end the backend once it
+// sat idle in the pool, and an anon client could make the pool dial again
+// and again. In transaction mode every way a client could set it for its
+// session is refused (0A000; 42501 at login), the client goes on, and the
+// pool's backend lives on. SET LOCAL, which ends with its transaction, runs;
+// in session mode, where the backend is the client's own, SET runs too.
+func TestIdleSessionTimeoutRefused(t *testing.T) {
 	h := startProxy(t, harnessOpts{poolSize: 1})
 	ctx := context.Background()
 	a := h.connect("p3", "anon", "sets-idle-timeout")
-	b := h.connect("p3", "anon", "next-client")
-	if _, err := a.Exec(ctx, "SET idle_session_timeout = '20ms'"); err != nil {
-		t.Fatal(err)
-	}
 	var pid int
 	if err := a.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
 		t.Fatal(err)
 	}
-	waitFor(t, "the server to end the idle backend", 5*time.Second, func() bool { return backendState(t, pid) == "gone" })
-	for i := range 3 {
-		var pid2 int
-		var timeout string
-		if err := b.QueryRow(ctx, "SELECT pg_backend_pid(), current_setting('idle_session_timeout')").Scan(&pid2, &timeout); err != nil {
-			t.Fatalf("next client, statement %d: %v", i, err)
-		}
-		if pid2 == pid || timeout != "0" {
-			t.Fatalf("next client, statement %d: pid %d (ended: %d), idle_session_timeout %q", i, pid2, pid, timeout)
+	refused := func(what string, err error) {
+		t.Helper()
+		if sqlstate(err) != proxy.CodeFeatureNotSupported {
+			t.Fatalf("%s: %v, want SQLSTATE %s", what, err, proxy.CodeFeatureNotSupported)
 		}
 	}
+	_, err := a.Exec(ctx, "SET idle_session_timeout = '20ms'")
+	refused("simple SET", err)
+	_, err = a.Exec(ctx, "SELECT 1; SET SESSION idle_session_timeout TO 20")
+	refused("SET behind another statement", err)
+	_, err = a.Exec(ctx, "SELECT set_config('idle_session_timeout', '20ms', false)")
+	refused("set_config", err)
+	res := a.PgConn().ExecParams(ctx, "SET idle_session_timeout = 20", nil, nil, nil, nil).Read()
+	refused("SET in a Parse", res.Err)
+	res = a.PgConn().ExecParams(ctx, "SELECT set_config('idle_session_timeout', $1, false)", [][]byte{[]byte("20ms")}, nil, nil, nil).Read()
+	refused("set_config in a Parse", res.Err)
+	tx, err := a.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, "SET LOCAL idle_session_timeout = '20ms'"); err != nil {
+		t.Fatalf("SET LOCAL: %v", err)
+	}
+	_, err = tx.Exec(ctx, "SET idle_session_timeout = '20ms'")
+	refused("SET in a transaction", err)
+	_ = tx.Rollback(ctx)
+
+	// Longer than the timeout any of them asked for: the backend lives.
+	time.Sleep(200 * time.Millisecond)
+	b := h.connect("p3", "anon", "next-client")
+	var pid2 int
 	var timeout string
-	if err := a.QueryRow(ctx, "SELECT current_setting('idle_session_timeout')").Scan(&timeout); err != nil || timeout != "20ms" {
-		t.Fatalf("the client who set it: %q %v", timeout, err)
+	if err := b.QueryRow(ctx, "SELECT pg_backend_pid(), current_setting('idle_session_timeout')").Scan(&pid2, &timeout); err != nil {
+		t.Fatal(err)
+	}
+	if pid2 != pid || timeout != "0" {
+		t.Fatalf("next client: pid %d (first %d), idle_session_timeout %q", pid2, pid, timeout)
+	}
+	if err := a.QueryRow(ctx, "SELECT current_setting('idle_session_timeout')").Scan(&timeout); err != nil || timeout != "0" {
+		t.Fatalf("the refused client: %q %v", timeout, err)
+	}
+
+	// At login, as a startup parameter.
+	tok := token(t, "p3", "anon", "startup", nil)
+	_, err = pgx.Connect(ctx, h.url("p3", "anon", tok)+"&options=-c%20idle_session_timeout%3D20ms")
+	var pe *pgconn.PgError
+	if !errors.As(err, &pe) || pe.Code != proxy.CodeInsufficientPrivs || pe.Severity != "FATAL" {
+		t.Fatalf("startup parameter: %v, want FATAL %s", err, proxy.CodeInsufficientPrivs)
+	}
+
+	// Session mode: the backend is the client's; the setting is in force.
+	hs := startProxy(t, harnessOpts{poolSize: 1, sessionMode: true})
+	s := hs.connect("p3", "anon", "session-mode")
+	if _, err := s.Exec(ctx, "SET idle_session_timeout = '1h'"); err != nil {
+		t.Fatalf("session mode: %v", err)
+	}
+	if err := s.QueryRow(ctx, "SELECT current_setting('idle_session_timeout')").Scan(&timeout); err != nil || timeout != "1h" {
+		t.Fatalf("session mode: %q %v", timeout, err)
 	}
 }

@@ -261,6 +261,13 @@ func (m *Member) beat(ctx context.Context) error {
 			forgetStoppedAfter.String()); err != nil {
 			return err
 		}
+		// Their pause acknowledgements go with them. Only old ones: a new
+		// instance may acknowledge a pause before its first heartbeat.
+		if _, err := tx.Exec(ctx, `DELETE FROM `+controldb.Schema+`.pause_acks a WHERE a.acked < now() - $1::interval
+			AND NOT EXISTS (SELECT 1 FROM `+controldb.Schema+`.instances i WHERE i.id = a.instance)`,
+			forgetStoppedAfter.String()); err != nil {
+			return err
+		}
 		var others int
 		if err := tx.QueryRow(ctx, `SELECT count(*) FILTER (WHERE `+LiveSQL+`),
 				coalesce(sum(share) FILTER (WHERE id <> $2 AND NOT stopped), 0)

@@ -17,6 +17,7 @@ import (
 	"cascata/internal/fleet"
 	"cascata/internal/pgtest"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 )
 
@@ -263,6 +264,12 @@ func TestOldStoppedInstancesForgotten(t *testing.T) {
 		('silent-long-ago', false, now() - interval '25 hours')`); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := pool.Exec(ctx, `INSERT INTO cascata_control.pause_acks (ref, epoch, instance, acked) VALUES
+		('p', 1, 'stopped-long-ago', now() - interval '25 hours'),
+		('p', 1, 'stopped-lately', now() - interval '25 hours'),
+		('p', 1, 'silent-long-ago', now() - interval '25 hours')`); err != nil {
+		t.Fatal(err)
+	}
 	b := join(t, pool, "b", 30, 1500*time.Millisecond)
 	list, err := b.m.Instances(ctx)
 	if err != nil {
@@ -274,5 +281,18 @@ func TestOldStoppedInstancesForgotten(t *testing.T) {
 	}
 	if want := []string{"b", "silent-long-ago", "stopped-lately"}; !slices.Equal(ids, want) {
 		t.Fatalf("instances after a heartbeat: %v, want %v", ids, want)
+	}
+	// Their pause acknowledgements go with them; those of instances that
+	// still have a row stay.
+	rows, err := pool.Query(ctx, `SELECT instance FROM cascata_control.pause_acks ORDER BY instance`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	acks, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []string{"silent-long-ago", "stopped-lately"}; !slices.Equal(acks, want) {
+		t.Fatalf("pause acknowledgements after a heartbeat: %v, want %v", acks, want)
 	}
 }

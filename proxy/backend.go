@@ -51,11 +51,14 @@ const (
 	stmtUnknown
 )
 
-// idleCheckAfter: a backend that sat idle in its pool this long is looked
-// at (one peek at its socket, sockio.Pending) before a client gets it. Its
-// own goroutine notices a server going away, but on a busy machine it may
-// not have run yet; backends handed on at once, as under load, are not
-// looked at.
+// idleCheckAfter: a backend whose server has been quiet this long is
+// looked at (one peek at its socket, sockio.Pending) before a client gets
+// it. Its own goroutine notices a server going away, but on a busy machine
+// it may not have run yet, or may have reached its pool late, after the
+// server's last words (the wait it arms then misses them). Quiet is
+// counted from the end of the backend's last unit (heard), not from its
+// return to the pool, so a late return is looked at too. Backends handed
+// on at once, as under load, are not.
 const idleCheckAfter = time.Millisecond
 
 // backend is one hijacked server connection.
@@ -98,7 +101,15 @@ type backend struct {
 	// closed: close was called; nothing more is written to conn by the
 	// pool (a session may still be finishing a write that fails).
 	closed atomic.Bool
-	raw    syscall.RawConn // the plain socket (nil under TLS), see waitIdle
+	// sock is the TCP socket, beneath TLS too (see waitIdle and gone):
+	// waited on and looked at, never read through.
+	sock syscall.RawConn
+	// woke: the server spoke while the backend sat idle (waitIdle), so it
+	// is going away; set before its goroutine reads what came.
+	woke atomic.Bool
+	// heard is when the server last ended a unit here (its ReadyForQuery,
+	// Unix nanoseconds), see idleCheckAfter.
+	heard atomic.Int64
 	// unit is the backend's current unit once it is detached (see
 	// detachLocked), used by the backend's goroutine only.
 	unit unit
@@ -158,14 +169,16 @@ func (b *backend) serve() {
 // until the server speaks or the connection closes. The wait is armed
 // before the backend can reach another client, so no reply can slip past
 // it, and it starts without the read that an idle socket would answer with
-// EAGAIN. It reports false, without ending the unit, when it cannot wait
-// this way (TLS, bytes already buffered, a closed socket).
+// EAGAIN. Under TLS it waits on the socket beneath, whose records the TLS
+// layer reads afterwards. It reports false, without ending the unit, when
+// it cannot wait this way (bytes already buffered, a closed socket) or
+// the server spoke before the wait was armed (onIdleRead).
 func (b *backend) waitIdle(ss *session, u *unit) bool {
-	if b.raw == nil || b.rd.buffered() {
+	if b.sock == nil || b.rd.buffered() {
 		return false
 	}
 	b.idleSS, b.idleUnit, b.idleEnded = ss, u, false
-	_ = b.raw.Read(b.idleRead)
+	_ = b.sock.Read(b.idleRead)
 	ended := b.idleEnded
 	b.idleSS, b.idleUnit = nil, nil
 	return ended
@@ -176,11 +189,24 @@ func (b *backend) waitIdle(ss *session, u *unit) bool {
 // readable. It is made once per backend (b.idleRead), not per unit.
 func (b *backend) onIdleRead(uintptr) bool {
 	if !b.idleEnded {
+		// A unit that ends late (its goroutine held up on a busy machine)
+		// may have missed the server's last words: they came before this
+		// wait was armed and will not wake it. Such a backend goes back
+		// marked (woke) and its goroutine reads them.
+		if time.Now().UnixNano()-b.heard.Load() >= int64(idleCheckAfter) && sockio.Pending(b.sock) {
+			b.woke.Store(true)
+			return true
+		}
 		b.idleEnded = true
+		b.woke.Store(false)
 		b.idleSS.endUnit(b.idleUnit)
 		b.idleSS.relays.Done()
 		return false
 	}
+	// Readable: a client's replies, or, in the pool, the server going
+	// away. From here the bytes may leave the socket at any moment; woke
+	// tells gone what Pending would no longer see.
+	b.woke.Store(true)
 	return true
 }
 
@@ -220,7 +246,7 @@ func dialBackend(ctx context.Context, cfg *pgconn.Config) (*backend, error) {
 		return nil, fmt.Errorf("hijack backend: %w", err)
 	}
 	b := &backend{
-		raw:     sockio.Raw(hj.Conn), // nil under TLS: waitIdle falls back to a read
+		sock:    sockio.Socket(hj.Conn),
 		conn:    hj.Conn,
 		rd:      newMsgReader(hj.Conn, 1<<30+1024),
 		wr:      bufio.NewWriterSize(hj.Conn, ioBufSize),

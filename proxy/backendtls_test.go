@@ -96,4 +96,20 @@ func TestBackendTLS(t *testing.T) {
 	if !ssl || user != "authenticated" {
 		t.Fatalf("backend ssl=%v user=%s, want a TLS backend running as authenticated", ssl, user)
 	}
+	// A TLS backend the server ends while it sits idle in the pool never
+	// reaches a client: the next transactions run on a new one.
+	var ok bool
+	if err := super.QueryRow(ctx, "SELECT pg_terminate_backend($1)", pid).Scan(&ok); err != nil || !ok {
+		t.Fatalf("pg_terminate_backend(%d): %v %v", pid, ok, err)
+	}
+	waitFor(t, "the backend to exit", 5*time.Second, func() bool { return backendState(t, pid) == "gone" })
+	for i := range 3 {
+		var pid2 int
+		if err := c.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid2); err != nil {
+			t.Fatalf("statement %d after the idle TLS backend was terminated: %v", i, err)
+		}
+		if pid2 == pid {
+			t.Fatalf("statement %d ran on the terminated backend %d", i, pid)
+		}
+	}
 }

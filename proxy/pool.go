@@ -848,12 +848,14 @@ func (pl *pool) acquireBackend(wait *waitCtx) (*puddle.Resource[*backend], error
 }
 
 // gone reports whether an idle backend's server went away: its goroutine
-// saw it, or, for a backend idle idleCheckAfter or more, a peek at its
-// socket finds the server's last words waiting there because that
-// goroutine, woken for them, has not run yet (a busy machine).
+// saw it or woke for it (woke), or, for a backend whose server has been
+// quiet idleCheckAfter or more, a peek at its socket finds the server's
+// last words waiting there because that goroutine has not taken them (a
+// busy machine).
 func gone(res *puddle.Resource[*backend]) bool {
 	be := res.Value()
-	return be.dead.Load() || (be.raw != nil && res.IdleDuration() >= idleCheckAfter && sockio.Pending(be.raw))
+	return be.dead.Load() || be.woke.Load() ||
+		(be.sock != nil && time.Now().UnixNano()-be.heard.Load() >= int64(idleCheckAfter) && sockio.Pending(be.sock))
 }
 
 // release returns a clean backend, or closes it when another tenant waits

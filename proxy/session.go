@@ -944,6 +944,8 @@ func (ss *session) relay(a attachment) *unit {
 		}
 		switch typ {
 		case msgTypeReadyForQuery:
+			// Stamped before the client can see the unit end (gone).
+			be.heard.Store(time.Now().UnixNano())
 			body, err := be.rd.body()
 			if err != nil || len(body) != 1 {
 				unlock()

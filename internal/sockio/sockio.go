@@ -28,6 +28,17 @@ type sockOp struct {
 	err error
 }
 
+// Socket returns the TCP socket beneath c, under TLS too (a *tls.Conn
+// over a TCP connection), or nil. Unlike Raw it is for looking at the
+// socket (Pending), never for reading it: under TLS the bytes there are
+// records that only the TLS layer may read.
+func Socket(c net.Conn) syscall.RawConn {
+	if tc, ok := c.(interface{ NetConn() net.Conn }); ok {
+		c = tc.NetConn()
+	}
+	return Raw(c)
+}
+
 // Raw returns the socket of a plain TCP connection (as New returns it or
 // not) for calls driven by the network poller, or nil for anything else
 // (TLS, a pipe).

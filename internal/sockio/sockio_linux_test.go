@@ -72,7 +72,8 @@ func TestUsesRawCallsOnlyOnTCP(t *testing.T) {
 
 // TLS over New's connections: the records go through the raw calls, both
 // ways, whole.
-func TestTLSOverRawCalls(t *testing.T) {
+// tlsPair is a TLS client and server over New's connections on loopback.
+func tlsPair(t *testing.T) (cli, srv *tls.Conn) {
 	a, b := tcpPair(t)
 	key, err := ecdsa.GenerateKey(elliptic.P256(), crand.Reader)
 	if err != nil {
@@ -90,8 +91,13 @@ func TestTLSOverRawCalls(t *testing.T) {
 	}
 	roots := x509.NewCertPool()
 	roots.AddCert(leaf)
-	srv := tls.Server(New(b), &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
-	cli := tls.Client(New(a), &tls.Config{ServerName: "sockio.test", RootCAs: roots})
+	srv = tls.Server(New(b), &tls.Config{Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}})
+	cli = tls.Client(New(a), &tls.Config{ServerName: "sockio.test", RootCAs: roots})
+	return cli, srv
+}
+
+func TestTLSOverRawCalls(t *testing.T) {
+	cli, srv := tlsPair(t)
 	data := make([]byte, 4<<20)
 	for i := 0; i < len(data); i += 8 {
 		binary.LittleEndian.PutUint64(data[i:], rand.Uint64())
@@ -292,13 +298,7 @@ func TestPending(t *testing.T) {
 	if _, err := a.Write([]byte("Z")); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for !Pending(raw) {
-		if time.Now().After(deadline) {
-			t.Fatal("a written byte never showed as pending")
-		}
-		time.Sleep(time.Millisecond)
-	}
+	waitPending(t, raw, true, "a written byte never showed as pending")
 	if err := <-waited; err != nil {
 		t.Fatal(err)
 	}
@@ -310,10 +310,59 @@ func TestPending(t *testing.T) {
 		t.Fatal("pending once the byte was read")
 	}
 	a.Close()
-	deadline = time.Now().Add(5 * time.Second)
-	for !Pending(raw) {
+	waitPending(t, raw, true, "the peer's close never showed as pending")
+}
+
+// TestPendingUnderTLS: Socket finds the TCP socket beneath a TLS
+// connection: nothing is pending there once the reader in the TLS layer
+// took what came, and the peer's close shows as pending while nothing
+// reads.
+func TestPendingUnderTLS(t *testing.T) {
+	cli, srv := tlsPair(t)
+	defer cli.Close()
+	shaken := make(chan error, 1)
+	go func() { shaken <- srv.Handshake() }()
+	if err := cli.Handshake(); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-shaken; err != nil {
+		t.Fatal(err)
+	}
+	raw := Socket(cli)
+	if raw == nil || Raw(cli) != nil {
+		t.Fatalf("Socket %v, Raw %v: want the socket beneath, and no raw reads under TLS", raw, Raw(cli))
+	}
+	// A TLS 1.3 server may send tickets after the handshake: the client
+	// reads them while it waits for the first record.
+	got := make(chan string, 1)
+	go func() {
+		buf := make([]byte, 8)
+		n, _ := cli.Read(buf)
+		got <- string(buf[:n])
+	}()
+	waitPending(t, raw, false, "still pending: the reader never took what the handshake left")
+	// The reader takes the record at once; what Pending must see is the
+	// server's close that follows, while nothing reads.
+	if _, err := srv.Write([]byte("Z")); err != nil {
+		t.Fatal(err)
+	}
+	if s := <-got; s != "Z" {
+		t.Fatalf("read %q, want the record", s)
+	}
+	if Pending(raw) {
+		t.Fatal("pending once the record was read")
+	}
+	srv.Close()
+	waitPending(t, raw, true, "the server's close never showed as pending beneath TLS")
+}
+
+// waitPending waits up to 5 s for Pending(raw) to report want.
+func waitPending(t *testing.T, raw syscall.RawConn, want bool, failure string) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for Pending(raw) != want {
 		if time.Now().After(deadline) {
-			t.Fatal("the peer's close never showed as pending")
+			t.Fatal(failure)
 		}
 		time.Sleep(time.Millisecond)
 	}

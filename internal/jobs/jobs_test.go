@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strconv"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -125,7 +126,10 @@ func TestConcurrencyBoundAndProjectBusy(t *testing.T) {
 	if st, ok := r.ActiveFor("a"); !ok || st.ID != ids[0] {
 		t.Fatalf("active: %+v %v", st, ok)
 	}
-	time.Sleep(100 * time.Millisecond)
+	eventually(t, "two jobs running", func() (bool, string) {
+		n := running.Load()
+		return n == 2, strconv.Itoa(int(n))
+	})
 	queued := 0
 	for _, id := range ids {
 		if st, _ := r.Get(id); st.State == jobs.Queued {

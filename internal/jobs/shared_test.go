@@ -391,14 +391,16 @@ func TestSharedRestartFailsOwnLeftovers(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	queued, err := r1.Start("archive", "q", func(context.Context, *jobs.Job) error { return nil })
-	if err != nil {
-		t.Fatal(err)
-	}
+	// Running first, so that the next job waits for its slot (each job
+	// takes the slot on a goroutine of its own, in no set order).
 	eventually(t, "the running job's phase in the control database", func() (bool, string) {
 		phase := pgtest.QueryValue(t, url, `SELECT phase FROM cascata_control.jobs WHERE id = $1`, st.ID)
 		return phase == "initial_sync", phase
 	})
+	queued, err := r1.Start("archive", "q", func(context.Context, *jobs.Job) error { return nil })
+	if err != nil {
+		t.Fatal(err)
+	}
 	crash(t, r1, pool1)
 
 	r2, _ := sharedRunner(t, openPool(t, url), "a")

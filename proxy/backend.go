@@ -193,7 +193,7 @@ func (b *backend) onIdleRead(uintptr) bool {
 		// may have missed the server's last words: they came before this
 		// wait was armed and will not wake it. Such a backend goes back
 		// marked (woke) and its goroutine reads them.
-		if time.Now().UnixNano()-b.heard.Load() >= int64(idleCheckAfter) && sockio.Pending(b.sock) {
+		if b.lastWordsWaiting() {
 			b.woke.Store(true)
 			return true
 		}
@@ -208,6 +208,14 @@ func (b *backend) onIdleRead(uintptr) bool {
 	// tells gone what Pending would no longer see.
 	b.woke.Store(true)
 	return true
+}
+
+// lastWordsWaiting reports whether bytes from the server, or its close,
+// wait on the socket of a backend whose server has been quiet for
+// idleCheckAfter or more (sock must be set): a server does not speak
+// between units unless it is going away.
+func (b *backend) lastWordsWaiting() bool {
+	return time.Now().UnixNano()-b.heard.Load() >= int64(idleCheckAfter) && sockio.Pending(b.sock)
 }
 
 // attach hands the next unit's replies to serve; it must precede the write

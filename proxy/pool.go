@@ -11,7 +11,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"cascata/internal/sockio"
 	"cascata/internal/stats"
 
 	"github.com/jackc/pgx/v5/pgconn"
@@ -848,14 +847,11 @@ func (pl *pool) acquireBackend(wait *waitCtx) (*puddle.Resource[*backend], error
 }
 
 // gone reports whether an idle backend's server went away: its goroutine
-// saw it or woke for it (woke), or, for a backend whose server has been
-// quiet idleCheckAfter or more, a peek at its socket finds the server's
-// last words waiting there because that goroutine has not taken them (a
-// busy machine).
+// saw it or woke for it (woke), or the server's last words wait on its
+// socket because that goroutine has not taken them (a busy machine).
 func gone(res *puddle.Resource[*backend]) bool {
 	be := res.Value()
-	return be.dead.Load() || be.woke.Load() ||
-		(be.sock != nil && time.Now().UnixNano()-be.heard.Load() >= int64(idleCheckAfter) && sockio.Pending(be.sock))
+	return be.dead.Load() || be.woke.Load() || (be.sock != nil && be.lastWordsWaiting())
 }
 
 // release returns a clean backend, or closes it when another tenant waits

@@ -24,6 +24,8 @@ import (
 	"strings"
 	"time"
 
+	"cascata/internal/fleet"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
@@ -151,7 +153,7 @@ func (h *Handler) Handle(pattern string, fn http.HandlerFunc) { h.mux.HandleFunc
 // ServeHTTP checks CORS and the bearer token, then routes.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if h.opts.InstanceID != "" {
-		w.Header().Set("X-Cascata-Instance", h.opts.InstanceID)
+		w.Header().Set(fleet.InstanceHeader, h.opts.InstanceID)
 	}
 	if origin := r.Header.Get("Origin"); origin != "" {
 		if !slices.Contains(h.opts.CORSOrigins, origin) {

@@ -320,12 +320,12 @@ func (m *Member) releaseGone(ctx context.Context, tx pgx.Tx) ([]candidate, error
 	if err != nil {
 		return nil, err
 	}
+	m.mu.Lock()
+	gone := m.gone // replaced whole by each round of probes, never changed
+	m.mu.Unlock()
 	var again []candidate
 	for _, c := range cands {
-		m.mu.Lock()
-		hb, found := m.gone[c.id]
-		m.mu.Unlock()
-		if !found || !hb.Equal(c.heartbeat) {
+		if hb, found := gone[c.id]; !found || !hb.Equal(c.heartbeat) {
 			again = append(again, c)
 			continue
 		}

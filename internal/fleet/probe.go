@@ -21,9 +21,10 @@ import (
 // one process. Elsewhere an address may name another machine, a container
 // of the same image, or a sidecar: nothing it says there is evidence.
 
-// instanceHeader is the admin plane's response header naming the instance
-// that answered (admin.Handler sets it on every response, /healthz too).
-const instanceHeader = "X-Cascata-Instance"
+// InstanceHeader is the admin plane's response header naming the instance
+// that answered (admin.Handler sets it on every response, /healthz too):
+// the probes read it.
+const InstanceHeader = "X-Cascata-Instance"
 
 // candidate is a stale instance that still holds a share.
 type candidate struct {
@@ -61,7 +62,7 @@ func foundGone(ctx context.Context, client *http.Client, c candidate) bool {
 			return errors.Is(err, syscall.ECONNREFUSED)
 		}
 		resp.Body.Close()
-		id := resp.Header.Get(instanceHeader)
+		id := resp.Header.Get(InstanceHeader)
 		return id != "" && id != c.id // "": not an admin plane of cascata
 	}
 	if c.proxyURL == "" {

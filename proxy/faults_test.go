@@ -482,6 +482,13 @@ func TestIdleSessionTimeoutRefused(t *testing.T) {
 	refused("SET behind another statement", err)
 	_, err = a.Exec(ctx, "SELECT set_config('idle_session_timeout', '20ms', false)")
 	refused("set_config", err)
+	_, err = a.Exec(ctx, "SELECT * FROM (SELECT pg_catalog.set_config('IDLE_SESSION_TIMEOUT', '20ms', false)) s")
+	refused("set_config in a subquery, the name in capitals", err)
+	_, err = a.Exec(ctx, "PREPARE sets_timeout AS SELECT set_config('idle_session_timeout', '20ms', false)")
+	refused("SQL PREPARE", err)
+	if _, err := a.Exec(ctx, "EXECUTE sets_timeout"); sqlstate(err) != "26000" {
+		t.Fatalf("EXECUTE of the refused PREPARE: %v, want 26000 (no such statement)", err)
+	}
 	res := a.PgConn().ExecParams(ctx, "SET idle_session_timeout = 20", nil, nil, nil, nil).Read()
 	refused("SET in a Parse", res.Err)
 	res = a.PgConn().ExecParams(ctx, "SELECT set_config('idle_session_timeout', $1, false)", [][]byte{[]byte("20ms")}, nil, nil, nil).Read()

@@ -50,3 +50,6 @@ func Handoffs(s *Server) int64 {
 	}
 	return n
 }
+
+// PhaseFaults counts the phase moves out of order of s's sessions.
+func PhaseFaults(s *Server) int64 { return s.phaseFaults.Load() }

@@ -159,6 +159,9 @@ func startProxy(t testing.TB, ho harnessOpts) *harness {
 		if err := <-done; err != nil {
 			t.Errorf("serve: %v", err)
 		}
+		if n := proxy.PhaseFaults(srv); n > 0 {
+			t.Errorf("%d session phase moves out of order (see the log)", n)
+		}
 	})
 	return h
 }

@@ -190,11 +190,11 @@ func (ss *session) releasePinLocked() {
 // keeps the client goroutine off the backend. An error means the backend
 // is lost.
 func (ss *session) pinCheck(be *backend) error {
-	ss.checking = true
+	ss.setPhase(phaseChecking)
 	ss.mu.Unlock()
 	keeps, err := ss.keepsSessionState(be)
 	ss.mu.Lock()
-	ss.checking = false
+	ss.setPhase(phaseInUnit)
 	// The look was a simple query, which drops the unnamed statement: the
 	// client's is parsed again before its next use.
 	ss.unnamedOnBackend = false

@@ -34,6 +34,12 @@ func newRelayRig(t *testing.T, plan setupPlan, prepare func(ss *session)) *relay
 	t.Helper()
 	beConn, serverConn := net.Pipe()
 	clientSide, clientConn := net.Pipe()
+	srv := &Server{log: slog.New(slog.DiscardHandler)}
+	t.Cleanup(func() { // runs last
+		if n := srv.phaseFaults.Load(); n > 0 {
+			t.Errorf("%d session phase moves out of order", n)
+		}
+	})
 	t.Cleanup(func() {
 		for _, c := range []net.Conn{beConn, serverConn, clientSide, clientConn} {
 			_ = c.Close()
@@ -44,7 +50,7 @@ func newRelayRig(t *testing.T, plan setupPlan, prepare func(ss *session)) *relay
 		_ = c.SetDeadline(deadline)
 	}
 	ss := &session{
-		srv:         &Server{log: slog.New(slog.DiscardHandler)},
+		srv:         srv,
 		conn:        clientSide,
 		wr:          bufio.NewWriter(clientSide),
 		clientState: newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: "{}"}, "", nil, nil),
@@ -55,7 +61,7 @@ func newRelayRig(t *testing.T, plan setupPlan, prepare func(ss *session)) *relay
 	}
 	ss.cond = sync.NewCond(&ss.mu)
 	be := &backend{conn: beConn, rd: newMsgReader(beConn, 1<<20), wr: bufio.NewWriter(beConn), gate: rand.NewChaCha8([32]byte{2})}
-	ss.be = be
+	ss.be, ss.phase = be, phaseInUnit
 	ss.syncSeq, ss.syncCounted = 1, true
 	ss.pending = 1
 	if prepare != nil {

@@ -45,7 +45,7 @@ type retag struct {
 func (ss *session) onReset(sql string, r verdict) error {
 	if isWholeReset(sql, r) {
 		ss.mu.Lock()
-		for ss.be == nil && ss.gucsPending {
+		for ss.phase == phaseSettling {
 			ss.cond.Wait() // the last unit's settings are being read back
 		}
 		attached, status := ss.be != nil, ss.txStatus

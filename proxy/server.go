@@ -242,6 +242,9 @@ type Server struct {
 	lastFree     time.Time
 
 	clients atomic.Int64
+	// phaseFaults counts sessions' phase moves out of order (setPhase):
+	// defects, logged where they happen and checked by the tests.
+	phaseFaults atomic.Int64
 	// lot holds the sockets of idle clients whose sessions have no
 	// goroutine (session.park); nil where the system has no epoll.
 	lot *parking.Lot

@@ -53,8 +53,10 @@ type session struct {
 	keySecret []byte
 	metrics   *projectMetrics
 
-	mu           sync.Mutex
-	cond         *sync.Cond // broadcast when the backend is detached
+	mu   sync.Mutex
+	cond *sync.Cond // broadcast at every change of phase, and when a write or a reply lets a waiter go on
+	// phase is where the unit stands (phase.go); setPhase moves it.
+	phase        phase
 	be           *backend
 	res          *puddle.Resource[*backend]
 	pl           *pool
@@ -85,7 +87,6 @@ type session struct {
 	beReplica    bool        // the attached backend is a replica
 	unitWrites   bool        // the unit on the primary may have written
 	lastWriteLSN uint64      // primary WAL position after the client's last write
-	lsnPending   bool        // that position is being fetched
 	unitGUCs     []string    // settings changed in the running unit
 	unitState    bool        // the running unit may leave session state: scrub at release
 	unitKeeps    bool        // the running unit may create state the client keeps: look at its end (pin.go)
@@ -93,8 +94,6 @@ type session struct {
 	projRun      *projectRun // the project's shared run-time state (schema epoch, pins)
 	pinned       bool        // the client keeps its backend for its session state (pin.go)
 	pinSlot      *pinCount   // the project's pin counter the client holds a slot of
-	checking     bool        // the relay is looking at the backend between units: nothing else writes to it
-	gucsPending  bool        // their values are being read back
 	batch        []byte      // extended-protocol messages held until Sync/Flush to route the batch whole
 	held         []extMsg    // the held messages, decoded (views of batch)
 	// A read unit on a replica whose replica dies before any reply reached
@@ -104,7 +103,6 @@ type session struct {
 	replayOK  bool        // the unit is one send and may be replayed
 	replayRaw []byte      // the client's messages of a unit whose translation named statements (replayNamed)
 	setupBuf  []byte      // identity and settings of a new unit (client goroutine)
-	retrying  bool        // the backend goroutine is moving the unit
 	// lastPool is the primary pool of the last unit (client goroutine only).
 	lastPool    *pool
 	lastPoolURL string
@@ -168,7 +166,7 @@ func (ss *session) park() bool {
 	defer ss.mu.Unlock()
 	// The lock orders this against shutdown, which sets stopping and then
 	// unparks: either this sees stopping or shutdown finds the socket parked.
-	if ss.be != nil || ss.res != nil || ss.stopping || ss.pending > 0 || ss.dirty || ss.writing ||
+	if ss.phase != phaseIdle || ss.res != nil || ss.stopping || ss.pending > 0 || ss.dirty || ss.writing ||
 		ss.copyIn || len(ss.batch) > 0 || ss.skipToSync {
 		return false
 	}
@@ -629,7 +627,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.flushForwarded()
 		ss.mu.Lock()
 	}
-	for ss.retrying || ss.checking || (ss.identPending && ss.be != nil) {
+	for ss.phase == phaseRetrying || ss.phase == phaseChecking || (ss.identPending && ss.be != nil) {
 		ss.cond.Wait()
 	}
 	// A read unit still running on a replica (pipelined autocommit reads)
@@ -665,7 +663,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.mu.Unlock()
 		return nil, perr
 	}
-	for ss.lsnPending || ss.gucsPending {
+	for ss.phase == phaseSettling {
 		ss.cond.Wait() // the last unit's WAL position or settings are on their way
 	}
 	needLSN := ss.lastWriteLSN
@@ -717,6 +715,7 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 		ss.relays.Add(1)
 		ss.discardStale()
 		ss.be, ss.res, ss.pl, ss.proj = be, res, pl, proj
+		ss.setPhase(phaseInUnit)
 		ss.beReplica = replica
 		ss.beTarget = target
 		if ss.pinPending && !replica {
@@ -1149,11 +1148,9 @@ func (ss *session) detachLocked(clean bool) *unit {
 	*u = unit{res: ss.res, pl: ss.pl, proj: ss.proj, clean: clean, stopping: ss.stopping}
 	if clean && ss.unitWrites && !ss.clientGone.Load() && len(ss.proj.replicas) > 0 {
 		u.fetchLSN = true
-		ss.lsnPending = true
 	}
 	if clean && len(ss.unitGUCs) > 0 && !ss.clientGone.Load() && !ss.sessionMode {
 		u.readGUCs = slices.Clone(ss.unitGUCs)
-		ss.gucsPending = true
 	}
 	// A backend that serves other clients next goes back as clean as a new
 	// one. The client's own settings were read back above; in session mode
@@ -1168,8 +1165,20 @@ func (ss *session) detachLocked(clean bool) *unit {
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, txIdle
 	ss.identPending = false
 	ss.forgetReplies()
-	ss.cond.Broadcast()
+	if u.awaited() {
+		ss.setPhase(phaseSettling)
+	} else {
+		ss.setPhase(phaseIdle)
+	}
 	return u
+}
+
+// awaited reports whether the client's next unit waits for this one's
+// settling (phaseSettling): its settings read back, or the primary's WAL
+// position after its writes. A unit that only scrubs its backend is not
+// waited for.
+func (u *unit) awaited() bool {
+	return u.fetchLSN || u.readGUCs != nil
 }
 
 // settleUnit runs what must happen on a finished unit's backend before it
@@ -1213,35 +1222,33 @@ func (ss *session) settleUnit(u *unit) {
 			// A trusted role's DO block may have run DEALLOCATE or PREPARE.
 			be.forgetProxyStmts()
 		}
-		if u.readGUCs != nil {
-			// Only this unit's read-back was awaited: a scrub-only unit
-			// that ends meanwhile must not let the client go on before it.
-			ss.gucsPending = false
-		}
-		ss.cond.Broadcast()
 		ss.mu.Unlock()
 		if err != nil {
 			ss.srv.log.Warn("could not settle a backend; closing it", "project", ss.ref, "error", err)
 			u.clean = false
 		}
 	}
+	var lsn uint64
+	var lsnErr error
 	if u.fetchLSN {
-		lsn, err := u.res.Value().currentLSN()
-		ss.mu.Lock()
-		if err == nil && lsn > ss.lastWriteLSN {
-			ss.lastWriteLSN = lsn
-		}
-		ss.lsnPending = false
-		ss.cond.Broadcast()
-		ss.mu.Unlock()
-		if err != nil {
-			ss.srv.log.Warn("could not read the primary's WAL position; reads go to the primary", "project", ss.ref, "error", err)
-			ss.mu.Lock()
-			ss.lastWriteLSN = ^uint64(0) >> 1 // no replica qualifies until a later write succeeds
-			ss.mu.Unlock()
+		lsn, lsnErr = u.res.Value().currentLSN()
+		if lsnErr != nil {
+			ss.srv.log.Warn("could not read the primary's WAL position; reads go to the primary", "project", ss.ref, "error", lsnErr)
+			lsn = ^uint64(0) >> 1 // no replica qualifies until a later write succeeds
 			u.clean = false
 		}
 	}
+	if !u.awaited() {
+		// A scrub-only unit: the session may be in its next unit by now,
+		// or settling that one.
+		return
+	}
+	ss.mu.Lock()
+	if u.fetchLSN && (lsnErr != nil || lsn > ss.lastWriteLSN) {
+		ss.lastWriteLSN = lsn
+	}
+	ss.setPhase(phaseIdle)
+	ss.mu.Unlock()
 }
 
 // endUnit gives the backend back (clean) or closes it, and ends the unit.
@@ -1272,6 +1279,7 @@ func (ss *session) backendLost(be *backend, cause error, fatal *pgproto3.ErrorRe
 	gone := ss.clientGone.Load()
 	ss.be, ss.res, ss.pl, ss.proj = nil, nil, nil, nil
 	ss.pending, ss.dirty, ss.copyIn, ss.txStatus = 0, false, false, txIdle
+	ss.setPhase(phaseIdle)
 	ss.lost(&be.stmtTable)
 	e := &pgproto3.ErrorResponse{Severity: "ERROR", SeverityUnlocalized: "ERROR", Code: CodeConnectionFailure,
 		Message: "server connection lost", Detail: "The transaction was rolled back; the connection to cascata goes on."}
@@ -1328,7 +1336,7 @@ func (ss *session) finish() {
 		ss.mu.Unlock()
 	}()
 	ss.mu.Lock()
-	for ss.checking {
+	for ss.phase == phaseChecking {
 		ss.cond.Wait() // the relay is talking to the backend
 	}
 	ss.clientGone.Store(true)
@@ -1477,7 +1485,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 		ss.mu.Unlock()
 		return false
 	}
-	ss.retrying = true
+	ss.setPhase(phaseRetrying)
 	rt, proj, oldRes := ss.beTarget, ss.proj, ss.res
 	ss.mu.Unlock()
 	ss.srv.replicas.markDown(rt)
@@ -1490,8 +1498,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	}
 	if err != nil {
 		ss.mu.Lock()
-		ss.retrying = false
-		ss.cond.Broadcast()
+		ss.setPhase(phaseInUnit)
 		ss.mu.Unlock()
 		return false
 	}
@@ -1499,8 +1506,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.mu.Lock()
 	buf, n, err := ss.setupBytes(nil, be, false, ss.translatesNames()) // rare: its own buffer
 	if !be.attach(attachment{ss: ss, be: be, setup: n}) {
-		ss.retrying = false
-		ss.cond.Broadcast()
+		ss.setPhase(phaseInUnit)
 		ss.mu.Unlock()
 		res.Destroy()
 		return false
@@ -1529,9 +1535,8 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.be, ss.res, ss.pl = be, res, pl
 	ss.beReplica, ss.beTarget, ss.replayOK = false, nil, false
 	ss.identPending = false
-	ss.retrying = false
 	ss.writing = true
-	ss.cond.Broadcast()
+	ss.setPhase(phaseInUnit)
 	ss.mu.Unlock()
 	oldRes.Destroy()
 	ss.srv.log.Warn("replica lost mid-read; the read runs again on the primary", "project", ss.ref)

@@ -1,0 +1,89 @@
+package proxy
+
+// phase is where a session's unit stands. A session is in one phase at a
+// time, held under its mu; setPhase is the one place that changes it.
+//
+//	idle ──claim──▶ in unit ──detach──▶ idle
+//	                │  ▲  ╲
+//	      pinCheck  │  │   ╲ detach, the unit's settings or WAL
+//	   retryOnPrimary  │    ╲ position to read back
+//	                ▼  │     ▼
+//	     checking, retrying   settling ──settleUnit──▶ idle
+//
+// A lost backend (backendLost) takes in unit back to idle as well.
+type phase uint8
+
+const (
+	// phaseIdle: no backend attached, nothing of the last unit awaited.
+	// The client goroutine may attach one (claim).
+	phaseIdle phase = iota
+	// phaseInUnit: a backend is attached. How far the unit is shows in
+	// pending (Sync and Query messages not yet answered), dirty (messages
+	// sent after the last one), writing (the client goroutine is writing
+	// to the backend) and identPending (the identity rides in the unit's
+	// own transaction).
+	phaseInUnit
+	// phaseChecking: the relay looks at the backend at the end of a unit
+	// to decide whether the client keeps it (pinCheck). Nothing else
+	// writes to the backend; the client goroutine waits.
+	phaseChecking
+	// phaseRetrying: the attached replica died before any reply reached
+	// the client; the backend goroutine moves the unit to the primary
+	// (retryOnPrimary). The client goroutine waits.
+	phaseRetrying
+	// phaseSettling: the unit is over and its backend detached, but the
+	// settings it changed or the primary's WAL position after its writes
+	// are still being read on that backend (settleUnit). The next unit
+	// waits for them: its setup and its choice of replica depend on them.
+	phaseSettling
+)
+
+func (p phase) String() string {
+	switch p {
+	case phaseIdle:
+		return "idle"
+	case phaseInUnit:
+		return "in unit"
+	case phaseChecking:
+		return "checking"
+	case phaseRetrying:
+		return "retrying"
+	case phaseSettling:
+		return "settling"
+	}
+	return "unknown"
+}
+
+// attached reports whether a session in phase p has a backend attached.
+func (p phase) attached() bool {
+	return p == phaseInUnit || p == phaseChecking || p == phaseRetrying
+}
+
+// canMoveTo reports whether a session may go from phase p to phase q.
+func (p phase) canMoveTo(q phase) bool {
+	switch p {
+	case phaseIdle:
+		return q == phaseInUnit
+	case phaseInUnit:
+		return q == phaseIdle || q == phaseChecking || q == phaseRetrying || q == phaseSettling
+	case phaseChecking, phaseRetrying:
+		return q == phaseInUnit
+	case phaseSettling:
+		return q == phaseIdle
+	}
+	return false
+}
+
+// setPhase moves the session to phase to and wakes whoever waits for a
+// change (cond). Call with mu held, after the attachment (be) is what the
+// new phase says. A move out of order is a defect of the proxy: it is
+// logged and counted (Server.phaseFaults), and the session goes on.
+func (ss *session) setPhase(to phase) {
+	from := ss.phase
+	if !from.canMoveTo(to) || to.attached() != (ss.be != nil) {
+		ss.srv.phaseFaults.Add(1)
+		ss.srv.log.Error("session phase moved out of order", "project", ss.ref, "from", from, "to", to, "attached", ss.be != nil)
+	}
+	ss.phase = to
+	ss.cond.Broadcast()
+}

@@ -100,6 +100,15 @@ func (ss *session) claim(boundary bool, w want) (*backend, error) {
 	// the transaction must come without another message of the client.
 	shareTx := boundary && w.shareTx && ss.txMode && !ss.pinned && !ss.pinPending
 	ss.mu.Unlock()
+	return ss.attachNew(boundary, w, needLSN, shareTx)
+}
+
+// attachNew attaches a backend for a new unit (claim): it waits at the
+// project's gate, takes a backend from the primary or a replica that has
+// replayed needLSN, and writes the client's identity and settings to it,
+// in the identity's own transaction or, with shareTx, inline in the
+// client's. The session is idle, and only the client goroutine attaches.
+func (ss *session) attachNew(boundary bool, w want, needLSN uint64, shareTx bool) (*backend, error) {
 	proj := ss.srv.project(ss.ref)
 	if proj == nil {
 		return nil, fatalError(CodeInvalidCatalog, "project %q no longer exists", ss.ref)

@@ -28,91 +28,100 @@ import (
 // (session mode). A client idle with no backend attached has neither: its
 // session parks (park) and a new goroutine serves it when it speaks.
 type session struct {
-	srv  *Server
-	conn net.Conn
-	rd   *msgReader // client side
-	wmu  sync.Mutex // guards wr and every write to the client
-	wr   *bufio.Writer
-	ref  string
-	// clientState is who the client is and the session settings it
-	// carries from backend to backend (setup.go).
-	clientState
-	params      map[string]string
-	sessionMode bool // the client holds its backend until it leaves
+	// Set at login, read-only afterwards.
+	srv       *Server
+	conn      net.Conn
+	ref       string
+	params    map[string]string
+	keyPID    uint32
+	keySecret []byte
+	metrics   *projectMetrics
+	projRun   *projectRun // the project's shared run-time state (schema epoch, pins)
+	trusted   bool        // the role may run DO and CREATE FUNCTION
 	// routedSession: a session-mode project with replicas. The session
 	// starts like transaction mode (reads may go to a replica, names are
 	// translated) and takes a dedicated primary backend at its first
 	// statement that needs session state (a write, a temporary table, a
 	// lock, LISTEN, a SET ...): from then on it is a session-mode session.
 	routedSession bool
-	pinPending    bool // a routed session must pin at its next primary backend
 	// txMode: transaction mode (neither session mode nor a routed session).
-	txMode    bool
-	keyPID    uint32
-	keySecret []byte
-	metrics   *projectMetrics
-
-	mu   sync.Mutex
-	cond *sync.Cond // broadcast at every change of phase, and when a write or a reply lets a waiter go on
-	// phase is where the unit stands (phase.go); setPhase moves it.
-	phase        phase
-	be           *backend
-	res          *puddle.Resource[*backend]
-	pl           *pool
-	proj         *project
-	pending      int  // Sync and Query messages forwarded and not yet answered
-	dirty        bool // messages forwarded since the last Sync
-	writing      bool // the client goroutine is writing to the backend
-	txStatus     byte
-	copyIn       bool
-	identPending bool        // identity applied inline in this unit: unknown until the backend is detached
-	clientGone   atomic.Bool // the client left; the backend is being cleaned (set with mu held)
-	drainFailed  bool        // an error happened while cleaning
-	pendingErr   error       // backend lost mid-batch: told at the next Sync or Query
-	stopping     bool        // server shutdown: close when idle
-
+	txMode bool
 	// fd is the client's socket for the parking lot (-1: the session never
 	// parks: TLS, or no lot), wake starts resume when it is readable.
 	fd   int
 	wake func()
 
-	// translator maps the client's statement names to the backends' and
-	// says what to do with each reply (translator.go), guarded by mu.
-	translator
+	// The client goroutine's own.
+	rd           *msgReader // client side
+	routePrimary bool       // SET cascata.route = 'primary'
+	skipToSync   bool       // an extended batch failed locally: skip to its Sync
+	batch        []byte     // extended-protocol messages held until Sync/Flush to route the batch whole
+	held         []extMsg   // the held messages, decoded (views of batch)
+	setupBuf     []byte     // identity and settings of a new unit
+	// lastPool is the primary pool of the last unit.
+	lastPool    *pool
+	lastPoolURL string
+	lastPoolCfg *pgconn.Config
 
-	// Routing (transaction mode).
-	trusted      bool        // the role may run DO and CREATE FUNCTION
-	routePrimary bool        // SET cascata.route = 'primary'
-	beReplica    bool        // the attached backend is a replica
-	unitWrites   bool        // the unit on the primary may have written
-	lastWriteLSN uint64      // primary WAL position after the client's last write
-	unitGUCs     []string    // settings changed in the running unit
-	unitState    bool        // the running unit may leave session state: scrub at release
-	unitKeeps    bool        // the running unit may create state the client keeps: look at its end (pin.go)
-	unitDDL      bool        // the running unit has DDL: the schema epoch moves again at its end
-	projRun      *projectRun // the project's shared run-time state (schema epoch, pins)
-	pinned       bool        // the client keeps its backend for its session state (pin.go)
-	pinSlot      *pinCount   // the project's pin counter the client holds a slot of
-	batch        []byte      // extended-protocol messages held until Sync/Flush to route the batch whole
-	held         []extMsg    // the held messages, decoded (views of batch)
+	// Under wmu: the client's writer, shared by the client goroutine
+	// (replies the proxy makes) and the relay.
+	wmu     sync.Mutex
+	wr      *bufio.Writer
+	scratch []byte // encoding buffer for writes to the client
+
+	// Under mu, changed by both goroutines. cond is broadcast at every
+	// change of phase, and when a write or a reply lets a waiter go on.
+	mu   sync.Mutex
+	cond *sync.Cond
+
+	// The unit: where it stands (phase.go; setPhase moves it), its
+	// backend, and what it has done so far. All of it is cleared when the
+	// backend is detached or lost.
+	phase        phase
+	be           *backend
+	res          *puddle.Resource[*backend]
+	pl           *pool
+	proj         *project
+	beReplica    bool           // the attached backend is a replica
+	beTarget     *replicaTarget // the replica of the attached backend
+	pending      int            // Sync and Query messages forwarded and not yet answered
+	dirty        bool           // messages forwarded since the last Sync
+	writing      bool           // the client goroutine is writing to the backend
+	txStatus     byte
+	copyIn       bool
+	identPending bool     // identity applied inline in this unit: unknown until the backend is detached
+	unitWrites   bool     // the unit on the primary may have written
+	unitGUCs     []string // settings changed in the running unit
+	unitState    bool     // the running unit may leave session state: scrub at release
+	unitKeeps    bool     // the running unit may create state the client keeps: look at its end (pin.go)
+	unitDDL      bool     // the running unit has DDL: the schema epoch moves again at its end
 	// A read unit on a replica whose replica dies before any reply reached
 	// the client is run again on the primary (see retryOnPrimary).
 	replay    []byte      // the unit's bytes as sent (without identity/settings)
 	replayQ   [2][]queued // parseQ and closeQ right after they were sent
 	replayOK  bool        // the unit is one send and may be replayed
 	replayRaw []byte      // the client's messages of a unit whose translation named statements (replayNamed)
-	setupBuf  []byte      // identity and settings of a new unit (client goroutine)
-	// lastPool is the primary pool of the last unit (client goroutine only).
-	lastPool    *pool
-	lastPoolURL string
-	lastPoolCfg *pgconn.Config
-	beTarget    *replicaTarget // the replica of the attached backend
 
-	skipToSync bool // client side: an extended batch failed locally
+	// Across units.
+	// clientState is who the client is and the session settings it
+	// carries from backend to backend (setup.go).
+	clientState
+	// translator maps the client's statement names to the backends' and
+	// says what to do with each reply (translator.go).
+	translator
+	sessionMode  bool        // the client holds its backend until it leaves
+	pinPending   bool        // a routed session must pin at its next primary backend
+	pinned       bool        // the client keeps its backend for its session state (pin.go)
+	pinSlot      *pinCount   // the project's pin counter the client holds a slot of
+	lastWriteLSN uint64      // primary WAL position after the client's last write
+	pendingErr   error       // backend lost mid-batch: told at the next Sync or Query
+	clientGone   atomic.Bool // the client left; the backend is being cleaned (set with mu held)
+	drainFailed  bool        // an error happened while cleaning
+	stopping     bool        // server shutdown: close when idle
+
 	// relays counts the units attached to a backend whose relay has not
 	// returned yet; the session ends after them.
-	relays  sync.WaitGroup
-	scratch []byte // encoding buffer for writes to the client, under wmu
+	relays sync.WaitGroup
 
 	// Idle buffers (see waitForClient). seen is the server's sweep count
 	// when the client goroutine last waited for its client.

@@ -77,12 +77,15 @@ func (p phase) canMoveTo(q phase) bool {
 // setPhase moves the session to phase to and wakes whoever waits for a
 // change (cond). Call with mu held, after the attachment (be) is what the
 // new phase says. A move out of order is a defect of the proxy: it is
-// logged and counted (Server.phaseFaults), and the session goes on.
+// logged and counted (Server.phaseFaults), and the session goes on. So is
+// a unit that starts with anything of another one still counted.
 func (ss *session) setPhase(to phase) {
 	from := ss.phase
-	if !from.canMoveTo(to) || to.attached() != (ss.be != nil) {
+	fresh := from != phaseIdle || to != phaseInUnit || (ss.pending == 0 && !ss.dirty && !ss.writing)
+	if !from.canMoveTo(to) || to.attached() != (ss.be != nil) || !fresh {
 		ss.srv.phaseFaults.Add(1)
-		ss.srv.log.Error("session phase moved out of order", "project", ss.ref, "from", from, "to", to, "attached", ss.be != nil)
+		ss.srv.log.Error("session phase moved out of order", "project", ss.ref, "from", from, "to", to,
+			"attached", ss.be != nil, "pending", ss.pending, "dirty", ss.dirty, "writing", ss.writing)
 	}
 	ss.phase = to
 	ss.cond.Broadcast()

@@ -62,4 +62,13 @@ func TestSetPhaseCountsFaults(t *testing.T) {
 	if n := srv.phaseFaults.Load(); n != 2 {
 		t.Fatalf("faults %d; want 2", n)
 	}
+
+	ss.be = nil
+	ss.setPhase(phaseIdle)
+	ss.pending = 1 // a reply of the last unit still counted
+	ss.be = &backend{}
+	ss.setPhase(phaseInUnit)
+	if n := srv.phaseFaults.Load(); n != 3 {
+		t.Fatalf("faults %d; want 3", n)
+	}
 }

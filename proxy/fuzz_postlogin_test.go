@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"cascata/proxy"
+
 	"github.com/jackc/pgx/v5/pgproto3"
 )
 
@@ -60,6 +62,9 @@ func FuzzPostLogin(f *testing.F) {
 		}
 		defer victim.Close(context.Background())
 		assertPristine(t, victim, "authenticated", "victim", base)
+		if n := proxy.PhaseFaults(h.srv); n > 0 {
+			t.Fatalf("%d session phase moves out of order so far (see the log)", n)
+		}
 	})
 }
 

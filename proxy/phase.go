@@ -1,16 +1,15 @@
 package proxy
 
 // phase is where a session's unit stands. A session is in one phase at a
-// time, held under its mu; setPhase is the one place that changes it.
+// time, held under its mu; setPhase is the one place that changes it. The
+// moves (canMoveTo):
 //
-//	idle ──claim──▶ in unit ──detach──▶ idle
-//	                │  ▲  ╲
-//	      pinCheck  │  │   ╲ detach, the unit's settings or WAL
-//	   retryOnPrimary  │    ╲ position to read back
-//	                ▼  │     ▼
-//	     checking, retrying   settling ──settleUnit──▶ idle
-//
-// A lost backend (backendLost) takes in unit back to idle as well.
+//	idle     → in unit    claim attaches a backend
+//	in unit  → idle       the unit ends (detachLocked), or its backend is lost (backendLost)
+//	in unit  → settling   the unit ends with settings or a WAL position to read back
+//	settling → idle       settleUnit has read them
+//	in unit  ⇄ checking   pinCheck looks at the backend at the unit's end
+//	in unit  ⇄ retrying   retryOnPrimary moves a replica read to the primary
 type phase uint8
 
 const (

@@ -118,6 +118,32 @@ func settingsKey(m map[string]string) string {
 	return b.String()
 }
 
+// timeoutFirst adds, first in a setup group, the change of the
+// statement_timeout the backend's last client left. PostgreSQL times each
+// message of the group with the timeout in force when it arrives, so
+// every message before this change would run under the other client's
+// timeout, however short it set it: a server slower than that for a
+// moment would fail this client's setup. It records the change on be, so
+// settingsSetup, later in the group, finds nothing more to do for it.
+func timeoutFirst(g *setupGroup, be *backend, want map[string]string) {
+	const name = "statement_timeout"
+	cur, had := be.settings[name]
+	v, ok := want[name]
+	switch {
+	case had == ok && cur == v:
+		return
+	case ok:
+		g.execProxy(setStmtName, setSQL, &be.setStmt, name, v)
+		if be.settings == nil {
+			be.settings = map[string]string{}
+		}
+		be.settings[name] = v
+	default:
+		g.exec(`RESET "` + name + `"`)
+		delete(be.settings, name)
+	}
+}
+
 // settingsSetup adds to g what turns the backend's settings into the
 // client's and updates the backend's record. A setting the client no
 // longer has is RESET by its quoted name, which PostgreSQL looks up

@@ -176,6 +176,9 @@ func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx, translated b
 		g.closeProxy(identStmtName, &be.identStmt)
 		g.closeProxy(setStmtName, &be.setStmt)
 	}
+	if be.settingsKey != cs.settingsKey {
+		timeoutFirst(&g, be, cs.settings)
+	}
 	identity := be.identity != cs.identKey
 	if identity {
 		be.identity = cs.identKey

@@ -270,3 +270,47 @@ func TestSetupBytesNamedSettings(t *testing.T) {
 		}
 	}
 }
+
+// A statement_timeout the backend's last client left is changed first in
+// the next client's setup, before its identity: every message before that
+// change would run under the other client's timeout.
+func TestSetupBytesTimeoutFirst(t *testing.T) {
+	mallory := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"sub":"m"}`}, "mac-m", nil,
+		map[string]string{"statement_timeout": "1", "timezone": "UTC"})
+	be := testBackend()
+	if _, _, err := mallory.setupBytes(nil, be, false, false); err != nil {
+		t.Fatal(err)
+	}
+
+	for _, c := range []struct {
+		name     string
+		settings map[string]string
+		first    []string
+	}{
+		{"no timeout of its own", map[string]string{"timezone": "UTC"}, []string{`P |RESET "statement_timeout"`, "B ", "E"}},
+		{"a timeout of its own", map[string]string{"statement_timeout": "5s"}, []string{"P |" + setSQL, "B |statement_timeout|5s", "E"}},
+	} {
+		victim := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"v"}`}, "mac-v", nil, c.settings)
+		be := testBackend()
+		_, _, _ = mallory.setupBytes(nil, be, false, false)
+		buf, _, err := victim.setupBytes(nil, be, false, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		lines := msgLines(t, buf)
+		if !slices.Equal(lines[:3], c.first) || lines[3] != "P |"+identSQL {
+			t.Fatalf("%s: setup %q; want %q first, then the identity", c.name, lines, c.first)
+		}
+		if strings.Count(strings.Join(lines, "\n"), "statement_timeout") != 1 {
+			t.Fatalf("%s: the timeout changed more than once: %q", c.name, lines)
+		}
+		if got, want := be.settings["statement_timeout"], c.settings["statement_timeout"]; got != want || be.settingsKey != victim.settingsKey {
+			t.Fatalf("%s: backend records statement_timeout %q (key %q), want %q (key %q)", c.name, got, be.settingsKey, want, victim.settingsKey)
+		}
+		// Back to mallory: her timeout goes first as well.
+		buf, _, _ = mallory.setupBytes(nil, be, false, false)
+		if lines := msgLines(t, buf); lines[1] != "B |statement_timeout|1" {
+			t.Fatalf("%s: mallory again: %q", c.name, lines)
+		}
+	}
+}

@@ -113,7 +113,7 @@ func (ss *session) attachNew(boundary bool, w want, needLSN uint64, shareTx bool
 	if proj == nil {
 		return nil, fatalError(CodeInvalidCatalog, "project %q no longer exists", ss.ref)
 	}
-	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout}
+	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout, shared: ss.srv.waits}
 	defer wait.stop()
 	start := time.Now()
 	if !proj.gate.tryEnter() {

@@ -790,19 +790,65 @@ func (h *hostLimiter) lower(ctx context.Context, n int64) bool {
 	}
 }
 
-// waitCtx is the deadline of one wait for a backend; its context (and
-// timer) is made only when something has to wait, unless ctx is given.
+// waitCtx is the deadline of one wait for a backend; its context is
+// taken only when something has to wait, unless ctx is given: from
+// shared where set (waitDeadlines), else made with a timer of its own.
 type waitCtx struct {
 	timeout time.Duration
+	shared  *waitDeadlines
 	ctx     context.Context
 	cancel  context.CancelFunc
 }
 
 func (w *waitCtx) get() context.Context {
 	if w.ctx == nil {
-		w.ctx, w.cancel = context.WithTimeout(context.Background(), w.timeout)
+		if w.shared != nil {
+			w.ctx = w.shared.after(w.timeout)
+		} else {
+			w.ctx, w.cancel = context.WithTimeout(context.Background(), w.timeout)
+		}
 	}
 	return w.ctx
+}
+
+// waitDeadlines shares the contexts of waits for a backend among the
+// waits that end in the same slot of time. On a busy proxy clients often
+// wait a moment for a backend (more clients than server connections), and
+// each wait made a context, a channel and a timer of its own; now each
+// slot makes one. A wait may end up to a slot later than its timeout; a
+// slot is a hundredth of query_wait_timeout, from 1 to 100 ms.
+type waitDeadlines struct {
+	slot int64 // nanoseconds
+	last atomic.Pointer[deadlineSlot]
+}
+
+// deadlineSlot is the context of the waits that end in slot n (counted
+// from the Unix epoch). Its deadline cancels it; nothing cancels it
+// earlier, since other waits share it.
+type deadlineSlot struct {
+	n      int64
+	ctx    context.Context
+	cancel context.CancelFunc
+}
+
+func newWaitDeadlines(timeout time.Duration) *waitDeadlines {
+	slot := min(max(timeout/100, time.Millisecond), 100*time.Millisecond)
+	return &waitDeadlines{slot: int64(slot)}
+}
+
+// after returns a context that ends timeout from now, or up to a slot
+// later.
+func (d *waitDeadlines) after(timeout time.Duration) context.Context {
+	end := time.Now().Add(timeout).UnixNano()
+	n := (end + d.slot - 1) / d.slot
+	if s := d.last.Load(); s != nil && s.n == n {
+		return s.ctx
+	}
+	// Two waits may make the same slot at once: both contexts end at
+	// the same moment, and the next waits share the one stored last.
+	ctx, cancel := context.WithDeadline(context.Background(), time.Unix(0, n*d.slot))
+	d.last.Store(&deadlineSlot{n: n, ctx: ctx, cancel: cancel})
+	return ctx
 }
 
 func (w *waitCtx) stop() {

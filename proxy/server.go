@@ -245,6 +245,8 @@ type Server struct {
 	// phaseFaults counts sessions' phase moves out of order (setPhase):
 	// defects, logged where they happen and checked by the tests.
 	phaseFaults atomic.Int64
+	// waits shares the deadlines of clients' waits for a backend.
+	waits *waitDeadlines
 	// lot holds the sockets of idle clients whose sessions have no
 	// goroutine (session.park); nil where the system has no epoll.
 	lot *parking.Lot
@@ -285,6 +287,7 @@ func NewServer(opts Options) (*Server, error) {
 	} else {
 		s.log.Info("idle clients keep a goroutine each", "reason", err)
 	}
+	s.waits = newWaitDeadlines(opts.QueryWaitTimeout)
 	s.replicas = newReplicaSet(opts.ReplicaCheckInterval, s.log, s.metrics)
 	s.pools = newPools(opts.MaxServerConnPerHost, opts.ServerConnectTimeout, opts.QueryWaitTimeout, s.log, s.metrics)
 	empty := map[string]*project{}

@@ -243,7 +243,7 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	rt, proj, oldRes := ss.beTarget, ss.proj, ss.res
 	ss.mu.Unlock()
 	ss.srv.replicas.markDown(rt)
-	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout}
+	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout, shared: ss.srv.waits}
 	defer wait.stop()
 	pl, err := ss.srv.pools.get(proj, proj.cfg.DatabaseURL, proj.primary)
 	var res *puddle.Resource[*backend]

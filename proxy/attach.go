@@ -114,7 +114,6 @@ func (ss *session) attachNew(boundary bool, w want, needLSN uint64, shareTx bool
 		return nil, fatalError(CodeInvalidCatalog, "project %q no longer exists", ss.ref)
 	}
 	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout, shared: ss.srv.waits}
-	defer wait.stop()
 	start := time.Now()
 	if !proj.gate.tryEnter() {
 		if err := proj.gate.enter(wait.get()); err != nil {

@@ -790,23 +790,17 @@ func (h *hostLimiter) lower(ctx context.Context, n int64) bool {
 	}
 }
 
-// waitCtx is the deadline of one wait for a backend; its context is
-// taken only when something has to wait, unless ctx is given: from
-// shared where set (waitDeadlines), else made with a timer of its own.
+// waitCtx is the deadline of one wait for a backend: ctx where given,
+// else a context of shared, taken only when something has to wait.
 type waitCtx struct {
 	timeout time.Duration
 	shared  *waitDeadlines
 	ctx     context.Context
-	cancel  context.CancelFunc
 }
 
 func (w *waitCtx) get() context.Context {
 	if w.ctx == nil {
-		if w.shared != nil {
-			w.ctx = w.shared.after(w.timeout)
-		} else {
-			w.ctx, w.cancel = context.WithTimeout(context.Background(), w.timeout)
-		}
+		w.ctx = w.shared.after(w.timeout)
 	}
 	return w.ctx
 }
@@ -849,12 +843,6 @@ func (d *waitDeadlines) after(timeout time.Duration) context.Context {
 	ctx, cancel := context.WithDeadline(context.Background(), time.Unix(0, n*d.slot))
 	d.last.Store(&deadlineSlot{n: n, ctx: ctx, cancel: cancel})
 	return ctx
-}
-
-func (w *waitCtx) stop() {
-	if w.cancel != nil {
-		w.cancel()
-	}
 }
 
 // acquireBackend gets a live backend from the pool within the wait's

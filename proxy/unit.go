@@ -244,7 +244,6 @@ func (ss *session) retryOnPrimary(old *backend) bool {
 	ss.mu.Unlock()
 	ss.srv.replicas.markDown(rt)
 	wait := waitCtx{timeout: ss.srv.opts.QueryWaitTimeout, shared: ss.srv.waits}
-	defer wait.stop()
 	pl, err := ss.srv.pools.get(proj, proj.cfg.DatabaseURL, proj.primary)
 	var res *puddle.Resource[*backend]
 	if err == nil {

@@ -123,25 +123,36 @@ func settingsKey(m map[string]string) string {
 // message of the group with the timeout in force when it arrives, so
 // every message before this change would run under the other client's
 // timeout, however short it set it: a server slower than that for a
-// moment would fail this client's setup. It records the change on be, so
-// settingsSetup, later in the group, finds nothing more to do for it.
+// moment would fail this client's setup. Any role may set it, so it
+// grants nothing that it runs before the identity, under the last
+// client's role. It records the change on be, so settingsSetup, later in
+// the group, finds nothing more to do for it.
 func timeoutFirst(g *setupGroup, be *backend, want map[string]string) {
 	const name = "statement_timeout"
 	cur, had := be.settings[name]
 	v, ok := want[name]
-	switch {
-	case had == ok && cur == v:
+	if had == ok && cur == v {
 		return
-	case ok:
-		g.execProxy(setStmtName, setSQL, &be.setStmt, name, v)
-		if be.settings == nil {
-			be.settings = map[string]string{}
-		}
-		be.settings[name] = v
-	default:
-		g.exec(`RESET "` + name + `"`)
-		delete(be.settings, name)
 	}
+	changeSetting(g, be, name, v, ok)
+	if !ok {
+		delete(be.settings, name)
+		return
+	}
+	if be.settings == nil {
+		be.settings = map[string]string{}
+	}
+	be.settings[name] = v
+}
+
+// changeSetting adds to g the statement that puts setting name in force
+// with value v, or, without one (!ok), RESETs it by its quoted name.
+func changeSetting(g *setupGroup, be *backend, name, v string, ok bool) {
+	if !ok {
+		g.exec(`RESET "` + strings.ReplaceAll(name, `"`, `""`) + `"`)
+		return
+	}
+	g.execProxy(setStmtName, setSQL, &be.setStmt, name, v)
 }
 
 // settingsSetup adds to g what turns the backend's settings into the
@@ -153,14 +164,14 @@ func settingsSetup(g *setupGroup, be *backend, want map[string]string) {
 	n := g.n
 	for name := range be.settings {
 		if _, ok := want[name]; !ok {
-			g.exec(`RESET "` + strings.ReplaceAll(name, `"`, `""`) + `"`)
+			changeSetting(g, be, name, "", false)
 		}
 	}
 	for name, v := range want {
 		if cur, ok := be.settings[name]; ok && cur == v {
 			continue
 		}
-		g.execProxy(setStmtName, setSQL, &be.setStmt, name, v)
+		changeSetting(g, be, name, v, true)
 	}
 	if g.n > n {
 		be.settings = make(map[string]string, len(want))

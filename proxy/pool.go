@@ -232,13 +232,24 @@ func (pl *pool) destroy(b *backend) {
 		awaitExit(b, l.served)
 	}
 	b.close()
+	h.exited()
+	h.yieldDone(b)
+	pl.metrics.serverClosed()
+}
+
+// exited counts a closing connection's server as gone: its slot goes to
+// the oldest grant (handOff) or back to the semaphore. Under mu, as one
+// step: between a decrement of gone and one of taken, taken-gone counts
+// the connection as open again, and a release that looked then (overCap)
+// would close a second connection for an excess already met.
+func (h *hostLimiter) exited() {
+	h.mu.Lock()
+	defer h.mu.Unlock()
 	h.gone.Add(-1)
-	if !h.handOff() {
+	if !h.handOffLocked() {
 		h.taken.Add(-1)
 		h.sem.Release(1)
 	}
-	h.yieldDone(b)
-	pl.metrics.serverClosed()
 }
 
 // awaitExit asks b's server process to exit and waits until it has:
@@ -444,13 +455,11 @@ func (h *hostLimiter) await(g *grant, wake context.CancelFunc) bool {
 	return g.given
 }
 
-// handOff gives the slot of a backend whose server has exited to the oldest
-// grant, and reports whether it did; the slot stays taken, now for the
-// grant's dial. Above a lowered cap the slot is not handed over: the
-// lowering needs it.
-func (h *hostLimiter) handOff() bool {
-	h.mu.Lock()
-	defer h.mu.Unlock()
+// handOffLocked gives the slot of a backend whose server has exited to the
+// oldest grant, and reports whether it did; the slot stays taken, now for
+// the grant's dial. Above a lowered cap the slot is not handed over: the
+// lowering needs it. Call with mu held.
+func (h *hostLimiter) handOffLocked() bool {
 	if len(h.grants) == 0 || h.taken.Load()-h.gone.Load() > h.cap.Load() {
 		return false
 	}

@@ -3,9 +3,11 @@ package proxy
 import (
 	"encoding/hex"
 	"encoding/json"
+	"math"
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // Session settings in transaction mode.
@@ -202,11 +204,66 @@ type settled struct {
 // they serve the next clients.
 const scrubSQL = "SET LOCAL statement_timeout = 0; RESET ALL; SET LOCAL transaction_read_only = off; CLOSE ALL; UNLISTEN *; SELECT pg_catalog.pg_advisory_unlock_all(); DISCARD TEMP; DISCARD SEQUENCES"
 
+// timeoutFloor is the shortest statement_timeout a backend keeps for the
+// next client. PostgreSQL times each message with the timeout in force
+// when it arrives, so the first statement of the next client's setup (the
+// one that changes the timeout, timeoutFirst) runs under the last
+// client's: a shorter one is put back to the default at the end of the
+// unit that leaves it, on its own client's time.
+const timeoutFloor = time.Second
+
+// shortTimeout reports whether a statement_timeout value (as a client gave
+// it, or as current_setting shows it) is below timeoutFloor and not 0 (no
+// timeout). A value that does not read as a duration counts as short.
+func shortTimeout(v string) bool {
+	d, ok := parseTimeout(v)
+	return !ok || (d > 0 && d < timeoutFloor)
+}
+
+// parseTimeout reads a time setting as PostgreSQL does: a number, with a
+// unit of us, ms, s, min, h or d, or none for milliseconds.
+func parseTimeout(v string) (time.Duration, bool) {
+	v = strings.TrimSpace(v)
+	i := strings.IndexFunc(v, func(r rune) bool {
+		return !(r >= '0' && r <= '9' || r == '.' || r == '-' || r == '+' || r == 'e' || r == 'E')
+	})
+	num, unit := v, ""
+	if i >= 0 {
+		num, unit = v[:i], strings.TrimSpace(v[i:])
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || math.IsNaN(f) || f < 0 {
+		return 0, false
+	}
+	var per time.Duration
+	switch unit {
+	case "us":
+		per = time.Microsecond
+	case "", "ms":
+		per = time.Millisecond
+	case "s":
+		per = time.Second
+	case "min":
+		per = time.Minute
+	case "h":
+		per = time.Hour
+	case "d":
+		per = 24 * time.Hour
+	default:
+		return 0, false
+	}
+	if f*float64(per) >= math.MaxInt64 {
+		return math.MaxInt64, true
+	}
+	return time.Duration(f * float64(per)), true
+}
+
 // settle reads back, on an idle backend that no client holds, the settings
 // names a unit changed, and with scrub checks the identity, counts
 // prepared statements the proxy did not make, and runs scrubSQL, in one
-// round trip.
-func (b *backend) settle(names []string, scrub bool) (settled, error) {
+// round trip. With resetTimeout it then puts statement_timeout back to
+// its default (timeoutFloor), after the values were read.
+func (b *backend) settle(names []string, scrub, resetTimeout bool) (settled, error) {
 	var q strings.Builder
 	if !slices.Contains(names, "statement_timeout") {
 		// A statement_timeout the unit left must not stop the read-back
@@ -224,6 +281,11 @@ func (b *backend) settle(names []string, scrub bool) (settled, error) {
 		q.WriteString("pg_catalog.convert_from(pg_catalog.decode('" + hex.EncodeToString([]byte(n)) + "', 'hex'), 'UTF8')")
 	}
 	q.WriteString("]::text[]) n")
+	if resetTimeout && !scrub { // scrubSQL resets every setting
+		// In the same implicit transaction: after the SET LOCAL above,
+		// if any, the reset runs under no timeout.
+		q.WriteString("; RESET statement_timeout")
+	}
 	queries := []string{""}
 	if scrub {
 		q.WriteString(" UNION ALL SELECT 'i', pg_catalog.current_setting('role'), pg_catalog.current_setting('request.jwt.claims', true), (SELECT pg_catalog.count(*)::text FROM pg_catalog.pg_prepared_statements p WHERE p.name !~ '^cs_')")

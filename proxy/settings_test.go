@@ -6,6 +6,9 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // TestSettingsFollowTheClient: startup parameters and session SETs follow
@@ -75,5 +78,78 @@ func TestSettingsFollowTheClient(t *testing.T) {
 	var st string
 	if err := c.QueryRow(ctx, "SELECT current_setting('statement_timeout')").Scan(&st); err != nil || st != "0" {
 		t.Fatalf("fresh client sees statement_timeout=%q (%v)", st, err)
+	}
+}
+
+// TestShortTimeoutNotLeftOnBackend: a statement_timeout below a second
+// that a client keeps for its session (set with SET over either protocol,
+// or given at startup) is put back to the default on its backend at the
+// end of each of its units, in the proxy's read-back, so that the next
+// client's setup never runs under it. The client keeps its timeout: it is
+// in force again in its next unit.
+func TestShortTimeoutNotLeftOnBackend(t *testing.T) {
+	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p1"}})
+	ctx := context.Background()
+	// resetSeen waits until the backend pid is idle after the proxy's
+	// reset of statement_timeout.
+	resetSeen := func(what string, pid int) {
+		t.Helper()
+		waitFor(t, what+": statement_timeout put back on backend "+fmt.Sprint(pid), 10*time.Second, func() bool {
+			var q string
+			err := superConn(t).QueryRow(ctx, "SELECT query FROM pg_stat_activity WHERE pid = $1 AND state = 'idle'", pid).Scan(&q)
+			return err == nil && strings.HasSuffix(q, "RESET statement_timeout")
+		})
+	}
+	check := func(what string, c *pgx.Conn, want string) {
+		t.Helper()
+		var pid int
+		if err := c.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		resetSeen(what, pid)
+		var got string
+		if err := c.QueryRow(ctx, "SHOW statement_timeout").Scan(&got); err != nil || got != want {
+			t.Fatalf("%s: statement_timeout %q (%v), want %q: the client keeps its own", what, got, err, want)
+		}
+		resetSeen(what+", SHOW", pid)
+		_, err := c.Exec(ctx, "SELECT pg_sleep(2)")
+		if code := sqlstate(err); code != "57014" {
+			t.Fatalf("%s: a 2 s sleep under the client's timeout of %s: %v (SQLSTATE %q), want 57014", what, want, err, code)
+		}
+	}
+
+	simple := h.connect("p1", "anon", "short-simple")
+	if _, err := simple.Exec(ctx, "SET statement_timeout = '200ms'"); err != nil {
+		t.Fatal(err)
+	}
+	check("SET, simple protocol", simple, "200ms")
+
+	ext := h.connect("p1", "anon", "short-extended")
+	if _, err := ext.Exec(ctx, "SET statement_timeout = 300", pgx.QueryExecModeExec); err != nil {
+		t.Fatal(err)
+	}
+	check("SET, extended protocol", ext, "300ms")
+
+	tok := token(t, "p1", "anon", "short-startup", nil)
+	startup, err := pgx.Connect(ctx, h.url("p1", "anon", tok)+"&statement_timeout=400")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer startup.Close(ctx)
+	check("startup parameter", startup, "400ms")
+
+	// A timeout of a second or more stays on the backend: the next unit
+	// of the same client needs no setup for it.
+	long := h.connect("p1", "authenticated", "long")
+	if _, err := long.Exec(ctx, "SET statement_timeout = '5s'"); err != nil {
+		t.Fatal(err)
+	}
+	var pid int
+	if err := long.QueryRow(ctx, "SELECT pg_backend_pid()").Scan(&pid); err != nil {
+		t.Fatal(err)
+	}
+	var got string
+	if err := long.QueryRow(ctx, "SHOW statement_timeout").Scan(&got); err != nil || got != "5s" {
+		t.Fatalf("statement_timeout %q (%v), want 5s", got, err)
 	}
 }

@@ -314,3 +314,21 @@ func TestSetupBytesTimeoutFirst(t *testing.T) {
 		}
 	}
 }
+
+// A statement_timeout reads as PostgreSQL reads it, and one below
+// timeoutFloor (or one that does not read as a duration) is short.
+func TestShortTimeout(t *testing.T) {
+	for _, c := range []struct {
+		v     string
+		short bool
+	}{
+		{"0", false}, {"1", true}, {"1ms", true}, {"999", true}, {"999ms", true}, {"0.5s", true},
+		{"1000", false}, {"1s", false}, {" 2 s ", false}, {"1min", false}, {"1h", false}, {"1d", false},
+		{"500us", true}, {"1e3", false}, {"1e2", true}, {"9223372036854775807d", false},
+		{"", true}, {"soon", true}, {"5 fortnights", true}, {"-1", true}, {"NaN", true},
+	} {
+		if got := shortTimeout(c.v); got != c.short {
+			t.Errorf("shortTimeout(%q) = %v, want %v", c.v, got, c.short)
+		}
+	}
+}

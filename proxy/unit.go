@@ -18,6 +18,10 @@ type unit struct {
 	fetchLSN bool     // ask the primary for its WAL position before release
 	readGUCs []string // read back the settings the unit changed before release
 	scrub    bool     // the unit may have left session state: scrub the backend (see scrubSQL)
+	// resetTimeout puts the backend's statement_timeout back to its
+	// default: the unit set one, or the backend keeps one below
+	// timeoutFloor.
+	resetTimeout bool
 }
 
 // detachLocked clears the attachment; call with mu held, then settleUnit
@@ -38,6 +42,10 @@ func (ss *session) detachLocked(clean bool) *unit {
 	// one. The client's own settings were read back above; in session mode
 	// the backend is the client's and DISCARD ALL cleans it at the end.
 	u.scrub = clean && ss.unitState && !ss.sessionMode
+	if clean && !ss.sessionMode && !u.scrub {
+		v, kept := ss.be.settings["statement_timeout"]
+		u.resetTimeout = slices.Contains(ss.unitGUCs, "statement_timeout") || (kept && shortTimeout(v))
+	}
 	if ss.unitDDL {
 		ss.projRun.schema.Add(1) // the change is committed (or rolled back) now
 	}
@@ -70,9 +78,9 @@ func (ss *session) settleUnit(u *unit) {
 	if u.res.Value().poisoned {
 		u.clean = false
 	}
-	if u.readGUCs != nil || u.scrub {
+	if u.readGUCs != nil || u.scrub || u.resetTimeout {
 		be := u.res.Value()
-		st, err := be.settle(u.readGUCs, u.scrub)
+		st, err := be.settle(u.readGUCs, u.scrub, u.resetTimeout)
 		if err == nil && u.scrub && (st.role != ss.ident.Role || st.claims != ss.ident.ClaimsJSON) {
 			err = fmt.Errorf("the identity changed during a unit: role %q", st.role)
 			ss.srv.log.Error("identity changed on a backend; closing it", "project", ss.ref, "role", ss.ident.Role, "found", st.role)
@@ -96,6 +104,12 @@ func (ss *session) settleUnit(u *unit) {
 			}
 			ss.settingsKey = settingsKey(ss.settings)
 			be.settingsKey = ss.settingsKey
+		}
+		if err == nil && u.resetTimeout {
+			if _, ok := be.settings["statement_timeout"]; ok {
+				delete(be.settings, "statement_timeout")
+				be.settingsKey = settingsKey(be.settings)
+			}
 		}
 		if err == nil && u.scrub {
 			// RESET ALL left the role and nothing else of the client's.

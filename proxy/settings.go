@@ -232,7 +232,7 @@ func parseTimeout(v string) (time.Duration, bool) {
 		num, unit = v[:i], strings.TrimSpace(v[i:])
 	}
 	f, err := strconv.ParseFloat(num, 64)
-	if err != nil || math.IsNaN(f) || f < 0 {
+	if err != nil || f < 0 {
 		return 0, false
 	}
 	var per time.Duration

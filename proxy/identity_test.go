@@ -291,27 +291,43 @@ func TestFailedFirstStatementKeepsIdentity(t *testing.T) {
 	}
 }
 
-// The identity statement a shared backend keeps (cs_ident) is only ever
-// the proxy's. A trusted role's DO block can drop or replace it; the unit
-// is scrubbed at release, and the next identity closes whatever is under
-// that name and prepares it again, so the next client runs as itself.
+// The identity statements a shared backend keeps (cs_ident, and
+// cs_claims for a switch within one role) are only ever the proxy's. A
+// trusted role's DO block can drop or replace them; the unit is scrubbed
+// at release, and the next identity closes whatever is under those names
+// and prepares them again, so the next client runs as itself with its own
+// claims.
 func TestIdentityStatementAfterTrustedDO(t *testing.T) {
 	h := trustedProxy(t, "p2", "service_role")
 	ctx := context.Background()
 	trusted := h.connect("p2", "service_role", "ops")
+	peer := h.connect("p2", "service_role", "peer")
 	anon := h.connect("p2", "anon", "visitor")
+	claimsOf := func(c *pgx.Conn, sub string) {
+		t.Helper()
+		var got string
+		if err := c.QueryRow(ctx, "SELECT current_setting('request.jwt.claims')::jsonb->>'sub'").Scan(&got); err != nil || got != sub {
+			t.Fatalf("the client of %s sees the claims of %q (%v)", sub, got, err)
+		}
+	}
 	for _, do := range []string{
 		`DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; END $$`,
 		`DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; EXECUTE 'PREPARE cs_ident(text, text, text) AS SELECT pg_catalog.set_config(''role'', ''service_role'', false), $2, $3'; END $$`,
+		`DO $$ BEGIN EXECUTE 'DEALLOCATE ALL'; EXECUTE 'PREPARE cs_claims(text, text) AS SELECT pg_catalog.set_config(''request.jwt.claims'', ''{"sub":"ops"}'', false), $2'; END $$`,
 	} {
-		for range 2 { // the statement is prepared again, then only bound
+		for range 2 { // the statements are prepared again, then only bound
 			runsAs(t, anon, "anon")
 			runsAs(t, trusted, "service_role")
+			claimsOf(peer, "peer") // within the role: cs_claims
+			claimsOf(trusted, "ops")
 		}
 		if _, err := trusted.Exec(ctx, do); err != nil {
 			t.Fatalf("%s: %v", do, err)
 		}
+		claimsOf(peer, "peer")
 		runsAs(t, anon, "anon")
+		claimsOf(trusted, "ops")
+		claimsOf(peer, "peer")
 	}
 }
 
@@ -365,10 +381,12 @@ func TestProxyStatementsOverExtendedProtocol(t *testing.T) {
 	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{advProject}})
 	victim := h.connect(advProject, "service_role", "victim")
 	runsAs(t, victim, "service_role") // the backend has cs_ident now
+	runsAs(t, h.connect(advProject, "service_role", "peer"), "service_role")
+	runsAs(t, victim, "service_role") // and cs_claims
 	atk := rawAfterLogin(t, h, "anon", "attacker")
 	fe := pgproto3.NewFrontend(atk, atk)
 	role := [][]byte{[]byte("service_role"), []byte(`{"role":"service_role"}`), []byte("")}
-	for _, name := range []string{"cs_ident", "cs_set"} {
+	for _, name := range []string{"cs_ident", "cs_claims", "cs_set"} {
 		for _, msgs := range [][]pgproto3.FrontendMessage{
 			{&pgproto3.Bind{PreparedStatement: name, Parameters: role[:2]}, &pgproto3.Execute{}, &pgproto3.Sync{}},
 			{&pgproto3.Bind{PreparedStatement: name, Parameters: role}, &pgproto3.Execute{}, &pgproto3.Sync{}},

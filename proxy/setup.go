@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"encoding/binary"
+	"strings"
 	"unsafe"
 
 	"cascata/auth"
@@ -174,6 +175,7 @@ func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx, translated b
 		// This client names statements itself: it must find none of the
 		// proxy's (a backend keeps its statements across pool modes).
 		g.closeProxy(identStmtName, &be.identStmt)
+		g.closeProxy(claimsStmtName, &be.claimsStmt)
 		g.closeProxy(setStmtName, &be.setStmt)
 	}
 	if be.settingsKey != cs.settingsKey {
@@ -181,8 +183,15 @@ func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx, translated b
 	}
 	identity := be.identity != cs.identKey
 	if identity {
+		// Where the backend's identity is known and its role is the
+		// client's, only the claims change.
+		role, _, known := strings.Cut(be.identity, "\x00")
 		be.identity = cs.identKey
-		g.execProxy(identStmtName, identSQL, &be.identStmt, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		if known && role == cs.ident.Role {
+			g.execProxy(claimsStmtName, claimsSQL, &be.claimsStmt, cs.ident.ClaimsJSON, cs.claimsMAC)
+		} else {
+			g.execProxy(identStmtName, identSQL, &be.identStmt, cs.ident.Role, cs.ident.ClaimsJSON, cs.claimsMAC)
+		}
 	}
 	if shareTx && translated && identity && cs.claimGUCs == nil && be.claimGUCs == nil && be.settingsKey == cs.settingsKey {
 		if g.err != nil {

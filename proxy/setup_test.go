@@ -332,3 +332,44 @@ func TestShortTimeout(t *testing.T) {
 		}
 	}
 }
+
+// Between two clients of one role only the claims change: where the
+// backend's identity is known and its role is the client's, the setup
+// runs claimsSQL, not identSQL. A new role, or an identity the proxy no
+// longer knows, gets the whole identity.
+func TestSetupBytesClaimsOnly(t *testing.T) {
+	alice := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"alice"}`}, "mac-a", nil, nil)
+	dave := newClientState(auth.Identity{Role: "authenticated", ClaimsJSON: `{"sub":"dave"}`}, "mac-d", nil, nil)
+	bob := newClientState(auth.Identity{Role: "anon", ClaimsJSON: `{"role":"anon"}`}, "mac-b", nil, nil)
+	be := testBackend()
+	step := func(who string, cs *clientState, want ...string) {
+		t.Helper()
+		buf, plan, err := cs.setupBytes(nil, be, true, true)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if lines := msgLines(t, buf); !slices.Equal(lines, want) {
+			t.Fatalf("%s's setup:\n got  %q\n want %q", who, lines, want)
+		}
+		if plan.inline != 1 || be.identity != cs.identKey {
+			t.Fatalf("%s: plan %+v, backend identity %q", who, plan, be.identity)
+		}
+	}
+	step("alice on a new backend", &alice, "P "+identStmtName+"|"+identSQL, "B "+identStmtName+`|authenticated|{"sub":"alice"}|mac-a`, "E")
+	step("dave, same role", &dave, "P "+claimsStmtName+"|"+claimsSQL, "B "+claimsStmtName+`|{"sub":"dave"}|mac-d`, "E")
+	step("alice again", &alice, "B "+claimsStmtName+`|{"sub":"alice"}|mac-a`, "E")
+	step("bob, another role", &bob, "B "+identStmtName+`|anon|{"role":"anon"}|mac-b`, "E")
+	step("dave after bob", &dave, "B "+identStmtName+`|authenticated|{"sub":"dave"}|mac-d`, "E")
+	be.identity = "" // rolled back with a unit, or scrubbed
+	step("alice on an unknown identity", &alice, "B "+identStmtName+`|authenticated|{"sub":"alice"}|mac-a`, "E")
+
+	// A client that names its own statements finds none of the proxy's.
+	buf, _, err := dave.setupBytes(nil, be, false, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"C S " + identStmtName, "C S " + claimsStmtName, "P |" + claimsSQL, "B |" + `{"sub":"dave"}|mac-d`, "E"}
+	if lines := msgLines(t, buf); !slices.Equal(lines[:len(want)], want) {
+		t.Fatalf("dave, untranslated: %q, want %q first", lines, want)
+	}
+}

@@ -21,9 +21,11 @@ import (
 // client's identity or settings differ from a backend's (proxy/setup.go,
 // proxy/backend.go, proxy/settings.go), sent here without a proxy.
 const (
-	setupIdentSQL = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false), pg_catalog.set_config('request.jwt.claims_mac', $3, false)"
-	setupSetSQL   = "SELECT pg_catalog.set_config($1, $2, false)"
-	setupGateName = "cascata_gate_0123456789abcdef0123456789abcdef"
+	setupIdentSQL  = "SELECT pg_catalog.set_config('role', $1, false), pg_catalog.set_config('request.jwt.claims', $2, false), pg_catalog.set_config('request.jwt.claims_mac', $3, false)"
+	setupSetSQL    = "SELECT pg_catalog.set_config($1, $2, false)"
+	setupClaimsSQL = "SELECT pg_catalog.set_config('request.jwt.claims', $1, false), pg_catalog.set_config('request.jwt.claims_mac', $2, false)"
+	setupRoleSQL   = "SELECT pg_catalog.set_config('role', $1, false)"
+	setupGateName  = "cascata_gate_0123456789abcdef0123456789abcdef"
 )
 
 // setupModes are what goes in front of `SELECT 1`, by name.
@@ -31,6 +33,8 @@ var setupModes = []string{
 	"select1",              // nothing
 	"ident-parsed",         // the identity inline, parsed as the unnamed statement
 	"ident-bound",          // the identity inline, bound to cs_ident
+	"claims-bound",         // only the claims inline (the role unchanged), bound to cs_claims
+	"role-bound",           // only the role inline, bound to cs_role
 	"group-parsed",         // the identity in a group of its own (Sync, gate), parsed
 	"group-bound",          // the same, bound to cs_ident
 	"group-setting-parsed", // the group with the identity bound and one setting parsed
@@ -106,7 +110,8 @@ func cmdSetupCost(args []string) error {
 func setupConns(ctx context.Context, url string, n int) ([]*pgconn.HijackedConn, error) {
 	var conns []*pgconn.HijackedConn
 	prep := encodeAll(nil, &pgproto3.Parse{Name: "cs_ident", Query: setupIdentSQL},
-		&pgproto3.Parse{Name: "cs_set", Query: setupSetSQL}, &pgproto3.Sync{})
+		&pgproto3.Parse{Name: "cs_set", Query: setupSetSQL}, &pgproto3.Parse{Name: "cs_claims", Query: setupClaimsSQL},
+		&pgproto3.Parse{Name: "cs_role", Query: setupRoleSQL}, &pgproto3.Sync{})
 	for range n {
 		c, err := pgconn.Connect(ctx, url)
 		if err != nil {
@@ -172,6 +177,14 @@ func setupMessages(buf []byte, mode, claims string, iter int) ([]byte, int) {
 		buf = encodeAll(buf, parsed...)
 	case "ident-bound":
 		buf = encodeAll(buf, bound...)
+	case "claims-bound":
+		buf = encodeAll(buf, &pgproto3.Bind{PreparedStatement: "cs_claims", Parameters: identParams[1:]}, &pgproto3.Execute{})
+	case "role-bound":
+		role := []byte("authenticated")
+		if iter%2 == 0 {
+			role = []byte("anon")
+		}
+		buf = encodeAll(buf, &pgproto3.Bind{PreparedStatement: "cs_role", Parameters: [][]byte{role}}, &pgproto3.Execute{})
 	case "group-parsed":
 		buf = encodeAll(encodeAll(buf, parsed...), gate...)
 	case "group-bound":

@@ -84,11 +84,11 @@ type backend struct {
 	tlsConf  *tls.Config
 	params   map[string]string
 	identity string // key of the identity in force; "" = unknown or none
-	// identStmt and setStmt are what the proxy knows of identStmtName
-	// and setStmtName here, guarded by the lock of the session the
-	// backend is attached to.
+	// identStmt, claimsStmt and setStmt are what the proxy knows of
+	// identStmtName, claimsStmtName and setStmtName here, guarded by the
+	// lock of the session the backend is attached to.
 	identStmt, claimsStmt, setStmt namedStmt
-	created            time.Time
+	created                        time.Time
 	// The proxy-named statements prepared here (transaction mode),
 	// guarded by the lock of the session the backend is attached to.
 	stmtTable

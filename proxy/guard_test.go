@@ -253,6 +253,10 @@ func TestGuardAttackSuite(t *testing.T) {
 	cached := newGuardClient(t, h, "attacker(cache_statement)", "p1", "authenticated", "attacker", "cache_statement")
 	execc := newGuardClient(t, h, "attacker(exec)", "p1", "authenticated", "attacker", "exec")
 	bystander := newGuardClient(t, h, "bystander", "p1", "anon", "bystander", "simple_protocol")
+	// A client of the attacker's own role: after the attacker, its setup
+	// changes only the claims (cs_claims), trusting the role the backend
+	// has. Whatever an attack did to the role must not reach it.
+	peer := newGuardClient(t, h, "peer", "p1", "authenticated", "peer", "simple_protocol")
 
 	seen := map[string]bool{}
 	for i, a := range guardAttacks {
@@ -312,6 +316,7 @@ func TestGuardAttackSuite(t *testing.T) {
 			t.Errorf("%s: %q: %s %s %q, want ERROR %s", label, a.sql, pe.Severity, pe.Code, pe.Message, want)
 		}
 		gc.check(t, label)
+		peer.check(t, label)
 		bystander.check(t, label)
 	}
 	// The attacker's other connections too.
@@ -335,6 +340,7 @@ func TestGuardAttackSuite(t *testing.T) {
 			t.Errorf("harmless %q refused: %v", q, err)
 		}
 		simple.check(t, q)
+		peer.check(t, q)
 	}
 }
 

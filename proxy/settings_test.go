@@ -83,7 +83,7 @@ func TestSettingsFollowTheClient(t *testing.T) {
 
 // TestShortTimeoutNotLeftOnBackend: a statement_timeout below a second
 // that a client keeps for its session (set with SET over either protocol,
-// or given at startup) is put back to the default on its backend at the
+// with set_config, or given at startup) is put back to the default on its backend at the
 // end of each of its units, in the proxy's read-back, so that the next
 // client's setup never runs under it. The client keeps its timeout: it is
 // in force again in its next unit.
@@ -129,6 +129,12 @@ func TestShortTimeoutNotLeftOnBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	check("SET, extended protocol", ext, "300ms")
+
+	fn := h.connect("p1", "anon", "short-set-config")
+	if _, err := fn.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', '250ms', false)"); err != nil {
+		t.Fatal(err)
+	}
+	check("set_config", fn, "250ms")
 
 	tok := token(t, "p1", "anon", "short-startup", nil)
 	startup, err := pgx.Connect(ctx, h.url("p1", "anon", tok)+"&statement_timeout=400")

@@ -157,8 +157,19 @@ type clientState struct {
 	settingsKey string
 }
 
+// identKeyOf is an identity as one comparable string: its role, NUL (which
+// no role name holds), its claims.
+func identKeyOf(id auth.Identity) string { return id.Role + "\x00" + id.ClaimsJSON }
+
+// identKeyRole is the role of an identKeyOf key, and whether the key holds
+// one ("" is no identity known).
+func identKeyRole(key string) (string, bool) {
+	role, _, ok := strings.Cut(key, "\x00")
+	return role, ok
+}
+
 func newClientState(id auth.Identity, claimsMAC string, claimGUCs, settings map[string]string) clientState {
-	return clientState{ident: id, identKey: id.Role + "\x00" + id.ClaimsJSON, claimsMAC: claimsMAC, claimGUCs: claimGUCs,
+	return clientState{ident: id, identKey: identKeyOf(id), claimsMAC: claimsMAC, claimGUCs: claimGUCs,
 		settings: settings, settingsKey: settingsKey(settings)}
 }
 
@@ -185,7 +196,7 @@ func (cs *clientState) setupBytes(buf []byte, be *backend, shareTx, translated b
 	if identity {
 		// Where the backend's identity is known and its role is the
 		// client's, only the claims change.
-		role, _, known := strings.Cut(be.identity, "\x00")
+		role, known := identKeyRole(be.identity)
 		be.identity = cs.identKey
 		if known && role == cs.ident.Role {
 			g.execProxy(claimsStmtName, claimsSQL, &be.claimsStmt, cs.ident.ClaimsJSON, cs.claimsMAC)

@@ -3,6 +3,7 @@ package proxy_test
 import (
 	"context"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 )
@@ -172,6 +173,17 @@ func TestStalePlanOnAnotherBackend(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = tx.Rollback(ctx)
+	// The client hears the ROLLBACK's answer before its backend is back
+	// in the pool: wait for that, so that the pool hands the holder the
+	// backend it took last.
+	waitFor(t, "the backend to go back to its pool", 10*time.Second, func() bool {
+		for _, p := range h.srv.PoolStats() {
+			if p.Project == staleProject && p.ServersActive > 0 {
+				return false
+			}
+		}
+		return true
+	})
 	// Another client holds the backend that has the statement, a third
 	// changes the table on the other one.
 	holder := h.connect(staleProject, "service_role", "holder")

@@ -2,18 +2,11 @@ package proxy_test
 
 import (
 	"context"
-	"crypto/x509"
-	"encoding/pem"
-	"os"
-	"os/user"
-	"path/filepath"
-	"strconv"
 	"testing"
 	"time"
 
+	"cascata/internal/pgtest"
 	"cascata/proxy"
-
-	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // TestBackendTLS: with sslmode=verify-full in database_url the proxy's
@@ -21,61 +14,17 @@ import (
 func TestBackendTLS(t *testing.T) {
 	ctx := context.Background()
 	dir := t.TempDir()
-	cert, caPath := tlsTestCA(t, dir)
-	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
-	if err != nil {
+	cert, caPath := pgtest.TestCA(t, dir)
+	certPEM, keyPEM := pgtest.CertPEM(t, cert)
+	if err := cluster.Primary.EnableTLS(ctx, certPEM, keyPEM); err != nil {
 		t.Fatal(err)
-	}
-	// The server's key must belong to the server's OS user, mode 0600.
-	data := cluster.Primary.DataDir
-	certFile, keyFile := filepath.Join(data, "cascata_test.crt"), filepath.Join(data, "cascata_test.key")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Certificate[0]}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if os.Geteuid() == 0 {
-		u, err := user.Lookup("postgres")
-		if err != nil {
-			t.Fatal(err)
-		}
-		uid, _ := strconv.Atoi(u.Uid)
-		gid, _ := strconv.Atoi(u.Gid)
-		for _, f := range []string{certFile, keyFile} {
-			if err := os.Chown(f, uid, gid); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	super := superConn(t)
-	for _, q := range []string{
-		"ALTER SYSTEM SET ssl_cert_file = 'cascata_test.crt'",
-		"ALTER SYSTEM SET ssl_key_file = 'cascata_test.key'",
-		"ALTER SYSTEM SET ssl = on",
-		"SELECT pg_reload_conf()",
-	} {
-		if _, err := super.Exec(ctx, q); err != nil {
-			t.Fatal(err)
-		}
 	}
 	t.Cleanup(func() {
-		for _, q := range []string{"ALTER SYSTEM RESET ssl", "ALTER SYSTEM RESET ssl_cert_file", "ALTER SYSTEM RESET ssl_key_file", "SELECT pg_reload_conf()"} {
-			_, _ = super.Exec(context.Background(), q)
+		if err := cluster.Primary.DisableTLS(context.Background()); err != nil {
+			t.Error(err)
 		}
 	})
-	// The reload is asynchronous: wait until the server takes TLS.
-	waitFor(t, "the primary to accept TLS connections", 10*time.Second, func() bool {
-		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		defer cancel()
-		u := cluster.Primary.SuperuserURL("postgres")
-		c, err := pgconn.Connect(cctx, u[:len(u)-len("sslmode=disable")]+"sslmode=require")
-		if err != nil {
-			return false
-		}
-		_ = c.Close(cctx)
-		return true
-	})
+	super := superConn(t)
 
 	h := startProxy(t, harnessOpts{poolSize: 1, projects: []string{"p1"}})
 	u := cluster.Primary.URL("authenticator", loginPassword, "p1")

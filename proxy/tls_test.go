@@ -2,16 +2,9 @@ package proxy_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"net"
 	"net/url"
 	"os"
@@ -22,63 +15,13 @@ import (
 	"time"
 
 	"cascata/internal/pgcluster"
+	"cascata/internal/pgtest"
 	"cascata/proxy"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgproto3"
 )
-
-// tlsTestCA writes a fresh CA certificate to dir/ca.pem and returns a server
-// certificate for 127.0.0.1, ::1 and localhost signed by it.
-func tlsTestCA(t *testing.T, dir string) (tls.Certificate, string) {
-	t.Helper()
-	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	now := time.Now()
-	caTmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "cascata test CA"},
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.Add(24 * time.Hour),
-		IsCA:                  true,
-		BasicConstraintsValid: true,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-	}
-	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caCert, err := x509.ParseCertificate(caDER)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	srvTmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(2),
-		Subject:      pkix.Name{CommonName: "localhost"},
-		NotBefore:    now.Add(-time.Hour),
-		NotAfter:     now.Add(24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		DNSNames:     []string{"localhost"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
-	}
-	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	caPath := filepath.Join(dir, "ca.pem")
-	if err := os.WriteFile(caPath, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{srvDER}, PrivateKey: srvKey}, caPath
-}
 
 // tlsPsql finds psql next to the server binaries or on PATH.
 func tlsPsql(t *testing.T) string {
@@ -103,7 +46,7 @@ func tlsPsql(t *testing.T) string {
 // JWT is asked for.
 func TestTLSClientLogin(t *testing.T) {
 	dir := t.TempDir()
-	cert, caPath := tlsTestCA(t, dir)
+	cert, caPath := pgtest.TestCA(t, dir)
 	h := startProxy(t, harnessOpts{poolSize: 2, projects: []string{"p1"}, opts: proxy.Options{
 		TLS:       &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12},
 		Cleartext: "never",
@@ -165,7 +108,7 @@ func TestTLSClientLogin(t *testing.T) {
 
 	// verify-full against a CA that did not sign the certificate fails in the client.
 	otherDir := t.TempDir()
-	_, otherCA := tlsTestCA(t, otherDir)
+	_, otherCA := pgtest.TestCA(t, otherDir)
 	if conn, err := pgx.Connect(ctx, strings.Replace(pgxURL("127.0.0.1", "verify-full"), url.QueryEscape(caPath), url.QueryEscape(otherCA), 1)); err == nil {
 		conn.Close(ctx)
 		t.Errorf("pgx verify-full with the wrong CA connected")

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"errors"
 	"flag"
@@ -41,6 +42,12 @@ type poolConfig struct {
 	Password string
 	Role     string // SET ROLE on every server connection after login
 	Size     int    // server connections
+	// ClientTLS, when set, is the TLS configuration clients must connect
+	// with (pool-eventloop only).
+	ClientTLS *tls.Config
+	// ServerTLS makes the server connections TLS (sslmode=require;
+	// pool-eventloop only).
+	ServerTLS bool
 }
 
 // runPrototype parses a prototype's flags and runs it until SIGTERM or
@@ -76,8 +83,28 @@ func poolFlags(name string, args []string) (poolConfig, time.Duration, string, e
 	fs.IntVar(&c.Size, "pool", 20, "server connections")
 	dur := fs.Duration("dur", time.Hour, "stop after this long")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
+	certFile := fs.String("tls-cert", "", "PEM certificate: clients must connect over TLS (with -tls-key)")
+	keyFile := fs.String("tls-key", "", "PEM key of -tls-cert")
+	serverSSL := fs.String("server-sslmode", "disable", "disable or require: TLS to PostgreSQL")
 	if err := fs.Parse(args); err != nil {
 		return c, 0, "", err
+	}
+	if (*certFile == "") != (*keyFile == "") {
+		return c, 0, "", errors.New("-tls-cert and -tls-key go together")
+	}
+	if *certFile != "" {
+		cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)
+		if err != nil {
+			return c, 0, "", fmt.Errorf("client TLS: %w", err)
+		}
+		c.ClientTLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	}
+	switch *serverSSL {
+	case "disable":
+	case "require":
+		c.ServerTLS = true
+	default:
+		return c, 0, "", fmt.Errorf("-server-sslmode %q: disable or require", *serverSSL)
 	}
 	if *passwordEnv != "" {
 		c.Password = os.Getenv(*passwordEnv)
@@ -90,7 +117,8 @@ func poolFlags(name string, args []string) (poolConfig, time.Duration, string, e
 
 // serverConn is one pooled server connection after login and SET ROLE.
 type serverConn struct {
-	conn   net.Conn
+	conn   net.Conn  // a *tls.Conn over under when the config asks for TLS
+	under  *loopConn // beneath the TLS layer, for the event loop; nil without TLS
 	pid    uint32
 	secret []byte
 	params map[string]string
@@ -102,6 +130,22 @@ func dialServer(ctx context.Context, c poolConfig) (*serverConn, error) {
 	cfg, err := connConfig(c.Target, c.DB, c.User, c.Password)
 	if err != nil {
 		return nil, fmt.Errorf("server config: %w", err)
+	}
+	var under *loopConn
+	if c.ServerTLS {
+		// pgconn runs the TLS handshake over a loopConn, which passes
+		// through to the socket until the event loop takes it over.
+		cfg.TLSConfig = &tls.Config{InsecureSkipVerify: true, MinVersion: tls.VersionTLS12} // sslmode=require verifies nothing either
+		cfg.Fallbacks = nil
+		dial := cfg.DialFunc
+		cfg.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			tcp, err := dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			under = newLoopConn(tcp)
+			return under, nil
+		}
 	}
 	pc, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
@@ -123,7 +167,13 @@ func dialServer(ctx context.Context, c poolConfig) (*serverConn, error) {
 		_ = h.Conn.Close()
 		return nil, fmt.Errorf("server deadline: %w", err)
 	}
-	return &serverConn{conn: h.Conn, pid: h.PID, secret: h.SecretKey, params: h.ParameterStatuses}, nil
+	if c.ServerTLS {
+		if _, ok := h.Conn.(*tls.Conn); !ok || under == nil {
+			_ = h.Conn.Close()
+			return nil, errors.New("server connection: TLS asked for and not in use")
+		}
+	}
+	return &serverConn{conn: h.Conn, under: under, pid: h.PID, secret: h.SecretKey, params: h.ParameterStatuses}, nil
 }
 
 // quoteIdent quotes a role name for SQL.

@@ -2,10 +2,12 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"fmt"
 	"net"
 	"os"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -47,11 +49,17 @@ func startGoroutinePool(t *testing.T, size int) string {
 // startEventLoopPool runs pool-eventloop until the test ends.
 func startEventLoopPool(t *testing.T, size int) string {
 	t.Helper()
+	return startEventLoopPoolWith(t, testPoolConfig(size))
+}
+
+// startEventLoopPoolWith runs pool-eventloop with cfg (Listen is set here)
+// until the test ends.
+func startEventLoopPoolWith(t *testing.T, cfg poolConfig) string {
+	t.Helper()
 	port, err := pgcluster.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := testPoolConfig(size)
 	cfg.Listen = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	return runUntilCleanup(t, cfg.Listen, func(ctx context.Context) error { return runEventLoopPool(ctx, cfg) })
 }
@@ -93,12 +101,31 @@ func runUntilCleanup(t *testing.T, addr string, run func(context.Context) error)
 	}
 }
 
+// connector connects a client to a prototype at addr.
+type connector func(ctx context.Context, t *testing.T, addr string) *pgconn.PgConn
+
 func connectTo(ctx context.Context, t *testing.T, addr string) *pgconn.PgConn {
+	t.Helper()
+	return connectWith(ctx, t, addr, nil)
+}
+
+// connectTLS connects over TLS (sslmode=require) and checks it is in use.
+func connectTLS(ctx context.Context, t *testing.T, addr string) *pgconn.PgConn {
+	t.Helper()
+	c := connectWith(ctx, t, addr, &tls.Config{InsecureSkipVerify: true}) // a self-signed test certificate
+	if _, ok := c.Conn().(*tls.Conn); !ok {
+		t.Fatalf("connection to %s is not TLS", addr)
+	}
+	return c
+}
+
+func connectWith(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Config) *pgconn.PgConn {
 	t.Helper()
 	cfg, err := connConfig(addr, "bench", "anyone", "")
 	if err != nil {
 		t.Fatal(err)
 	}
+	cfg.TLSConfig, cfg.Fallbacks = tlsConf, nil
 	c, err := pgconn.ConnectConfig(ctx, cfg)
 	if err != nil {
 		t.Fatalf("connect through the prototype: %v", err)
@@ -171,14 +198,14 @@ func clientWork(ctx context.Context, c *pgconn.PgConn, id, rounds int) error {
 
 // exercisePool runs several clients at once through a pool smaller than
 // their number.
-func exercisePool(t *testing.T, addr string) {
+func exercisePool(t *testing.T, addr string, connect connector) {
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	const clients, rounds = 8, 40
 	var wg sync.WaitGroup
 	errs := make(chan error, clients)
 	for id := 1; id <= clients; id++ {
-		c := connectTo(ctx, t, addr)
+		c := connect(ctx, t, addr)
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
@@ -199,10 +226,10 @@ func exercisePool(t *testing.T, addr string) {
 // transaction block when inTxn) and drop its socket; the next client on the
 // one-connection pool must get its answer well before the statement would
 // have ended, and the statement must no longer run.
-func leaveMidStatement(t *testing.T, addr string, inTxn bool) {
+func leaveMidStatement(t *testing.T, addr string, inTxn bool, connect connector) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	a := connectTo(ctx, t, addr)
+	a := connect(ctx, t, addr)
 	if inTxn {
 		if _, err := a.Exec(ctx, "BEGIN").ReadAll(); err != nil {
 			t.Fatal(err)
@@ -221,7 +248,7 @@ func leaveMidStatement(t *testing.T, addr string, inTxn bool) {
 	_ = a.Conn().Close() // gone without a Terminate
 	<-sleeping
 
-	b := connectTo(ctx, t, addr)
+	b := connect(ctx, t, addr)
 	defer b.Close(context.Background())
 	row, err := simpleRow(ctx, b, "SELECT 41 + 1, current_setting('transaction_isolation') IS NOT NULL")
 	if err != nil {
@@ -267,7 +294,7 @@ var prototypes = []struct {
 
 func TestPoolPrototypes(t *testing.T) {
 	for _, p := range prototypes {
-		t.Run(p.name, func(t *testing.T) { exercisePool(t, p.start(t, 3)) })
+		t.Run(p.name, func(t *testing.T) { exercisePool(t, p.start(t, 3), connectTo) })
 	}
 }
 
@@ -275,8 +302,78 @@ func TestPoolPrototypesClientLeavesMidStatement(t *testing.T) {
 	for _, p := range prototypes {
 		t.Run(p.name, func(t *testing.T) {
 			addr := p.start(t, 1)
-			t.Run("autocommit", func(t *testing.T) { leaveMidStatement(t, addr, false) })
-			t.Run("transaction block", func(t *testing.T) { leaveMidStatement(t, addr, true) })
+			t.Run("autocommit", func(t *testing.T) { leaveMidStatement(t, addr, false, connectTo) })
+			t.Run("transaction block", func(t *testing.T) { leaveMidStatement(t, addr, true, connectTo) })
+		})
+	}
+}
+
+// serverSSL reports whether the server connection a client's statements
+// run on is TLS (pg_stat_ssl, read as the superuser: the client's role may
+// not see it).
+func serverSSL(ctx context.Context, t *testing.T, c *pgconn.PgConn) bool {
+	t.Helper()
+	row, err := simpleRow(ctx, c, "SELECT pg_backend_pid()")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pgtest.QueryValue(t, cluster.Primary.SuperuserURL("bench"), "SELECT ssl FROM pg_stat_ssl WHERE pid = $1", row[0]) == "t"
+}
+
+// TestPoolEventLoopTLS: the event loop serves TLS clients, with plain and
+// with TLS server connections; every handshake ran in a goroutine before
+// the loop took the socket over, and the loop reads and writes the records
+// itself from then on. A client that does not ask for TLS is refused.
+func TestPoolEventLoopTLS(t *testing.T) {
+	ctx := context.Background()
+	cert, _ := pgtest.TestCA(t, t.TempDir())
+	certPEM, keyPEM := pgtest.CertPEM(t, cert)
+	clientTLS := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	if err := cluster.Primary.EnableTLS(ctx, certPEM, keyPEM); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := cluster.Primary.DisableTLS(context.Background()); err != nil {
+			t.Error(err)
+		}
+	})
+	for _, serverTLS := range []bool{false, true} {
+		t.Run(fmt.Sprintf("server TLS %v", serverTLS), func(t *testing.T) {
+			cfg := testPoolConfig(3)
+			cfg.ClientTLS, cfg.ServerTLS = clientTLS, serverTLS
+			addr := startEventLoopPoolWith(t, cfg)
+			exercisePool(t, addr, connectTLS)
+
+			c := connectTLS(ctx, t, addr)
+			defer c.Close(ctx)
+			if got := serverSSL(ctx, t, c); got != serverTLS {
+				t.Errorf("server connection TLS: %v, want %v", got, serverTLS)
+			}
+			// A result larger than any one TLS record or read, both ways.
+			long := strings.Repeat("x", 200_000)
+			row, err := simpleRow(ctx, c, "SELECT length('"+long+"'), repeat('y', 300000)")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if row[0] != "200000" || row[1] != strings.Repeat("y", 300000) {
+				t.Errorf("large statement and row: length %s, row of %d bytes", row[0], len(row[1]))
+			}
+
+			plain, err := connConfig(addr, "bench", "anyone", "")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if pc, err := pgconn.ConnectConfig(ctx, plain); err == nil {
+				_ = pc.Close(ctx)
+				t.Error("a client without TLS got in")
+			} else if !strings.Contains(err.Error(), "TLS required") {
+				t.Errorf("a client without TLS: %v, want TLS required", err)
+			}
+
+			one := testPoolConfig(1)
+			one.ClientTLS, one.ServerTLS = clientTLS, serverTLS
+			addr = startEventLoopPoolWith(t, one)
+			t.Run("client leaves mid-statement", func(t *testing.T) { leaveMidStatement(t, addr, true, connectTLS) })
 		})
 	}
 }

@@ -2,7 +2,11 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -32,6 +36,13 @@ import (
 // server that fails is replaced by a dial in a goroutine, enrolled in the
 // loop when logged in.
 //
+// With -tls-cert and -tls-key clients must come over TLS (PgBouncer's
+// client_tls_sslmode = require), and with -server-sslmode require the
+// server connections are TLS too: each handshake runs in a goroutine on
+// the plain socket before the loop takes it over (looptls.go). TLS clients
+// are then accepted by a net.Listener of their own and enrolled in the loop
+// after their handshake, like the server connections.
+//
 // What it does not do: authenticate clients, parse anything beyond the
 // message framing, route, forward CancelRequest, keep session state apart.
 // One loop only, like PgBouncer's one thread: with more loops a client and
@@ -44,8 +55,9 @@ func cmdPoolEventLoop(args []string) error {
 // elClient is a client connection's state; touched on the loop only.
 type elClient struct {
 	c       gnet.Conn
-	started bool // StartupMessage answered
-	waiting bool // queued for a server, its bytes left in c's buffer
+	tls     *loopTLS // nil for a plain connection
+	started bool     // StartupMessage answered
+	waiting bool     // queued for a server, its bytes kept (pending)
 	closed  bool
 	srv     *elServer
 	cf      frames
@@ -55,6 +67,7 @@ type elClient struct {
 type elServer struct {
 	c          gnet.Conn
 	sc         *serverConn
+	tls        *loopTLS  // nil for a plain connection
 	client     *elClient // nil while pooled or draining
 	sf         frames
 	t          txn
@@ -62,6 +75,71 @@ type elServer struct {
 	synced     bool
 	rolledBack bool
 	free       bool
+}
+
+// pending is what the client sent and the loop has not passed on yet.
+func (cl *elClient) pending() []byte {
+	if cl.tls != nil {
+		return cl.tls.plain
+	}
+	b, _ := cl.c.Peek(-1)
+	return b
+}
+
+// discard drops the first n bytes of pending.
+func (cl *elClient) discard(n int) {
+	if cl.tls != nil {
+		cl.tls.plain = cl.tls.plain[:copy(cl.tls.plain, cl.tls.plain[n:])]
+		return
+	}
+	_, _ = cl.c.Discard(n)
+}
+
+// take returns everything pending and drops it; the bytes are valid until
+// the loop reads the connection again.
+func (cl *elClient) take() []byte {
+	if cl.tls != nil {
+		b := cl.tls.plain
+		cl.tls.plain = cl.tls.plain[:0]
+		return b
+	}
+	b, _ := cl.c.Next(-1)
+	return b
+}
+
+// write sends b to the client (a failed write closes the connection).
+func (cl *elClient) write(b []byte) error {
+	if cl.tls != nil {
+		_, err := cl.tls.conn.Write(b)
+		return err
+	}
+	_, err := cl.c.Write(b)
+	return err
+}
+
+// take returns what the server sent, decrypted; valid until the loop reads
+// the connection again.
+func (s *elServer) take() ([]byte, error) {
+	if s.tls != nil {
+		if err := s.tls.pull(s.c); err != nil {
+			return nil, err
+		}
+		b := s.tls.plain
+		s.tls.plain = s.tls.plain[:0]
+		return b, nil
+	}
+	b, _ := s.c.Next(-1)
+	return b, nil
+}
+
+// write sends b to the server (a failed write closes the connection).
+func (s *elServer) write(b []byte) error {
+	if s.tls != nil {
+		_, err := s.tls.conn.Write(b)
+		return err
+	}
+	_, err := s.c.Write(b)
+	return err
 }
 
 // elProxy is the pool-eventloop prototype: a gnet event handler.
@@ -89,9 +167,21 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 	}
 	p := &elProxy{ctx: ctx, cfg: cfg, hello: greeting(first.params), sslNo: []byte{'N'}, booted: make(chan struct{}, 1)}
 	defer p.wg.Wait()
+	gnetAddr := cfg.Listen
+	var tlsLn net.Listener
+	if cfg.ClientTLS != nil {
+		// TLS clients come through a listener of their own (acceptTLS);
+		// gnet's own listener takes a loopback port no client is told of.
+		if tlsLn, err = net.Listen("tcp", cfg.Listen); err != nil {
+			_ = first.conn.Close()
+			return fmt.Errorf("listen: %w", err)
+		}
+		defer tlsLn.Close()
+		gnetAddr = "127.0.0.1:0"
+	}
 	runErr := make(chan error, 1)
 	go func() {
-		runErr <- gnet.Run(p, "tcp://"+cfg.Listen,
+		runErr <- gnet.Run(p, "tcp://"+gnetAddr,
 			gnet.WithMulticore(false),
 			gnet.WithNumEventLoop(1),
 			gnet.WithLoadBalancing(gnet.LeastConnections),
@@ -108,6 +198,9 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 	}
 	stopEngine := func() error {
 		p.stopping.Store(true)
+		if tlsLn != nil {
+			_ = tlsLn.Close()
+		}
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := p.eng.Stop(sctx); err != nil {
@@ -118,6 +211,13 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 	if err := p.enroll(first); err != nil {
 		_ = stopEngine()
 		return err
+	}
+	if tlsLn != nil {
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			p.acceptTLS(tlsLn)
+		}()
 	}
 	for i := 1; i < cfg.Size; i++ {
 		sc, err := dialServer(ctx, cfg)
@@ -142,21 +242,92 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 
 // enroll hands a logged-in server connection to the loop (OnOpen pools it).
 func (p *elProxy) enroll(sc *serverConn) error {
-	gctx := gnet.NewNetConnContext(gnet.NewContext(p.ctx, &elServer{sc: sc}), sc.conn)
-	res, err := p.eng.Register(gctx)
-	if err != nil {
-		_ = sc.conn.Close()
+	s := &elServer{sc: sc}
+	sock := sc.conn
+	if sc.under != nil {
+		s.tls = &loopTLS{conn: sc.conn.(*tls.Conn), under: sc.under}
+		sock = sc.under.tcp
+	}
+	if err := p.register(s, sock); err != nil {
 		return fmt.Errorf("enroll server: %w", err)
+	}
+	return nil
+}
+
+// register enrolls sock, a plain TCP connection, in the loop with state
+// x (*elServer or *elClient), which OnOpen takes up. gnet keeps a
+// duplicate of the socket and closes sock.
+func (p *elProxy) register(x any, sock net.Conn) error {
+	res, err := p.eng.Register(gnet.NewNetConnContext(gnet.NewContext(p.ctx, x), sock))
+	if err != nil {
+		_ = sock.Close()
+		return err
 	}
 	select {
 	case r := <-res:
-		if r.Err != nil {
-			return fmt.Errorf("enroll server: %w", r.Err)
-		}
-		return nil
+		return r.Err
 	case <-p.ctx.Done():
 		return p.ctx.Err()
 	}
+}
+
+// acceptTLS accepts TLS clients until ln closes, each handshake in a
+// goroutine of its own.
+func (p *elProxy) acceptTLS(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		p.wg.Add(1)
+		go func() {
+			defer p.wg.Done()
+			if err := p.handshake(c); err != nil {
+				_ = c.Close()
+			}
+		}()
+	}
+}
+
+// handshake answers a client's SSLRequest, runs the TLS handshake on the
+// plain socket and enrolls the client in the loop, whose first look at it
+// takes what TLS already holds (the StartupMessage may have come with the
+// handshake's last flight). A client that does not ask for TLS is refused,
+// as PgBouncer's client_tls_sslmode = require does.
+func (p *elProxy) handshake(c net.Conn) error {
+	ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
+	defer cancel()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	var hdr [8]byte
+	for {
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return err
+		}
+		kind := startupKind(hdr[:])
+		if startupLen(hdr[:]) == 8 && kind == codeGSSENC {
+			if _, err := c.Write(p.sslNo); err != nil {
+				return err
+			}
+			continue
+		}
+		if startupLen(hdr[:]) != 8 || kind != codeSSLRequest {
+			_, _ = c.Write(errorResponse("28000", "pool prototype: TLS required"))
+			return errors.New("client without TLS")
+		}
+		break
+	}
+	if _, err := c.Write([]byte{'S'}); err != nil {
+		return err
+	}
+	under := newLoopConn(c)
+	tc := tls.Server(under, p.cfg.ClientTLS)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return err
+	}
+	if err := c.SetDeadline(time.Time{}); err != nil {
+		return err
+	}
+	return p.register(&elClient{tls: &loopTLS{conn: tc, under: under}}, c)
 }
 
 // replace dials a server connection in the background and enrolls it.
@@ -196,10 +367,21 @@ func (p *elProxy) OnTick() (time.Duration, gnet.Action) {
 }
 
 func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
-	if s, ok := c.Context().(*elServer); ok {
-		s.c = c
-		p.release(s)
+	switch x := c.Context().(type) {
+	case *elServer:
+		x.c = c
+		if x.tls != nil {
+			x.tls.under.enrolled(c)
+		}
+		p.release(x)
 		return nil, gnet.None
+	case *elClient: // a TLS client after its handshake
+		x.c = c
+		x.tls.under.enrolled(c)
+		if err := x.tls.pull(c); err != nil {
+			return nil, gnet.Close
+		}
+		return nil, p.clientTraffic(x)
 	}
 	c.SetContext(&elClient{c: c})
 	return nil, gnet.None
@@ -208,6 +390,11 @@ func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
 func (p *elProxy) OnTraffic(c gnet.Conn) gnet.Action {
 	switch x := c.Context().(type) {
 	case *elClient:
+		if x.tls != nil {
+			if err := x.tls.pull(c); err != nil {
+				return gnet.Close // TLS ended (close_notify) or broke
+			}
+		}
 		return p.clientTraffic(x)
 	case *elServer:
 		return p.serverTraffic(x)
@@ -233,7 +420,7 @@ func (p *elProxy) clientTraffic(cl *elClient) gnet.Action {
 		return gnet.None // the bytes stay in c's buffer until a server is free
 	}
 	if cl.srv == nil {
-		if b, _ := cl.c.Peek(-1); len(b) >= 5 && b[0] == 'X' && cl.cf.atBoundary() {
+		if b := cl.pending(); len(b) >= 5 && b[0] == 'X' && cl.cf.atBoundary() {
 			return gnet.Close // Terminate while idle: no server needed
 		}
 		if !p.attach(cl) {
@@ -249,7 +436,7 @@ func (p *elProxy) clientTraffic(cl *elClient) gnet.Action {
 // with the greeting.
 func (p *elProxy) startup(cl *elClient) gnet.Action {
 	for {
-		b, _ := cl.c.Peek(-1)
+		b := cl.pending()
 		size := startupLen(b)
 		if size < 0 {
 			return gnet.Close
@@ -259,10 +446,10 @@ func (p *elProxy) startup(cl *elClient) gnet.Action {
 		}
 		kind := startupKind(b[:size])
 		extra := len(b) > size
-		_, _ = cl.c.Discard(size)
+		cl.discard(size)
 		switch kind {
 		case codeSSLRequest, codeGSSENC:
-			if _, err := cl.c.Write(p.sslNo); err != nil {
+			if err := cl.write(p.sslNo); err != nil {
 				return gnet.None // the write closed the connection
 			}
 		case codeProtocol3:
@@ -270,10 +457,10 @@ func (p *elProxy) startup(cl *elClient) gnet.Action {
 				return gnet.Close // nothing follows a StartupMessage before the greeting
 			}
 			cl.started = true
-			_, _ = cl.c.Write(p.hello)
+			_ = cl.write(p.hello)
 			return gnet.None
 		default:
-			_, _ = cl.c.Write(errorResponse("08P01", "pool prototype: unsupported startup request"))
+			_ = cl.write(errorResponse("08P01", "pool prototype: unsupported startup request"))
 			return gnet.Close
 		}
 	}
@@ -296,10 +483,10 @@ func (p *elProxy) attach(cl *elClient) bool {
 // forward writes cl's buffered bytes to its server.
 func (p *elProxy) forward(cl *elClient) gnet.Action {
 	s := cl.srv
-	data, _ := cl.c.Next(-1)
+	data := cl.take()
 	fwd, term := cl.cf.fromClient(data, &s.t)
 	if fwd > 0 {
-		if _, err := s.c.Write(data[:fwd]); err != nil {
+		if err := s.write(data[:fwd]); err != nil {
 			return gnet.Close // the write closed the server; OnClose replaces it
 		}
 	}
@@ -310,13 +497,16 @@ func (p *elProxy) forward(cl *elClient) gnet.Action {
 }
 
 func (p *elProxy) serverTraffic(s *elServer) gnet.Action {
-	data, _ := s.c.Next(-1)
+	data, err := s.take()
+	if err != nil {
+		return gnet.Close
+	}
 	s.sf.fromServer(data, &s.t)
 	if s.sf.broken {
 		return gnet.Close
 	}
 	if cl := s.client; cl != nil {
-		_, _ = cl.c.Write(data) // a failed write closes cl: OnClose detaches s
+		_ = cl.write(data) // a failed write closes cl: OnClose detaches s
 		if s.client == nil {
 			return p.drain(s)
 		}
@@ -420,7 +610,7 @@ func (p *elProxy) drain(s *elServer) gnet.Action {
 		return gnet.Close
 	}
 	s.t.pending++
-	if _, err := s.c.Write(msg); err != nil {
+	if err := s.write(msg); err != nil {
 		return gnet.None // the write closed the server; OnClose replaces it
 	}
 	return gnet.None

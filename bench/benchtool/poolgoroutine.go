@@ -37,6 +37,9 @@ import (
 // PgBouncer 1.18 in transaction mode).
 func cmdPoolGoroutine(args []string) error {
 	return runPrototype("pool-goroutine", args, func(ctx context.Context, cfg poolConfig) error {
+		if cfg.ClientTLS != nil || cfg.ServerTLS {
+			return errors.New("TLS: pool-eventloop only")
+		}
 		ln, err := net.Listen("tcp", cfg.Listen)
 		if err != nil {
 			return fmt.Errorf("listen: %w", err)

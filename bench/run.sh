@@ -17,6 +17,8 @@
 #      two I/O-model prototypes' with $BENCH_PROTO_IDLE_CLIENTS);
 #   4. pgbench -S -M simple|extended|prepared against direct, pgbouncer,
 #      cascata: TPS, latency, proxy CPU seconds per 1,000 transactions;
+#      then the simple and extended rounds with every client over TLS,
+#      against pgbouncer, cascata and the event-loop prototype;
 #   5. a 90/10 read/write mix through cascata without replicas, with the
 #      replica, and with the replica but consistency = primary_only;
 #   6. connection rate (pgbench -C, `SELECT 1`) with HS256 and RS256 tokens,
@@ -93,6 +95,7 @@ chmod 755 "$WORK" # the postgres OS user must reach the cluster and pgbouncer fi
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
 CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID="" POOLG_PID="" POOLE_PID=""
+CASCATAT_PID="" PGBT_PID="" POOLET_PID=""
 
 # stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
 stop_pid() {
@@ -119,6 +122,9 @@ cleanup() {
   stop_pid "$POOLG_PID" 10
   stop_pid "$POOLE_PID" 10
   stop_pid "$PGB_PID" 10
+  stop_pid "$CASCATAT_PID" 15
+  stop_pid "$POOLET_PID" 10
+  stop_pid "$PGBT_PID" 10
   cp "$WORK"/pg/*.log "$WORK"/pgb/pgbouncer.log "$LOGDIR"/ 2>/dev/null || true
   stop_pid "$CLUSTER_PID" 90
   # A server left behind (benchtool killed) gets an immediate shutdown.
@@ -199,6 +205,7 @@ mallocs_of() {
   [ -n "${1:-}" ] || return 0
   [ "$1" = "${CASCATA_PID:-}" ] && port=$ADMIN_PORT
   [ "$1" = "${CASCATA1_PID:-}" ] && port=$ADMIN1_PORT
+  [ "$1" = "${CASCATAT_PID:-}" ] && port=$ADMINT_PORT
   [ -n "$port" ] || return 0
   curl -fsS --max-time 5 -H "Authorization: Bearer $BENCH_ADMIN_TOKEN" "http://127.0.0.1:$port/metrics" 2>/dev/null |
     awk '$1 == "go_memstats_mallocs_total" {printf "%.0f", $2}'
@@ -355,7 +362,8 @@ route_delta() {
 say "building bench/benchtool"
 (cd "$ROOT" && go build -o "$WORK/benchtool" ./bench/benchtool) || die "go build ./bench/benchtool"
 TOOL=$WORK/benchtool
-read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT POOLG_PORT POOLE_PORT < <("$TOOL" ports 8 | paste -sd' ')
+read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT POOLG_PORT POOLE_PORT \
+  CASCATAT_PORT ADMINT_PORT PGBT_PORT POOLET_PORT < <("$TOOL" ports 12 | paste -sd' ')
 
 PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
 export BENCH_JWT_SECRET
@@ -707,6 +715,73 @@ wait "$PROF_PID" 2>/dev/null || true
 PROFILE_TOP=$LOGDIR/cascata-cpu-top.txt
 (cd "$ROOT" && go tool pprof -top -nodecount=5000 -nodefraction=0 -edgefraction=0 "$PROFILE") >"$PROFILE_TOP" 2>/dev/null || : >"$PROFILE_TOP"
 
+# --- 4b. select-only with clients over TLS ---------------------------------------
+
+# A BaaS's clients come over TLS (their password is a JWT). PgBouncer
+# (client_tls_sslmode = require), cascata (tls_cert_file) and the
+# event-loop prototype (-tls-cert: each handshake in a goroutine, then the
+# socket enrolled in the loop) start fresh with one self-signed
+# certificate and run in turn, simple and extended, as many rounds as
+# above; their server connections stay plain. The cipher each one
+# negotiates with libpq is recorded.
+"$TOOL" selfsigned -cert "$WORK/tls.crt" -key "$WORK/tls.key" || die "selfsigned"
+[ ${#AS_PG[@]} -gt 0 ] && chown postgres: "$WORK/tls.crt" "$WORK/tls.key"
+CFGT=$WORK/cascata-tls.toml
+mkdir -p "$WORK/statet"
+sed -e "s#127.0.0.1:$CASCATA_PORT#127.0.0.1:$CASCATAT_PORT#; s#127.0.0.1:$ADMIN_PORT#127.0.0.1:$ADMINT_PORT#; s#$WORK/state\"#$WORK/statet\"#" \
+  -e "/^listen = \"127.0.0.1:$CASCATAT_PORT\"/a tls_cert_file = \"$WORK/tls.crt\"\ntls_key_file = \"$WORK/tls.key\"" "$CFG" >"$CFGT"
+"$BIN" serve -config "$CFGT" >"$LOGDIR/cascata-tls.log" 2>&1 &
+CASCATAT_PID=$!
+sed -e "s/^listen_port = .*/listen_port = $PGBT_PORT/; s#^logfile = .*#logfile = $WORK/pgb/pgbouncer-tls.log#" \
+  -e "/^\[pgbouncer\]/a client_tls_sslmode = require\nclient_tls_cert_file = $WORK/tls.crt\nclient_tls_key_file = $WORK/tls.key" \
+  "$WORK/pgb/pgbouncer.ini" >"$WORK/pgb/pgbouncer-tls.ini"
+[ ${#AS_PG[@]} -gt 0 ] && chown postgres: "$WORK/pgb/pgbouncer-tls.ini"
+"${AS_PG[@]}" "$PGBOUNCER" "$WORK/pgb/pgbouncer-tls.ini" >>"$LOGDIR/pgbouncer-tls.stderr" 2>&1 &
+PGBT_PID=$!
+"$TOOL" pool-eventloop -listen "127.0.0.1:$POOLET_PORT" -target "127.0.0.1:$PP" -db bench -user authenticator \
+  -password-env BENCH_PW -role authenticated -pool "$POOL" -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key" \
+  -dur 2h >>"$LOGDIR/pool-eventloop-tls.log" 2>&1 &
+POOLET_PID=$!
+wait_healthy "$ADMINT_PORT" "$CASCATAT_PID" "$LOGDIR/cascata-tls.log"
+TLS_CIPHERS=$LOGDIR/tls-ciphers.txt
+: >"$TLS_CIPHERS"
+# tls_ready NAME PORT USER PASSWORD: waits until a TLS login works and
+# records the protocol and cipher psql reports.
+tls_ready() {
+  local info
+  for _ in $(seq 1 100); do
+    if info=$(PGPASSWORD=$4 PGSSLMODE=require psql -X -h 127.0.0.1 -p "$2" -U "$3" -d bench -c '\conninfo' 2>/dev/null |
+      grep -o 'SSL connection.*'); then
+      echo "$1: $info" >>"$TLS_CIPHERS"
+      return 0
+    fi
+    sleep 0.1
+  done
+  die "$1 did not answer over TLS within 10 s"
+}
+tls_ready PgBouncer "$PGBT_PORT" authenticator "$PASSWORD"
+tls_ready cascata "$CASCATAT_PORT" authenticated "$TOKEN"
+tls_ready pool-eventloop "$POOLET_PORT" authenticator ""
+for round in $(seq 1 "$ROUNDS"); do
+  for mode in simple extended; do
+    run_pgbench "pgbouncert-$mode-r$round" "$PGBT_PID" PGPASSWORD="$PASSWORD" PGSSLMODE=require \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$PGBT_PORT" -U authenticator bench
+    run_pgbench "cascatat-$mode-r$round" "$CASCATAT_PID" PGPASSWORD="$TOKEN" PGSSLMODE=require \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATAT_PORT" -U authenticated bench
+    run_pgbench "poolet-$mode-r$round" "$POOLET_PID" PGSSLMODE=require \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLET_PORT" -U authenticator bench
+  done
+done
+for t in pgbouncert cascatat poolet; do
+  for mode in simple extended; do
+    median_row "$t-$mode"
+  done
+done
+stop_pid "$POOLET_PID" 10
+stop_pid "$CASCATAT_PID" 15
+stop_pid "$PGBT_PID" 10
+POOLET_PID="" CASCATAT_PID="" PGBT_PID=""
+
 # --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
 
 MIX_ARGS=(-n -c "$CLIENTS" -j "$THREADS" -T "$DUR" -M simple -D "scale=$SCALE"
@@ -943,6 +1018,29 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "  thread) holding every client and server connection (server sockets enrolled in the same loop after the"
   echo "  pgconn login), no goroutine per connection; callbacks write a client's bytes to its server and back"
   echo "  from the loop's read buffer; a client waiting for a server leaves its bytes in gnet's buffer."
+  echo
+  echo "### Clients over TLS"
+  echo
+  echo "The same select-only rounds with every client over TLS (\`PGSSLMODE=require\`), against fresh processes"
+  echo "serving one self-signed certificate: PgBouncer with \`client_tls_sslmode = require\`, cascata with"
+  echo "\`tls_cert_file\`, and the event-loop prototype with \`-tls-cert\` (each handshake in a goroutine on the"
+  echo "plain socket, then the socket enrolled in the loop, which reads and writes the records itself through"
+  echo "crypto/tls). Server connections are plain. Protocol and cipher each negotiated with libpq:"
+  echo
+  sed 's/^/- /' "$TLS_CIPHERS"
+  echo
+  echo "| target | -M | TPS | of PgBouncer's | proxy CPU µs per txn | of PgBouncer's | CPU ratio per round |"
+  echo "|---|---|---:|---:|---:|---:|---|"
+  for mode in simple extended; do
+    for t in "pgbouncert:PgBouncer" "cascatat:cascata" "poolet:gnet event loop (prototype)"; do
+      id=${t%%:*}
+      tps=$(field "$id-$mode" 2)
+      per=$(field "$id-$mode" 8)
+      rounds=—
+      [ "$id" != pgbouncert ] && rounds=$(round_ratios "$id-$mode" "pgbouncert-$mode" 8)
+      echo "| ${t#*:} | $mode | $(num "$tps" 0) | $(ratio "$tps" "$(field "pgbouncert-$mode" 2)") | $(num "$(awk -v p="$per" 'BEGIN {if (p != "") print p * 1000}')" 1) | $(ratio "$per" "$(field "pgbouncert-$mode" 8)") | $rounds |"
+    done
+  done
   echo
   echo "Failures (non-zero exit or aborted clients):"
   echo

@@ -298,6 +298,8 @@ func (p *elProxy) handshake(c net.Conn) error {
 	ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
 	defer cancel()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	// Stopping ends a handshake under way at once, not at its deadline.
+	defer context.AfterFunc(p.ctx, func() { _ = c.SetDeadline(time.Now()) })()
 	var hdr [8]byte
 	for {
 		if _, err := io.ReadFull(c, hdr[:]); err != nil {

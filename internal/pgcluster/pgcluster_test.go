@@ -277,3 +277,47 @@ func TestStopWhenGone(t *testing.T) {
 		return err != nil && errors.Is(statErr, os.ErrNotExist)
 	})
 }
+
+// TestEnableTLS: EnableTLS makes the server take TLS logins (pg_stat_ssl
+// says so) beside plain ones, with a key PostgreSQL accepts (its owner's,
+// mode 0600); DisableTLS puts it back to plain logins only.
+func TestEnableTLS(t *testing.T) {
+	ctx := t.Context()
+	cert, _ := pgtest.TestCA(t, t.TempDir())
+	certPEM, keyPEM := pgtest.CertPEM(t, cert)
+	if err := cluster.Primary.EnableTLS(ctx, certPEM, keyPEM); err != nil {
+		t.Fatal(err)
+	}
+	disabled := false
+	t.Cleanup(func() {
+		if !disabled {
+			_ = cluster.Primary.DisableTLS(context.Background())
+		}
+	})
+	plain := cluster.Primary.SuperuserURL("postgres")
+	tlsURL := strings.Replace(plain, "sslmode=disable", "sslmode=require", 1)
+	sslOf := "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+	if got := pgtest.QueryValue(t, tlsURL, sslOf); got != "t" {
+		t.Fatalf("a login with sslmode=require: ssl = %q", got)
+	}
+	if got := pgtest.QueryValue(t, plain, sslOf); got != "f" {
+		t.Fatalf("a plain login: ssl = %q", got)
+	}
+
+	if err := cluster.Primary.DisableTLS(ctx); err != nil {
+		t.Fatal(err)
+	}
+	disabled = true
+	// The reload is asynchronous: wait until TLS logins are refused.
+	pgtest.WaitFor(t, 10*time.Second, "TLS logins to be refused", func() bool {
+		c, err := pgx.Connect(ctx, tlsURL)
+		if err == nil {
+			_ = c.Close(ctx)
+			return false
+		}
+		return true
+	})
+	if got := pgtest.QueryValue(t, plain, "SELECT 1"); got != "1" {
+		t.Fatalf("a plain login after DisableTLS: %q", got)
+	}
+}

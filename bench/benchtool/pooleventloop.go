@@ -54,10 +54,9 @@ func cmdPoolEventLoop(args []string) error {
 
 // elClient is a client connection's state; touched on the loop only.
 type elClient struct {
-	c       gnet.Conn
-	tls     *loopTLS // nil for a plain connection
-	started bool     // StartupMessage answered
-	waiting bool     // queued for a server, its bytes kept (pending)
+	elSock
+	started bool // StartupMessage answered
+	waiting bool // queued for a server, its bytes kept (pending)
 	closed  bool
 	srv     *elServer
 	cf      frames
@@ -65,9 +64,8 @@ type elClient struct {
 
 // elServer is a server connection's state; touched on the loop only.
 type elServer struct {
-	c          gnet.Conn
+	elSock
 	sc         *serverConn
-	tls        *loopTLS  // nil for a plain connection
 	client     *elClient // nil while pooled or draining
 	sf         frames
 	t          txn
@@ -77,68 +75,59 @@ type elServer struct {
 	free       bool
 }
 
-// pending is what the client sent and the loop has not passed on yet.
-func (cl *elClient) pending() []byte {
-	if cl.tls != nil {
-		return cl.tls.plain
+// elSock is a connection on the loop, plain or TLS: the bytes that came
+// (decrypted) and the way out.
+type elSock struct {
+	c   gnet.Conn
+	tls *loopTLS // nil for a plain connection
+}
+
+// pull decrypts what came on a TLS connection (pending has it then); a
+// plain connection's bytes stay in gnet's buffer.
+func (k *elSock) pull() error {
+	if k.tls == nil {
+		return nil
 	}
-	b, _ := cl.c.Peek(-1)
+	return k.tls.pull(k.c)
+}
+
+// pending is what came and the loop has not passed on yet.
+func (k *elSock) pending() []byte {
+	if k.tls != nil {
+		return k.tls.plain
+	}
+	b, _ := k.c.Peek(-1)
 	return b
 }
 
 // discard drops the first n bytes of pending.
-func (cl *elClient) discard(n int) {
-	if cl.tls != nil {
-		cl.tls.plain = cl.tls.plain[:copy(cl.tls.plain, cl.tls.plain[n:])]
+func (k *elSock) discard(n int) {
+	if k.tls != nil {
+		k.tls.plain = k.tls.plain[:copy(k.tls.plain, k.tls.plain[n:])]
 		return
 	}
-	_, _ = cl.c.Discard(n)
+	_, _ = k.c.Discard(n)
 }
 
 // take returns everything pending and drops it; the bytes are valid until
 // the loop reads the connection again.
-func (cl *elClient) take() []byte {
-	if cl.tls != nil {
-		b := cl.tls.plain
-		cl.tls.plain = cl.tls.plain[:0]
+func (k *elSock) take() []byte {
+	if k.tls != nil {
+		b := k.tls.plain
+		k.tls.plain = k.tls.plain[:0]
 		return b
 	}
-	b, _ := cl.c.Next(-1)
+	b, _ := k.c.Next(-1)
 	return b
 }
 
-// write sends b to the client (a failed write closes the connection).
-func (cl *elClient) write(b []byte) error {
-	if cl.tls != nil {
-		_, err := cl.tls.conn.Write(b)
+// write sends b (a failed write closes the connection).
+func (k *elSock) write(b []byte) error {
+	if k.tls != nil {
+		_, err := k.tls.conn.Write(b)
 		return err
 	}
-	_, err := cl.c.Write(b)
-	return err
-}
-
-// take returns what the server sent, decrypted; valid until the loop reads
-// the connection again.
-func (s *elServer) take() ([]byte, error) {
-	if s.tls != nil {
-		if err := s.tls.pull(s.c); err != nil {
-			return nil, err
-		}
-		b := s.tls.plain
-		s.tls.plain = s.tls.plain[:0]
-		return b, nil
-	}
-	b, _ := s.c.Next(-1)
-	return b, nil
-}
-
-// write sends b to the server (a failed write closes the connection).
-func (s *elServer) write(b []byte) error {
-	if s.tls != nil {
-		_, err := s.tls.conn.Write(b)
-		return err
-	}
-	_, err := s.c.Write(b)
+	_, err := k.c.Write(b)
 	return err
 }
 
@@ -329,7 +318,7 @@ func (p *elProxy) handshake(c net.Conn) error {
 	if err := c.SetDeadline(time.Time{}); err != nil {
 		return err
 	}
-	return p.register(&elClient{tls: &loopTLS{conn: tc, under: under}}, c)
+	return p.register(&elClient{elSock: elSock{tls: &loopTLS{conn: tc, under: under}}}, c)
 }
 
 // replace dials a server connection in the background and enrolls it.
@@ -380,22 +369,20 @@ func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
 	case *elClient: // a TLS client after its handshake
 		x.c = c
 		x.tls.under.enrolled(c)
-		if err := x.tls.pull(c); err != nil {
+		if err := x.pull(); err != nil {
 			return nil, gnet.Close
 		}
 		return nil, p.clientTraffic(x)
 	}
-	c.SetContext(&elClient{c: c})
+	c.SetContext(&elClient{elSock: elSock{c: c}})
 	return nil, gnet.None
 }
 
 func (p *elProxy) OnTraffic(c gnet.Conn) gnet.Action {
 	switch x := c.Context().(type) {
 	case *elClient:
-		if x.tls != nil {
-			if err := x.tls.pull(c); err != nil {
-				return gnet.Close // TLS ended (close_notify) or broke
-			}
+		if err := x.pull(); err != nil {
+			return gnet.Close // TLS ended (close_notify) or broke
 		}
 		return p.clientTraffic(x)
 	case *elServer:
@@ -499,10 +486,10 @@ func (p *elProxy) forward(cl *elClient) gnet.Action {
 }
 
 func (p *elProxy) serverTraffic(s *elServer) gnet.Action {
-	data, err := s.take()
-	if err != nil {
+	if err := s.pull(); err != nil {
 		return gnet.Close
 	}
+	data := s.take()
 	s.sf.fromServer(data, &s.t)
 	if s.sf.broken {
 		return gnet.Close

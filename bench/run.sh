@@ -720,11 +720,11 @@ PROFILE_TOP=$LOGDIR/cascata-cpu-top.txt
 # A BaaS's clients come over TLS (their password is a JWT). PgBouncer
 # (client_tls_sslmode = require), cascata (tls_cert_file) and the
 # event-loop prototype (-tls-cert: each handshake in a goroutine, then the
-# socket enrolled in the loop) start fresh with one self-signed
-# certificate and run in turn, simple and extended, as many rounds as
-# above; their server connections stay plain. The cipher each one
-# negotiates with libpq is recorded.
-"$TOOL" selfsigned -cert "$WORK/tls.crt" -key "$WORK/tls.key" || die "selfsigned"
+# socket enrolled in the loop) start fresh with one throwaway
+# certificate (benchtool tlscert) and run in turn, simple and extended,
+# as many rounds as above; their server connections stay plain. The
+# cipher each one negotiates with libpq is recorded.
+"$TOOL" tlscert -cert "$WORK/tls.crt" -key "$WORK/tls.key" || die "tlscert"
 [ ${#AS_PG[@]} -gt 0 ] && chown postgres: "$WORK/tls.crt" "$WORK/tls.key"
 CFGT=$WORK/cascata-tls.toml
 mkdir -p "$WORK/statet"
@@ -1022,7 +1022,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "### Clients over TLS"
   echo
   echo "The same select-only rounds with every client over TLS (\`PGSSLMODE=require\`), against fresh processes"
-  echo "serving one self-signed certificate: PgBouncer with \`client_tls_sslmode = require\`, cascata with"
+  echo "serving one throwaway certificate: PgBouncer with \`client_tls_sslmode = require\`, cascata with"
   echo "\`tls_cert_file\`, and the event-loop prototype with \`-tls-cert\` (each handshake in a goroutine on the"
   echo "plain socket, then the socket enrolled in the loop, which reads and writes the records itself through"
   echo "crypto/tls). Server connections are plain. Protocol and cipher each negotiated with libpq:"

@@ -12,7 +12,7 @@
 //	benchtool relay -listen H:P -target H:P [-dur 1h]
 //	benchtool pool-goroutine -listen H:P -target H:P -db DB -user U -password-env VAR -role R -pool 20 [-dur 1h] [-cpuprofile F]
 //	benchtool pool-eventloop (the same flags) [-tls-cert F -tls-key F] [-server-sslmode require]
-//	benchtool selfsigned -cert F -key F
+//	benchtool tlscert -cert F -key F
 //	benchtool setup-cost -url URL [-n 32] [-dur 6s] [-rounds 3] [-modes ...] [-postmaster PID]
 //
 // Results are printed as key=value lines for the script to pick up.
@@ -25,7 +25,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop|setup-cost|selfsigned [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop|setup-cost|tlscert [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -51,8 +51,8 @@ func main() {
 		err = cmdPoolEventLoop(args)
 	case "setup-cost":
 		err = cmdSetupCost(args)
-	case "selfsigned":
-		err = cmdSelfSigned(args)
+	case "tlscert":
+		err = cmdTLSCert(args)
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

@@ -112,7 +112,7 @@ func connectTo(ctx context.Context, t *testing.T, addr string) *pgconn.PgConn {
 // connectTLS connects over TLS (sslmode=require) and checks it is in use.
 func connectTLS(ctx context.Context, t *testing.T, addr string) *pgconn.PgConn {
 	t.Helper()
-	c := connectWith(ctx, t, addr, &tls.Config{InsecureSkipVerify: true}) // a self-signed test certificate
+	c := connectWith(ctx, t, addr, &tls.Config{InsecureSkipVerify: true}) // the test CA is not trusted here
 	if _, ok := c.Conn().(*tls.Conn); !ok {
 		t.Fatalf("connection to %s is not TLS", addr)
 	}

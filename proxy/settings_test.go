@@ -136,6 +136,19 @@ func TestShortTimeoutNotLeftOnBackend(t *testing.T) {
 	}
 	check("set_config", fn, "250ms")
 
+	// Behind another statement in one simple Query, and in a transaction
+	// block that commits it.
+	multi := h.connect("p1", "anon", "short-multi")
+	if _, err := multi.Exec(ctx, "SELECT 1; SET statement_timeout = 150", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	check("SET behind another statement", multi, "150ms")
+	block := h.connect("p1", "anon", "short-block")
+	if _, err := block.Exec(ctx, "BEGIN; SET statement_timeout = 175; COMMIT", pgx.QueryExecModeSimpleProtocol); err != nil {
+		t.Fatal(err)
+	}
+	check("SET in a committed block", block, "175ms")
+
 	tok := token(t, "p1", "anon", "short-startup", nil)
 	startup, err := pgx.Connect(ctx, h.url("p1", "anon", tok)+"&statement_timeout=400")
 	if err != nil {

@@ -12,6 +12,7 @@
 //	benchtool relay -listen H:P -target H:P [-dur 1h]
 //	benchtool pool-goroutine -listen H:P -target H:P -db DB -user U -password-env VAR -role R -pool 20 [-dur 1h] [-cpuprofile F]
 //	benchtool pool-eventloop (the same flags) [-tls-cert F -tls-key F] [-server-sslmode require]
+//	benchtool pool-coro (the same flags as pool-goroutine)
 //	benchtool tlscert -cert F -key F
 //	benchtool setup-cost -url URL [-n 32] [-dur 6s] [-rounds 3] [-modes ...] [-postmaster PID]
 //
@@ -25,7 +26,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop|setup-cost|tlscert [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool cluster|ports|rsakey|idle|load|newcomers|relay|pool-goroutine|pool-eventloop|pool-coro|setup-cost|tlscert [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -49,6 +50,8 @@ func main() {
 		err = cmdPoolGoroutine(args)
 	case "pool-eventloop":
 		err = cmdPoolEventLoop(args)
+	case "pool-coro":
+		err = cmdPoolCoro(args)
 	case "setup-cost":
 		err = cmdSetupCost(args)
 	case "tlscert":

@@ -18,10 +18,10 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 )
 
-// This file holds what the two transaction-pooling prototypes (pool-goroutine
-// and pool-eventloop) share: their flags, the server connections dialled at
-// start, the greeting every client gets, and the little framing they read.
-// Both are I/O-model prototypes, not proxies: they authenticate no client,
+// This file holds what the transaction-pooling prototypes (pool-goroutine,
+// pool-eventloop, pool-coro) share: their flags, the server connections
+// dialled at start, the greeting every client gets, and the little framing
+// they read. They are I/O-model prototypes, not proxies: they authenticate no client,
 // parse nothing beyond message framing and route nowhere.
 
 // Protocol codes of the untyped first message of a connection.
@@ -33,7 +33,7 @@ const (
 	maxStartupLen  = 10000
 )
 
-// poolConfig is what both prototypes are started with.
+// poolConfig is what every prototype is started with.
 type poolConfig struct {
 	Listen   string // host:port clients connect to
 	Target   string // host:port of PostgreSQL
@@ -69,7 +69,7 @@ func runPrototype(name string, args []string, run func(context.Context, poolConf
 	return run(ctx, cfg)
 }
 
-// poolFlags parses the flags common to both prototypes; the returned
+// poolFlags parses the flags common to the prototypes; the returned
 // duration is how long the prototype runs, the string a CPU profile file.
 func poolFlags(name string, args []string) (poolConfig, time.Duration, string, error) {
 	fs := flag.NewFlagSet(name, flag.ContinueOnError)

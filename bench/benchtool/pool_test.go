@@ -64,6 +64,18 @@ func startEventLoopPoolWith(t *testing.T, cfg poolConfig) string {
 	return runUntilCleanup(t, cfg.Listen, func(ctx context.Context) error { return runEventLoopPool(ctx, cfg) })
 }
 
+// startCoroPool runs pool-coro until the test ends.
+func startCoroPool(t *testing.T, size int) string {
+	t.Helper()
+	port, err := pgcluster.FreePort()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := testPoolConfig(size)
+	cfg.Listen = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	return runUntilCleanup(t, cfg.Listen, func(ctx context.Context) error { return runCoroPool(ctx, cfg) })
+}
+
 // runUntilCleanup runs a prototype, waits until addr accepts, and stops
 // the prototype (and waits for it) when the test ends.
 func runUntilCleanup(t *testing.T, addr string, run func(context.Context) error) string {
@@ -283,6 +295,40 @@ func leaveMidStatement(t *testing.T, addr string, inTxn bool, connect connector)
 	}
 }
 
+// leaveInTransaction has a client open a transaction block, run a
+// statement and drop its socket while it thinks; the next client on the
+// one-connection pool must get the same server (rolled back and pooled
+// again, not closed) outside any transaction.
+func leaveInTransaction(t *testing.T, addr string, connect connector) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	a := connect(ctx, t, addr)
+	if _, err := a.Exec(ctx, "BEGIN").ReadAll(); err != nil {
+		t.Fatal(err)
+	}
+	pid, err := simpleRow(ctx, a, "SELECT pg_backend_pid()")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a.TxStatus() != 'T' {
+		t.Fatalf("first client's status %q, want T", a.TxStatus())
+	}
+	_ = a.Conn().Close() // gone without a Terminate
+
+	b := connect(ctx, t, addr)
+	defer b.Close(context.Background())
+	row, err := simpleRow(ctx, b, "SELECT pg_backend_pid()")
+	if err != nil {
+		t.Fatalf("next client: %v", err)
+	}
+	if b.TxStatus() != 'I' {
+		t.Errorf("next client's status %q, want I: the transaction left was not ended", b.TxStatus())
+	}
+	if row[0] != pid[0] {
+		t.Errorf("next client on server %s, want %s rolled back and pooled again", row[0], pid[0])
+	}
+}
+
 // prototypes start each prototype with a pool of the given size.
 var prototypes = []struct {
 	name  string
@@ -290,6 +336,7 @@ var prototypes = []struct {
 }{
 	{"goroutine", startGoroutinePool},
 	{"eventloop", startEventLoopPool},
+	{"coroutine", startCoroPool},
 }
 
 func TestPoolPrototypes(t *testing.T) {
@@ -304,6 +351,7 @@ func TestPoolPrototypesClientLeavesMidStatement(t *testing.T) {
 			addr := p.start(t, 1)
 			t.Run("autocommit", func(t *testing.T) { leaveMidStatement(t, addr, false, connectTo) })
 			t.Run("transaction block", func(t *testing.T) { leaveMidStatement(t, addr, true, connectTo) })
+			t.Run("idle in a transaction block", func(t *testing.T) { leaveInTransaction(t, addr, connectTo) })
 		})
 	}
 }

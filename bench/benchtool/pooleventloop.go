@@ -7,13 +7,9 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/panjf2000/gnet/v2"
-	"github.com/panjf2000/gnet/v2/pkg/logging"
 )
 
 // cmdPoolEventLoop runs the event-loop prototype of a transaction-pooling
@@ -133,18 +129,11 @@ func (k *elSock) write(b []byte) error {
 
 // elProxy is the pool-eventloop prototype: a gnet event handler.
 type elProxy struct {
-	gnet.BuiltinEventEngine
-	ctx      context.Context
-	cfg      poolConfig
-	hello    []byte
-	sslNo    []byte
-	booted   chan struct{} // the loop runs: servers may be enrolled
-	ticked   bool          // OnTick ran once (the ticker's goroutine only)
-	eng      gnet.Engine
-	free     []*elServer
-	waiters  []*elClient
-	wg       sync.WaitGroup // cancel requests and replacement dials
-	stopping atomic.Bool    // the engine is being stopped: no replacements
+	loopBase
+	hello   []byte
+	sslNo   []byte
+	free    []*elServer
+	waiters []*elClient
 }
 
 // runEventLoopPool dials the pool, serves clients on cfg.Listen until ctx
@@ -154,79 +143,29 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 	if err != nil {
 		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
 	}
-	p := &elProxy{ctx: ctx, cfg: cfg, hello: greeting(first.params), sslNo: []byte{'N'}, booted: make(chan struct{}, 1)}
-	defer p.wg.Wait()
+	p := &elProxy{loopBase: newLoopBase("pool-eventloop", ctx, cfg), hello: greeting(first.params), sslNo: []byte{'N'}}
 	gnetAddr := cfg.Listen
-	var tlsLn net.Listener
+	hk := loopHooks{enroll: p.enroll}
 	if cfg.ClientTLS != nil {
 		// TLS clients come through a listener of their own (acceptTLS);
 		// gnet's own listener takes a loopback port no client is told of.
-		if tlsLn, err = net.Listen("tcp", cfg.Listen); err != nil {
+		tlsLn, err := net.Listen("tcp", cfg.Listen)
+		if err != nil {
 			_ = first.conn.Close()
 			return fmt.Errorf("listen: %w", err)
 		}
 		defer tlsLn.Close()
 		gnetAddr = "127.0.0.1:0"
-	}
-	runErr := make(chan error, 1)
-	go func() {
-		runErr <- gnet.Run(p, "tcp://"+gnetAddr,
-			gnet.WithMulticore(false),
-			gnet.WithNumEventLoop(1),
-			gnet.WithLoadBalancing(gnet.LeastConnections),
-			gnet.WithTCPNoDelay(gnet.TCPNoDelay),
-			gnet.WithTicker(true),
-			gnet.WithReuseAddr(true),
-			gnet.WithLogLevel(logging.WarnLevel))
-	}()
-	select {
-	case <-p.booted:
-	case err := <-runErr:
-		_ = first.conn.Close()
-		return fmt.Errorf("gnet: %w", err)
-	}
-	stopEngine := func() error {
-		p.stopping.Store(true)
-		if tlsLn != nil {
-			_ = tlsLn.Close()
+		hk.started = func() {
+			p.wg.Add(1)
+			go func() {
+				defer p.wg.Done()
+				p.acceptTLS(tlsLn)
+			}()
 		}
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if err := p.eng.Stop(sctx); err != nil {
-			return fmt.Errorf("stop gnet: %w", err)
-		}
-		return <-runErr
+		hk.beforeStop = func() { _ = tlsLn.Close() }
 	}
-	if err := p.enroll(first); err != nil {
-		_ = stopEngine()
-		return err
-	}
-	if tlsLn != nil {
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			p.acceptTLS(tlsLn)
-		}()
-	}
-	for i := 1; i < cfg.Size; i++ {
-		sc, err := dialServer(ctx, cfg)
-		if err == nil {
-			err = p.enroll(sc)
-		}
-		if err != nil {
-			if ctx.Err() != nil { // stopped while starting
-				return stopEngine()
-			}
-			_ = stopEngine()
-			return fmt.Errorf("server connection %d of %d: %w", i+1, cfg.Size, err)
-		}
-	}
-	select {
-	case <-ctx.Done():
-		return stopEngine()
-	case err := <-runErr:
-		return fmt.Errorf("gnet: %w", err)
-	}
+	return p.run(p, gnetAddr, first, hk)
 }
 
 // enroll hands a logged-in server connection to the loop (OnOpen pools it).
@@ -241,23 +180,6 @@ func (p *elProxy) enroll(sc *serverConn) error {
 		return fmt.Errorf("enroll server: %w", err)
 	}
 	return nil
-}
-
-// register enrolls sock, a plain TCP connection, in the loop with state
-// x (*elServer or *elClient), which OnOpen takes up. gnet keeps a
-// duplicate of the socket and closes sock.
-func (p *elProxy) register(x any, sock net.Conn) error {
-	res, err := p.eng.Register(gnet.NewNetConnContext(gnet.NewContext(p.ctx, x), sock))
-	if err != nil {
-		_ = sock.Close()
-		return err
-	}
-	select {
-	case r := <-res:
-		return r.Err
-	case <-p.ctx.Done():
-		return p.ctx.Err()
-	}
 }
 
 // acceptTLS accepts TLS clients until ln closes, each handshake in a
@@ -319,42 +241,6 @@ func (p *elProxy) handshake(c net.Conn) error {
 		return err
 	}
 	return p.register(&elClient{elSock: elSock{tls: &loopTLS{conn: tc, under: under}}}, c)
-}
-
-// replace dials a server connection in the background and enrolls it.
-func (p *elProxy) replace() {
-	p.wg.Add(1)
-	go func() {
-		defer p.wg.Done()
-		for p.ctx.Err() == nil && !p.stopping.Load() {
-			sc, err := dialServer(p.ctx, p.cfg)
-			if err == nil {
-				if err = p.enroll(sc); err == nil {
-					return
-				}
-			}
-			fmt.Fprintf(os.Stderr, "pool-eventloop: replacing a server connection: %v\n", err)
-			select {
-			case <-p.ctx.Done():
-			case <-time.After(time.Second):
-			}
-		}
-	}()
-}
-
-// OnBoot runs before gnet has set its loops up; OnTick's first run comes
-// after, and only then may Register be called.
-func (p *elProxy) OnBoot(eng gnet.Engine) gnet.Action {
-	p.eng = eng
-	return gnet.None
-}
-
-func (p *elProxy) OnTick() (time.Duration, gnet.Action) {
-	if !p.ticked {
-		p.ticked = true
-		p.booted <- struct{}{}
-	}
-	return time.Hour, gnet.None
 }
 
 func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
@@ -556,16 +442,7 @@ func (p *elProxy) clientClosed(cl *elClient) {
 		// or working) and close the connection instead of pooling it, as
 		// PgBouncer does; a cancel that lands late then hits no other
 		// client's statement. serverClosed dials a replacement.
-		sc := s.sc
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			cctx, cancel := context.WithTimeout(p.ctx, 5*time.Second)
-			defer cancel()
-			if err := sendCancel(cctx, p.cfg.Target, sc); err != nil {
-				fmt.Fprintf(os.Stderr, "pool-eventloop: %v\n", err)
-			}
-		}()
+		p.cancelStatement(s.sc)
 		_ = s.c.EventLoop().Close(s.c)
 		return
 	}
@@ -625,6 +502,6 @@ func (p *elProxy) serverClosed(s *elServer) {
 	}
 	s.draining = false
 	if p.ctx.Err() == nil && !p.stopping.Load() {
-		p.replace()
+		p.replace(p.enroll)
 	}
 }

@@ -1,0 +1,478 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"iter"
+
+	"github.com/panjf2000/gnet/v2"
+)
+
+// cmdPoolCoro runs the coroutine-on-a-loop prototype of a
+// transaction-pooling relay until SIGTERM or -dur.
+//
+// One gnet event loop holds every connection, as in pool-eventloop, but a
+// client connection's whole life is one sequential function, as in
+// pool-goroutine: it reads the startup, waits for the client's next bytes,
+// takes a server (in arrival order when none is free), writes, reads the
+// replies, and when the client leaves it cancels or drains what it left.
+// That function runs as a coroutine (iter.Pull): where it would block it
+// yields, and the loop resumes it when one of its sockets has something (the
+// client's, or the server's it holds) or a server is handed to it. A
+// coroutine switch is a direct hand-off between two goroutines on one thread,
+// with no scheduler, poller or lock in between. So each client has exactly
+// one owner, its coroutine, which is the only code that touches its state
+// and, while attached, its server's; the loop only reads sockets and says
+// whose turn it is. The callbacks never resume a coroutine from inside
+// another: they queue it (wake) and run the queue when their own work is
+// done (settle), and a coroutine asks for a connection to be closed instead
+// of closing it (gnet would call OnClose from inside it).
+//
+// What it does not do: TLS, authenticate clients, parse anything beyond the
+// message framing, route, forward CancelRequest, keep session state apart.
+func cmdPoolCoro(args []string) error {
+	return runPrototype("pool-coro", args, func(ctx context.Context, cfg poolConfig) error {
+		if cfg.ClientTLS != nil || cfg.ServerTLS {
+			return errors.New("TLS: pool-eventloop only")
+		}
+		return runCoroPool(ctx, cfg)
+	})
+}
+
+// coClient is a client connection and the coroutine that owns it. Only the
+// coroutine changes srv and reads or writes the sockets; the callbacks set
+// closed and queue it.
+type coClient struct {
+	c      gnet.Conn
+	closed bool      // the connection is closed or asked to be
+	srv    *coServer // the server it holds, nil while idle
+	next   func() (struct{}, bool)
+	stop   func()
+	queued bool // in the run queue
+	done   bool // the coroutine has returned
+}
+
+// coServer is a server connection: pooled (owner nil) or held by a client's
+// coroutine.
+type coServer struct {
+	c      gnet.Conn
+	sc     *serverConn
+	owner  *coClient
+	closed bool
+	free   bool
+}
+
+// coProxy is the pool-coro prototype: a gnet event handler and the run
+// queue of its coroutines. Its own fields are touched on the loop only (or,
+// by endCoroutines, after the loop stopped).
+type coProxy struct {
+	loopBase
+	hello   []byte
+	free    []*coServer
+	waiters []*coClient
+	runq    []*coClient
+	running bool
+	closing []gnet.Conn // connections the coroutines asked to close
+	live    map[*coClient]struct{}
+}
+
+// runCoroPool dials the pool, serves clients on cfg.Listen until ctx ends,
+// then stops the engine.
+func runCoroPool(ctx context.Context, cfg poolConfig) error {
+	first, err := dialServer(ctx, cfg)
+	if err != nil {
+		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
+	}
+	p := &coProxy{loopBase: newLoopBase("pool-coro", ctx, cfg), hello: greeting(first.params), live: map[*coClient]struct{}{}}
+	return p.run(p, cfg.Listen, first, loopHooks{enroll: p.enroll, afterStop: p.endCoroutines})
+}
+
+// enroll hands a logged-in server connection to the loop (OnOpen pools it).
+func (p *coProxy) enroll(sc *serverConn) error {
+	if err := p.register(&coServer{sc: sc}, sc.conn); err != nil {
+		return fmt.Errorf("enroll server: %w", err)
+	}
+	return nil
+}
+
+func (p *coProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
+	if s, ok := c.Context().(*coServer); ok {
+		s.c = c
+		p.release(s)
+		return nil, p.settle(c)
+	}
+	cl := &coClient{c: c}
+	cl.next, cl.stop = iter.Pull(func(yield func(struct{}) bool) {
+		p.serve(cl, func() bool { return yield(struct{}{}) && !p.stopping.Load() })
+	})
+	c.SetContext(cl)
+	p.live[cl] = struct{}{}
+	return nil, gnet.None
+}
+
+func (p *coProxy) OnTraffic(c gnet.Conn) gnet.Action {
+	switch x := c.Context().(type) {
+	case *coClient:
+		p.wake(x)
+	case *coServer:
+		if x.owner != nil {
+			p.wake(x.owner)
+		} else {
+			_, _ = c.Discard(-1) // an asynchronous message to a pooled server: dropped
+		}
+	}
+	return p.settle(c)
+}
+
+func (p *coProxy) OnClose(c gnet.Conn, _ error) gnet.Action {
+	switch x := c.Context().(type) {
+	case *coClient:
+		x.closed = true
+		p.wake(x)
+	case *coServer:
+		x.closed = true
+		if x.free {
+			p.unpool(x)
+		}
+		if x.owner != nil {
+			p.wake(x.owner)
+		}
+		if p.ctx.Err() == nil && !p.stopping.Load() {
+			p.replace(p.enroll)
+		}
+	}
+	p.settle(nil)
+	return gnet.None
+}
+
+// endCoroutines ends the coroutines still waiting once gnet.Run has
+// returned: the loop has stopped and closed every connection. (gnet's
+// OnShutdown runs before the loop stops, on another goroutine.) Not
+// called when the engine would not stop: the loop may still run them.
+func (p *coProxy) endCoroutines() {
+	for cl := range p.live {
+		cl.stop()
+	}
+	clear(p.live)
+}
+
+// wake queues cl's coroutine to run when the callback under way settles.
+func (p *coProxy) wake(cl *coClient) {
+	if cl.queued || cl.done {
+		return
+	}
+	cl.queued = true
+	p.runq = append(p.runq, cl)
+}
+
+// settle runs the queued coroutines, each until it yields or returns, and
+// closes the connections they asked to close (whose OnClose may queue
+// more). It returns gnet.Close when cur, the connection of the callback
+// under way, is one of them: gnet closes that one itself on return.
+func (p *coProxy) settle(cur gnet.Conn) gnet.Action {
+	if p.running {
+		// OnClose of a connection whose write failed inside a coroutine
+		// (gnet closes it at once): the settle under way goes on.
+		return gnet.None
+	}
+	act := gnet.None
+	for {
+		p.running = true
+		for i := 0; i < len(p.runq); i++ {
+			cl := p.runq[i]
+			p.runq[i] = nil
+			cl.queued = false
+			if cl.done {
+				continue
+			}
+			if _, ok := cl.next(); !ok {
+				cl.done = true
+				cl.stop()
+				delete(p.live, cl)
+			}
+		}
+		p.runq = p.runq[:0]
+		p.running = false
+		if len(p.closing) == 0 {
+			return act
+		}
+		c := p.closing[len(p.closing)-1]
+		p.closing = p.closing[:len(p.closing)-1]
+		if c == cur {
+			act = gnet.Close
+			continue
+		}
+		_ = c.EventLoop().Close(c) // OnClose runs now, and queues the owner
+	}
+}
+
+// closeClient asks for cl's connection to be closed.
+func (p *coProxy) closeClient(cl *coClient) {
+	if !cl.closed {
+		cl.closed = true
+		p.closing = append(p.closing, cl.c)
+	}
+}
+
+// discard asks for s to be closed; OnClose dials a replacement.
+func (p *coProxy) discard(s *coServer) {
+	s.owner = nil
+	if !s.closed {
+		s.closed = true
+		p.closing = append(p.closing, s.c)
+	}
+}
+
+// unpool takes a closed server out of the free list.
+func (p *coProxy) unpool(s *coServer) {
+	for i, f := range p.free {
+		if f == s {
+			p.free = append(p.free[:i], p.free[i+1:]...)
+			break
+		}
+	}
+	s.free = false
+}
+
+// release hands s to the first client waiting, or pools it.
+func (p *coProxy) release(s *coServer) {
+	s.owner = nil
+	for len(p.waiters) > 0 {
+		cl := p.waiters[0]
+		p.waiters[0] = nil
+		p.waiters = p.waiters[1:]
+		if cl.closed || cl.done {
+			continue
+		}
+		s.owner, cl.srv = cl, s
+		p.wake(cl)
+		return
+	}
+	s.free = true
+	p.free = append(p.free, s)
+}
+
+// acquire gives cl a server: a free one at once, or the first one back
+// after every client that waited before it. It reports false when the
+// client left or the prototype stops while it waits.
+func (p *coProxy) acquire(cl *coClient, wait func() bool) bool {
+	if n := len(p.free); n > 0 {
+		s := p.free[n-1]
+		p.free = p.free[:n-1]
+		s.free = false
+		s.owner, cl.srv = cl, s
+		return true
+	}
+	p.waiters = append(p.waiters, cl)
+	for cl.srv == nil {
+		if cl.closed || !wait() {
+			return false // release skips a closed client
+		}
+	}
+	return true
+}
+
+// serve is a client connection's life, run as its coroutine; wait yields
+// to the loop and reports false when the prototype stops.
+func (p *coProxy) serve(cl *coClient, wait func() bool) {
+	if !p.startup(cl, wait) {
+		p.closeClient(cl)
+		return
+	}
+	var (
+		cf, sf frames
+		t      txn
+	)
+	for {
+		// Idle, or in a transaction and thinking: wait for the client
+		// (or for the server it holds to go away).
+		for !cl.closed && cl.c.InboundBuffered() == 0 && (cl.srv == nil || !cl.srv.closed) {
+			if !wait() {
+				return
+			}
+		}
+		if cl.closed {
+			break
+		}
+		if cl.srv != nil && cl.srv.closed {
+			cl.srv = nil
+			p.closeClient(cl) // the server of its transaction is gone
+			return
+		}
+		if cl.srv == nil {
+			if b, _ := cl.c.Peek(-1); len(b) >= 5 && b[0] == 'X' && cf.atBoundary() {
+				p.closeClient(cl) // Terminate while idle: no server needed
+				return
+			}
+			if !p.acquire(cl, wait) {
+				break
+			}
+			sf = frames{}
+		}
+		data, _ := cl.c.Next(-1)
+		fwd, term := cf.fromClient(data, &t)
+		if fwd > 0 && !cl.srv.closed {
+			_, _ = cl.srv.c.Write(data[:fwd]) // a failed write closes the server: seen below
+		}
+		if term {
+			p.closeClient(cl)
+			break
+		}
+		if !p.exchange(cl, &cf, &sf, &t, wait) {
+			break
+		}
+	}
+	if cl.srv != nil {
+		p.cleanUp(cl, &cf, &sf, &t, wait)
+	}
+}
+
+// startup answers SSLRequest/GSSENCRequest with 'N' and a StartupMessage
+// with the greeting; it reports false when the client is to be closed.
+func (p *coProxy) startup(cl *coClient, wait func() bool) bool {
+	for {
+		if cl.closed {
+			return false
+		}
+		b, _ := cl.c.Peek(-1)
+		size := startupLen(b)
+		if size < 0 {
+			return false
+		}
+		if size == 0 || len(b) < size {
+			if !wait() {
+				return false
+			}
+			continue
+		}
+		kind := startupKind(b[:size])
+		extra := len(b) > size
+		_, _ = cl.c.Discard(size)
+		switch kind {
+		case codeSSLRequest, codeGSSENC:
+			_, _ = cl.c.Write([]byte{'N'})
+		case codeProtocol3:
+			if extra {
+				return false // nothing follows a StartupMessage before the greeting
+			}
+			_, _ = cl.c.Write(p.hello)
+			return true
+		default:
+			_, _ = cl.c.Write(errorResponse("08P01", "pool prototype: unsupported startup request"))
+			return false
+		}
+	}
+}
+
+// exchange passes replies to the client, and whatever more the client
+// sends to the server, until the server may go back to the pool (it does)
+// or the client owes the next message. It reports false when the client
+// left (its server, if it holds one, is cleaned up by serve) or the server
+// was lost (the client is closed).
+func (p *coProxy) exchange(cl *coClient, cf, sf *frames, t *txn, wait func() bool) bool {
+	for {
+		s := cl.srv
+		if s.closed {
+			cl.srv = nil
+			p.closeClient(cl)
+			return false
+		}
+		if t.done(sf) {
+			cl.srv = nil
+			p.release(s)
+			return true
+		}
+		if t.replied(sf) {
+			return true
+		}
+		if !wait() {
+			return false
+		}
+		if s.closed {
+			continue
+		}
+		if b, _ := s.c.Next(-1); len(b) > 0 {
+			sf.fromServer(b, t)
+			if sf.broken {
+				cl.srv = nil
+				p.discard(s)
+				p.closeClient(cl)
+				return false
+			}
+			if !cl.closed {
+				_, _ = cl.c.Write(b)
+			}
+		}
+		if cl.closed {
+			return false
+		}
+		if cl.c.InboundBuffered() > 0 {
+			data, _ := cl.c.Next(-1)
+			fwd, term := cf.fromClient(data, t)
+			if fwd > 0 && !s.closed {
+				_, _ = s.c.Write(data[:fwd])
+			}
+			if term {
+				p.closeClient(cl)
+				return false
+			}
+		}
+	}
+}
+
+// cleanUp handles the server a departed client held: one running a
+// statement has it cancelled and is closed and replaced; otherwise the
+// replies owed are read and an open transaction ended (Sync for an
+// unfinished extended-protocol batch, ROLLBACK for a transaction block)
+// before it goes back to the pool.
+func (p *coProxy) cleanUp(cl *coClient, cf, sf *frames, t *txn, wait func() bool) {
+	s := cl.srv
+	cl.srv = nil
+	if s.closed {
+		return
+	}
+	if !cf.atBoundary() || sf.broken || p.stopping.Load() {
+		p.discard(s)
+		return
+	}
+	if t.pending > 0 {
+		// A statement runs: cancel it and close the connection instead of
+		// pooling it, as PgBouncer does; a cancel that lands late then
+		// hits no other client's statement.
+		p.cancelStatement(s.sc)
+		p.discard(s)
+		return
+	}
+	synced, rolledBack := false, false
+	for {
+		if t.pending == 0 && sf.atBoundary() {
+			var msg []byte
+			switch {
+			case t.status == 'I':
+				p.release(s)
+				return
+			case t.status == 0 && !synced:
+				synced, msg = true, []byte{'S', 0, 0, 0, 4}
+			case t.status != 0 && !rolledBack:
+				rolledBack, msg = true, rollbackQuery
+				t.status = 0
+			default:
+				p.discard(s)
+				return
+			}
+			t.pending++
+			_, _ = s.c.Write(msg)
+		}
+		if !wait() || s.closed {
+			p.discard(s)
+			return
+		}
+		if b, _ := s.c.Next(-1); len(b) > 0 {
+			if sf.fromServer(b, t); sf.broken {
+				p.discard(s)
+				return
+			}
+		}
+	}
+}

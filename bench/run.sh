@@ -94,7 +94,7 @@ WORK=$(mktemp -d /tmp/cascata-bench.XXXXXX)
 chmod 755 "$WORK" # the postgres OS user must reach the cluster and pgbouncer files
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
-CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID="" POOLG_PID="" POOLE_PID=""
+CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID="" POOLG_PID="" POOLE_PID="" POOLC_PID=""
 CASCATAT_PID="" PGBT_PID="" POOLET_PID=""
 
 # stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
@@ -121,6 +121,7 @@ cleanup() {
   stop_pid "$RELAY_PID" 5
   stop_pid "$POOLG_PID" 10
   stop_pid "$POOLE_PID" 10
+  stop_pid "$POOLC_PID" 10
   stop_pid "$PGB_PID" 10
   stop_pid "$CASCATAT_PID" 15
   stop_pid "$POOLET_PID" 10
@@ -363,7 +364,7 @@ say "building bench/benchtool"
 (cd "$ROOT" && go build -o "$WORK/benchtool" ./bench/benchtool) || die "go build ./bench/benchtool"
 TOOL=$WORK/benchtool
 read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT POOLG_PORT POOLE_PORT \
-  CASCATAT_PORT ADMINT_PORT PGBT_PORT POOLET_PORT < <("$TOOL" ports 12 | paste -sd' ')
+  CASCATAT_PORT ADMINT_PORT PGBT_PORT POOLET_PORT POOLC_PORT < <("$TOOL" ports 13 | paste -sd' ')
 
 PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
 export BENCH_JWT_SECRET
@@ -541,20 +542,25 @@ echo "idle-pgbouncer: benchtool idle -settle $IDLE_SETTLE -addr 127.0.0.1:$PGB_P
 timeout -k 5 600 "$TOOL" idle -settle "$IDLE_SETTLE" -addr "127.0.0.1:$PGB_PORT" -db bench -user authenticator -password-env BENCH_PW \
   -n "$IDLE_CLIENTS" -stmts 0 -pid "$PGB_PID" >"$IDLE_B" 2>"$LOGDIR/idle-pgbouncer.err" ||
   say "idle (pgbouncer) failed: $(tail -n3 "$LOGDIR/idle-pgbouncer.err")"
-# The two I/O-model prototypes (transaction pooling, no client
+# The three I/O-model prototypes (transaction pooling, no client
 # authentication; see RESULTS.md), each with $PROTO_IDLE idle clients.
-# start_protos: both afresh, logged in to the primary with $POOL server
+# proto_port/proto_pid KIND: a prototype's port and process.
+proto_port() {
+  case $1 in goroutine) echo "$POOLG_PORT" ;; eventloop) echo "$POOLE_PORT" ;; coro) echo "$POOLC_PORT" ;; esac
+}
+proto_pid() {
+  case $1 in goroutine) echo "$POOLG_PID" ;; eventloop) echo "$POOLE_PID" ;; coro) echo "$POOLC_PID" ;; esac
+}
+# start_protos: all afresh, logged in to the primary with $POOL server
 # connections each.
 start_protos() {
   local kind port
-  for kind in goroutine eventloop; do
-    port=$POOLG_PORT
-    [ "$kind" = eventloop ] && port=$POOLE_PORT
-    "$TOOL" "pool-$kind" -listen "127.0.0.1:$port" -target "127.0.0.1:$PP" -db bench -user authenticator \
+  for kind in goroutine eventloop coro; do
+    "$TOOL" "pool-$kind" -listen "127.0.0.1:$(proto_port $kind)" -target "127.0.0.1:$PP" -db bench -user authenticator \
       -password-env BENCH_PW -role authenticated -pool "$POOL" -dur 2h >>"$LOGDIR/pool-$kind.log" 2>&1 &
-    if [ "$kind" = goroutine ]; then POOLG_PID=$!; else POOLE_PID=$!; fi
+    case $kind in goroutine) POOLG_PID=$! ;; eventloop) POOLE_PID=$! ;; coro) POOLC_PID=$! ;; esac
   done
-  for port in "$POOLG_PORT" "$POOLE_PORT"; do
+  for port in "$POOLG_PORT" "$POOLE_PORT" "$POOLC_PORT"; do
     for _ in $(seq 1 100); do
       psql -X -Atc 'SELECT 1' -h 127.0.0.1 -p "$port" -U authenticator bench >/dev/null 2>&1 && continue 2
       sleep 0.1
@@ -565,12 +571,12 @@ start_protos() {
 stop_protos() {
   stop_pid "$POOLG_PID" 10
   stop_pid "$POOLE_PID" 10
-  POOLG_PID="" POOLE_PID=""
+  stop_pid "$POOLC_PID" 10
+  POOLG_PID="" POOLE_PID="" POOLC_PID=""
 }
 start_protos
-for kind in goroutine eventloop; do
-  pid=$POOLG_PID port=$POOLG_PORT
-  [ "$kind" = eventloop ] && pid=$POOLE_PID port=$POOLE_PORT
+for kind in goroutine eventloop coro; do
+  pid=$(proto_pid $kind) port=$(proto_port $kind)
   say "idle clients: $PROTO_IDLE through pool-$kind"
   echo "idle-pool-$kind: benchtool idle -settle $IDLE_SETTLE -addr 127.0.0.1:$port -db bench -user authenticator -n $PROTO_IDLE -stmts 0 -pid <pool-$kind>" >>"$COMMANDS"
   timeout -k 5 600 "$TOOL" idle -settle "$IDLE_SETTLE" -addr "127.0.0.1:$port" -db bench -user authenticator \
@@ -611,7 +617,7 @@ wait_healthy "$ADMIN1_PORT" "$CASCATA1_PID" "$LOGDIR/cascata-gomaxprocs1.log"
 # The machine's speed drifts between runs (a shared VM): every target runs
 # once per round, in turn, and the table shows each one's median round.
 PGB_ARGS=(-n -S -c "$CLIENTS" -j "$THREADS" -T "$SEL_DUR")
-SEL_TARGETS=(direct pgbouncer cascata cascata1 relay poolg poole)
+SEL_TARGETS=(direct pgbouncer cascata cascata1 relay poolg poole poolc)
 for round in $(seq 1 "$ROUNDS"); do
   for mode in simple extended prepared; do
     run_pgbench "direct-$mode-r$round" "" PGPASSWORD="$PASSWORD" PGOPTIONS='-c role=authenticated' \
@@ -636,6 +642,8 @@ for round in $(seq 1 "$ROUNDS"); do
         pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLG_PORT" -U authenticator bench
       run_pgbench "poole-$mode-r$round" "$POOLE_PID" \
         pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLE_PORT" -U authenticator bench
+      run_pgbench "poolc-$mode-r$round" "$POOLC_PID" \
+        pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLC_PORT" -U authenticator bench
     fi
   done
 done
@@ -929,6 +937,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     row_sel "relay-$mode" "Go byte relay (floor, no pooling)" "$mode"
     row_sel "poolg-$mode" "prototype: goroutine per client, pooling" "$mode"
     row_sel "poole-$mode" "prototype: gnet event loop, pooling" "$mode"
+    row_sel "poolc-$mode" "prototype: coroutine per client on a gnet loop, pooling" "$mode"
   done
   echo
   echo "### cascata / pgbouncer"
@@ -936,7 +945,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| -M | proxy | TPS ratio (target ≥ 1) | CPU per txn ratio (target ≤ 1) | TPS | CPU/txn | TPS ratio per round | CPU ratio per round |"
   echo "|---|---|---:|---:|---|---|---|---|"
   for mode in simple extended prepared; do
-    for v in "cascata:cascata" "cascata1:$SECOND_LABEL" "relay:Go byte relay (floor)" "poolg:prototype: goroutine per client" "poole:prototype: gnet event loop"; do
+    for v in "cascata:cascata" "cascata1:$SECOND_LABEL" "relay:Go byte relay (floor)" "poolg:prototype: goroutine per client" "poole:prototype: gnet event loop" "poolc:prototype: coroutine per client on a loop"; do
       id=${v%%:*}
       tr=$(ratio "$(field "$id-$mode" 2)" "$(field "pgbouncer-$mode" 2)")
       cr=$(ratio "$(field "$id-$mode" 8)" "$(field "pgbouncer-$mode" 8)")
@@ -998,7 +1007,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "### The I/O-model prototypes (not cascata)"
   echo
-  echo "Two minimal transaction-pooling relays, \`benchtool pool-goroutine\` and \`benchtool pool-eventloop\`"
+  echo "Three minimal transaction-pooling relays, \`benchtool pool-goroutine\`, \`benchtool pool-eventloop\` and \`benchtool pool-coro\`"
   echo "(bench/benchtool), each a prototype of one way to move a transaction, doing the same minimal work so"
   echo "they compare with PgBouncer: $POOL server connections logged in at start (SCRAM, then \`SET ROLE authenticated\`,"
   echo "as PgBouncer's connect_query); a client's StartupMessage answered by the relay itself with the server's"
@@ -1018,6 +1027,11 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "  thread) holding every client and server connection (server sockets enrolled in the same loop after the"
   echo "  pgconn login), no goroutine per connection; callbacks write a client's bytes to its server and back"
   echo "  from the loop's read buffer; a client waiting for a server leaves its bytes in gnet's buffer."
+  echo "- coroutine per client on a loop: the same gnet loop, but each client connection's life is one sequential"
+  echo "  function, as in the goroutine design (startup, wait for the client, take a server, write, read the"
+  echo "  replies, cancel or drain what a departing client left), run as a coroutine (\`iter.Pull\`): where it"
+  echo "  would block it yields, and the loop resumes it when its client's socket or the server it holds has"
+  echo "  something, or a server is handed to it. A resume is a direct switch on the loop's thread, no scheduler."
   echo
   echo "### Clients over TLS"
   echo
@@ -1054,7 +1068,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "| proxy | clients | connect s | prepare s | RSS before MiB | RSS connected MiB | RSS prepared MiB | RSS per client | RSS per client incl. statements | Go heap+stack in use per client incl. statements (allocated, not all touched) | exec checks failed |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  for p in cascata pgbouncer pool-goroutine pool-eventloop; do
+  for p in cascata pgbouncer pool-goroutine pool-eventloop pool-coro; do
     f=$LOGDIR/idle-$p.out
     if [ -s "$f" ] && [ -n "$(kv "$f" rss_before_kb)" ]; then
       mib() { awk -v k="$1" 'BEGIN {if (k == "") print "—"; else printf "%.1f", k / 1024}'; }
@@ -1069,7 +1083,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
     fi
   done
   echo
-  echo "The prototypes (pool-goroutine, pool-eventloop: no statements, no authentication) ran with $PROTO_IDLE idle"
+  echo "The prototypes (pool-goroutine, pool-eventloop, pool-coro: no statements, no authentication) ran with $PROTO_IDLE idle"
   echo "clients each, against the target of at most 8 KiB RSS per idle client at 10,000."
   echo
   echo "## Read-heavy mix through cascata: 90 % \`SELECT abalance … WHERE aid = :aid\`, 10 % \`UPDATE … SET abalance = abalance + 1\` (issue 4)"

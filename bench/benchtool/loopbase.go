@@ -40,6 +40,7 @@ type loopHooks struct {
 	started    func()                  // the first server is in (may be nil)
 	beforeStop func()                  // the engine is about to stop (may be nil)
 	afterStop  func()                  // gnet.Run has returned (may be nil)
+	done       func()                  // run returns, whatever happened (may be nil)
 }
 
 // run serves h on addr with first and cfg.Size-1 more server connections
@@ -47,6 +48,9 @@ type loopHooks struct {
 // started (b.wg) before it returns.
 func (b *loopBase) run(h gnet.EventHandler, addr string, first *serverConn, hk loopHooks) error {
 	defer b.wg.Wait()
+	if hk.done != nil {
+		defer hk.done() // before the wait: what it closes may hold a goroutine
+	}
 	runErr := make(chan error, 1)
 	go func() {
 		runErr <- gnet.Run(h, "tcp://"+addr,

@@ -1,8 +1,11 @@
 package main
 
 import (
+	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"io"
 	"net"
 	"slices"
 	"time"
@@ -135,4 +138,156 @@ func (t *loopTLS) pull(gc gnet.Conn) error {
 			return err
 		}
 	}
+}
+
+// elSock is a connection on the loop, plain or TLS: the bytes that came
+// (decrypted) and the way out.
+type elSock struct {
+	c   gnet.Conn
+	tls *loopTLS // nil for a plain connection
+}
+
+// pull decrypts what came on a TLS connection (pending has it then); a
+// plain connection's bytes stay in gnet's buffer.
+func (k *elSock) pull() error {
+	if k.tls == nil {
+		return nil
+	}
+	return k.tls.pull(k.c)
+}
+
+// pending is what came and the loop has not passed on yet.
+func (k *elSock) pending() []byte {
+	if k.tls != nil {
+		return k.tls.plain
+	}
+	b, _ := k.c.Peek(-1)
+	return b
+}
+
+// discard drops the first n bytes of pending.
+func (k *elSock) discard(n int) {
+	if k.tls != nil {
+		k.tls.plain = k.tls.plain[:copy(k.tls.plain, k.tls.plain[n:])]
+		return
+	}
+	_, _ = k.c.Discard(n)
+}
+
+// take returns everything pending and drops it; the bytes are valid until
+// the loop reads the connection again.
+func (k *elSock) take() []byte {
+	if k.tls != nil {
+		b := k.tls.plain
+		k.tls.plain = k.tls.plain[:0]
+		return b
+	}
+	b, _ := k.c.Next(-1)
+	return b
+}
+
+// write sends b (a failed write closes the connection).
+func (k *elSock) write(b []byte) error {
+	if k.tls != nil {
+		_, err := k.tls.conn.Write(b)
+		return err
+	}
+	_, err := k.c.Write(b)
+	return err
+}
+
+// serverSock is the loop side of a logged-in server connection and the
+// plain socket to enroll.
+func serverSock(sc *serverConn) (elSock, net.Conn) {
+	if sc.under == nil {
+		return elSock{}, sc.conn
+	}
+	return elSock{tls: &loopTLS{conn: sc.conn.(*tls.Conn), under: sc.under}}, sc.under.tcp
+}
+
+// clientTLS makes clients come over TLS when the configuration has a
+// certificate: they are accepted by a listener of their own on cfg.Listen
+// (acceptTLS, started once the first server is in) and, after their
+// handshake, enrolled in the loop with the state newClient makes; gnet's
+// own listener then takes a loopback port no client is told of. It
+// returns the address gnet is to listen on, and adds its steps to hk.
+func (b *loopBase) clientTLS(hk *loopHooks, newClient func(elSock) any) (string, error) {
+	if b.cfg.ClientTLS == nil {
+		return b.cfg.Listen, nil
+	}
+	ln, err := net.Listen("tcp", b.cfg.Listen)
+	if err != nil {
+		return "", fmt.Errorf("listen: %w", err)
+	}
+	hk.started = func() {
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			b.acceptTLS(ln, newClient)
+		}()
+	}
+	hk.beforeStop = func() { _ = ln.Close() }
+	hk.done = func() { _ = ln.Close() }
+	return "127.0.0.1:0", nil
+}
+
+// acceptTLS accepts TLS clients until ln closes, each handshake in a
+// goroutine of its own.
+func (b *loopBase) acceptTLS(ln net.Listener, newClient func(elSock) any) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			if err := b.handshake(c, newClient); err != nil {
+				_ = c.Close()
+			}
+		}()
+	}
+}
+
+// handshake answers a client's SSLRequest, runs the TLS handshake on the
+// plain socket and enrolls the client in the loop, whose first look at it
+// takes what TLS already holds (the StartupMessage may have come with the
+// handshake's last flight). A client that does not ask for TLS is refused,
+// as PgBouncer's client_tls_sslmode = require does.
+func (b *loopBase) handshake(c net.Conn, newClient func(elSock) any) error {
+	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
+	defer cancel()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	// Stopping ends a handshake under way at once, not at its deadline.
+	defer context.AfterFunc(b.ctx, func() { _ = c.SetDeadline(time.Now()) })()
+	var hdr [8]byte
+	for {
+		if _, err := io.ReadFull(c, hdr[:]); err != nil {
+			return err
+		}
+		kind := startupKind(hdr[:])
+		if startupLen(hdr[:]) == 8 && kind == codeGSSENC {
+			if _, err := c.Write([]byte{'N'}); err != nil {
+				return err
+			}
+			continue
+		}
+		if startupLen(hdr[:]) != 8 || kind != codeSSLRequest {
+			_, _ = c.Write(errorResponse("28000", "pool prototype: TLS required"))
+			return errors.New("client without TLS")
+		}
+		break
+	}
+	if _, err := c.Write([]byte{'S'}); err != nil {
+		return err
+	}
+	under := newLoopConn(c)
+	tc := tls.Server(under, b.cfg.ClientTLS)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return err
+	}
+	if err := c.SetDeadline(time.Time{}); err != nil {
+		return err
+	}
+	return b.register(newClient(elSock{tls: &loopTLS{conn: tc, under: under}}), c)
 }

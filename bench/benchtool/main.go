@@ -12,7 +12,7 @@
 //	benchtool relay -listen H:P -target H:P [-dur 1h]
 //	benchtool pool-goroutine -listen H:P -target H:P -db DB -user U -password-env VAR -role R -pool 20 [-dur 1h] [-cpuprofile F]
 //	benchtool pool-eventloop (the same flags) [-tls-cert F -tls-key F] [-server-sslmode require]
-//	benchtool pool-coro (the same flags as pool-goroutine)
+//	benchtool pool-coro (the same flags as pool-eventloop)
 //	benchtool tlscert -cert F -key F
 //	benchtool setup-cost -url URL [-n 32] [-dur 6s] [-rounds 3] [-modes ...] [-postmaster PID]
 //

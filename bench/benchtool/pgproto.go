@@ -43,10 +43,10 @@ type poolConfig struct {
 	Role     string // SET ROLE on every server connection after login
 	Size     int    // server connections
 	// ClientTLS, when set, is the TLS configuration clients must connect
-	// with (pool-eventloop only).
+	// with (pool-eventloop and pool-coro).
 	ClientTLS *tls.Config
 	// ServerTLS makes the server connections TLS (sslmode=require;
-	// pool-eventloop only).
+	// pool-eventloop and pool-coro).
 	ServerTLS bool
 }
 

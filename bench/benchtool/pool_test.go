@@ -49,31 +49,25 @@ func startGoroutinePool(t *testing.T, size int) string {
 // startEventLoopPool runs pool-eventloop until the test ends.
 func startEventLoopPool(t *testing.T, size int) string {
 	t.Helper()
-	return startEventLoopPoolWith(t, testPoolConfig(size))
-}
-
-// startEventLoopPoolWith runs pool-eventloop with cfg (Listen is set here)
-// until the test ends.
-func startEventLoopPoolWith(t *testing.T, cfg poolConfig) string {
-	t.Helper()
-	port, err := pgcluster.FreePort()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.Listen = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	return runUntilCleanup(t, cfg.Listen, func(ctx context.Context) error { return runEventLoopPool(ctx, cfg) })
+	return startLoopPool(t, testPoolConfig(size), runEventLoopPool)
 }
 
 // startCoroPool runs pool-coro until the test ends.
 func startCoroPool(t *testing.T, size int) string {
 	t.Helper()
+	return startLoopPool(t, testPoolConfig(size), runCoroPool)
+}
+
+// startLoopPool runs one of the gnet prototypes with cfg (Listen is set
+// here) until the test ends.
+func startLoopPool(t *testing.T, cfg poolConfig, run func(context.Context, poolConfig) error) string {
+	t.Helper()
 	port, err := pgcluster.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg := testPoolConfig(size)
 	cfg.Listen = net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	return runUntilCleanup(t, cfg.Listen, func(ctx context.Context) error { return runCoroPool(ctx, cfg) })
+	return runUntilCleanup(t, cfg.Listen, func(ctx context.Context) error { return run(ctx, cfg) })
 }
 
 // runUntilCleanup runs a prototype, waits until addr accepts, and stops
@@ -368,11 +362,11 @@ func serverSSL(ctx context.Context, t *testing.T, c *pgconn.PgConn) bool {
 	return pgtest.QueryValue(t, cluster.Primary.SuperuserURL("bench"), "SELECT ssl FROM pg_stat_ssl WHERE pid = $1", row[0]) == "t"
 }
 
-// TestPoolEventLoopTLS: the event loop serves TLS clients, with plain and
+// TestPoolLoopTLS: both gnet prototypes serve TLS clients, with plain and
 // with TLS server connections; every handshake ran in a goroutine before
 // the loop took the socket over, and the loop reads and writes the records
 // itself from then on. A client that does not ask for TLS is refused.
-func TestPoolEventLoopTLS(t *testing.T) {
+func TestPoolLoopTLS(t *testing.T) {
 	ctx := context.Background()
 	cert, _ := pgtest.TestCA(t, t.TempDir())
 	certPEM, keyPEM := pgtest.CertPEM(t, cert)
@@ -385,43 +379,55 @@ func TestPoolEventLoopTLS(t *testing.T) {
 			t.Error(err)
 		}
 	})
-	for _, serverTLS := range []bool{false, true} {
-		t.Run(fmt.Sprintf("server TLS %v", serverTLS), func(t *testing.T) {
-			cfg := testPoolConfig(3)
-			cfg.ClientTLS, cfg.ServerTLS = clientTLS, serverTLS
-			addr := startEventLoopPoolWith(t, cfg)
-			exercisePool(t, addr, connectTLS)
-
-			c := connectTLS(ctx, t, addr)
-			defer c.Close(ctx)
-			if got := serverSSL(ctx, t, c); got != serverTLS {
-				t.Errorf("server connection TLS: %v, want %v", got, serverTLS)
-			}
-			// A result larger than any one TLS record or read, both ways.
-			long := strings.Repeat("x", 200_000)
-			row, err := simpleRow(ctx, c, "SELECT length('"+long+"'), repeat('y', 300000)")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if row[0] != "200000" || row[1] != strings.Repeat("y", 300000) {
-				t.Errorf("large statement and row: length %s, row of %d bytes", row[0], len(row[1]))
-			}
-
-			plain, err := connConfig(addr, "bench", "anyone", "")
-			if err != nil {
-				t.Fatal(err)
-			}
-			if pc, err := pgconn.ConnectConfig(ctx, plain); err == nil {
-				_ = pc.Close(ctx)
-				t.Error("a client without TLS got in")
-			} else if !strings.Contains(err.Error(), "TLS required") {
-				t.Errorf("a client without TLS: %v, want TLS required", err)
-			}
-
-			one := testPoolConfig(1)
-			one.ClientTLS, one.ServerTLS = clientTLS, serverTLS
-			addr = startEventLoopPoolWith(t, one)
-			t.Run("client leaves mid-statement", func(t *testing.T) { leaveMidStatement(t, addr, true, connectTLS) })
-		})
+	loops := []struct {
+		name string
+		run  func(context.Context, poolConfig) error
+	}{{"eventloop", runEventLoopPool}, {"coroutine", runCoroPool}}
+	for _, loop := range loops {
+		for _, serverTLS := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s server TLS %v", loop.name, serverTLS), func(t *testing.T) {
+				testLoopTLS(ctx, t, loop.run, clientTLS, serverTLS)
+			})
+		}
 	}
+}
+
+// testLoopTLS runs the TLS checks against one gnet prototype.
+func testLoopTLS(ctx context.Context, t *testing.T, run func(context.Context, poolConfig) error, clientTLS *tls.Config, serverTLS bool) {
+	cfg := testPoolConfig(3)
+	cfg.ClientTLS, cfg.ServerTLS = clientTLS, serverTLS
+	addr := startLoopPool(t, cfg, run)
+	exercisePool(t, addr, connectTLS)
+
+	c := connectTLS(ctx, t, addr)
+	defer c.Close(ctx)
+	if got := serverSSL(ctx, t, c); got != serverTLS {
+		t.Errorf("server connection TLS: %v, want %v", got, serverTLS)
+	}
+	// A result larger than any one TLS record or read, both ways.
+	long := strings.Repeat("x", 200_000)
+	row, err := simpleRow(ctx, c, "SELECT length('"+long+"'), repeat('y', 300000)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if row[0] != "200000" || row[1] != strings.Repeat("y", 300000) {
+		t.Errorf("large statement and row: length %s, row of %d bytes", row[0], len(row[1]))
+	}
+
+	plain, err := connConfig(addr, "bench", "anyone", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pc, err := pgconn.ConnectConfig(ctx, plain); err == nil {
+		_ = pc.Close(ctx)
+		t.Error("a client without TLS got in")
+	} else if !strings.Contains(err.Error(), "TLS required") {
+		t.Errorf("a client without TLS: %v, want TLS required", err)
+	}
+
+	one := testPoolConfig(1)
+	one.ClientTLS, one.ServerTLS = clientTLS, serverTLS
+	addr = startLoopPool(t, one, run)
+	t.Run("client leaves mid-statement", func(t *testing.T) { leaveMidStatement(t, addr, true, connectTLS) })
+	t.Run("client leaves in a transaction", func(t *testing.T) { leaveInTransaction(t, addr, connectTLS) })
 }

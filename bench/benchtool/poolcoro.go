@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"iter"
 
@@ -29,22 +28,23 @@ import (
 // done (settle), and a coroutine asks for a connection to be closed instead
 // of closing it (gnet would call OnClose from inside it).
 //
-// What it does not do: TLS, authenticate clients, parse anything beyond the
+// With -tls-cert and -tls-key clients must come over TLS, and with
+// -server-sslmode require the server connections are TLS too, as in
+// pool-eventloop: each handshake runs in a goroutine before the loop
+// takes the socket over, and the coroutines read the plaintext the loop
+// decrypted (looptls.go).
+//
+// What it does not do: authenticate clients, parse anything beyond the
 // message framing, route, forward CancelRequest, keep session state apart.
 func cmdPoolCoro(args []string) error {
-	return runPrototype("pool-coro", args, func(ctx context.Context, cfg poolConfig) error {
-		if cfg.ClientTLS != nil || cfg.ServerTLS {
-			return errors.New("TLS: pool-eventloop only")
-		}
-		return runCoroPool(ctx, cfg)
-	})
+	return runPrototype("pool-coro", args, runCoroPool)
 }
 
 // coClient is a client connection and the coroutine that owns it. Only the
 // coroutine changes srv and reads or writes the sockets; the callbacks set
 // closed and queue it.
 type coClient struct {
-	c      gnet.Conn
+	elSock
 	closed bool      // the connection is closed or asked to be
 	srv    *coServer // the server it holds, nil while idle
 	next   func() (struct{}, bool)
@@ -56,7 +56,7 @@ type coClient struct {
 // coServer is a server connection: pooled (owner nil) or held by a client's
 // coroutine.
 type coServer struct {
-	c      gnet.Conn
+	elSock
 	sc     *serverConn
 	owner  *coClient
 	closed bool
@@ -85,41 +85,72 @@ func runCoroPool(ctx context.Context, cfg poolConfig) error {
 		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
 	}
 	p := &coProxy{loopBase: newLoopBase("pool-coro", ctx, cfg), hello: greeting(first.params), live: map[*coClient]struct{}{}}
-	return p.run(p, cfg.Listen, first, loopHooks{enroll: p.enroll, afterStop: p.endCoroutines})
+	hk := loopHooks{enroll: p.enroll, afterStop: p.endCoroutines}
+	addr, err := p.clientTLS(&hk, func(k elSock) any { return &coClient{elSock: k} })
+	if err != nil {
+		_ = first.conn.Close()
+		return err
+	}
+	return p.run(p, addr, first, hk)
 }
 
 // enroll hands a logged-in server connection to the loop (OnOpen pools it).
 func (p *coProxy) enroll(sc *serverConn) error {
-	if err := p.register(&coServer{sc: sc}, sc.conn); err != nil {
+	k, sock := serverSock(sc)
+	if err := p.register(&coServer{elSock: k, sc: sc}, sock); err != nil {
 		return fmt.Errorf("enroll server: %w", err)
 	}
 	return nil
 }
 
 func (p *coProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
-	if s, ok := c.Context().(*coServer); ok {
-		s.c = c
-		p.release(s)
+	switch x := c.Context().(type) {
+	case *coServer:
+		x.c = c
+		if x.tls != nil {
+			x.tls.under.enrolled(c)
+		}
+		p.release(x)
+		return nil, p.settle(c)
+	case *coClient: // a TLS client after its handshake
+		x.c = c
+		x.tls.under.enrolled(c)
+		p.start(x)
+		if err := x.pull(); err != nil {
+			return nil, gnet.Close
+		}
+		p.wake(x) // what came with the handshake's last flight
 		return nil, p.settle(c)
 	}
-	cl := &coClient{c: c}
+	cl := &coClient{elSock: elSock{c: c}}
+	c.SetContext(cl)
+	p.start(cl)
+	return nil, gnet.None
+}
+
+// start makes cl's coroutine; it first runs when cl is woken.
+func (p *coProxy) start(cl *coClient) {
 	cl.next, cl.stop = iter.Pull(func(yield func(struct{}) bool) {
 		p.serve(cl, func() bool { return yield(struct{}{}) && !p.stopping.Load() })
 	})
-	c.SetContext(cl)
 	p.live[cl] = struct{}{}
-	return nil, gnet.None
 }
 
 func (p *coProxy) OnTraffic(c gnet.Conn) gnet.Action {
 	switch x := c.Context().(type) {
 	case *coClient:
+		if err := x.pull(); err != nil {
+			return gnet.Close // TLS ended (close_notify) or broke
+		}
 		p.wake(x)
 	case *coServer:
+		if err := x.pull(); err != nil {
+			return gnet.Close
+		}
 		if x.owner != nil {
 			p.wake(x.owner)
 		} else {
-			_, _ = c.Discard(-1) // an asynchronous message to a pooled server: dropped
+			_ = x.take() // an asynchronous message to a pooled server: dropped
 		}
 	}
 	return p.settle(c)
@@ -287,7 +318,7 @@ func (p *coProxy) serve(cl *coClient, wait func() bool) {
 	for {
 		// Idle, or in a transaction and thinking: wait for the client
 		// (or for the server it holds to go away).
-		for !cl.closed && cl.c.InboundBuffered() == 0 && (cl.srv == nil || !cl.srv.closed) {
+		for !cl.closed && len(cl.pending()) == 0 && (cl.srv == nil || !cl.srv.closed) {
 			if !wait() {
 				return
 			}
@@ -301,7 +332,7 @@ func (p *coProxy) serve(cl *coClient, wait func() bool) {
 			return
 		}
 		if cl.srv == nil {
-			if b, _ := cl.c.Peek(-1); len(b) >= 5 && b[0] == 'X' && cf.atBoundary() {
+			if b := cl.pending(); len(b) >= 5 && b[0] == 'X' && cf.atBoundary() {
 				p.closeClient(cl) // Terminate while idle: no server needed
 				return
 			}
@@ -310,10 +341,10 @@ func (p *coProxy) serve(cl *coClient, wait func() bool) {
 			}
 			sf = frames{}
 		}
-		data, _ := cl.c.Next(-1)
+		data := cl.take()
 		fwd, term := cf.fromClient(data, &t)
 		if fwd > 0 && !cl.srv.closed {
-			_, _ = cl.srv.c.Write(data[:fwd]) // a failed write closes the server: seen below
+			_ = cl.srv.write(data[:fwd]) // a failed write closes the server: seen below
 		}
 		if term {
 			p.closeClient(cl)
@@ -335,7 +366,7 @@ func (p *coProxy) startup(cl *coClient, wait func() bool) bool {
 		if cl.closed {
 			return false
 		}
-		b, _ := cl.c.Peek(-1)
+		b := cl.pending()
 		size := startupLen(b)
 		if size < 0 {
 			return false
@@ -348,18 +379,18 @@ func (p *coProxy) startup(cl *coClient, wait func() bool) bool {
 		}
 		kind := startupKind(b[:size])
 		extra := len(b) > size
-		_, _ = cl.c.Discard(size)
+		cl.discard(size)
 		switch kind {
 		case codeSSLRequest, codeGSSENC:
-			_, _ = cl.c.Write([]byte{'N'})
+			_ = cl.write([]byte{'N'})
 		case codeProtocol3:
 			if extra {
 				return false // nothing follows a StartupMessage before the greeting
 			}
-			_, _ = cl.c.Write(p.hello)
+			_ = cl.write(p.hello)
 			return true
 		default:
-			_, _ = cl.c.Write(errorResponse("08P01", "pool prototype: unsupported startup request"))
+			_ = cl.write(errorResponse("08P01", "pool prototype: unsupported startup request"))
 			return false
 		}
 	}
@@ -392,7 +423,7 @@ func (p *coProxy) exchange(cl *coClient, cf, sf *frames, t *txn, wait func() boo
 		if s.closed {
 			continue
 		}
-		if b, _ := s.c.Next(-1); len(b) > 0 {
+		if b := s.take(); len(b) > 0 {
 			sf.fromServer(b, t)
 			if sf.broken {
 				cl.srv = nil
@@ -401,17 +432,17 @@ func (p *coProxy) exchange(cl *coClient, cf, sf *frames, t *txn, wait func() boo
 				return false
 			}
 			if !cl.closed {
-				_, _ = cl.c.Write(b)
+				_ = cl.write(b)
 			}
 		}
 		if cl.closed {
 			return false
 		}
-		if cl.c.InboundBuffered() > 0 {
-			data, _ := cl.c.Next(-1)
+		if len(cl.pending()) > 0 {
+			data := cl.take()
 			fwd, term := cf.fromClient(data, t)
 			if fwd > 0 && !s.closed {
-				_, _ = s.c.Write(data[:fwd])
+				_ = s.write(data[:fwd])
 			}
 			if term {
 				p.closeClient(cl)
@@ -462,13 +493,13 @@ func (p *coProxy) cleanUp(cl *coClient, cf, sf *frames, t *txn, wait func() bool
 				return
 			}
 			t.pending++
-			_, _ = s.c.Write(msg)
+			_ = s.write(msg)
 		}
 		if !wait() || s.closed {
 			p.discard(s)
 			return
 		}
-		if b, _ := s.c.Next(-1); len(b) > 0 {
+		if b := s.take(); len(b) > 0 {
 			if sf.fromServer(b, t); sf.broken {
 				p.discard(s)
 				return

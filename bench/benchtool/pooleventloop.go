@@ -2,12 +2,7 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"errors"
 	"fmt"
-	"io"
-	"net"
-	"time"
 
 	"github.com/panjf2000/gnet/v2"
 )
@@ -71,62 +66,6 @@ type elServer struct {
 	free       bool
 }
 
-// elSock is a connection on the loop, plain or TLS: the bytes that came
-// (decrypted) and the way out.
-type elSock struct {
-	c   gnet.Conn
-	tls *loopTLS // nil for a plain connection
-}
-
-// pull decrypts what came on a TLS connection (pending has it then); a
-// plain connection's bytes stay in gnet's buffer.
-func (k *elSock) pull() error {
-	if k.tls == nil {
-		return nil
-	}
-	return k.tls.pull(k.c)
-}
-
-// pending is what came and the loop has not passed on yet.
-func (k *elSock) pending() []byte {
-	if k.tls != nil {
-		return k.tls.plain
-	}
-	b, _ := k.c.Peek(-1)
-	return b
-}
-
-// discard drops the first n bytes of pending.
-func (k *elSock) discard(n int) {
-	if k.tls != nil {
-		k.tls.plain = k.tls.plain[:copy(k.tls.plain, k.tls.plain[n:])]
-		return
-	}
-	_, _ = k.c.Discard(n)
-}
-
-// take returns everything pending and drops it; the bytes are valid until
-// the loop reads the connection again.
-func (k *elSock) take() []byte {
-	if k.tls != nil {
-		b := k.tls.plain
-		k.tls.plain = k.tls.plain[:0]
-		return b
-	}
-	b, _ := k.c.Next(-1)
-	return b
-}
-
-// write sends b (a failed write closes the connection).
-func (k *elSock) write(b []byte) error {
-	if k.tls != nil {
-		_, err := k.tls.conn.Write(b)
-		return err
-	}
-	_, err := k.c.Write(b)
-	return err
-}
-
 // elProxy is the pool-eventloop prototype: a gnet event handler.
 type elProxy struct {
 	loopBase
@@ -144,103 +83,22 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
 	}
 	p := &elProxy{loopBase: newLoopBase("pool-eventloop", ctx, cfg), hello: greeting(first.params), sslNo: []byte{'N'}}
-	gnetAddr := cfg.Listen
 	hk := loopHooks{enroll: p.enroll}
-	if cfg.ClientTLS != nil {
-		// TLS clients come through a listener of their own (acceptTLS);
-		// gnet's own listener takes a loopback port no client is told of.
-		tlsLn, err := net.Listen("tcp", cfg.Listen)
-		if err != nil {
-			_ = first.conn.Close()
-			return fmt.Errorf("listen: %w", err)
-		}
-		defer tlsLn.Close()
-		gnetAddr = "127.0.0.1:0"
-		hk.started = func() {
-			p.wg.Add(1)
-			go func() {
-				defer p.wg.Done()
-				p.acceptTLS(tlsLn)
-			}()
-		}
-		hk.beforeStop = func() { _ = tlsLn.Close() }
+	gnetAddr, err := p.clientTLS(&hk, func(k elSock) any { return &elClient{elSock: k} })
+	if err != nil {
+		_ = first.conn.Close()
+		return err
 	}
 	return p.run(p, gnetAddr, first, hk)
 }
 
 // enroll hands a logged-in server connection to the loop (OnOpen pools it).
 func (p *elProxy) enroll(sc *serverConn) error {
-	s := &elServer{sc: sc}
-	sock := sc.conn
-	if sc.under != nil {
-		s.tls = &loopTLS{conn: sc.conn.(*tls.Conn), under: sc.under}
-		sock = sc.under.tcp
-	}
-	if err := p.register(s, sock); err != nil {
+	k, sock := serverSock(sc)
+	if err := p.register(&elServer{elSock: k, sc: sc}, sock); err != nil {
 		return fmt.Errorf("enroll server: %w", err)
 	}
 	return nil
-}
-
-// acceptTLS accepts TLS clients until ln closes, each handshake in a
-// goroutine of its own.
-func (p *elProxy) acceptTLS(ln net.Listener) {
-	for {
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			if err := p.handshake(c); err != nil {
-				_ = c.Close()
-			}
-		}()
-	}
-}
-
-// handshake answers a client's SSLRequest, runs the TLS handshake on the
-// plain socket and enrolls the client in the loop, whose first look at it
-// takes what TLS already holds (the StartupMessage may have come with the
-// handshake's last flight). A client that does not ask for TLS is refused,
-// as PgBouncer's client_tls_sslmode = require does.
-func (p *elProxy) handshake(c net.Conn) error {
-	ctx, cancel := context.WithTimeout(p.ctx, 10*time.Second)
-	defer cancel()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	// Stopping ends a handshake under way at once, not at its deadline.
-	defer context.AfterFunc(p.ctx, func() { _ = c.SetDeadline(time.Now()) })()
-	var hdr [8]byte
-	for {
-		if _, err := io.ReadFull(c, hdr[:]); err != nil {
-			return err
-		}
-		kind := startupKind(hdr[:])
-		if startupLen(hdr[:]) == 8 && kind == codeGSSENC {
-			if _, err := c.Write(p.sslNo); err != nil {
-				return err
-			}
-			continue
-		}
-		if startupLen(hdr[:]) != 8 || kind != codeSSLRequest {
-			_, _ = c.Write(errorResponse("28000", "pool prototype: TLS required"))
-			return errors.New("client without TLS")
-		}
-		break
-	}
-	if _, err := c.Write([]byte{'S'}); err != nil {
-		return err
-	}
-	under := newLoopConn(c)
-	tc := tls.Server(under, p.cfg.ClientTLS)
-	if err := tc.HandshakeContext(ctx); err != nil {
-		return err
-	}
-	if err := c.SetDeadline(time.Time{}); err != nil {
-		return err
-	}
-	return p.register(&elClient{elSock: elSock{tls: &loopTLS{conn: tc, under: under}}}, c)
 }
 
 func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {

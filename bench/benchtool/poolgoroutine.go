@@ -38,7 +38,7 @@ import (
 func cmdPoolGoroutine(args []string) error {
 	return runPrototype("pool-goroutine", args, func(ctx context.Context, cfg poolConfig) error {
 		if cfg.ClientTLS != nil || cfg.ServerTLS {
-			return errors.New("TLS: pool-eventloop only")
+			return errors.New("TLS: pool-eventloop and pool-coro only")
 		}
 		ln, err := net.Listen("tcp", cfg.Listen)
 		if err != nil {

@@ -48,6 +48,10 @@ type poolConfig struct {
 	// ServerTLS makes the server connections TLS (sslmode=require;
 	// pool-eventloop and pool-coro).
 	ServerTLS bool
+	// WaitTimeout, when set, is how long a client may wait for a server
+	// before it is told so and closed, like PgBouncer's
+	// query_wait_timeout (pool-coro only).
+	WaitTimeout time.Duration
 }
 
 // runPrototype parses a prototype's flags and runs it until SIGTERM or
@@ -81,6 +85,7 @@ func poolFlags(name string, args []string) (poolConfig, time.Duration, string, e
 	passwordEnv := fs.String("password-env", "", "env var holding the login role's password")
 	fs.StringVar(&c.Role, "role", "authenticated", "role set on every server connection (SET ROLE)")
 	fs.IntVar(&c.Size, "pool", 20, "server connections")
+	fs.DurationVar(&c.WaitTimeout, "wait-timeout", 0, "close a client that waits longer for a server (pool-coro; 0: no limit)")
 	dur := fs.Duration("dur", time.Hour, "stop after this long")
 	profile := fs.String("cpuprofile", "", "write a CPU profile of the whole run to this file")
 	certFile := fs.String("tls-cert", "", "PEM certificate: clients must connect over TLS (with -tls-key)")

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -430,4 +431,76 @@ func testLoopTLS(ctx context.Context, t *testing.T, run func(context.Context, po
 	addr = startLoopPool(t, one, run)
 	t.Run("client leaves mid-statement", func(t *testing.T) { leaveMidStatement(t, addr, true, connectTLS) })
 	t.Run("client leaves in a transaction", func(t *testing.T) { leaveInTransaction(t, addr, connectTLS) })
+}
+
+// TestPoolCoroWaitTimeout: with -wait-timeout, a client that waits longer
+// for pool-coro's only server is told so (FATAL 08P01) and closed, and the
+// server is not lost; a wait that ends in time is not cut short by the
+// timer of an earlier one (stopped when that wait ended, or ignored if it
+// had fired already).
+func TestPoolCoroWaitTimeout(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	cfg := testPoolConfig(1)
+	cfg.WaitTimeout = time.Second
+	addr := startLoopPool(t, cfg, runCoroPool)
+
+	holder := connectTo(ctx, t, addr)
+	defer holder.Close(context.Background())
+	waiter := connectTo(ctx, t, addr)
+	defer waiter.Close(context.Background())
+	hold := func() {
+		t.Helper()
+		if _, err := holder.Exec(ctx, "BEGIN; SELECT 1").ReadAll(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// release commits the holder's transaction after a while; the
+	// returned channel closes when it has.
+	release := func(after time.Duration) <-chan struct{} {
+		done := make(chan struct{})
+		time.AfterFunc(after, func() {
+			defer close(done)
+			if _, err := holder.Exec(ctx, "COMMIT").ReadAll(); err != nil {
+				t.Errorf("commit: %v", err)
+			}
+		})
+		return done
+	}
+
+	// Two waits in a row: the first ends after 0.5 s, the second after
+	// 0.75 s, past the moment the first wait's timer fires (1 s after the
+	// first began) but within its own second.
+	hold()
+	done := release(500 * time.Millisecond)
+	if _, err := simpleRow(ctx, waiter, "SELECT 1"); err != nil {
+		t.Fatalf("first wait, ended in time: %v", err)
+	}
+	<-done
+	hold()
+	done = release(750 * time.Millisecond)
+	if _, err := simpleRow(ctx, waiter, "SELECT 2"); err != nil {
+		t.Fatalf("second wait, ended in time: %v", err)
+	}
+	<-done
+
+	// Held for good: the next wait runs out.
+	hold()
+	t0 := time.Now()
+	_, err := simpleRow(ctx, waiter, "SELECT 3")
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) || pgErr.Code != "08P01" || pgErr.Severity != "FATAL" || pgErr.Message != "query_wait_timeout" {
+		t.Fatalf("a wait past the timeout: %v, want FATAL 08P01 query_wait_timeout", err)
+	}
+	if took := time.Since(t0); took < 900*time.Millisecond || took > 5*time.Second {
+		t.Errorf("told after %v, want about 1 s", took)
+	}
+	if _, err := holder.Exec(ctx, "COMMIT").ReadAll(); err != nil {
+		t.Fatal(err)
+	}
+	next := connectTo(ctx, t, addr)
+	defer next.Close(context.Background())
+	if row, err := simpleRow(ctx, next, "SELECT 4"); err != nil || row[0] != "4" {
+		t.Fatalf("the server after a timed-out wait: %v %v", row, err)
+	}
 }

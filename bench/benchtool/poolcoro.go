@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"iter"
+	"time"
 
 	"github.com/panjf2000/gnet/v2"
 )
@@ -34,6 +35,12 @@ import (
 // takes the socket over, and the coroutines read the plaintext the loop
 // decrypted (looptls.go).
 //
+// With -wait-timeout a client that waits longer for a server gets a FATAL
+// 08P01 "query_wait_timeout" and is closed, as PgBouncer does: a timer
+// goroutine posts the expiry to the loop (EventLoop.Execute), which wakes
+// the waiting coroutine; the same path would carry any result a goroutine
+// works out for the loop (a dial, a token check).
+//
 // What it does not do: authenticate clients, parse anything beyond the
 // message framing, route, forward CancelRequest, keep session state apart.
 func cmdPoolCoro(args []string) error {
@@ -51,6 +58,9 @@ type coClient struct {
 	stop   func()
 	queued bool // in the run queue
 	done   bool // the coroutine has returned
+	// waits counts the client's waits for a server; expired is the one
+	// whose time ran out (a timer of an earlier wait may fire late).
+	waits, expired int
 }
 
 // coServer is a server connection: pooled (owner nil) or held by a client's
@@ -296,12 +306,33 @@ func (p *coProxy) acquire(cl *coClient, wait func() bool) bool {
 		return true
 	}
 	p.waiters = append(p.waiters, cl)
+	cl.waits++
+	if d := p.cfg.WaitTimeout; d > 0 {
+		n := cl.waits
+		t := time.AfterFunc(d, func() { p.post(cl.c, func() { cl.expired = n; p.wake(cl) }) })
+		defer t.Stop()
+	}
 	for cl.srv == nil {
 		if cl.closed || !wait() {
 			return false // release skips a closed client
 		}
+		if cl.expired == cl.waits && cl.srv == nil {
+			_ = cl.write(errorResponse("08P01", "query_wait_timeout"))
+			p.closeClient(cl)
+			return false
+		}
 	}
 	return true
+}
+
+// post runs fn on c's loop, from any goroutine, and then the coroutines it
+// queued. After the engine stopped it does nothing.
+func (p *coProxy) post(c gnet.Conn, fn func()) {
+	_ = c.EventLoop().Execute(p.ctx, gnet.RunnableFunc(func(context.Context) error {
+		fn()
+		p.settle(nil)
+		return nil
+	}))
 }
 
 // serve is a client connection's life, run as its coroutine; wait yields

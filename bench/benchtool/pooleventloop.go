@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/panjf2000/gnet/v2"
@@ -40,7 +41,12 @@ import (
 // its server would sit in different loops and every write would become a
 // queued task.
 func cmdPoolEventLoop(args []string) error {
-	return runPrototype("pool-eventloop", args, runEventLoopPool)
+	return runPrototype("pool-eventloop", args, func(ctx context.Context, cfg poolConfig) error {
+		if cfg.WaitTimeout > 0 {
+			return errors.New("-wait-timeout: pool-coro only")
+		}
+		return runEventLoopPool(ctx, cfg)
+	})
 }
 
 // elClient is a client connection's state; touched on the loop only.

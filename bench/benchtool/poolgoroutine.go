@@ -40,6 +40,9 @@ func cmdPoolGoroutine(args []string) error {
 		if cfg.ClientTLS != nil || cfg.ServerTLS {
 			return errors.New("TLS: pool-eventloop and pool-coro only")
 		}
+		if cfg.WaitTimeout > 0 {
+			return errors.New("-wait-timeout: pool-coro only")
+		}
 		ln, err := net.Listen("tcp", cfg.Listen)
 		if err != nil {
 			return fmt.Errorf("listen: %w", err)

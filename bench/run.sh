@@ -95,7 +95,7 @@ chmod 755 "$WORK" # the postgres OS user must reach the cluster and pgbouncer fi
 rm -rf "$LOGDIR"
 mkdir -p "$LOGDIR"
 CLUSTER_PID="" CASCATA_PID="" PGB_PID="" CASCATA1_PID="" RELAY_PID="" POOLG_PID="" POOLE_PID="" POOLC_PID=""
-CASCATAT_PID="" PGBT_PID="" POOLET_PID=""
+CASCATAT_PID="" PGBT_PID="" POOLET_PID="" POOLCT_PID=""
 
 # stop_pid PID SECONDS: SIGTERM, wait, then SIGKILL.
 stop_pid() {
@@ -125,6 +125,7 @@ cleanup() {
   stop_pid "$PGB_PID" 10
   stop_pid "$CASCATAT_PID" 15
   stop_pid "$POOLET_PID" 10
+  stop_pid "$POOLCT_PID" 10
   stop_pid "$PGBT_PID" 10
   cp "$WORK"/pg/*.log "$WORK"/pgb/pgbouncer.log "$LOGDIR"/ 2>/dev/null || true
   stop_pid "$CLUSTER_PID" 90
@@ -364,7 +365,7 @@ say "building bench/benchtool"
 (cd "$ROOT" && go build -o "$WORK/benchtool" ./bench/benchtool) || die "go build ./bench/benchtool"
 TOOL=$WORK/benchtool
 read -r CASCATA_PORT ADMIN_PORT PGB_PORT CASCATA1_PORT ADMIN1_PORT RELAY_PORT POOLG_PORT POOLE_PORT \
-  CASCATAT_PORT ADMINT_PORT PGBT_PORT POOLET_PORT POOLC_PORT < <("$TOOL" ports 13 | paste -sd' ')
+  CASCATAT_PORT ADMINT_PORT PGBT_PORT POOLET_PORT POOLC_PORT POOLCT_PORT < <("$TOOL" ports 14 | paste -sd' ')
 
 PASSWORD=$(head -c 18 /dev/urandom | base64 | tr '+/' 'xy')
 export BENCH_JWT_SECRET
@@ -726,8 +727,8 @@ PROFILE_TOP=$LOGDIR/cascata-cpu-top.txt
 # --- 4b. select-only with clients over TLS ---------------------------------------
 
 # A BaaS's clients come over TLS (their password is a JWT). PgBouncer
-# (client_tls_sslmode = require), cascata (tls_cert_file) and the
-# event-loop prototype (-tls-cert: each handshake in a goroutine, then the
+# (client_tls_sslmode = require), cascata (tls_cert_file) and the two
+# loop prototypes (-tls-cert: each handshake in a goroutine, then the
 # socket enrolled in the loop) start fresh with one throwaway
 # certificate (benchtool tlscert) and run in turn, simple and extended,
 # as many rounds as above; their server connections stay plain. The
@@ -750,6 +751,10 @@ PGBT_PID=$!
   -password-env BENCH_PW -role authenticated -pool "$POOL" -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key" \
   -dur 2h >>"$LOGDIR/pool-eventloop-tls.log" 2>&1 &
 POOLET_PID=$!
+"$TOOL" pool-coro -listen "127.0.0.1:$POOLCT_PORT" -target "127.0.0.1:$PP" -db bench -user authenticator \
+  -password-env BENCH_PW -role authenticated -pool "$POOL" -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key" \
+  -dur 2h >>"$LOGDIR/pool-coro-tls.log" 2>&1 &
+POOLCT_PID=$!
 wait_healthy "$ADMINT_PORT" "$CASCATAT_PID" "$LOGDIR/cascata-tls.log"
 TLS_CIPHERS=$LOGDIR/tls-ciphers.txt
 : >"$TLS_CIPHERS"
@@ -770,6 +775,7 @@ tls_ready() {
 tls_ready PgBouncer "$PGBT_PORT" authenticator "$PASSWORD"
 tls_ready cascata "$CASCATAT_PORT" authenticated "$TOKEN"
 tls_ready pool-eventloop "$POOLET_PORT" authenticator ""
+tls_ready pool-coro "$POOLCT_PORT" authenticator ""
 for round in $(seq 1 "$ROUNDS"); do
   for mode in simple extended; do
     run_pgbench "pgbouncert-$mode-r$round" "$PGBT_PID" PGPASSWORD="$PASSWORD" PGSSLMODE=require \
@@ -778,17 +784,20 @@ for round in $(seq 1 "$ROUNDS"); do
       pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$CASCATAT_PORT" -U authenticated bench
     run_pgbench "poolet-$mode-r$round" "$POOLET_PID" PGSSLMODE=require \
       pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLET_PORT" -U authenticator bench
+    run_pgbench "poolct-$mode-r$round" "$POOLCT_PID" PGSSLMODE=require \
+      pgbench "${PGB_ARGS[@]}" -M "$mode" -h 127.0.0.1 -p "$POOLCT_PORT" -U authenticator bench
   done
 done
-for t in pgbouncert cascatat poolet; do
+for t in pgbouncert cascatat poolet poolct; do
   for mode in simple extended; do
     median_row "$t-$mode"
   done
 done
 stop_pid "$POOLET_PID" 10
+stop_pid "$POOLCT_PID" 10
 stop_pid "$CASCATAT_PID" 15
 stop_pid "$PGBT_PID" 10
-POOLET_PID="" CASCATAT_PID="" PGBT_PID=""
+POOLET_PID="" POOLCT_PID="" CASCATAT_PID="" PGBT_PID=""
 
 # --- 5. read-heavy mix (90 % reads, 10 % writes) --------------------------------
 
@@ -1037,7 +1046,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo
   echo "The same select-only rounds with every client over TLS (\`PGSSLMODE=require\`), against fresh processes"
   echo "serving one throwaway certificate: PgBouncer with \`client_tls_sslmode = require\`, cascata with"
-  echo "\`tls_cert_file\`, and the event-loop prototype with \`-tls-cert\` (each handshake in a goroutine on the"
+  echo "\`tls_cert_file\`, and the two loop prototypes with \`-tls-cert\` (each handshake in a goroutine on the"
   echo "plain socket, then the socket enrolled in the loop, which reads and writes the records itself through"
   echo "crypto/tls). Server connections are plain. Protocol and cipher each negotiated with libpq:"
   echo
@@ -1046,7 +1055,7 @@ ELAPSED=$(($(date +%s) - START_EPOCH))
   echo "| target | -M | TPS | of PgBouncer's | proxy CPU µs per txn | of PgBouncer's | CPU ratio per round |"
   echo "|---|---|---:|---:|---:|---:|---|"
   for mode in simple extended; do
-    for t in "pgbouncert:PgBouncer" "cascatat:cascata" "poolet:gnet event loop (prototype)"; do
+    for t in "pgbouncert:PgBouncer" "cascatat:cascata" "poolet:gnet event loop (prototype)" "poolct:coroutine per client on the loop (prototype)"; do
       id=${t%%:*}
       tps=$(field "$id-$mode" 2)
       per=$(field "$id-$mode" 8)

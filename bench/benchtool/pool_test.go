@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -502,5 +503,90 @@ func TestPoolCoroWaitTimeout(t *testing.T) {
 	defer next.Close(context.Background())
 	if row, err := simpleRow(ctx, next, "SELECT 4"); err != nil || row[0] != "4" {
 		t.Fatalf("the server after a timed-out wait: %v %v", row, err)
+	}
+}
+
+// TestPoolPrototypesServersTerminated: server connections killed under
+// load (pg_terminate_backend, in the middle of statements and while
+// pooled) cost their clients an error, but each prototype goes on: it
+// dials replacements, a new client is served, and it ends up with exactly
+// its pool of server connections again.
+func TestPoolPrototypesServersTerminated(t *testing.T) {
+	const size = 2
+	su := cluster.Primary.SuperuserURL("bench")
+	servers := func(t *testing.T) string {
+		return pgtest.QueryValue(t, su, "SELECT count(*) FROM pg_stat_activity WHERE usename = 'authenticator' AND backend_type = 'client backend'")
+	}
+	for _, p := range prototypes {
+		t.Run(p.name, func(t *testing.T) {
+			addr := p.start(t, size)
+			pgtest.WaitFor(t, 10*time.Second, "the pool's server connections", func() bool { return servers(t) == strconv.Itoa(size) })
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			stop := make(chan struct{})
+			var wg sync.WaitGroup
+			var served atomic.Int64
+			for range 6 {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for {
+						select {
+						case <-stop:
+							return
+						default:
+						}
+						cfg, err := connConfig(addr, "bench", "anyone", "")
+						if err != nil {
+							return
+						}
+						c, err := pgconn.ConnectConfig(ctx, cfg)
+						if err != nil {
+							continue // the prototype is there; a login may meet a dying server
+						}
+						for {
+							if _, err := c.Exec(ctx, "SELECT pg_sleep(0.005), 1").ReadAll(); err != nil {
+								break
+							}
+							served.Add(1)
+							select {
+							case <-stop:
+								_ = c.Close(context.Background())
+								return
+							default:
+							}
+						}
+						_ = c.Close(context.Background())
+					}
+				}()
+			}
+			for range 5 {
+				time.Sleep(200 * time.Millisecond)
+				pgtest.QueryValue(t, su, "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE usename = 'authenticator' AND backend_type = 'client backend'")
+			}
+			close(stop)
+			wg.Wait()
+			if served.Load() == 0 {
+				t.Fatal("no statement was served while servers were terminated")
+			}
+			var row []string
+			pgtest.WaitFor(t, 10*time.Second, "a new client to be served", func() bool {
+				cfg, err := connConfig(addr, "bench", "anyone", "")
+				if err != nil {
+					return false
+				}
+				c, err := pgconn.ConnectConfig(ctx, cfg)
+				if err != nil {
+					return false
+				}
+				defer c.Close(context.Background())
+				row, err = simpleRow(ctx, c, "SELECT 6 * 7")
+				return err == nil
+			})
+			if row[0] != "42" {
+				t.Errorf("new client got %v", row)
+			}
+			pgtest.WaitFor(t, 10*time.Second, "the pool back at its size", func() bool { return servers(t) == strconv.Itoa(size) })
+		})
 	}
 }

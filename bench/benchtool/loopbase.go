@@ -20,37 +20,41 @@ import (
 // embeds it and is the engine's event handler.
 type loopBase struct {
 	gnet.BuiltinEventEngine
-	name     string
-	ctx      context.Context
-	cfg      poolConfig
-	booted   chan struct{} // the loop runs: servers may be enrolled
-	ticked   bool          // OnTick ran once (the ticker's goroutine only)
-	eng      gnet.Engine
-	wg       sync.WaitGroup // cancel requests, replacement dials, TLS handshakes
-	stopping atomic.Bool    // the engine is being stopped: no replacements
+	name string
+	ctx  context.Context
+	cfg  poolConfig
+	// The prototype's state for a server connection, and for a TLS
+	// client after its handshake, which its OnOpen takes up.
+	newServer    func(elSock, *serverConn) any
+	newTLSClient func(elSock) any
+	booted       chan struct{} // the loop runs: servers may be enrolled
+	ticked       bool          // OnTick ran once (the ticker's goroutine only)
+	eng          gnet.Engine
+	wg           sync.WaitGroup // cancel requests, replacement dials, TLS handshakes
+	stopping     atomic.Bool    // the engine is being stopped: no replacements
 }
 
-func newLoopBase(name string, ctx context.Context, cfg poolConfig) loopBase {
-	return loopBase{name: name, ctx: ctx, cfg: cfg, booted: make(chan struct{}, 1)}
+func newLoopBase(name string, ctx context.Context, cfg poolConfig, newServer func(elSock, *serverConn) any, newTLSClient func(elSock) any) loopBase {
+	return loopBase{name: name, ctx: ctx, cfg: cfg, newServer: newServer, newTLSClient: newTLSClient, booted: make(chan struct{}, 1)}
 }
 
-// loopHooks are a prototype's steps around the shared run.
-type loopHooks struct {
-	enroll     func(*serverConn) error // hand a logged-in server to the loop
-	started    func()                  // the first server is in (may be nil)
-	beforeStop func()                  // the engine is about to stop (may be nil)
-	afterStop  func()                  // gnet.Run has returned (may be nil)
-	done       func()                  // run returns, whatever happened (may be nil)
-}
-
-// run serves h on addr with first and cfg.Size-1 more server connections
-// until ctx ends, then stops the engine; it waits for the goroutines it
-// started (b.wg) before it returns.
-func (b *loopBase) run(h gnet.EventHandler, addr string, first *serverConn, hk loopHooks) error {
+// run serves h with first and cfg.Size-1 more server connections until
+// ctx ends, then stops the engine and calls afterStop (if not nil) once
+// gnet.Run has returned; it waits for the goroutines it started (b.wg)
+// before it returns.
+func (b *loopBase) run(h gnet.EventHandler, first *serverConn, afterStop func()) error {
 	defer b.wg.Wait()
-	if hk.done != nil {
-		defer hk.done() // before the wait: what it closes may hold a goroutine
+	addr, tlsLn, err := b.clientTLS()
+	if err != nil {
+		_ = first.conn.Close()
+		return err
 	}
+	closeTLS := func() {
+		if tlsLn != nil {
+			_ = tlsLn.Close() // acceptTLS ends
+		}
+	}
+	defer closeTLS() // before the wait
 	runErr := make(chan error, 1)
 	go func() {
 		runErr <- gnet.Run(h, "tcp://"+addr,
@@ -65,8 +69,8 @@ func (b *loopBase) run(h gnet.EventHandler, addr string, first *serverConn, hk l
 			gnet.WithLogLevel(logging.WarnLevel))
 	}()
 	ended := func(err error) error {
-		if hk.afterStop != nil {
-			hk.afterStop()
+		if afterStop != nil {
+			afterStop()
 		}
 		return err
 	}
@@ -78,9 +82,7 @@ func (b *loopBase) run(h gnet.EventHandler, addr string, first *serverConn, hk l
 	}
 	stop := func() error {
 		b.stopping.Store(true)
-		if hk.beforeStop != nil {
-			hk.beforeStop()
-		}
+		closeTLS()
 		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
 		if err := b.eng.Stop(sctx); err != nil {
@@ -88,17 +90,21 @@ func (b *loopBase) run(h gnet.EventHandler, addr string, first *serverConn, hk l
 		}
 		return ended(<-runErr)
 	}
-	if err := hk.enroll(first); err != nil {
+	if err := b.enroll(first); err != nil {
 		_ = stop()
 		return err
 	}
-	if hk.started != nil {
-		hk.started()
+	if tlsLn != nil {
+		b.wg.Add(1)
+		go func() {
+			defer b.wg.Done()
+			b.acceptTLS(tlsLn)
+		}()
 	}
 	for i := 1; i < b.cfg.Size; i++ {
 		sc, err := dialServer(b.ctx, b.cfg)
 		if err == nil {
-			err = hk.enroll(sc)
+			err = b.enroll(sc)
 		}
 		if err != nil {
 			if b.ctx.Err() != nil { // stopped while starting
@@ -114,6 +120,16 @@ func (b *loopBase) run(h gnet.EventHandler, addr string, first *serverConn, hk l
 	case err := <-runErr:
 		return ended(fmt.Errorf("gnet: %w", err))
 	}
+}
+
+// enroll hands a logged-in server connection to the loop, whose OnOpen
+// pools it.
+func (b *loopBase) enroll(sc *serverConn) error {
+	k, sock := serverSock(sc)
+	if err := b.register(b.newServer(k, sc), sock); err != nil {
+		return fmt.Errorf("enroll server: %w", err)
+	}
+	return nil
 }
 
 // register enrolls sock, a plain TCP connection, in the loop with state
@@ -134,14 +150,14 @@ func (b *loopBase) register(x any, sock net.Conn) error {
 }
 
 // replace dials a server connection in the background and enrolls it.
-func (b *loopBase) replace(enroll func(*serverConn) error) {
+func (b *loopBase) replace() {
 	b.wg.Add(1)
 	go func() {
 		defer b.wg.Done()
 		for b.ctx.Err() == nil && !b.stopping.Load() {
 			sc, err := dialServer(b.ctx, b.cfg)
 			if err == nil {
-				if err = enroll(sc); err == nil {
+				if err = b.enroll(sc); err == nil {
 					return
 				}
 			}

@@ -147,6 +147,15 @@ type elSock struct {
 	tls *loopTLS // nil for a plain connection
 }
 
+// enrolled takes up the loop's connection c (OnOpen); a TLS connection's
+// records are read and written through it from now on.
+func (k *elSock) enrolled(c gnet.Conn) {
+	k.c = c
+	if k.tls != nil {
+		k.tls.under.enrolled(c)
+	}
+}
+
 // pull decrypts what came on a TLS connection (pending has it then); a
 // plain connection's bytes stay in gnet's buffer.
 func (k *elSock) pull() error {
@@ -207,33 +216,25 @@ func serverSock(sc *serverConn) (elSock, net.Conn) {
 
 // clientTLS makes clients come over TLS when the configuration has a
 // certificate: they are accepted by a listener of their own on cfg.Listen
-// (acceptTLS, started once the first server is in) and, after their
-// handshake, enrolled in the loop with the state newClient makes; gnet's
-// own listener then takes a loopback port no client is told of. It
-// returns the address gnet is to listen on, and adds its steps to hk.
-func (b *loopBase) clientTLS(hk *loopHooks, newClient func(elSock) any) (string, error) {
+// (acceptTLS, which run starts once the first server is in) and, after
+// their handshake, enrolled in the loop with the state newTLSClient makes;
+// gnet's own listener then takes a loopback port no client is told of. It
+// returns the address gnet is to listen on and the TLS listener (nil for
+// plain clients).
+func (b *loopBase) clientTLS() (string, net.Listener, error) {
 	if b.cfg.ClientTLS == nil {
-		return b.cfg.Listen, nil
+		return b.cfg.Listen, nil, nil
 	}
 	ln, err := net.Listen("tcp", b.cfg.Listen)
 	if err != nil {
-		return "", fmt.Errorf("listen: %w", err)
+		return "", nil, fmt.Errorf("listen: %w", err)
 	}
-	hk.started = func() {
-		b.wg.Add(1)
-		go func() {
-			defer b.wg.Done()
-			b.acceptTLS(ln, newClient)
-		}()
-	}
-	hk.beforeStop = func() { _ = ln.Close() }
-	hk.done = func() { _ = ln.Close() }
-	return "127.0.0.1:0", nil
+	return "127.0.0.1:0", ln, nil
 }
 
 // acceptTLS accepts TLS clients until ln closes, each handshake in a
 // goroutine of its own.
-func (b *loopBase) acceptTLS(ln net.Listener, newClient func(elSock) any) {
+func (b *loopBase) acceptTLS(ln net.Listener) {
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -242,7 +243,7 @@ func (b *loopBase) acceptTLS(ln net.Listener, newClient func(elSock) any) {
 		b.wg.Add(1)
 		go func() {
 			defer b.wg.Done()
-			if err := b.handshake(c, newClient); err != nil {
+			if err := b.handshake(c); err != nil {
 				_ = c.Close()
 			}
 		}()
@@ -254,7 +255,7 @@ func (b *loopBase) acceptTLS(ln net.Listener, newClient func(elSock) any) {
 // takes what TLS already holds (the StartupMessage may have come with the
 // handshake's last flight). A client that does not ask for TLS is refused,
 // as PgBouncer's client_tls_sslmode = require does.
-func (b *loopBase) handshake(c net.Conn, newClient func(elSock) any) error {
+func (b *loopBase) handshake(c net.Conn) error {
 	ctx, cancel := context.WithTimeout(b.ctx, 10*time.Second)
 	defer cancel()
 	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
@@ -289,5 +290,5 @@ func (b *loopBase) handshake(c net.Conn, newClient func(elSock) any) error {
 	if err := c.SetDeadline(time.Time{}); err != nil {
 		return err
 	}
-	return b.register(newClient(elSock{tls: &loopTLS{conn: tc, under: under}}), c)
+	return b.register(b.newTLSClient(elSock{tls: &loopTLS{conn: tc, under: under}}), c)
 }

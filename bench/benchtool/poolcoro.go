@@ -94,37 +94,21 @@ func runCoroPool(ctx context.Context, cfg poolConfig) error {
 	if err != nil {
 		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
 	}
-	p := &coProxy{loopBase: newLoopBase("pool-coro", ctx, cfg), hello: greeting(first.params), live: map[*coClient]struct{}{}}
-	hk := loopHooks{enroll: p.enroll, afterStop: p.endCoroutines}
-	addr, err := p.clientTLS(&hk, func(k elSock) any { return &coClient{elSock: k} })
-	if err != nil {
-		_ = first.conn.Close()
-		return err
-	}
-	return p.run(p, addr, first, hk)
-}
-
-// enroll hands a logged-in server connection to the loop (OnOpen pools it).
-func (p *coProxy) enroll(sc *serverConn) error {
-	k, sock := serverSock(sc)
-	if err := p.register(&coServer{elSock: k, sc: sc}, sock); err != nil {
-		return fmt.Errorf("enroll server: %w", err)
-	}
-	return nil
+	p := &coProxy{hello: greeting(first.params), live: map[*coClient]struct{}{}}
+	p.loopBase = newLoopBase("pool-coro", ctx, cfg,
+		func(k elSock, sc *serverConn) any { return &coServer{elSock: k, sc: sc} },
+		func(k elSock) any { return &coClient{elSock: k} })
+	return p.run(p, first, p.endCoroutines)
 }
 
 func (p *coProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
 	switch x := c.Context().(type) {
 	case *coServer:
-		x.c = c
-		if x.tls != nil {
-			x.tls.under.enrolled(c)
-		}
+		x.enrolled(c)
 		p.release(x)
 		return nil, p.settle(c)
 	case *coClient: // a TLS client after its handshake
-		x.c = c
-		x.tls.under.enrolled(c)
+		x.enrolled(c)
 		p.start(x)
 		if err := x.pull(); err != nil {
 			return nil, gnet.Close
@@ -180,7 +164,7 @@ func (p *coProxy) OnClose(c gnet.Conn, _ error) gnet.Action {
 			p.wake(x.owner)
 		}
 		if p.ctx.Err() == nil && !p.stopping.Load() {
-			p.replace(p.enroll)
+			p.replace()
 		}
 	}
 	p.settle(nil)

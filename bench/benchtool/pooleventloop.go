@@ -88,37 +88,21 @@ func runEventLoopPool(ctx context.Context, cfg poolConfig) error {
 	if err != nil {
 		return fmt.Errorf("server connection 1 of %d: %w", cfg.Size, err)
 	}
-	p := &elProxy{loopBase: newLoopBase("pool-eventloop", ctx, cfg), hello: greeting(first.params), sslNo: []byte{'N'}}
-	hk := loopHooks{enroll: p.enroll}
-	gnetAddr, err := p.clientTLS(&hk, func(k elSock) any { return &elClient{elSock: k} })
-	if err != nil {
-		_ = first.conn.Close()
-		return err
-	}
-	return p.run(p, gnetAddr, first, hk)
-}
-
-// enroll hands a logged-in server connection to the loop (OnOpen pools it).
-func (p *elProxy) enroll(sc *serverConn) error {
-	k, sock := serverSock(sc)
-	if err := p.register(&elServer{elSock: k, sc: sc}, sock); err != nil {
-		return fmt.Errorf("enroll server: %w", err)
-	}
-	return nil
+	p := &elProxy{hello: greeting(first.params), sslNo: []byte{'N'}}
+	p.loopBase = newLoopBase("pool-eventloop", ctx, cfg,
+		func(k elSock, sc *serverConn) any { return &elServer{elSock: k, sc: sc} },
+		func(k elSock) any { return &elClient{elSock: k} })
+	return p.run(p, first, nil)
 }
 
 func (p *elProxy) OnOpen(c gnet.Conn) ([]byte, gnet.Action) {
 	switch x := c.Context().(type) {
 	case *elServer:
-		x.c = c
-		if x.tls != nil {
-			x.tls.under.enrolled(c)
-		}
+		x.enrolled(c)
 		p.release(x)
 		return nil, gnet.None
 	case *elClient: // a TLS client after its handshake
-		x.c = c
-		x.tls.under.enrolled(c)
+		x.enrolled(c)
 		if err := x.pull(); err != nil {
 			return nil, gnet.Close
 		}
@@ -366,6 +350,6 @@ func (p *elProxy) serverClosed(s *elServer) {
 	}
 	s.draining = false
 	if p.ctx.Err() == nil && !p.stopping.Load() {
-		p.replace(p.enroll)
+		p.replace()
 	}
 }

@@ -129,16 +129,22 @@ func connectTLS(ctx context.Context, t *testing.T, addr string) *pgconn.PgConn {
 
 func connectWith(ctx context.Context, t *testing.T, addr string, tlsConf *tls.Config) *pgconn.PgConn {
 	t.Helper()
-	cfg, err := connConfig(addr, "bench", "anyone", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.TLSConfig, cfg.Fallbacks = tlsConf, nil
-	c, err := pgconn.ConnectConfig(ctx, cfg)
+	c, err := dialPrototype(ctx, addr, tlsConf)
 	if err != nil {
 		t.Fatalf("connect through the prototype: %v", err)
 	}
 	return c
+}
+
+// dialPrototype logs in to a prototype at addr, over TLS when tlsConf is
+// set (plain otherwise, with no fallback).
+func dialPrototype(ctx context.Context, addr string, tlsConf *tls.Config) (*pgconn.PgConn, error) {
+	cfg, err := connConfig(addr, "bench", "anyone", "")
+	if err != nil {
+		return nil, err
+	}
+	cfg.TLSConfig, cfg.Fallbacks = tlsConf, nil
+	return pgconn.ConnectConfig(ctx, cfg)
 }
 
 // simpleRow runs sql with the simple protocol and returns its one row.
@@ -416,11 +422,7 @@ func testLoopTLS(ctx context.Context, t *testing.T, run func(context.Context, po
 		t.Errorf("large statement and row: length %s, row of %d bytes", row[0], len(row[1]))
 	}
 
-	plain, err := connConfig(addr, "bench", "anyone", "")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if pc, err := pgconn.ConnectConfig(ctx, plain); err == nil {
+	if pc, err := dialPrototype(ctx, addr, nil); err == nil {
 		_ = pc.Close(ctx)
 		t.Error("a client without TLS got in")
 	} else if !strings.Contains(err.Error(), "TLS required") {
@@ -536,11 +538,7 @@ func TestPoolPrototypesServersTerminated(t *testing.T) {
 							return
 						default:
 						}
-						cfg, err := connConfig(addr, "bench", "anyone", "")
-						if err != nil {
-							return
-						}
-						c, err := pgconn.ConnectConfig(ctx, cfg)
+						c, err := dialPrototype(ctx, addr, nil)
 						if err != nil {
 							continue // the prototype is there; a login may meet a dying server
 						}
@@ -571,11 +569,7 @@ func TestPoolPrototypesServersTerminated(t *testing.T) {
 			}
 			var row []string
 			pgtest.WaitFor(t, 10*time.Second, "a new client to be served", func() bool {
-				cfg, err := connConfig(addr, "bench", "anyone", "")
-				if err != nil {
-					return false
-				}
-				c, err := pgconn.ConnectConfig(ctx, cfg)
+				c, err := dialPrototype(ctx, addr, nil)
 				if err != nil {
 					return false
 				}

@@ -118,36 +118,27 @@ func TestShortTimeoutNotLeftOnBackend(t *testing.T) {
 		}
 	}
 
-	simple := h.connect("p1", "anon", "short-simple")
-	if _, err := simple.Exec(ctx, "SET statement_timeout = '200ms'"); err != nil {
-		t.Fatal(err)
+	// Each way an anon client can set a short timeout, over the simple and
+	// the extended protocol: alone, through set_config, behind another
+	// statement in one simple Query, and in a transaction block that
+	// commits it.
+	for _, f := range []struct {
+		what, name, sql string
+		mode            pgx.QueryExecMode
+		want            string
+	}{
+		{"SET, simple protocol", "short-simple", "SET statement_timeout = '200ms'", pgx.QueryExecModeSimpleProtocol, "200ms"},
+		{"SET, extended protocol", "short-extended", "SET statement_timeout = 300", pgx.QueryExecModeExec, "300ms"},
+		{"set_config", "short-set-config", "SELECT pg_catalog.set_config('statement_timeout', '250ms', false)", pgx.QueryExecModeSimpleProtocol, "250ms"},
+		{"SET behind another statement", "short-multi", "SELECT 1; SET statement_timeout = 150", pgx.QueryExecModeSimpleProtocol, "150ms"},
+		{"SET in a committed block", "short-block", "BEGIN; SET statement_timeout = 175; COMMIT", pgx.QueryExecModeSimpleProtocol, "175ms"},
+	} {
+		c := h.connect("p1", "anon", f.name)
+		if _, err := c.Exec(ctx, f.sql, f.mode); err != nil {
+			t.Fatalf("%s: %v", f.what, err)
+		}
+		check(f.what, c, f.want)
 	}
-	check("SET, simple protocol", simple, "200ms")
-
-	ext := h.connect("p1", "anon", "short-extended")
-	if _, err := ext.Exec(ctx, "SET statement_timeout = 300", pgx.QueryExecModeExec); err != nil {
-		t.Fatal(err)
-	}
-	check("SET, extended protocol", ext, "300ms")
-
-	fn := h.connect("p1", "anon", "short-set-config")
-	if _, err := fn.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', '250ms', false)"); err != nil {
-		t.Fatal(err)
-	}
-	check("set_config", fn, "250ms")
-
-	// Behind another statement in one simple Query, and in a transaction
-	// block that commits it.
-	multi := h.connect("p1", "anon", "short-multi")
-	if _, err := multi.Exec(ctx, "SELECT 1; SET statement_timeout = 150", pgx.QueryExecModeSimpleProtocol); err != nil {
-		t.Fatal(err)
-	}
-	check("SET behind another statement", multi, "150ms")
-	block := h.connect("p1", "anon", "short-block")
-	if _, err := block.Exec(ctx, "BEGIN; SET statement_timeout = 175; COMMIT", pgx.QueryExecModeSimpleProtocol); err != nil {
-		t.Fatal(err)
-	}
-	check("SET in a committed block", block, "175ms")
 
 	tok := token(t, "p1", "anon", "short-startup", nil)
 	startup, err := pgx.Connect(ctx, h.url("p1", "anon", tok)+"&statement_timeout=400")

@@ -131,10 +131,16 @@ func (s *Server) start(ctx context.Context) (portBusy bool, err error) {
 
 // waitReady retries a superuser connection until it works (30s at most).
 func (s *Server) waitReady(ctx context.Context) error {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	return waitConnect(ctx, s.SuperuserURL("postgres"), 30*time.Second)
+}
+
+// waitConnect retries a connection to url and a SELECT 1 on it until both
+// work, for d at most.
+func waitConnect(ctx context.Context, url string, d time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, d)
 	defer cancel()
 	for {
-		conn, err := connect(ctx, s.SuperuserURL("postgres"))
+		conn, err := connect(ctx, url)
 		if err == nil {
 			_, err = conn.Exec(ctx, "SELECT 1")
 			_ = conn.Close(context.WithoutCancel(ctx))

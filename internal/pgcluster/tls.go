@@ -50,20 +50,10 @@ func (s *Server) EnableTLS(ctx context.Context, certPEM, keyPEM []byte) error {
 	}
 	// The reload is asynchronous: wait until a TLS login works.
 	tlsURL := strings.Replace(s.SuperuserURL("postgres"), "sslmode=disable", "sslmode=require", 1)
-	var last error
-	for end := time.Now().Add(10 * time.Second); time.Now().Before(end); {
-		c, err := connect(ctx, tlsURL)
-		if err == nil {
-			return c.Close(ctx)
-		}
-		last = err
-		select {
-		case <-ctx.Done():
-			return fmt.Errorf("enable TLS on %s: %w", s.Name, ctx.Err())
-		case <-time.After(50 * time.Millisecond):
-		}
+	if err := waitConnect(ctx, tlsURL, 10*time.Second); err != nil {
+		return fmt.Errorf("enable TLS on %s: no TLS login: %w", s.Name, err)
 	}
-	return fmt.Errorf("enable TLS on %s: no TLS login within 10 s: %w", s.Name, last)
+	return nil
 }
 
 // DisableTLS undoes EnableTLS: the server goes back to plain connections

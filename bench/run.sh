@@ -14,11 +14,11 @@
 #      auth_type = scram-sha-256 with the SCRAM verifier, SCRAM pass-through);
 #   3. memory of cascata with $BENCH_IDLE_CLIENTS idle clients holding 10
 #      prepared statements each (and pgbouncer's with idle clients, and the
-#      two I/O-model prototypes' with $BENCH_PROTO_IDLE_CLIENTS);
+#      three I/O-model prototypes' with $BENCH_PROTO_IDLE_CLIENTS);
 #   4. pgbench -S -M simple|extended|prepared against direct, pgbouncer,
 #      cascata: TPS, latency, proxy CPU seconds per 1,000 transactions;
 #      then the simple and extended rounds with every client over TLS,
-#      against pgbouncer, cascata and the event-loop prototype;
+#      against pgbouncer, cascata and the two loop prototypes;
 #   5. a 90/10 read/write mix through cascata without replicas, with the
 #      replica, and with the replica but consistency = primary_only;
 #   6. connection rate (pgbench -C, `SELECT 1`) with HS256 and RS256 tokens,
@@ -554,12 +554,21 @@ proto_pid() {
 }
 # start_protos: all afresh, logged in to the primary with $POOL server
 # connections each.
+# start_proto KIND PORT LOG [FLAGS...]: one prototype in the background,
+# logged in with $POOL server connections, logging to $LOGDIR/LOG.log; its
+# process is PROTO_PID.
+start_proto() {
+  local kind=$1 port=$2 log=$3
+  shift 3
+  "$TOOL" "pool-$kind" -listen "127.0.0.1:$port" -target "127.0.0.1:$PP" -db bench -user authenticator \
+    -password-env BENCH_PW -role authenticated -pool "$POOL" -dur 2h "$@" >>"$LOGDIR/$log.log" 2>&1 &
+  PROTO_PID=$!
+}
 start_protos() {
   local kind port
   for kind in goroutine eventloop coro; do
-    "$TOOL" "pool-$kind" -listen "127.0.0.1:$(proto_port $kind)" -target "127.0.0.1:$PP" -db bench -user authenticator \
-      -password-env BENCH_PW -role authenticated -pool "$POOL" -dur 2h >>"$LOGDIR/pool-$kind.log" 2>&1 &
-    case $kind in goroutine) POOLG_PID=$! ;; eventloop) POOLE_PID=$! ;; coro) POOLC_PID=$! ;; esac
+    start_proto "$kind" "$(proto_port $kind)" "pool-$kind"
+    case $kind in goroutine) POOLG_PID=$PROTO_PID ;; eventloop) POOLE_PID=$PROTO_PID ;; coro) POOLC_PID=$PROTO_PID ;; esac
   done
   for port in "$POOLG_PORT" "$POOLE_PORT" "$POOLC_PORT"; do
     for _ in $(seq 1 100); do
@@ -747,14 +756,10 @@ sed -e "s/^listen_port = .*/listen_port = $PGBT_PORT/; s#^logfile = .*#logfile =
 [ ${#AS_PG[@]} -gt 0 ] && chown postgres: "$WORK/pgb/pgbouncer-tls.ini"
 "${AS_PG[@]}" "$PGBOUNCER" "$WORK/pgb/pgbouncer-tls.ini" >>"$LOGDIR/pgbouncer-tls.stderr" 2>&1 &
 PGBT_PID=$!
-"$TOOL" pool-eventloop -listen "127.0.0.1:$POOLET_PORT" -target "127.0.0.1:$PP" -db bench -user authenticator \
-  -password-env BENCH_PW -role authenticated -pool "$POOL" -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key" \
-  -dur 2h >>"$LOGDIR/pool-eventloop-tls.log" 2>&1 &
-POOLET_PID=$!
-"$TOOL" pool-coro -listen "127.0.0.1:$POOLCT_PORT" -target "127.0.0.1:$PP" -db bench -user authenticator \
-  -password-env BENCH_PW -role authenticated -pool "$POOL" -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key" \
-  -dur 2h >>"$LOGDIR/pool-coro-tls.log" 2>&1 &
-POOLCT_PID=$!
+start_proto eventloop "$POOLET_PORT" pool-eventloop-tls -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key"
+POOLET_PID=$PROTO_PID
+start_proto coro "$POOLCT_PORT" pool-coro-tls -tls-cert "$WORK/tls.crt" -tls-key "$WORK/tls.key"
+POOLCT_PID=$PROTO_PID
 wait_healthy "$ADMINT_PORT" "$CASCATAT_PID" "$LOGDIR/cascata-tls.log"
 TLS_CIPHERS=$LOGDIR/tls-ciphers.txt
 : >"$TLS_CIPHERS"

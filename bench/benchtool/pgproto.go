@@ -279,6 +279,35 @@ func startupLen(p []byte) int {
 // rollbackQuery ends a transaction a departed client left open.
 var rollbackQuery = []byte{'Q', 0, 0, 0, 13, 'R', 'O', 'L', 'L', 'B', 'A', 'C', 'K', 0}
 
+// syncMsg ends an extended-protocol batch a departed client left unfinished.
+var syncMsg = []byte{'S', 0, 0, 0, 4}
+
+// cleaning is how far the cleaning of a server a client left has gone:
+// once every reply it owed is read, Sync ends an unfinished
+// extended-protocol batch and ROLLBACK an open transaction, each at most
+// once, until the server stands outside any transaction.
+type cleaning struct{ synced, rolledBack bool }
+
+// next is the step to take once every reply owed is in (t.pending is 0,
+// the server between messages): done when the server may be pooled;
+// otherwise the message to send, already counted as owed in t; an error
+// when Sync and ROLLBACK were both tried and the server is still not idle.
+func (c *cleaning) next(t *txn) (msg []byte, done bool, err error) {
+	switch {
+	case t.status == 'I':
+		return nil, true, nil
+	case t.status == 0 && !c.synced:
+		c.synced, msg = true, syncMsg
+	case t.status != 0 && !c.rolledBack:
+		c.rolledBack, msg = true, rollbackQuery
+		t.status = 0
+	default:
+		return nil, false, fmt.Errorf("transaction status %q after sync and rollback", t.status)
+	}
+	t.pending++
+	return msg, false, nil
+}
+
 // frames follows the message framing (1-byte type, 4-byte length) of one
 // direction of a connection across reads of any size.
 type frames struct {

@@ -490,24 +490,18 @@ func (p *coProxy) cleanUp(cl *coClient, cf, sf *frames, t *txn, wait func() bool
 		p.discard(s)
 		return
 	}
-	synced, rolledBack := false, false
+	var c cleaning
 	for {
 		if t.pending == 0 && sf.atBoundary() {
-			var msg []byte
-			switch {
-			case t.status == 'I':
+			msg, done, err := c.next(t)
+			if done {
 				p.release(s)
 				return
-			case t.status == 0 && !synced:
-				synced, msg = true, []byte{'S', 0, 0, 0, 4}
-			case t.status != 0 && !rolledBack:
-				rolledBack, msg = true, rollbackQuery
-				t.status = 0
-			default:
+			}
+			if err != nil {
 				p.discard(s)
 				return
 			}
-			t.pending++
 			_ = s.write(msg)
 		}
 		if !wait() || s.closed {

@@ -62,14 +62,13 @@ type elClient struct {
 // elServer is a server connection's state; touched on the loop only.
 type elServer struct {
 	elSock
-	sc         *serverConn
-	client     *elClient // nil while pooled or draining
-	sf         frames
-	t          txn
-	draining   bool // its client left; replies owed are read and dropped
-	synced     bool
-	rolledBack bool
-	free       bool
+	sc       *serverConn
+	client   *elClient // nil while pooled or draining
+	sf       frames
+	t        txn
+	draining bool     // its client left; replies owed are read and dropped
+	clean    cleaning // how far the draining has gone
+	free     bool
 }
 
 // elProxy is the pool-eventloop prototype: a gnet event handler.
@@ -294,7 +293,7 @@ func (p *elProxy) clientClosed(cl *elClient) {
 		_ = s.c.EventLoop().Close(s.c)
 		return
 	}
-	s.draining, s.synced, s.rolledBack = true, false, false
+	s.draining, s.clean = true, cleaning{}
 	if p.drain(s) == gnet.Close {
 		_ = s.c.EventLoop().Close(s.c)
 	}
@@ -307,23 +306,15 @@ func (p *elProxy) drain(s *elServer) gnet.Action {
 	if s.t.pending > 0 || !s.sf.atBoundary() {
 		return gnet.None
 	}
-	var msg []byte
-	switch {
-	case s.t.status == 'I':
+	msg, done, err := s.clean.next(&s.t)
+	if err != nil {
+		return gnet.Close
+	}
+	if done {
 		s.draining = false
 		p.release(s)
 		return gnet.None
-	case s.t.status == 0 && !s.synced:
-		s.synced = true
-		msg = []byte{'S', 0, 0, 0, 4}
-	case s.t.status != 0 && !s.rolledBack:
-		s.rolledBack = true
-		s.t.status = 0
-		msg = rollbackQuery
-	default:
-		return gnet.Close
 	}
-	s.t.pending++
 	if err := s.write(msg); err != nil {
 		return gnet.None // the write closed the server; OnClose replaces it
 	}

@@ -491,27 +491,15 @@ func drainServer(c net.Conn, sf *frames, t *txn) error {
 		return fmt.Errorf("deadline: %w", err)
 	}
 	buf := make([]byte, 4096)
-	synced, rolledBack := false, false
+	var cl cleaning
 	for {
 		if t.pending == 0 && sf.atBoundary() {
-			switch {
-			case t.status == 'I':
-				return nil
-			case t.status == 0 && !synced:
-				synced = true
-				t.pending++
-				if _, err := c.Write([]byte{'S', 0, 0, 0, 4}); err != nil {
-					return fmt.Errorf("sync: %w", err)
-				}
-			case t.status != 0 && !rolledBack:
-				rolledBack = true
-				t.pending++
-				t.status = 0
-				if _, err := c.Write(rollbackQuery); err != nil {
-					return fmt.Errorf("rollback: %w", err)
-				}
-			default:
-				return fmt.Errorf("transaction status %q after sync and rollback", t.status)
+			msg, done, err := cl.next(t)
+			if done || err != nil {
+				return err
+			}
+			if _, err := c.Write(msg); err != nil {
+				return fmt.Errorf("write: %w", err)
 			}
 		}
 		n, err := c.Read(buf)

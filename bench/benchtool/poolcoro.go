@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"iter"
+	"slices"
 	"time"
 
 	"github.com/panjf2000/gnet/v2"
@@ -251,11 +252,8 @@ func (p *coProxy) discard(s *coServer) {
 
 // unpool takes a closed server out of the free list.
 func (p *coProxy) unpool(s *coServer) {
-	for i, f := range p.free {
-		if f == s {
-			p.free = append(p.free[:i], p.free[i+1:]...)
-			break
-		}
+	if i := slices.Index(p.free, s); i >= 0 {
+		p.free = slices.Delete(p.free, i, i+1)
 	}
 	s.free = false
 }
